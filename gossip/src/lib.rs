@@ -1,0 +1,19 @@
+//! Gossip membership for Shoal: chitchat carried inside the mesh's mTLS QUIC
+//! connections.
+//!
+//! This crate owns the chitchat instance, the bridge that moves its bytes over
+//! QUIC ([`relay`]), the typed schema of what a node publishes ([`schema`]),
+//! and the membership view with its change events ([`membership`]). It must
+//! not touch HTTP, policy or the proxy: those live in `node` and publish
+//! through [`Gossip::set_key`].
+#![forbid(unsafe_code)]
+
+mod membership;
+mod relay;
+pub mod schema;
+
+pub use membership::{Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState};
+pub use schema::{NodeRecord, ServingState};
+
+/// The transport channel tag gossip messages travel on.
+pub const GOSSIP_CHANNEL: u8 = 1;

@@ -1,0 +1,418 @@
+//! The membership view: who is in the mesh, in which state, and what each
+//! member publishes; plus a stream of change events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use transport::Endpoint;
+
+use crate::relay::{RelayStats, RelayTransport, Relays};
+use crate::schema::{NodeRecord, ServingState, keys};
+
+/// Gossip settings. Defaults suit a LAN.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// This node's name (unique in the mesh; must match its certificate).
+    pub name: String,
+    /// Cluster id; nodes with another id ignore each other. Default `shoal`.
+    pub cluster_id: String,
+    /// Seeds, `host:port` (a name resolving to several addresses gives several seeds).
+    pub seeds: Vec<String>,
+    /// Interval between gossip rounds. Default 500 ms.
+    pub interval: Duration,
+    /// Phi-accrual threshold: a member is dead once the silence since its last
+    /// heartbeat exceeds `phi_threshold` × its mean heartbeat interval.
+    /// Default 8 (about 4 s of silence at the default interval).
+    pub phi_threshold: f64,
+    /// How long dead and left members stay listed before they are forgotten.
+    /// Default 1 h.
+    pub dead_grace: Duration,
+}
+
+impl GossipConfig {
+    /// Defaults for a node called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        GossipConfig {
+            name: name.into(),
+            cluster_id: "shoal".into(),
+            seeds: Vec::new(),
+            interval: Duration::from_millis(500),
+            phi_threshold: 8.0,
+            dead_grace: Duration::from_secs(3600),
+        }
+    }
+
+    /// Roughly how long after its last heartbeat a silent member is declared dead.
+    pub fn detection_window(&self) -> Duration {
+        self.interval.mul_f64(self.phi_threshold)
+    }
+}
+
+/// Errors starting gossip.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("starting chitchat: {0}")]
+    Start(String),
+}
+
+/// A member's state as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Heard from recently.
+    Alive,
+    /// Silent past the failure detector's threshold.
+    Dead,
+    /// Announced it was leaving.
+    Left,
+}
+
+impl MemberState {
+    /// All states, for metrics.
+    pub const ALL: [MemberState; 3] = [MemberState::Alive, MemberState::Dead, MemberState::Left];
+
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Dead => "dead",
+            MemberState::Left => "left",
+        }
+    }
+}
+
+impl fmt::Display for MemberState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One member of the mesh.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Member {
+    /// Node name.
+    pub name: String,
+    /// QUIC (gossip) address.
+    pub addr: SocketAddr,
+    /// Alive, dead or left.
+    pub state: MemberState,
+    /// Serving or draining (as the member published it).
+    pub serving: ServingState,
+    /// Zone.
+    pub zone: String,
+    /// Admin HTTP address.
+    pub admin: String,
+    /// Build version.
+    pub build: String,
+    /// Services it fronts.
+    pub services: Vec<String>,
+    /// Milliseconds since its heartbeat last advanced (0 for ourselves).
+    pub last_seen_ms: u64,
+    /// Incarnation (start time in ms); a restart gets a higher one.
+    pub generation: u64,
+    /// Whether this is the local node.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// A change in some member's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberEvent {
+    /// The member.
+    pub name: String,
+    /// Its previous state (`None` when first seen).
+    pub previous: Option<MemberState>,
+    /// Its new state (`None` once forgotten).
+    pub current: Option<MemberState>,
+}
+
+struct Shared {
+    handle: ChitchatHandle,
+    relays: Arc<Relays>,
+    config: GossipConfig,
+    self_id: ChitchatId,
+    events: broadcast::Sender<MemberEvent>,
+    heartbeats: Mutex<HashMap<ChitchatId, (chitchat::Heartbeat, Instant)>>,
+    joined: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A running gossip participant. Cheap to clone.
+#[derive(Clone)]
+pub struct Gossip {
+    shared: Arc<Shared>,
+}
+
+impl Gossip {
+    /// Starts gossiping over `endpoint`, publishing `record`.
+    pub async fn start(
+        endpoint: Endpoint,
+        config: GossipConfig,
+        record: NodeRecord,
+    ) -> Result<Self, GossipError> {
+        let advertise = endpoint.local_addr();
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let self_id = ChitchatId::new(config.name.clone(), generation, advertise);
+        let seeds: Vec<String> = config
+            .seeds
+            .iter()
+            .filter(|s| s.parse::<SocketAddr>().ok() != Some(advertise))
+            .cloned()
+            .collect();
+        let relays = Relays::new(endpoint);
+        let inbound = relays.spawn_inbound();
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: self_id.clone(),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.interval,
+            listen_addr: advertise,
+            seed_nodes: seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: (config.interval * 20).max(Duration::from_secs(2)),
+                initial_interval: config.interval,
+                dead_node_grace_period: config.dead_grace,
+            },
+            marked_for_deletion_grace_period: config.dead_grace.max(Duration::from_secs(3600)),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V1,
+        };
+        let transport = RelayTransport {
+            relays: relays.clone(),
+        };
+        let handle = chitchat::spawn_chitchat(chitchat_config, record.to_kvs(), &transport)
+            .await
+            .map_err(|e| GossipError::Start(e.to_string()))?;
+        let (events, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            handle,
+            relays,
+            joined: AtomicBool::new(seeds.is_empty()),
+            config,
+            self_id,
+            events,
+            heartbeats: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(vec![inbound]),
+        });
+        let watcher = tokio::spawn(watch_members(Arc::downgrade(&shared)));
+        shared.tasks.lock().unwrap().push(watcher);
+        Ok(Gossip { shared })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &GossipConfig {
+        &self.shared.config
+    }
+
+    /// True once this node has heard from a peer (or it has no seeds).
+    pub fn joined(&self) -> bool {
+        self.shared.joined.load(Ordering::Relaxed)
+    }
+
+    /// Gossip traffic counters.
+    pub fn stats(&self) -> &RelayStats {
+        &self.shared.relays.stats
+    }
+
+    /// Subscribes to member state changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<MemberEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The current member list, one entry per node name (its newest
+    /// incarnation), sorted by name.
+    pub async fn members(&self) -> Vec<Member> {
+        members(&self.shared).await
+    }
+
+    /// Publishes `key = value` in this node's state.
+    pub async fn set_key(&self, key: &str, value: &str) {
+        let chitchat = self.shared.handle.chitchat();
+        let mut c = chitchat.lock().await;
+        c.self_node_state().set(key, value);
+    }
+
+    /// Removes `key` from this node's state.
+    pub async fn delete_key(&self, key: &str) {
+        let chitchat = self.shared.handle.chitchat();
+        let mut c = chitchat.lock().await;
+        c.self_node_state().delete(key);
+    }
+
+    /// Reads `key` as published by `node` (newest incarnation).
+    pub async fn key_of(&self, node: &str, key: &str) -> Option<String> {
+        let chitchat = self.shared.handle.chitchat();
+        let c = chitchat.lock().await;
+        c.node_states()
+            .iter()
+            .filter(|(id, _)| &*id.node_id == node)
+            .max_by_key(|(id, _)| id.generation_id)
+            .and_then(|(_, st)| st.get(key).map(str::to_string))
+    }
+
+    /// Announces `draining` (or back to `serving`).
+    pub async fn set_serving(&self, state: ServingState) {
+        self.set_key(keys::STATE, &state.to_string()).await;
+    }
+
+    /// Announces that this node is leaving, pushes that to every live peer at
+    /// once, and waits briefly for the pushes to go out. Call before
+    /// [`Gossip::shutdown`] for a graceful exit.
+    pub async fn leave(&self) {
+        self.set_serving(ServingState::Left).await;
+        let peers: Vec<SocketAddr> = self
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| !m.is_self && m.state == MemberState::Alive)
+            .map(|m| m.addr)
+            .collect();
+        for addr in &peers {
+            let _ = self.shared.handle.gossip(*addr);
+        }
+        if !peers.is_empty() {
+            // A syn / syn-ack / ack exchange carries our `left` key; give it
+            // a few loopback or LAN round trips.
+            let linger = self
+                .shared
+                .config
+                .interval
+                .clamp(Duration::from_millis(100), Duration::from_millis(500));
+            tokio::time::sleep(linger).await;
+        }
+    }
+
+    /// Stops gossiping (without announcing anything: see [`Gossip::leave`]).
+    pub async fn shutdown(&self) {
+        for t in self.shared.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        let _ = self.shared.handle.initiate_shutdown();
+        self.shared.relays.shutdown();
+    }
+
+    /// Waits until `pred` holds for the member list, polling each gossip
+    /// interval, or until `deadline` passes. Returns whether it held.
+    pub async fn wait_for(&self, deadline: Duration, pred: impl Fn(&[Member]) -> bool) -> bool {
+        let end = Instant::now() + deadline;
+        loop {
+            if pred(&self.members().await) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(self.shared.config.interval.min(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+async fn members(shared: &Shared) -> Vec<Member> {
+    let chitchat = shared.handle.chitchat();
+    let c = chitchat.lock().await;
+    let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+    let now = Instant::now();
+    let mut heartbeats = shared.heartbeats.lock().unwrap();
+    let mut newest: BTreeMap<String, Member> = BTreeMap::new();
+    for (id, st) in c.node_states() {
+        let is_self = *id == shared.self_id;
+        let hb = st.heartbeat();
+        let entry = heartbeats.entry(id.clone()).or_insert((hb, now));
+        if entry.0 != hb {
+            *entry = (hb, now);
+        }
+        let record = NodeRecord::from_lookup(|k| st.get(k));
+        let state = if record.state == ServingState::Left {
+            MemberState::Left
+        } else if is_self || live.contains(id) {
+            MemberState::Alive
+        } else {
+            MemberState::Dead
+        };
+        let member = Member {
+            name: id.node_id.to_string(),
+            addr: id.gossip_advertise_addr,
+            state,
+            serving: record.state,
+            zone: record.zone,
+            admin: record.admin,
+            build: record.build,
+            services: record.services,
+            last_seen_ms: if is_self {
+                0
+            } else {
+                now.duration_since(entry.1).as_millis() as u64
+            },
+            generation: id.generation_id,
+            is_self,
+        };
+        match newest.get(&member.name) {
+            Some(m) if m.generation >= member.generation => {}
+            _ => {
+                newest.insert(member.name.clone(), member);
+            }
+        }
+    }
+    heartbeats.retain(|id, _| c.node_states().contains_key(id));
+    newest.into_values().collect()
+}
+
+/// Emits [`MemberEvent`]s and latches `joined`.
+async fn watch_members(weak: std::sync::Weak<Shared>) {
+    let mut known: HashMap<String, MemberState> = HashMap::new();
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let tick = shared.config.interval.min(Duration::from_millis(250));
+        let list = members(&shared).await;
+        if !shared.joined.load(Ordering::Relaxed)
+            && list
+                .iter()
+                .any(|m| !m.is_self && m.state == MemberState::Alive)
+        {
+            shared.joined.store(true, Ordering::Relaxed);
+        }
+        let mut seen = HashMap::new();
+        for m in &list {
+            let previous = known.get(&m.name).copied();
+            if previous != Some(m.state) {
+                tracing::info!(member = %m.name, from = ?previous, to = %m.state, "member state changed");
+                let _ = shared.events.send(MemberEvent {
+                    name: m.name.clone(),
+                    previous,
+                    current: Some(m.state),
+                });
+            }
+            seen.insert(m.name.clone(), m.state);
+        }
+        for (name, state) in &known {
+            if !seen.contains_key(name) {
+                let _ = shared.events.send(MemberEvent {
+                    name: name.clone(),
+                    previous: Some(*state),
+                    current: None,
+                });
+            }
+        }
+        known = seen;
+        drop(shared);
+        tokio::time::sleep(tick).await;
+    }
+}

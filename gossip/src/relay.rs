@@ -1,0 +1,218 @@
+//! The bridge that carries chitchat's bytes inside QUIC.
+//!
+//! chitchat 0.13 keeps envelope (de)serialisation private, so a custom
+//! transport cannot produce bytes itself. Instead chitchat keeps its own UDP
+//! socket, bound to a loopback-only port, and each remote peer gets a loopback
+//! *relay* socket:
+//!
+//! ```text
+//! chitchat ──udp(lo)──▶ relay[P] ──QUIC msg──▶ peer P ──▶ relay[us] on P ──udp(lo)──▶ chitchat on P
+//! ```
+//!
+//! [`RelayTransport`] wraps chitchat's socket so that chitchat still speaks in
+//! peers' real QUIC addresses: a send to P goes to relay[P]; a datagram
+//! arriving from relay[P] is reported as coming from P. Relays accept bytes
+//! only from our chitchat socket, and chitchat accepts bytes only from our
+//! relays, so no other local process can inject gossip.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chitchat::ChitchatEnvelope;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as ChitchatUdp};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use transport::Endpoint;
+
+use crate::GOSSIP_CHANNEL;
+
+/// Gossip traffic counters (bytes are chitchat payload bytes).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Gossip messages sent to peers.
+    pub messages_out: AtomicU64,
+    /// Gossip messages received from peers.
+    pub messages_in: AtomicU64,
+    /// Gossip bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Gossip bytes received.
+    pub bytes_in: AtomicU64,
+    /// Messages that could not be delivered to a peer (dial failed...).
+    pub send_failures: AtomicU64,
+}
+
+struct Relay {
+    socket: Arc<UdpSocket>,
+    task: JoinHandle<()>,
+}
+
+/// The relay sockets, one per remote peer.
+pub(crate) struct Relays {
+    endpoint: Endpoint,
+    chitchat_addr: Mutex<Option<SocketAddr>>,
+    by_peer: Mutex<HashMap<SocketAddr, Relay>>,
+    by_relay: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    pub(crate) stats: RelayStats,
+    self_addr: SocketAddr,
+}
+
+impl Relays {
+    pub(crate) fn new(endpoint: Endpoint) -> Arc<Self> {
+        let self_addr = endpoint.local_addr();
+        Arc::new(Relays {
+            endpoint,
+            chitchat_addr: Mutex::new(None),
+            by_peer: Mutex::new(HashMap::new()),
+            by_relay: Mutex::new(HashMap::new()),
+            stats: RelayStats::default(),
+            self_addr,
+        })
+    }
+
+    /// Starts moving gossip that arrives over QUIC into chitchat.
+    pub(crate) fn spawn_inbound(self: &Arc<Self>) -> JoinHandle<()> {
+        let mut rx = self.endpoint.subscribe(GOSSIP_CHANNEL, 1024);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                let Some(relays) = weak.upgrade() else { return };
+                let Some(chitchat) = *relays.chitchat_addr.lock().unwrap() else {
+                    continue;
+                };
+                let Ok(socket) = relays.relay_for(msg.from.addr()) else {
+                    continue;
+                };
+                relays.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                relays
+                    .stats
+                    .bytes_in
+                    .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+                let _ = socket.send_to(&msg.payload, chitchat).await;
+            }
+        })
+    }
+
+    /// The relay socket standing for `peer`, made on first use.
+    fn relay_for(self: &Arc<Self>, peer: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
+        let mut by_peer = self.by_peer.lock().unwrap();
+        if let Some(r) = by_peer.get(&peer) {
+            return Ok(r.socket.clone());
+        }
+        let std = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        std.set_nonblocking(true)?;
+        let socket = Arc::new(UdpSocket::from_std(std)?);
+        let local = socket.local_addr()?;
+        let task = tokio::spawn(relay_outbound(Arc::downgrade(self), socket.clone(), peer));
+        by_peer.insert(
+            peer,
+            Relay {
+                socket: socket.clone(),
+                task,
+            },
+        );
+        self.by_relay.lock().unwrap().insert(local, peer);
+        Ok(socket)
+    }
+
+    fn peer_of(&self, relay: SocketAddr) -> Option<SocketAddr> {
+        self.by_relay.lock().unwrap().get(&relay).copied()
+    }
+
+    /// Stops every relay task.
+    pub(crate) fn shutdown(&self) {
+        for (_, r) in self.by_peer.lock().unwrap().drain() {
+            r.task.abort();
+        }
+        self.by_relay.lock().unwrap().clear();
+    }
+}
+
+/// Moves what chitchat sends to relay[peer] over QUIC to `peer`.
+async fn relay_outbound(weak: std::sync::Weak<Relays>, socket: Arc<UdpSocket>, peer: SocketAddr) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        let Some(relays) = weak.upgrade() else { return };
+        if Some(from) != *relays.chitchat_addr.lock().unwrap() {
+            continue;
+        }
+        if peer == relays.self_addr {
+            continue;
+        }
+        match relays
+            .endpoint
+            .send_message(peer, GOSSIP_CHANNEL, &buf[..n])
+            .await
+        {
+            Ok(()) => {
+                relays.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                relays
+                    .stats
+                    .bytes_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                relays.stats.send_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%peer, error = %e, "gossip send failed");
+            }
+        }
+    }
+}
+
+/// A chitchat transport whose socket talks to peers through [`Relays`].
+pub(crate) struct RelayTransport {
+    pub(crate) relays: Arc<Relays>,
+}
+
+#[async_trait]
+impl Transport for RelayTransport {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        // chitchat's own socket never leaves loopback, whatever it was told.
+        let inner = ChitchatUdp::open((Ipv4Addr::LOCALHOST, 0).into()).await?;
+        *self.relays.chitchat_addr.lock().unwrap() = Some(inner.local_addr()?);
+        Ok(Box::new(RelaySocket {
+            inner,
+            relays: self.relays.clone(),
+        }))
+    }
+}
+
+struct RelaySocket {
+    inner: ChitchatUdp,
+    relays: Arc<Relays>,
+}
+
+#[async_trait]
+impl Socket for RelaySocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.relays.self_addr)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        if to == self.relays.self_addr {
+            return Ok(SendOutcome { num_bytes_sent: 0 });
+        }
+        let relay = self.relays.relay_for(to)?.local_addr()?;
+        self.inner.send(relay, envelope).await
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let mut out = self.inner.recv().await?;
+            if let Some(peer) = self.relays.peer_of(out.from_addr) {
+                out.from_addr = peer;
+                return Ok(out);
+            }
+            tracing::debug!(from = %out.from_addr, "dropped gossip from a non-relay local socket");
+        }
+    }
+}

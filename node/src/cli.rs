@@ -1,0 +1,330 @@
+//! The `shoal` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use transport::certs::{self, Validity};
+
+use crate::config::{EXIT_USAGE, LogFormat, NodeArgs, NodeConfig};
+use crate::node::Node;
+
+/// Shoal: a service mesh with no control plane.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a mesh node.
+    Node(NodeArgs),
+    /// Make the mesh CA and node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Print the member list of a running node as a table.
+    Members {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:9000", env = "SHOAL_ADMIN")]
+        admin: String,
+    },
+    /// Run a throwaway local mesh of N nodes in one process, until Ctrl-C.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Make a new mesh CA: OUT/ca.pem and OUT/ca.key (mode 0600).
+    /// Key: ECDSA P-256 with SHA-256. Validity: --days, default 3650 (10 years).
+    Init {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Trust domain, the host part of every SPIFFE ID in this mesh.
+        #[arg(long)]
+        trust_domain: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::DEFAULT_CA_DAYS)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate: OUT/{ca.pem,node.pem,node.key} (key mode 0600).
+    /// URI SANs: spiffe://<td>/node/<name> and spiffe://<td>/svc/<service> per
+    /// --service. Key: ECDSA P-256 with SHA-256. Validity: --days, default 365.
+    Issue {
+        /// Folder holding the CA (ca.pem, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Node name.
+        #[arg(long)]
+        name: String,
+        /// Service this node may serve or call as (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::DEFAULT_NODE_DAYS)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Parses the command line, runs the command, returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => EXIT_USAGE,
+                _ => EXIT_USAGE,
+            };
+            if code == 0 {
+                let _ = e.print();
+            } else {
+                let msg = e.to_string();
+                let first = msg.lines().next().unwrap_or("bad usage");
+                eprintln!("shoal: {}", first.trim_start_matches("error: "));
+            }
+            return code;
+        }
+    };
+    match cli.command {
+        Command::Cert(c) => cert(c),
+        Command::Node(args) => {
+            let config = match NodeConfig::resolve(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shoal: invalid configuration: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            init_tracing(config.log_format);
+            runtime().block_on(run_node(config))
+        }
+        Command::Members { admin } => runtime().block_on(members(&admin)),
+        Command::Up { nodes } => {
+            if nodes == 0 || nodes > 64 {
+                eprintln!("shoal: --nodes: must be between 1 and 64");
+                return EXIT_USAGE;
+            }
+            init_tracing(LogFormat::Text);
+            runtime().block_on(crate::up::run(nodes))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Sets up `tracing` output on stderr (level from `RUST_LOG`, default info).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn cert(c: CertCommand) -> i32 {
+    let result = match c {
+        CertCommand::Init {
+            out,
+            trust_domain,
+            days,
+            force,
+        } => certs::init_ca(&out, &trust_domain, days, force).map(|_| {
+            println!(
+                "wrote {0}/ca.pem and {0}/ca.key (trust domain {trust_domain})",
+                out.display()
+            )
+        }),
+        CertCommand::Issue {
+            ca,
+            name,
+            services,
+            out,
+            days,
+            force,
+        } => {
+            certs::issue_node(&ca, &name, &services, &out, Validity::days(days), force).map(|_| {
+                println!(
+                    "wrote {0}/ca.pem, {0}/node.pem and {0}/node.key for node {name}",
+                    out.display()
+                )
+            })
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("shoal: {e}");
+            match e {
+                certs::CertError::Exists(_) | certs::CertError::InvalidName(_) => EXIT_USAGE,
+                _ => 1,
+            }
+        }
+    }
+}
+
+async fn run_node(config: NodeConfig) -> i32 {
+    let name = config.name.clone();
+    let node = match Node::start(config).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("shoal: node {name}: {e}");
+            return 1;
+        }
+    };
+    println!(
+        "shoal node {} ready quic={} admin={}",
+        node.name(),
+        node.quic_addr(),
+        node.admin_addr()
+    );
+    wait_for_signal().await;
+    tracing::info!("leaving the mesh");
+    node.shutdown().await;
+    0
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C).
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn members(admin: &str) -> i32 {
+    let body = match get(admin, "/v1/members").await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("shoal: {admin}: {e}");
+            return 1;
+        }
+    };
+    let members: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("shoal: {admin}: unexpected answer: {e}");
+            return 1;
+        }
+    };
+    print!("{}", members_table(&members));
+    0
+}
+
+/// Renders `/v1/members` JSON as a table.
+pub fn members_table(members: &[serde_json::Value]) -> String {
+    let header = [
+        "NAME",
+        "ADDR",
+        "STATE",
+        "SERVING",
+        "ZONE",
+        "SERVICES",
+        "LAST SEEN",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(String::from)];
+    for m in members {
+        let s = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+        let services = m["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or("-".into());
+        let mut name = s("name");
+        if m["self"].as_bool() == Some(true) {
+            name.push_str(" (self)");
+        }
+        let seen = m["last_seen_ms"].as_u64().unwrap_or(0);
+        rows.push([
+            name,
+            s("addr"),
+            s("state"),
+            s("serving"),
+            s("zone"),
+            services,
+            format!("{:.1}s", seen as f64 / 1000.0),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A plain HTTP/1.1 GET to an admin address; returns the body of a 2xx answer.
+pub async fn get(admin: &str, path: &str) -> Result<bytes::Bytes, String> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(admin),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, admin)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok(body)
+}

@@ -1,0 +1,394 @@
+//! Node configuration: one place reads flags, `SHOAL_*` variables and the
+//! config file.
+//!
+//! Precedence, highest first: command-line flag, `SHOAL_*` environment
+//! variable, `--config` file, built-in default. When an environment variable
+//! overrides a value that the file also set, the node logs it, so nothing is
+//! overridden silently.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Exit code for bad usage or configuration (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {msg}")]
+pub struct ConfigError {
+    /// The flag or file key at fault.
+    pub field: String,
+    /// What is wrong with it.
+    pub msg: String,
+}
+
+impl ConfigError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `shoal node` flags. Every flag also reads `SHOAL_<FLAG>`.
+#[derive(Debug, Args, Default)]
+pub struct NodeArgs {
+    /// Node name, unique in the mesh; must match the certificate's node SAN.
+    #[arg(long, env = "SHOAL_NAME")]
+    pub name: Option<String>,
+    /// QUIC (UDP) address for mesh traffic and gossip [default: 127.0.0.1:7000].
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin HTTP address [default: 127.0.0.1:9000]. Keep it on loopback
+    /// unless the network around it is trusted.
+    #[arg(long, env = "SHOAL_ADMIN")]
+    pub admin: Option<String>,
+    /// Seed peer `host:port` (repeatable; a name resolving to several
+    /// addresses counts as several seeds). Env: comma-separated.
+    #[arg(long = "seed", env = "SHOAL_SEED", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// Certificate folder holding ca.pem, node.pem, node.key.
+    #[arg(long, env = "SHOAL_CERTS")]
+    pub certs: Option<PathBuf>,
+    /// Zone this node runs in [default: default].
+    #[arg(long, env = "SHOAL_ZONE")]
+    pub zone: Option<String>,
+    /// Folder for durable state (created if missing).
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Gossip round interval, e.g. 500ms or 1s [default: 500ms].
+    #[arg(long, env = "SHOAL_GOSSIP_INTERVAL")]
+    pub gossip_interval: Option<String>,
+    /// Failure detector phi threshold [default: 8]; a member is dead after
+    /// about threshold × gossip interval of silence.
+    #[arg(long, env = "SHOAL_PHI_THRESHOLD")]
+    pub phi_threshold: Option<f64>,
+    /// Log format.
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// TOML config file; flags and SHOAL_* variables override it.
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `--config` file. Keys match the flags (with `_` for `-`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    listen: Option<String>,
+    admin: Option<String>,
+    #[serde(default)]
+    seeds: Vec<String>,
+    certs: Option<PathBuf>,
+    zone: Option<String>,
+    data_dir: Option<PathBuf>,
+    gossip_interval: Option<String>,
+    phi_threshold: Option<f64>,
+    log_format: Option<LogFormat>,
+}
+
+/// A node's complete, validated configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Node name.
+    pub name: String,
+    /// QUIC bind address.
+    pub listen: SocketAddr,
+    /// Admin HTTP bind address.
+    pub admin: SocketAddr,
+    /// Seeds as given (resolved by gossip, repeatedly).
+    pub seeds: Vec<String>,
+    /// Certificate folder.
+    pub certs: PathBuf,
+    /// Zone.
+    pub zone: String,
+    /// Durable state folder.
+    pub data_dir: Option<PathBuf>,
+    /// Gossip interval.
+    pub gossip_interval: Duration,
+    /// Failure detector threshold.
+    pub phi_threshold: f64,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Optional wrapper for the QUIC socket (fault injection in `simulate`).
+    pub socket_layer: Option<std::sync::Arc<dyn transport::socket::SocketLayer>>,
+}
+
+impl NodeConfig {
+    /// A loopback config for `name` on ephemeral ports (tests, `shoal up`).
+    pub fn local(name: impl Into<String>, certs: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            name: name.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            seeds: Vec::new(),
+            certs: certs.into(),
+            zone: "default".into(),
+            data_dir: None,
+            gossip_interval: Duration::from_millis(500),
+            phi_threshold: 8.0,
+            log_format: LogFormat::Text,
+            socket_layer: None,
+        }
+    }
+
+    /// Merges flags, environment and file into a validated config.
+    pub fn resolve(args: NodeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        note_env_overrides(&file);
+        let name = args
+            .name
+            .or(file.name)
+            .ok_or_else(|| ConfigError::new("--name", "required"))?;
+        check_name(&name)?;
+        let listen = parse_addr(
+            "--listen",
+            &args
+                .listen
+                .or(file.listen)
+                .unwrap_or("127.0.0.1:7000".into()),
+        )?;
+        let admin = parse_addr(
+            "--admin",
+            &args.admin.or(file.admin).unwrap_or("127.0.0.1:9000".into()),
+        )?;
+        let seeds = if args.seeds.is_empty() {
+            file.seeds
+        } else {
+            args.seeds
+        };
+        for s in &seeds {
+            check_seed(s)?;
+        }
+        let certs = args.certs.or(file.certs).ok_or_else(|| {
+            ConfigError::new("--certs", "required (a folder from `shoal cert issue`)")
+        })?;
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            if !certs.join(f).is_file() {
+                return Err(ConfigError::new(
+                    "--certs",
+                    format!("{} has no {f}", certs.display()),
+                ));
+            }
+        }
+        let gossip_interval = match args.gossip_interval.or(file.gossip_interval) {
+            Some(s) => parse_duration(&s).map_err(|m| ConfigError::new("--gossip-interval", m))?,
+            None => Duration::from_millis(500),
+        };
+        if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new(
+                "--gossip-interval",
+                "must be between 10ms and 60s",
+            ));
+        }
+        let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
+        if !(1.0..=100.0).contains(&phi_threshold) {
+            return Err(ConfigError::new(
+                "--phi-threshold",
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(NodeConfig {
+            name,
+            listen,
+            admin,
+            seeds,
+            certs,
+            zone: args.zone.or(file.zone).unwrap_or("default".into()),
+            data_dir: args.data_dir.or(file.data_dir),
+            gossip_interval,
+            phi_threshold,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            socket_layer: None,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let field = |f: &str| format!("{}: {f}", path.display());
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("--config", format!("{}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let key = e
+            .span()
+            .and_then(|span| {
+                text[..span.start.min(text.len())]
+                    .lines()
+                    .last()
+                    .map(str::to_string)
+            })
+            .and_then(|line| line.split('=').next().map(|k| k.trim().to_string()))
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| "file".into());
+        ConfigError::new(field(&key), e.message().replace('\n', " "))
+    })
+}
+
+/// Logs each `SHOAL_*` variable that overrides a value the file set.
+fn note_env_overrides(file: &FileConfig) {
+    let set = [
+        ("SHOAL_NAME", file.name.is_some()),
+        ("SHOAL_LISTEN", file.listen.is_some()),
+        ("SHOAL_ADMIN", file.admin.is_some()),
+        ("SHOAL_SEED", !file.seeds.is_empty()),
+        ("SHOAL_CERTS", file.certs.is_some()),
+        ("SHOAL_ZONE", file.zone.is_some()),
+        ("SHOAL_DATA_DIR", file.data_dir.is_some()),
+        ("SHOAL_GOSSIP_INTERVAL", file.gossip_interval.is_some()),
+        ("SHOAL_PHI_THRESHOLD", file.phi_threshold.is_some()),
+        ("SHOAL_LOG_FORMAT", file.log_format.is_some()),
+    ];
+    for (var, in_file) in set {
+        if in_file && std::env::var_os(var).is_some() {
+            eprintln!("shoal: note: {var} overrides the config file's value");
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "--name",
+            format!("{name:?}: use letters, digits, '-', '_', '.' (1-63 chars)"),
+        ))
+    }
+}
+
+fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.to_socket_addrs()
+        .map_err(|e| ConfigError::new(field, format!("{s:?}: {e}")))?
+        .next()
+        .ok_or_else(|| ConfigError::new(field, format!("{s:?} resolves to no address")))
+}
+
+fn check_seed(s: &str) -> Result<(), ConfigError> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "--seed",
+            format!("{s:?} is not host:port"),
+        ))
+    }
+}
+
+/// Parses `250ms`, `2s`, `1.5s`, `1m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: not a number followed by a unit"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    fn certs_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn flags_override_file_and_errors_name_the_field() {
+        let certs = certs_dir();
+        let file = certs.path().join("shoal.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"from-file\"\nzone = \"z1\"\ncerts = \"{}\"\n",
+                certs.path().display()
+            ),
+        )
+        .unwrap();
+        let args = NodeArgs {
+            name: Some("from-flag".into()),
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let cfg = NodeConfig::resolve(args).unwrap();
+        assert_eq!(cfg.name, "from-flag");
+        assert_eq!(cfg.zone, "z1");
+
+        std::fs::write(&file, "name = \"x\"\nbogus = 1\n").unwrap();
+        let err = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+
+        std::fs::write(&file, "name = \"x\"\nphi_threshold = \"high\"\n").unwrap();
+        let err = NodeConfig::resolve(NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.field.contains("phi_threshold"), "{err}");
+
+        let err = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            gossip_interval: Some("fast".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "--gossip-interval");
+    }
+}

@@ -1,0 +1,171 @@
+//! A running node: QUIC endpoint, gossip, admin API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gossip::{Gossip, GossipConfig, Member, NodeRecord};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use transport::{Endpoint, EndpointConfig, TlsFiles};
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("certificate {0}")]
+    Certificate(String),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(#[from] transport::EndpointError),
+    #[error("gossip: {0}")]
+    Gossip(#[from] gossip::GossipError),
+    #[error("admin listener {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the admin API and other parts of the node share.
+pub(crate) struct NodeState {
+    pub gossip: Gossip,
+    pub metrics: Metrics,
+}
+
+/// A running node.
+pub struct Node {
+    config: NodeConfig,
+    endpoint: Endpoint,
+    gossip: Gossip,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts a node: binds QUIC and admin listeners, joins gossip.
+    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        transport::install_crypto_provider();
+        if let Some(dir) = &config.data_dir {
+            std::fs::create_dir_all(dir).map_err(|source| NodeError::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ep_config = EndpointConfig::new(config.listen, TlsFiles::new(&config.certs));
+        ep_config.socket_layer = config.socket_layer.clone();
+        let endpoint = Endpoint::bind(ep_config)?;
+        let identity = endpoint.identity();
+        if identity.node != config.name {
+            endpoint.close();
+            return Err(NodeError::Certificate(format!(
+                "names node {:?} but this node is {:?}",
+                identity.node, config.name
+            )));
+        }
+
+        let admin_listener =
+            TcpListener::bind(config.admin)
+                .await
+                .map_err(|source| NodeError::Admin {
+                    addr: config.admin,
+                    source,
+                })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| NodeError::Admin {
+                addr: config.admin,
+                source,
+            })?;
+
+        let mut gossip_config = GossipConfig::new(config.name.clone());
+        gossip_config.seeds = config.seeds.clone();
+        gossip_config.interval = config.gossip_interval;
+        gossip_config.phi_threshold = config.phi_threshold;
+        let record = NodeRecord::new(
+            config.zone.clone(),
+            admin_addr.to_string(),
+            identity.services.clone(),
+        );
+        let gossip = Gossip::start(endpoint.clone(), gossip_config, record).await?;
+
+        let metrics = Metrics::new(endpoint.clone(), gossip.clone());
+        let state = Arc::new(NodeState {
+            gossip: gossip.clone(),
+            metrics,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let admin = tokio::spawn(crate::admin::serve(admin_listener, state, shutdown_rx));
+        tracing::info!(
+            node = %config.name,
+            quic = %endpoint.local_addr(),
+            admin = %admin_addr,
+            "node started"
+        );
+        Ok(Node {
+            config,
+            endpoint,
+            gossip,
+            admin_addr,
+            shutdown,
+            tasks: vec![admin],
+        })
+    }
+
+    /// Node name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Bound QUIC address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr()
+    }
+
+    /// Bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The gossip participant.
+    pub fn gossip(&self) -> &Gossip {
+        &self.gossip
+    }
+
+    /// The QUIC endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The member list as this node sees it.
+    pub async fn members(&self) -> Vec<Member> {
+        self.gossip.members().await
+    }
+
+    /// Graceful stop: announce `left` to peers, then close everything.
+    pub async fn shutdown(self) {
+        self.gossip.leave().await;
+        self.stop().await;
+    }
+
+    /// Abrupt stop, like a crash: no goodbye to peers.
+    pub async fn kill(self) {
+        self.stop().await;
+    }
+
+    async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.gossip.shutdown().await;
+        self.endpoint.close();
+    }
+}

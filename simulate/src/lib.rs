@@ -1,0 +1,2 @@
+//! Chaos harness and benchmarks for Shoal (grows with the simulate issue).
+#![forbid(unsafe_code)]

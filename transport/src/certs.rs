@@ -1,0 +1,358 @@
+//! The mesh CA and node certificates (`shoal cert init` / `shoal cert issue`).
+//!
+//! Keys are ECDSA P-256 signing with SHA-256. A CA is valid for
+//! [`DEFAULT_CA_DAYS`] days and a node certificate for [`DEFAULT_NODE_DAYS`]
+//! unless told otherwise. Key files are written with mode 0600 and nothing is
+//! overwritten without `force`.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// Default CA validity, in days (10 years).
+pub const DEFAULT_CA_DAYS: u32 = 3650;
+/// Default node certificate validity, in days.
+pub const DEFAULT_NODE_DAYS: u32 = 365;
+/// File names inside a CA folder.
+pub const CA_CERT: &str = "ca.pem";
+/// CA private key file name.
+pub const CA_KEY: &str = "ca.key";
+/// Node certificate file name inside a node folder.
+pub const NODE_CERT: &str = "node.pem";
+/// Node private key file name inside a node folder.
+pub const NODE_KEY: &str = "node.key";
+
+/// Errors from certificate tooling.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{0} already exists (pass --force to overwrite)")]
+    Exists(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{0} is not a Shoal CA certificate (no spiffe://<trust-domain> URI SAN)")]
+    NotMeshCa(PathBuf),
+    #[error("invalid name {0:?}: use letters, digits, '-', '_' and '.' (1-63 chars)")]
+    InvalidName(String),
+}
+
+/// A mesh certificate authority held in memory.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    trust_domain: String,
+}
+
+/// A node certificate and its key, PEM encoded.
+#[derive(Debug, Clone)]
+pub struct NodeCert {
+    /// PEM certificate.
+    pub cert_pem: String,
+    /// PEM PKCS#8 private key.
+    pub key_pem: String,
+}
+
+/// Validity window for an issued certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// Valid from one hour ago (tolerates clock skew) for `days` days.
+    pub fn days(days: u32) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(i64::from(days)),
+        }
+    }
+}
+
+impl Ca {
+    /// Generates a new CA for `trust_domain`.
+    pub fn generate(trust_domain: &str, days: u32) -> Result<Self, CertError> {
+        check_name(trust_domain)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("Shoal mesh CA {trust_domain}"));
+        dn.push(DnType::OrganizationName, "Shoal");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))?];
+        let v = Validity::days(days);
+        params.not_before = v.not_before;
+        params.not_after = v.not_after;
+        let cert = params.self_signed(&key)?;
+        Ok(Ca {
+            cert,
+            key,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// Loads a CA from `dir/ca.pem` and `dir/ca.key`.
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        let cert_path = dir.join(CA_CERT);
+        let cert_pem = read(&cert_path)?;
+        let key_pem = read(&dir.join(CA_KEY))?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let params = CertificateParams::from_ca_cert_pem(&cert_pem)?;
+        let trust_domain = params
+            .subject_alt_names
+            .iter()
+            .find_map(|san| match san {
+                SanType::URI(uri) => uri.as_str().strip_prefix("spiffe://").map(str::to_string),
+                _ => None,
+            })
+            .ok_or_else(|| CertError::NotMeshCa(cert_path.clone()))?;
+        // Re-signing with the same key and subject yields an issuer identical
+        // for chain building; the original PEM stays the trust anchor on disk.
+        let cert = params.self_signed(&key)?;
+        Ok(Ca {
+            cert,
+            key,
+            trust_domain,
+        })
+    }
+
+    /// The trust domain this CA signs for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA certificate, PEM encoded (as generated; see [`Ca::load`]).
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// Issues a node certificate naming `node` and `services`.
+    pub fn issue(
+        &self,
+        node: &str,
+        services: &[String],
+        validity: Validity,
+    ) -> Result<NodeCert, CertError> {
+        check_name(node)?;
+        for s in services {
+            check_name(s)?;
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node);
+        dn.push(DnType::OrganizationName, "Shoal");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let td = &self.trust_domain;
+        let mut sans = vec![uri_san(&format!("spiffe://{td}/node/{node}"))?];
+        for s in services {
+            sans.push(uri_san(&format!("spiffe://{td}/svc/{s}"))?);
+        }
+        params.subject_alt_names = sans;
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes `ca.pem` and `ca.key` into `dir`.
+    pub fn write(&self, dir: &Path, force: bool) -> Result<(), CertError> {
+        let cert_path = dir.join(CA_CERT);
+        let key_path = dir.join(CA_KEY);
+        refuse_existing(&[&cert_path, &key_path], force)?;
+        mkdir(dir)?;
+        write_file(&cert_path, self.cert.pem().as_bytes(), 0o644)?;
+        write_file(&key_path, self.key.serialize_pem().as_bytes(), 0o600)
+    }
+}
+
+/// `shoal cert init`: makes a new CA in `out`.
+pub fn init_ca(out: &Path, trust_domain: &str, days: u32, force: bool) -> Result<Ca, CertError> {
+    refuse_existing(&[&out.join(CA_CERT), &out.join(CA_KEY)], force)?;
+    let ca = Ca::generate(trust_domain, days)?;
+    ca.write(out, force)?;
+    Ok(ca)
+}
+
+/// `shoal cert issue`: issues a node certificate from the CA in `ca_dir`
+/// into `out/{ca.pem,node.pem,node.key}`.
+pub fn issue_node(
+    ca_dir: &Path,
+    node: &str,
+    services: &[String],
+    out: &Path,
+    validity: Validity,
+    force: bool,
+) -> Result<(), CertError> {
+    let ca_pem = read(&ca_dir.join(CA_CERT))?;
+    let ca = Ca::load(ca_dir)?;
+    let files = [out.join(CA_CERT), out.join(NODE_CERT), out.join(NODE_KEY)];
+    refuse_existing(&files.iter().collect::<Vec<_>>(), force)?;
+    let cert = ca.issue(node, services, validity)?;
+    write_node_dir(out, &ca_pem, &cert, force)
+}
+
+/// Writes a node folder: `ca.pem`, `node.pem`, `node.key` (0600).
+pub fn write_node_dir(
+    out: &Path,
+    ca_pem: &str,
+    cert: &NodeCert,
+    force: bool,
+) -> Result<(), CertError> {
+    let files = [out.join(CA_CERT), out.join(NODE_CERT), out.join(NODE_KEY)];
+    refuse_existing(&files.iter().collect::<Vec<_>>(), force)?;
+    mkdir(out)?;
+    write_file(&files[0], ca_pem.as_bytes(), 0o644)?;
+    // Key first, then certificate: a reloader that sees the new certificate
+    // also finds its key.
+    write_file(&files[2], cert.key_pem.as_bytes(), 0o600)?;
+    write_file(&files[1], cert.cert_pem.as_bytes(), 0o644)
+}
+
+fn check_name(name: &str) -> Result<(), CertError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(CertError::InvalidName(name.to_string()))
+    }
+}
+
+fn uri_san(uri: &str) -> Result<SanType, CertError> {
+    Ok(SanType::URI(uri.try_into()?))
+}
+
+fn refuse_existing(paths: &[&PathBuf], force: bool) -> Result<(), CertError> {
+    if force {
+        return Ok(());
+    }
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) => Err(CertError::Exists((*p).clone())),
+        None => Ok(()),
+    }
+}
+
+fn mkdir(dir: &Path) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    fs::read_to_string(path).map_err(|source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes through a temporary file and renames, so readers never see half a file.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
+    let io = |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::Identity;
+
+    #[test]
+    fn init_then_issue_writes_files_with_modes_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("certs");
+        init_ca(&ca_dir, "demo.shoal", DEFAULT_CA_DAYS, false).unwrap();
+        let mode = fs::metadata(ca_dir.join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            init_ca(&ca_dir, "demo.shoal", DEFAULT_CA_DAYS, false),
+            Err(CertError::Exists(_))
+        ));
+
+        let out = ca_dir.join("n1");
+        let svcs = vec!["web".to_string()];
+        issue_node(&ca_dir, "n1", &svcs, &out, Validity::days(1), false).unwrap();
+        let mode = fs::metadata(out.join(NODE_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            issue_node(&ca_dir, "n1", &svcs, &out, Validity::days(1), false),
+            Err(CertError::Exists(_))
+        ));
+        issue_node(&ca_dir, "n1", &svcs, &out, Validity::days(1), true).unwrap();
+
+        let pem = fs::read(out.join(NODE_CERT)).unwrap();
+        let der = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
+        let id = Identity::from_der(&der).unwrap();
+        assert_eq!(id.node, "n1");
+        assert_eq!(id.trust_domain, "demo.shoal");
+        assert_eq!(id.services, vec!["web"]);
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let ca = Ca::generate("t", 1).unwrap();
+        assert!(matches!(
+            ca.issue("a/b", &[], Validity::days(1)),
+            Err(CertError::InvalidName(_))
+        ));
+    }
+}

@@ -1,0 +1,28 @@
+//! QUIC transport for Shoal: mutual TLS 1.3 between mesh nodes.
+//!
+//! This crate owns everything between two nodes' UDP sockets: node identities
+//! (SPIFFE URI SANs), the mesh CA and certificate tooling, rustls verifiers that
+//! accept only the mesh CA, the quinn endpoint with its connection cache, the
+//! UDP socket seam that `simulate` wraps to inject faults, and certificate hot
+//! reload. It knows nothing about gossip, HTTP or policy.
+#![forbid(unsafe_code)]
+
+pub mod certs;
+mod endpoint;
+mod identity;
+pub mod socket;
+mod tls;
+
+pub use endpoint::{
+    BiStream, Connected, Endpoint, EndpointConfig, EndpointError, EndpointStats, Message,
+};
+pub use identity::{Identity, IdentityError};
+pub use tls::{RefusalReason, Refusals, TlsError, TlsFiles};
+
+/// ALPN protocol id spoken between Shoal nodes.
+pub const ALPN: &[u8] = b"shoal/1";
+
+/// Installs ring as the process-wide rustls crypto provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
