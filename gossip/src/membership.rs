@@ -222,9 +222,14 @@ impl Gossip {
         &self.shared.config
     }
 
-    /// True once this node has heard from a peer (or it has no seeds).
-    pub fn joined(&self) -> bool {
-        self.shared.joined.load(Ordering::Relaxed)
+    /// True once this node has heard from a peer (or it has no seeds). A
+    /// latch: it stays true after the first peer is seen.
+    pub async fn joined(&self) -> bool {
+        if self.shared.joined.load(Ordering::Relaxed) {
+            return true;
+        }
+        let list = members(&self.shared).await;
+        latch_joined(&self.shared, &list)
     }
 
     /// Gossip traffic counters.
@@ -375,6 +380,16 @@ async fn members(shared: &Shared) -> Vec<Member> {
     newest.into_values().collect()
 }
 
+fn latch_joined(shared: &Shared, list: &[Member]) -> bool {
+    let joined = list
+        .iter()
+        .any(|m| !m.is_self && m.state == MemberState::Alive);
+    if joined {
+        shared.joined.store(true, Ordering::Relaxed);
+    }
+    joined || shared.joined.load(Ordering::Relaxed)
+}
+
 /// Emits [`MemberEvent`]s and latches `joined`.
 async fn watch_members(weak: std::sync::Weak<Shared>) {
     let mut known: HashMap<String, MemberState> = HashMap::new();
@@ -382,13 +397,7 @@ async fn watch_members(weak: std::sync::Weak<Shared>) {
         let Some(shared) = weak.upgrade() else { return };
         let tick = shared.config.interval.min(Duration::from_millis(250));
         let list = members(&shared).await;
-        if !shared.joined.load(Ordering::Relaxed)
-            && list
-                .iter()
-                .any(|m| !m.is_self && m.state == MemberState::Alive)
-        {
-            shared.joined.store(true, Ordering::Relaxed);
-        }
+        latch_joined(&shared, &list);
         let mut seen = HashMap::new();
         for m in &list {
             let previous = known.get(&m.name).copied();

@@ -56,7 +56,7 @@ async fn route(req: Request<Incoming>, state: &NodeState) -> Response<Full<Bytes
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if state.gossip.joined() {
+            if state.gossip.joined().await {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not joined yet\n")

@@ -2,6 +2,8 @@
 //! clusters of real in-process nodes on 127.0.0.1 port 0, and `eventually`.
 #![forbid(unsafe_code)]
 
+pub mod danger;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -23,7 +23,8 @@ use crate::{ALPN, Identity, IdentityError};
 /// Why a peer's certificate was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RefusalReason {
-    /// Not signed by the mesh CA.
+    /// Not signed by the mesh CA (unknown issuer, or a bad signature from
+    /// an issuer with our CA's name).
     UnknownCa,
     /// Outside its validity window.
     Expired,
@@ -59,7 +60,11 @@ impl RefusalReason {
     fn of_rustls(err: &rustls::Error) -> Self {
         match err {
             rustls::Error::InvalidCertificate(e) => match e {
-                CertificateError::UnknownIssuer => RefusalReason::UnknownCa,
+                // A chain that names our CA's subject but fails its signature
+                // check was not signed by our CA either.
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    RefusalReason::UnknownCa
+                }
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
                 | CertificateError::NotValidYet
