@@ -12,7 +12,9 @@ mod membership;
 mod relay;
 pub mod schema;
 
-pub use membership::{Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState};
+pub use membership::{
+    Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState, Published,
+};
 pub use schema::{NodeRecord, ServingState};
 
 /// The transport channel tag gossip messages travel on.

@@ -123,6 +123,19 @@ pub struct Member {
     pub is_self: bool,
 }
 
+/// Keys one alive member publishes (see [`Gossip::scan`]).
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Node name.
+    pub node: String,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// Whether it is this node.
+    pub is_self: bool,
+    /// Matching keys and their values.
+    pub keys: Vec<(String, String)>,
+}
+
 /// A change in some member's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberEvent {
@@ -271,6 +284,41 @@ impl Gossip {
             .filter(|(id, _)| &*id.node_id == node)
             .max_by_key(|(id, _)| id.generation_id)
             .and_then(|(_, st)| st.get(key).map(str::to_string))
+    }
+
+    /// Keys starting with `prefix` as published by every member that is
+    /// alive (newest incarnation of each name), ourselves included.
+    pub async fn scan(&self, prefix: &str) -> Vec<Published> {
+        let chitchat = self.shared.handle.chitchat();
+        let c = chitchat.lock().await;
+        let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+        let mut newest: BTreeMap<&str, (&ChitchatId, &chitchat::NodeState)> = BTreeMap::new();
+        for (id, st) in c.node_states() {
+            if *id != self.shared.self_id && !live.contains(id) {
+                continue;
+            }
+            if st.get(keys::STATE) == Some("left") {
+                continue;
+            }
+            match newest.get(&*id.node_id) {
+                Some((old, _)) if old.generation_id >= id.generation_id => {}
+                _ => {
+                    newest.insert(&id.node_id, (id, st));
+                }
+            }
+        }
+        newest
+            .into_values()
+            .map(|(id, st)| Published {
+                node: id.node_id.to_string(),
+                addr: id.gossip_advertise_addr,
+                is_self: *id == self.shared.self_id,
+                keys: st
+                    .iter_prefix(prefix)
+                    .map(|(k, v)| (k.to_string(), v.value.clone()))
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Announces `draining` (or back to `serving`).

@@ -6,8 +6,14 @@
 //! | GET    | `/healthz`    | 200 while the process runs                       |
 //! | GET    | `/readyz`     | 200 once joined (heard from a peer, or no seeds) |
 //! | GET    | `/metrics`    | Prometheus text format                           |
+//! | GET    | `/v1/policies` | every policy: kind, name, version, origin, applied-on count |
+//! | GET    | `/v1/policies/status` | per live node, the version of each policy it runs |
+//! | GET    | `/v1/policies/{kind}/{name}` | the document (JSON; YAML with `?format=yaml` or `Accept: application/yaml`) |
+//! | PUT    | `/v1/policies/{kind}/{name}` | create or replace (token; `If-Match`; `?wait=all`) |
+//! | DELETE | `/v1/policies/{kind}/{name}` | delete, leaving a tombstone (token; `If-Match`; `?wait=all`) |
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -28,7 +34,7 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -42,7 +48,7 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, &state).await) }
+                async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -51,9 +57,16 @@ pub(crate) async fn serve(
     }
 }
 
-async fn route(req: Request<Incoming>, state: &NodeState) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    match (req.method(), path) {
+async fn route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: &NodeState,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    if path.starts_with("/v1/policies") {
+        return crate::admin_policy::handle(req, peer, state).await;
+    }
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if state.gossip.joined().await {
@@ -80,7 +93,7 @@ async fn route(req: Request<Incoming>, state: &NodeState) -> Response<Full<Bytes
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
@@ -88,7 +101,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         .unwrap_or_default()
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+pub(crate) fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => Response::builder()
             .header(header::CONTENT_TYPE, "application/json")

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use transport::certs::{self, Validity};
 
@@ -32,12 +32,71 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9000", env = "SHOAL_ADMIN")]
         admin: String,
     },
+    /// Push, read and delete policies through any node's admin API.
+    Policy(PolicyArgs),
     /// Run a throwaway local mesh of N nodes in one process, until Ctrl-C.
     Up {
         /// Number of nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct PolicyArgs {
+    /// Admin address of any node.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:9000",
+        env = "SHOAL_ADMIN"
+    )]
+    admin: String,
+    /// File holding the node's admin bearer token.
+    #[arg(long, global = true, env = "SHOAL_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Create or replace the policy in a YAML or JSON file.
+    Apply {
+        /// The document.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Return only once every live node runs the new version.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "10s")]
+        timeout: String,
+    },
+    /// List policies: kind, name, version, origin node, applied-on count.
+    List,
+    /// Print one policy.
+    Get {
+        /// Kind, e.g. HTTPRoute.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Output format.
+        #[arg(short = 'o', long = "output", default_value = "yaml", value_parser = ["yaml", "json"])]
+        output: String,
+    },
+    /// Delete a policy (a tombstone that propagates like a write).
+    Delete {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Return only once every live node has applied the delete.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Per node: which version of each policy it runs.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +177,11 @@ pub fn main() -> i32 {
             runtime().block_on(run_node(config))
         }
         Command::Members { admin } => runtime().block_on(members(&admin)),
+        Command::Policy(args) => runtime().block_on(crate::cli_policy::run(
+            &args.admin,
+            args.token_file.as_deref(),
+            args.command,
+        )),
         Command::Up { nodes } => {
             if nodes == 0 || nodes > 64 {
                 eprintln!("shoal: --nodes: must be between 1 and 64");
@@ -297,6 +361,24 @@ pub fn members_table(members: &[serde_json::Value]) -> String {
 
 /// A plain HTTP/1.1 GET to an admin address; returns the body of a 2xx answer.
 pub async fn get(admin: &str, path: &str) -> Result<bytes::Bytes, String> {
+    let (status, body) = request(admin, http::Method::GET, path, &[], bytes::Bytes::new()).await?;
+    if !status.is_success() {
+        return Err(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.1 request to an admin address; returns status and body.
+pub async fn request(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: bytes::Bytes,
+) -> Result<(http::StatusCode, bytes::Bytes), String> {
     let stream = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect(admin),
@@ -308,9 +390,15 @@ pub async fn get(admin: &str, path: &str) -> Result<bytes::Bytes, String> {
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, admin)
-        .body(Empty::<bytes::Bytes>::new())
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, admin);
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let req = req
+        .body(http_body_util::Full::new(body))
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -320,11 +408,5 @@ pub async fn get(admin: &str, path: &str) -> Result<bytes::Bytes, String> {
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ));
-    }
-    Ok(body)
+    Ok((status, body))
 }

@@ -80,6 +80,10 @@ pub struct NodeArgs {
     /// about threshold × gossip interval of silence.
     #[arg(long, env = "SHOAL_PHI_THRESHOLD")]
     pub phi_threshold: Option<f64>,
+    /// File holding the bearer token that policy writes must present.
+    /// Without it, policy writes are accepted from loopback only.
+    #[arg(long, env = "SHOAL_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -102,6 +106,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     gossip_interval: Option<String>,
     phi_threshold: Option<f64>,
+    admin_token_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
 }
 
@@ -126,6 +131,8 @@ pub struct NodeConfig {
     pub gossip_interval: Duration,
     /// Failure detector threshold.
     pub phi_threshold: f64,
+    /// Bearer token file for policy writes.
+    pub admin_token_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// Optional wrapper for the QUIC socket (fault injection in `simulate`).
@@ -145,6 +152,7 @@ impl NodeConfig {
             data_dir: None,
             gossip_interval: Duration::from_millis(500),
             phi_threshold: 8.0,
+            admin_token_file: None,
             log_format: LogFormat::Text,
             socket_layer: None,
         }
@@ -220,6 +228,7 @@ impl NodeConfig {
             data_dir: args.data_dir.or(file.data_dir),
             gossip_interval,
             phi_threshold,
+            admin_token_file: args.admin_token_file.or(file.admin_token_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             socket_layer: None,
         })
@@ -258,6 +267,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_DATA_DIR", file.data_dir.is_some()),
         ("SHOAL_GOSSIP_INTERVAL", file.gossip_interval.is_some()),
         ("SHOAL_PHI_THRESHOLD", file.phi_threshold.is_some()),
+        ("SHOAL_ADMIN_TOKEN_FILE", file.admin_token_file.is_some()),
         ("SHOAL_LOG_FORMAT", file.log_format.is_some()),
     ];
     for (var, in_file) in set {

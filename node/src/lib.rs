@@ -5,10 +5,13 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_policy;
 pub mod cli;
+mod cli_policy;
 pub mod config;
 pub mod metrics;
 mod node;
+pub mod policy;
 pub mod up;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};

@@ -11,6 +11,7 @@ use transport::{Endpoint, EndpointConfig, TlsFiles};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
+use crate::policy::{PolicyMetrics, PolicyStore, PolicySync, StoreError};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,13 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("policy store: {0}")]
+    Policy(#[from] StoreError),
+    #[error("admin token file {path}: {msg}")]
+    Token {
+        path: std::path::PathBuf,
+        msg: String,
+    },
     #[error("data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -37,6 +45,10 @@ pub enum NodeError {
 pub(crate) struct NodeState {
     pub gossip: Gossip,
     pub metrics: Metrics,
+    pub store: Arc<PolicyStore>,
+    pub sync: PolicySync,
+    pub policy_metrics: PolicyMetrics,
+    pub admin_token: Option<String>,
 }
 
 /// A running node.
@@ -45,6 +57,7 @@ pub struct Node {
     endpoint: Endpoint,
     gossip: Gossip,
     admin_addr: SocketAddr,
+    store: Arc<PolicyStore>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -96,13 +109,34 @@ impl Node {
         );
         let gossip = Gossip::start(endpoint.clone(), gossip_config, record).await?;
 
-        let metrics = Metrics::new(endpoint.clone(), gossip.clone());
+        let admin_token = match &config.admin_token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        let store = Arc::new(PolicyStore::open(&config.name, config.data_dir.as_deref())?);
+        let mut metrics = Metrics::new(endpoint.clone(), gossip.clone());
+        let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
+        let sync = PolicySync::new(
+            store.clone(),
+            gossip.clone(),
+            endpoint.clone(),
+            policy_metrics.clone(),
+        );
+        let mut tasks = sync.spawn();
         let state = Arc::new(NodeState {
             gossip: gossip.clone(),
             metrics,
+            store: store.clone(),
+            sync,
+            policy_metrics,
+            admin_token,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let admin = tokio::spawn(crate::admin::serve(admin_listener, state, shutdown_rx));
+        tasks.push(tokio::spawn(crate::admin::serve(
+            admin_listener,
+            state,
+            shutdown_rx,
+        )));
         tracing::info!(
             node = %config.name,
             quic = %endpoint.local_addr(),
@@ -114,8 +148,9 @@ impl Node {
             endpoint,
             gossip,
             admin_addr,
+            store,
             shutdown,
-            tasks: vec![admin],
+            tasks,
         })
     }
 
@@ -144,6 +179,11 @@ impl Node {
         &self.endpoint
     }
 
+    /// The policy store (what this node has applied).
+    pub fn policies(&self) -> &Arc<PolicyStore> {
+        &self.store
+    }
+
     /// The member list as this node sees it.
     pub async fn members(&self) -> Vec<Member> {
         self.gossip.members().await
@@ -168,4 +208,17 @@ impl Node {
         self.gossip.shutdown().await;
         self.endpoint.close();
     }
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, NodeError> {
+    let err = |msg: String| NodeError::Token {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let token = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        return Err(err("token must be at least 16 characters".into()));
+    }
+    Ok(token)
 }

@@ -32,7 +32,10 @@ async fn main() -> anyhow::Result<()> {
         sizes = vec![3, 20];
     }
     println!("gossip interval {interval:?}, phi threshold 8, median of {runs} runs");
-    println!("{:>6}  {:>14}  {:>14}", "nodes", "converge_ms", "detect_dead_ms");
+    println!(
+        "{:>6}  {:>14}  {:>14}",
+        "nodes", "converge_ms", "detect_dead_ms"
+    );
     for n in sizes {
         let mut conv = Vec::new();
         let mut det = Vec::new();
@@ -64,7 +67,10 @@ async fn once(n: usize, interval: Duration) -> anyhow::Result<(Duration, Duratio
         }
         nodes.push(Node::start(c).await?);
     }
-    wait(&nodes, |ms| ms.iter().filter(|m| m.state == MemberState::Alive).count() == n).await;
+    wait(&nodes, |ms| {
+        ms.iter().filter(|m| m.state == MemberState::Alive).count() == n
+    })
+    .await;
     let converge = start.elapsed();
 
     let victim = nodes.pop().expect("nodes");

@@ -166,7 +166,18 @@ pub async fn state_of(node: &Node, name: &str) -> Option<node::MemberState> {
 
 /// GET `path` from an admin address, returning status and body.
 pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::{BodyExt, Empty};
+    admin_request(addr, "GET", path, &[], "").await
+}
+
+/// Any request to an admin address, returning status and body.
+pub async fn admin_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect admin");
@@ -175,9 +186,15 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
             .await
             .expect("handshake");
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::<bytes::Bytes>::new())
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
         .unwrap();
     let resp = sender.send_request(req).await.expect("request");
     let status = resp.status().as_u16();

@@ -23,8 +23,8 @@ use crate::Identity;
 use crate::socket::{SocketLayer, bind_udp};
 use crate::tls::{Refusals, TlsError, TlsFiles};
 
-/// Largest message accepted on a unidirectional stream (1 MiB).
-const MAX_MESSAGE: usize = 1 << 20;
+/// Largest message accepted on a unidirectional stream (2 MiB: a 1 MiB policy plus framing).
+const MAX_MESSAGE: usize = 2 << 20;
 /// Server name sent in the TLS ClientHello; peers are identified by SAN, not name.
 const SERVER_NAME: &str = "shoal.mesh";
 

@@ -1,0 +1,1227 @@
+//! Policy documents: parsing and validation ("parse, don't validate").
+//!
+//! A document is Kubernetes-shaped (`apiVersion`, `kind`, `metadata.name`,
+//! `spec`) in YAML or JSON. [`Document::parse`] either returns a fully valid,
+//! typed policy or every problem found, each as `field path: reason`. The
+//! data plane only ever sees parsed documents.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+/// Largest accepted document, in bytes.
+pub const MAX_DOCUMENT: usize = 1 << 20;
+
+/// The policy kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Gateway API `HTTPRoute`, mesh (GAMMA) style.
+    HttpRoute,
+    /// Who may call a service.
+    AuthorizationPolicy,
+    /// Token bucket on a service, enforced inbound.
+    RateLimit,
+    /// Delay or abort a share of requests.
+    FaultInjection,
+    /// Mesh-wide defaults (one document, named `default`).
+    MeshConfig,
+}
+
+impl Kind {
+    /// All kinds.
+    pub const ALL: [Kind; 5] = [
+        Kind::HttpRoute,
+        Kind::AuthorizationPolicy,
+        Kind::RateLimit,
+        Kind::FaultInjection,
+        Kind::MeshConfig,
+    ];
+
+    /// The `kind` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RateLimit => "RateLimit",
+            Kind::FaultInjection => "FaultInjection",
+            Kind::MeshConfig => "MeshConfig",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown kind {s:?} (one of HTTPRoute, AuthorizationPolicy, RateLimit, FaultInjection, MeshConfig)"
+                )
+            })
+    }
+}
+
+/// A valid policy document.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// Its kind.
+    pub kind: Kind,
+    /// `metadata.name`.
+    pub name: String,
+    /// The typed spec.
+    pub spec: Spec,
+    /// The document as canonical JSON (what is stored, hashed and gossiped).
+    pub canonical: String,
+}
+
+/// The typed spec of each kind.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    /// HTTPRoute.
+    Route(HttpRoute),
+    /// AuthorizationPolicy.
+    Authz(Authorization),
+    /// RateLimit.
+    RateLimit(RateLimit),
+    /// FaultInjection.
+    Fault(FaultInjection),
+    /// MeshConfig.
+    Mesh(MeshConfig),
+}
+
+/// HTTPRoute: routing rules for requests to its parent services.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    /// Mesh services this route applies to (`parentRefs[].name`).
+    pub parents: Vec<String>,
+    /// Rules, in document order.
+    pub rules: Vec<RouteRule>,
+}
+
+/// One HTTPRoute rule.
+#[derive(Debug, Clone)]
+pub struct RouteRule {
+    /// Any of these matches selects the rule; empty means "every request".
+    pub matches: Vec<RouteMatch>,
+    /// Request header changes.
+    pub request_headers: HeaderMods,
+    /// Response header changes.
+    pub response_headers: HeaderMods,
+    /// Weighted backends; empty means the parent service itself.
+    pub backends: Vec<Backend>,
+    /// `timeouts.request`: whole request, retries included.
+    pub timeout: Option<Duration>,
+    /// `timeouts.backendRequest`: each attempt.
+    pub backend_timeout: Option<Duration>,
+    /// `retry`.
+    pub retry: Option<Retry>,
+}
+
+/// Conditions that must all hold.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    /// Path condition.
+    pub path: Option<PathMatch>,
+    /// Header conditions (lower-case names).
+    pub headers: Vec<(String, StrMatch)>,
+    /// Query parameter conditions.
+    pub query: Vec<(String, StrMatch)>,
+    /// HTTP method.
+    pub method: Option<String>,
+}
+
+/// A path condition.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Whole path equals.
+    Exact(String),
+    /// Path starts with, on segment boundaries.
+    Prefix(String),
+    /// Whole path matches the regex.
+    Regex(Regex),
+}
+
+/// A string condition.
+#[derive(Debug, Clone)]
+pub enum StrMatch {
+    /// Equals.
+    Exact(String),
+    /// Whole value matches.
+    Regex(Regex),
+}
+
+impl StrMatch {
+    /// Whether `v` satisfies the condition.
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            StrMatch::Exact(s) => s == v,
+            StrMatch::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// Header modifications (Gateway API HTTPHeaderFilter).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderMods {
+    /// Replace or add.
+    pub set: Vec<(String, String)>,
+    /// Append.
+    pub add: Vec<(String, String)>,
+    /// Remove.
+    pub remove: Vec<String>,
+}
+
+/// A weighted backend service.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Service name.
+    pub service: String,
+    /// Relative weight (0 disables).
+    pub weight: u32,
+}
+
+/// Retry settings of a rule.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// Retries after the first attempt (0..=10).
+    pub attempts: u32,
+    /// Response codes that are retried (empty: 502, 503, 504 and connection failures).
+    pub codes: Vec<u16>,
+    /// Base backoff.
+    pub backoff: Option<Duration>,
+}
+
+/// AuthorizationPolicy: who may call a service.
+#[derive(Debug, Clone)]
+pub struct Authorization {
+    /// Target service.
+    pub target: String,
+    /// Allow rules; a request is allowed if any rule matches.
+    pub rules: Vec<AuthzRule>,
+}
+
+/// One allow rule.
+#[derive(Debug, Clone)]
+pub struct AuthzRule {
+    /// Caller service names or SPIFFE IDs (empty: any mesh caller).
+    pub from: Vec<String>,
+    /// Methods (empty: any).
+    pub methods: Vec<String>,
+    /// Path prefixes (empty: any).
+    pub paths: Vec<String>,
+}
+
+/// RateLimit: a token bucket.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    /// Target service.
+    pub target: String,
+    /// Sustained rate.
+    pub requests_per_second: f64,
+    /// Bucket size.
+    pub burst: u32,
+    /// One bucket per caller identity instead of one for all.
+    pub per_caller: bool,
+    /// Only requests whose path starts with this.
+    pub path_prefix: Option<String>,
+}
+
+/// FaultInjection.
+#[derive(Debug, Clone)]
+pub struct FaultInjection {
+    /// Target service.
+    pub target: String,
+    /// Delay `percent`% of requests by `duration`.
+    pub delay: Option<(f64, Duration)>,
+    /// Abort `percent`% of requests with `status`.
+    pub abort: Option<(f64, u16)>,
+}
+
+/// MeshConfig defaults.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Default request timeout.
+    pub request_timeout: Option<Duration>,
+    /// Retry budget: retries may add this share of requests...
+    pub retry_budget_percent: Option<f64>,
+    /// ...plus this many per second.
+    pub retry_budget_min_per_second: Option<u32>,
+    /// Whether services no AuthorizationPolicy names accept any mesh caller.
+    pub default_allow: bool,
+}
+
+/// Why a document was refused: every problem, `path: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+impl Document {
+    /// Parses YAML or JSON text into a valid document.
+    pub fn parse(text: &str) -> Result<Self, Problems> {
+        if text.len() > MAX_DOCUMENT {
+            return Err(Problems(vec![format!(
+                "document: larger than {MAX_DOCUMENT} bytes"
+            )]));
+        }
+        let value: Value = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text)
+                .map_err(|e| Problems(vec![format!("document: invalid JSON: {e}")]))?
+        } else {
+            serde_yaml::from_str(text)
+                .map_err(|e| Problems(vec![format!("document: invalid YAML: {e}")]))?
+        };
+        Self::from_value(value)
+    }
+
+    /// Validates an already-decoded document.
+    pub fn from_value(value: Value) -> Result<Self, Problems> {
+        let mut p = Parser::default();
+        let doc = p.document(&value);
+        match doc {
+            Some(d) if p.errors.is_empty() => Ok(d),
+            _ => {
+                if p.errors.is_empty() {
+                    p.errors.push("document: invalid".into());
+                }
+                Err(Problems(p.errors))
+            }
+        }
+    }
+
+    /// A tombstone-free display id, `Kind/name`.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+}
+
+#[derive(Default)]
+struct Parser {
+    errors: Vec<String>,
+}
+
+type Obj = Map<String, Value>;
+
+impl Parser {
+    fn err(&mut self, path: &str, msg: impl fmt::Display) {
+        self.errors.push(format!("{path}: {msg}"));
+    }
+
+    /// An object with only `allowed` keys.
+    fn obj<'v>(&mut self, v: &'v Value, path: &str, allowed: &[&str]) -> Option<&'v Obj> {
+        let Some(m) = v.as_object() else {
+            self.err(path, "must be an object");
+            return None;
+        };
+        for k in m.keys() {
+            if !allowed.contains(&k.as_str()) {
+                let p = join(path, k);
+                self.err(
+                    &p,
+                    format!("unknown field (expected one of: {})", allowed.join(", ")),
+                );
+            }
+        }
+        Some(m)
+    }
+
+    fn string(&mut self, m: &Obj, key: &str, path: &str, required: bool) -> Option<String> {
+        let p = join(path, key);
+        match m.get(key) {
+            None | Some(Value::Null) => {
+                if required {
+                    self.err(&p, "required");
+                }
+                None
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.err(&p, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn name(&mut self, m: &Obj, key: &str, path: &str, required: bool) -> Option<String> {
+        let s = self.string(m, key, path, required)?;
+        if valid_name(&s) {
+            Some(s)
+        } else {
+            self.err(
+                &join(path, key),
+                format!("{s:?} is not a valid name (letters, digits, '-', '_', '.'; 1-63 chars)"),
+            );
+            None
+        }
+    }
+
+    fn array<'v>(&mut self, m: &'v Obj, key: &str, path: &str) -> Vec<(String, &'v Value)> {
+        match m.get(key) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("{}[{i}]", join(path, key)), v))
+                .collect(),
+            Some(_) => {
+                self.err(&join(path, key), "must be a list");
+                Vec::new()
+            }
+        }
+    }
+
+    fn strings(&mut self, m: &Obj, key: &str, path: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (p, v) in self.array(m, key, path) {
+            match v.as_str() {
+                Some(s) => out.push(s.to_string()),
+                None => self.err(&p, "must be a string"),
+            }
+        }
+        out
+    }
+
+    fn number(&mut self, m: &Obj, key: &str, path: &str, range: (f64, f64)) -> Option<f64> {
+        let p = join(path, key);
+        let v = m.get(key)?;
+        match v.as_f64() {
+            Some(n) if n >= range.0 && n <= range.1 => Some(n),
+            Some(n) => {
+                self.err(&p, format!("{n} out of range ({} to {})", range.0, range.1));
+                None
+            }
+            None => {
+                self.err(&p, "must be a number");
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, m: &Obj, key: &str, path: &str, range: (u64, u64)) -> Option<u64> {
+        let p = join(path, key);
+        let v = m.get(key)?;
+        match v.as_u64() {
+            Some(n) if n >= range.0 && n <= range.1 => Some(n),
+            Some(n) => {
+                self.err(&p, format!("{n} out of range ({} to {})", range.0, range.1));
+                None
+            }
+            None => {
+                self.err(&p, "must be a whole number");
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, m: &Obj, key: &str, path: &str) -> Option<Duration> {
+        let s = self.string(m, key, path, false)?;
+        match parse_gateway_duration(&s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(&join(path, key), e);
+                None
+            }
+        }
+    }
+
+    fn regex(&mut self, pattern: &str, path: &str) -> Option<Regex> {
+        match Regex::new(&format!("^(?:{pattern})$")) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let msg = e.to_string().replace('\n', " ");
+                self.err(path, format!("bad regular expression: {msg}"));
+                None
+            }
+        }
+    }
+
+    fn document(&mut self, v: &Value) -> Option<Document> {
+        let m = self.obj(
+            v,
+            "document",
+            &["apiVersion", "kind", "metadata", "spec", "status"],
+        )?;
+        let kind_s = self.string(m, "kind", "", true);
+        let kind = kind_s.and_then(|k| match k.parse::<Kind>() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                self.err("kind", e);
+                None
+            }
+        });
+        let api = self.string(m, "apiVersion", "", true);
+        if let (Some(kind), Some(api)) = (kind, &api) {
+            let ok: &[&str] = match kind {
+                Kind::HttpRoute => &[
+                    "gateway.networking.k8s.io/v1",
+                    "gateway.networking.k8s.io/v1beta1",
+                ],
+                _ => &["shoal.dev/v1"],
+            };
+            if !ok.contains(&api.as_str()) {
+                self.err(
+                    "apiVersion",
+                    format!("{api:?} is not served for {kind} (use {})", ok[0]),
+                );
+            }
+        }
+        let name = match m.get("metadata") {
+            Some(md) => self
+                .obj(
+                    md,
+                    "metadata",
+                    &["name", "namespace", "labels", "annotations"],
+                )
+                .and_then(|md| self.name(md, "name", "metadata", true)),
+            None => {
+                self.err("metadata", "required");
+                None
+            }
+        };
+        let Some(spec_v) = m.get("spec") else {
+            self.err("spec", "required");
+            return None;
+        };
+        let kind = kind?;
+        let spec = match kind {
+            Kind::HttpRoute => self.route(spec_v).map(Spec::Route),
+            Kind::AuthorizationPolicy => self.authz(spec_v).map(Spec::Authz),
+            Kind::RateLimit => self.rate_limit(spec_v).map(Spec::RateLimit),
+            Kind::FaultInjection => self.fault(spec_v).map(Spec::Fault),
+            Kind::MeshConfig => self.mesh(spec_v).map(Spec::Mesh),
+        };
+        let name = name?;
+        if kind == Kind::MeshConfig && name != "default" {
+            self.err(
+                "metadata.name",
+                "a mesh has one MeshConfig, named \"default\"",
+            );
+        }
+        let mut canonical_v = v.clone();
+        if let Some(o) = canonical_v.as_object_mut() {
+            o.remove("status");
+        }
+        Some(Document {
+            kind,
+            name,
+            spec: spec?,
+            canonical: serde_json::to_string(&canonical_v).unwrap_or_default(),
+        })
+    }
+
+    fn route(&mut self, v: &Value) -> Option<HttpRoute> {
+        let m = self.obj(v, "spec", &["parentRefs", "hostnames", "rules"])?;
+        if m.get("hostnames")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
+            self.err(
+                "spec.hostnames",
+                "not supported for mesh routes (route by parentRefs)",
+            );
+        }
+        let mut parents = Vec::new();
+        let refs = self.array(m, "parentRefs", "spec");
+        if refs.is_empty() {
+            self.err("spec.parentRefs", "at least one mesh service is required");
+        }
+        for (p, r) in refs {
+            let Some(o) = self.obj(
+                r,
+                &p,
+                &["name", "kind", "group", "namespace", "port", "sectionName"],
+            ) else {
+                continue;
+            };
+            self.service_ref_kind(o, &p);
+            if o.contains_key("sectionName") {
+                self.err(&join(&p, "sectionName"), "not supported for mesh routes");
+            }
+            self.integer(o, "port", &p, (1, 65535));
+            if let Some(n) = self.name(o, "name", &p, true) {
+                parents.push(n);
+            }
+        }
+        let mut rules = Vec::new();
+        let rule_vals = self.array(m, "rules", "spec");
+        if rule_vals.len() > 64 {
+            self.err("spec.rules", "at most 64 rules");
+        }
+        for (p, r) in rule_vals {
+            if let Some(rule) = self.rule(r, &p) {
+                rules.push(rule);
+            }
+        }
+        if rules.is_empty() && self.errors.is_empty() {
+            rules.push(RouteRule {
+                matches: Vec::new(),
+                request_headers: HeaderMods::default(),
+                response_headers: HeaderMods::default(),
+                backends: Vec::new(),
+                timeout: None,
+                backend_timeout: None,
+                retry: None,
+            });
+        }
+        Some(HttpRoute { parents, rules })
+    }
+
+    fn service_ref_kind(&mut self, o: &Obj, p: &str) {
+        if let Some(k) = self.string(o, "kind", p, false)
+            && k != "Service"
+        {
+            self.err(
+                &join(p, "kind"),
+                format!("{k:?} not supported (only Service)"),
+            );
+        }
+        if let Some(g) = self.string(o, "group", p, false)
+            && !g.is_empty()
+            && g != "core"
+        {
+            self.err(
+                &join(p, "group"),
+                format!("{g:?} not supported (only the core group)"),
+            );
+        }
+    }
+
+    fn rule(&mut self, v: &Value, path: &str) -> Option<RouteRule> {
+        let m = self.obj(
+            v,
+            path,
+            &[
+                "name",
+                "matches",
+                "filters",
+                "backendRefs",
+                "timeouts",
+                "retry",
+                "sessionPersistence",
+            ],
+        )?;
+        if m.contains_key("sessionPersistence") {
+            self.err(&join(path, "sessionPersistence"), "not supported by Shoal");
+        }
+        let mut matches = Vec::new();
+        for (p, mv) in self.array(m, "matches", path) {
+            if let Some(x) = self.route_match(mv, &p) {
+                matches.push(x);
+            }
+        }
+        let mut request_headers = HeaderMods::default();
+        let mut response_headers = HeaderMods::default();
+        for (p, f) in self.array(m, "filters", path) {
+            let Some(o) = self.obj(
+                f,
+                &p,
+                &[
+                    "type",
+                    "requestHeaderModifier",
+                    "responseHeaderModifier",
+                    "requestRedirect",
+                    "urlRewrite",
+                    "requestMirror",
+                    "extensionRef",
+                ],
+            ) else {
+                continue;
+            };
+            match self.string(o, "type", &p, true).as_deref() {
+                Some("RequestHeaderModifier") => {
+                    if let Some(h) = o.get("requestHeaderModifier") {
+                        request_headers = self.header_mods(h, &join(&p, "requestHeaderModifier"));
+                    } else {
+                        self.err(&join(&p, "requestHeaderModifier"), "required for this type");
+                    }
+                }
+                Some("ResponseHeaderModifier") => {
+                    if let Some(h) = o.get("responseHeaderModifier") {
+                        response_headers = self.header_mods(h, &join(&p, "responseHeaderModifier"));
+                    } else {
+                        self.err(
+                            &join(&p, "responseHeaderModifier"),
+                            "required for this type",
+                        );
+                    }
+                }
+                Some(other) => self.err(
+                    &join(&p, "type"),
+                    format!(
+                        "{other:?} not supported (RequestHeaderModifier, ResponseHeaderModifier)"
+                    ),
+                ),
+                None => {}
+            }
+        }
+        let mut backends = Vec::new();
+        let refs = self.array(m, "backendRefs", path);
+        for (p, b) in &refs {
+            let Some(o) = self.obj(
+                b,
+                p,
+                &[
+                    "name",
+                    "kind",
+                    "group",
+                    "namespace",
+                    "port",
+                    "weight",
+                    "filters",
+                ],
+            ) else {
+                continue;
+            };
+            self.service_ref_kind(o, p);
+            if o.get("filters")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty())
+            {
+                self.err(&join(p, "filters"), "per-backend filters not supported");
+            }
+            self.integer(o, "port", p, (1, 65535));
+            let weight = self.integer(o, "weight", p, (0, 1_000_000)).unwrap_or(1) as u32;
+            if let Some(service) = self.name(o, "name", p, true) {
+                backends.push(Backend { service, weight });
+            }
+        }
+        if !refs.is_empty()
+            && backends.len() == refs.len()
+            && backends.iter().all(|b| b.weight == 0)
+        {
+            self.err(&join(path, "backendRefs"), "weights are all zero");
+        }
+        let (mut timeout, mut backend_timeout) = (None, None);
+        if let Some(t) = m.get("timeouts") {
+            let tp = join(path, "timeouts");
+            if let Some(o) = self.obj(t, &tp, &["request", "backendRequest"]) {
+                timeout = self.duration(o, "request", &tp);
+                backend_timeout = self.duration(o, "backendRequest", &tp);
+                if let (Some(r), Some(b)) = (timeout, backend_timeout)
+                    && b > r
+                {
+                    self.err(
+                        &join(&tp, "backendRequest"),
+                        "must not exceed timeouts.request",
+                    );
+                }
+            }
+        }
+        let mut retry = None;
+        if let Some(r) = m.get("retry") {
+            let rp = join(path, "retry");
+            if let Some(o) = self.obj(r, &rp, &["attempts", "codes", "backoff"]) {
+                let attempts = self.integer(o, "attempts", &rp, (0, 10)).unwrap_or(1) as u32;
+                let mut codes = Vec::new();
+                for (p, c) in self.array(o, "codes", &rp) {
+                    match c.as_u64() {
+                        Some(c @ 400..=599) => codes.push(c as u16),
+                        _ => self.err(&p, "must be an HTTP status from 400 to 599"),
+                    }
+                }
+                let backoff = self.duration(o, "backoff", &rp);
+                retry = Some(Retry {
+                    attempts,
+                    codes,
+                    backoff,
+                });
+            }
+        }
+        Some(RouteRule {
+            matches,
+            request_headers,
+            response_headers,
+            backends,
+            timeout,
+            backend_timeout,
+            retry,
+        })
+    }
+
+    fn route_match(&mut self, v: &Value, path: &str) -> Option<RouteMatch> {
+        let m = self.obj(v, path, &["path", "headers", "queryParams", "method"])?;
+        let mut out = RouteMatch::default();
+        if let Some(pv) = m.get("path") {
+            let pp = join(path, "path");
+            if let Some(o) = self.obj(pv, &pp, &["type", "value"]) {
+                let ty = self
+                    .string(o, "type", &pp, false)
+                    .unwrap_or("PathPrefix".into());
+                let value = self.string(o, "value", &pp, false).unwrap_or("/".into());
+                let vp = join(&pp, "value");
+                if ty != "RegularExpression" && !value.starts_with('/') {
+                    self.err(&vp, "must start with '/'");
+                }
+                out.path = match ty.as_str() {
+                    "Exact" => Some(PathMatch::Exact(value)),
+                    "PathPrefix" => Some(PathMatch::Prefix(value)),
+                    "RegularExpression" => self.regex(&value, &vp).map(PathMatch::Regex),
+                    other => {
+                        self.err(
+                            &join(&pp, "type"),
+                            format!("{other:?} (Exact, PathPrefix, RegularExpression)"),
+                        );
+                        None
+                    }
+                };
+            }
+        }
+        for (key, field) in [("headers", true), ("queryParams", false)] {
+            for (p, h) in self.array(m, key, path) {
+                let Some(o) = self.obj(h, &p, &["type", "name", "value"]) else {
+                    continue;
+                };
+                let ty = self.string(o, "type", &p, false).unwrap_or("Exact".into());
+                let (Some(name), Some(value)) = (
+                    self.string(o, "name", &p, true),
+                    self.string(o, "value", &p, true),
+                ) else {
+                    continue;
+                };
+                let cond = match ty.as_str() {
+                    "Exact" => Some(StrMatch::Exact(value)),
+                    "RegularExpression" => {
+                        self.regex(&value, &join(&p, "value")).map(StrMatch::Regex)
+                    }
+                    other => {
+                        self.err(
+                            &join(&p, "type"),
+                            format!("{other:?} (Exact, RegularExpression)"),
+                        );
+                        None
+                    }
+                };
+                if let Some(c) = cond {
+                    if field {
+                        out.headers.push((name.to_ascii_lowercase(), c));
+                    } else {
+                        out.query.push((name, c));
+                    }
+                }
+            }
+        }
+        if let Some(method) = self.string(m, "method", path, false) {
+            const METHODS: [&str; 9] = [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+            ];
+            if METHODS.contains(&method.as_str()) {
+                out.method = Some(method);
+            } else {
+                self.err(
+                    &join(path, "method"),
+                    format!("{method:?} is not an HTTP method"),
+                );
+            }
+        }
+        Some(out)
+    }
+
+    fn header_mods(&mut self, v: &Value, path: &str) -> HeaderMods {
+        let mut out = HeaderMods::default();
+        let Some(m) = self.obj(v, path, &["set", "add", "remove"]) else {
+            return out;
+        };
+        for (key, list) in [("set", &mut out.set), ("add", &mut out.add)] {
+            let items = self.array(m, key, path);
+            for (p, h) in items {
+                let Some(o) = self.obj(h, &p, &["name", "value"]) else {
+                    continue;
+                };
+                let name = self.string(o, "name", &p, true);
+                let value = self.string(o, "value", &p, true);
+                if let (Some(n), Some(v)) = (name, value) {
+                    if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                        self.err(&join(&p, "name"), format!("{n:?} is not a header name"));
+                    } else if http::HeaderValue::from_str(&v).is_err() {
+                        self.err(&join(&p, "value"), "not a valid header value");
+                    } else {
+                        list.push((n.to_ascii_lowercase(), v));
+                    }
+                }
+            }
+        }
+        out.remove = self
+            .strings(m, "remove", path)
+            .into_iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        out
+    }
+
+    fn authz(&mut self, v: &Value) -> Option<Authorization> {
+        let m = self.obj(v, "spec", &["target", "rules"])?;
+        let target = self.name(m, "target", "spec", true);
+        let mut rules = Vec::new();
+        for (p, r) in self.array(m, "rules", "spec") {
+            let Some(o) = self.obj(r, &p, &["from", "methods", "paths"]) else {
+                continue;
+            };
+            let from = self.strings(o, "from", &p);
+            for (i, f) in from.iter().enumerate() {
+                if !(valid_name(f) || f.starts_with("spiffe://")) {
+                    self.err(
+                        &format!("{p}.from[{i}]"),
+                        format!("{f:?} is neither a service name nor a SPIFFE ID"),
+                    );
+                }
+            }
+            let methods = self.strings(o, "methods", &p);
+            let paths = self.strings(o, "paths", &p);
+            for (i, path) in paths.iter().enumerate() {
+                if !path.starts_with('/') {
+                    self.err(&format!("{p}.paths[{i}]"), "must start with '/'");
+                }
+            }
+            rules.push(AuthzRule {
+                from,
+                methods,
+                paths,
+            });
+        }
+        Some(Authorization {
+            target: target?,
+            rules,
+        })
+    }
+
+    fn rate_limit(&mut self, v: &Value) -> Option<RateLimit> {
+        let m = self.obj(
+            v,
+            "spec",
+            &[
+                "target",
+                "requestsPerSecond",
+                "burst",
+                "perCaller",
+                "pathPrefix",
+            ],
+        )?;
+        let target = self.name(m, "target", "spec", true);
+        let rps = self.number(m, "requestsPerSecond", "spec", (0.001, 1e9));
+        if !m.contains_key("requestsPerSecond") {
+            self.err("spec.requestsPerSecond", "required");
+        }
+        let burst = self.integer(m, "burst", "spec", (1, 1_000_000_000));
+        let per_caller = match m.get("perCaller") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                self.err("spec.perCaller", "must be true or false");
+                false
+            }
+        };
+        let path_prefix = self.string(m, "pathPrefix", "spec", false);
+        if path_prefix.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            self.err("spec.pathPrefix", "must start with '/'");
+        }
+        let rps = rps?;
+        Some(RateLimit {
+            target: target?,
+            requests_per_second: rps,
+            burst: burst
+                .map(|b| b as u32)
+                .unwrap_or_else(|| rps.ceil().max(1.0) as u32),
+            per_caller,
+            path_prefix,
+        })
+    }
+
+    fn fault(&mut self, v: &Value) -> Option<FaultInjection> {
+        let m = self.obj(v, "spec", &["target", "delay", "abort"])?;
+        let target = self.name(m, "target", "spec", true);
+        let mut delay = None;
+        if let Some(d) = m.get("delay")
+            && let Some(o) = self.obj(d, "spec.delay", &["percent", "duration"])
+        {
+            let pct = self.number(o, "percent", "spec.delay", (0.0, 100.0));
+            let dur = self.duration(o, "duration", "spec.delay");
+            if dur.is_none() && !o.contains_key("duration") {
+                self.err("spec.delay.duration", "required");
+            }
+            if let (Some(p), Some(d)) = (pct, dur) {
+                delay = Some((p, d));
+            }
+        }
+        let mut abort = None;
+        if let Some(a) = m.get("abort")
+            && let Some(o) = self.obj(a, "spec.abort", &["percent", "status"])
+        {
+            let pct = self.number(o, "percent", "spec.abort", (0.0, 100.0));
+            let status = self.integer(o, "status", "spec.abort", (200, 599));
+            if let (Some(p), Some(s)) = (pct, status) {
+                abort = Some((p, s as u16));
+            } else if !o.contains_key("status") {
+                self.err("spec.abort.status", "required");
+            }
+        }
+        if delay.is_none()
+            && abort.is_none()
+            && !m.contains_key("delay")
+            && !m.contains_key("abort")
+        {
+            self.err("spec", "needs delay, abort or both");
+        }
+        Some(FaultInjection {
+            target: target?,
+            delay,
+            abort,
+        })
+    }
+
+    fn mesh(&mut self, v: &Value) -> Option<MeshConfig> {
+        let m = self.obj(
+            v,
+            "spec",
+            &["requestTimeout", "retryBudget", "defaultAuthorization"],
+        )?;
+        let request_timeout = self.duration(m, "requestTimeout", "spec");
+        let (mut pct, mut min) = (None, None);
+        if let Some(b) = m.get("retryBudget")
+            && let Some(o) = self.obj(b, "spec.retryBudget", &["percent", "minPerSecond"])
+        {
+            pct = self.number(o, "percent", "spec.retryBudget", (0.0, 100.0));
+            min = self
+                .integer(o, "minPerSecond", "spec.retryBudget", (0, 100_000))
+                .map(|v| v as u32);
+        }
+        let default_allow = match self
+            .string(m, "defaultAuthorization", "spec", false)
+            .as_deref()
+        {
+            None | Some("allow") => true,
+            Some("deny") => false,
+            Some(other) => {
+                self.err(
+                    "spec.defaultAuthorization",
+                    format!("{other:?} (allow or deny)"),
+                );
+                true
+            }
+        };
+        Some(MeshConfig {
+            request_timeout,
+            retry_budget_percent: pct,
+            retry_budget_min_per_second: min,
+            default_allow,
+        })
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Names of services and policies: letters, digits, `-`, `_`, `.`; 1-63 chars.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.starts_with(['-', '.'])
+}
+
+/// Parses a Gateway API duration (GEP-2257): one to four `<n><unit>` parts,
+/// units `h`, `m`, `s`, `ms`, e.g. `1h30m`, `500ms`, `10s`.
+pub fn parse_gateway_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 500ms, 10s, 1m30s)");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(n), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(n * 3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(n * 60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(n), 1)
+        } else {
+            return Err(bad());
+        };
+        total += unit;
+        rest = &rest[len..];
+        parts += 1;
+    }
+    if parts > 4 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// Groups documents' problems per field, for tests and messages.
+pub fn problem_fields(p: &Problems) -> BTreeMap<String, String> {
+    p.0.iter()
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CANARY: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web-canary
+  namespace: default
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: web
+    port: 80
+  rules:
+  - matches:
+    - headers:
+      - name: x-canary
+        value: "true"
+    backendRefs:
+    - name: web-v2
+      port: 80
+  - backendRefs:
+    - name: web
+      port: 80
+      weight: 90
+    - name: web-v2
+      port: 80
+      weight: 10
+    timeouts:
+      request: 10s
+      backendRequest: 2s
+    retry:
+      attempts: 2
+      codes: [502, 503]
+      backoff: 100ms
+"#;
+
+    #[test]
+    fn accepts_a_gamma_route_unchanged() {
+        let d = Document::parse(CANARY).unwrap();
+        assert_eq!(d.kind, Kind::HttpRoute);
+        assert_eq!(d.name, "web-canary");
+        let Spec::Route(r) = d.spec else { panic!() };
+        assert_eq!(r.parents, vec!["web"]);
+        assert_eq!(r.rules.len(), 2);
+        assert_eq!(r.rules[1].backends[1].weight, 10);
+        assert_eq!(r.rules[1].timeout, Some(Duration::from_secs(10)));
+        assert_eq!(r.rules[1].retry.as_ref().unwrap().codes, vec![502, 503]);
+    }
+
+    #[test]
+    fn lists_every_problem_with_its_path() {
+        let bad = r#"{
+          "apiVersion": "gateway.networking.k8s.io/v1",
+          "kind": "HTTPRoute",
+          "metadata": {"name": "r"},
+          "spec": {
+            "parentRefs": [{"name": "web"}],
+            "colour": "blue",
+            "rules": [{
+              "matches": [{"path": {"type": "RegularExpression", "value": "(unclosed"}}],
+              "backendRefs": [{"name": "a", "weight": 0}, {"name": "b", "weight": 0}],
+              "timeouts": {"request": "ten seconds"},
+              "retry": {"attempts": 99}
+            }, {
+              "backendRefs": [{"name": "not/valid"}]
+            }]
+          }
+        }"#;
+        let p = Document::parse(bad).unwrap_err();
+        let f = problem_fields(&p);
+        assert!(f.contains_key("spec.colour"), "{p}");
+        assert!(
+            f["spec.rules[0].matches[0].path.value"].contains("regular expression"),
+            "{p}"
+        );
+        assert!(f["spec.rules[0].backendRefs"].contains("all zero"), "{p}");
+        assert!(f.contains_key("spec.rules[0].timeouts.request"), "{p}");
+        assert!(
+            f["spec.rules[0].retry.attempts"].contains("out of range"),
+            "{p}"
+        );
+        assert!(f.contains_key("spec.rules[1].backendRefs[0].name"), "{p}");
+        assert_eq!(p.0.len(), 6, "{p}");
+    }
+
+    #[test]
+    fn unknown_kind_and_unsupported_features_are_named() {
+        let p = Document::parse(
+            "apiVersion: shoal.dev/v1\nkind: Gizmo\nmetadata: {name: g}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(p.0[0].starts_with("kind: unknown kind"), "{p}");
+        let p = Document::parse(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters:\n    - type: RequestMirror\n",
+        )
+        .unwrap_err();
+        assert!(p.0[0].contains("spec.rules[0].filters[0].type"), "{p}");
+    }
+
+    #[test]
+    fn other_kinds_parse() {
+        let a = Document::parse("apiVersion: shoal.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec:\n  target: web\n  rules:\n  - from: [api, \"spiffe://demo.shoal/svc/ops\"]\n    methods: [GET]\n").unwrap();
+        assert!(matches!(a.spec, Spec::Authz(ref z) if z.rules[0].from.len() == 2));
+        let r = Document::parse("apiVersion: shoal.dev/v1\nkind: RateLimit\nmetadata: {name: r}\nspec: {target: web, requestsPerSecond: 50}\n").unwrap();
+        assert!(matches!(r.spec, Spec::RateLimit(ref l) if l.burst == 50));
+        let f = Document::parse("apiVersion: shoal.dev/v1\nkind: FaultInjection\nmetadata: {name: f}\nspec: {target: web, abort: {percent: 10, status: 503}}\n").unwrap();
+        assert!(matches!(f.spec, Spec::Fault(ref x) if x.abort == Some((10.0, 503))));
+        let m = Document::parse("apiVersion: shoal.dev/v1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {defaultAuthorization: deny, requestTimeout: 5s}\n").unwrap();
+        assert!(matches!(m.spec, Spec::Mesh(ref x) if !x.default_allow));
+        let bad = Document::parse(
+            "apiVersion: shoal.dev/v1\nkind: MeshConfig\nmetadata: {name: other}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(bad.0[0].contains("metadata.name"), "{bad}");
+    }
+
+    #[test]
+    fn gateway_durations() {
+        assert_eq!(
+            parse_gateway_duration("1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse_gateway_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert!(parse_gateway_duration("1.5s").is_err());
+        assert!(parse_gateway_duration("10").is_err());
+        assert!(parse_gateway_duration("1h1m1s1ms1h").is_err());
+    }
+}

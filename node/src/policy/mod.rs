@@ -1,0 +1,15 @@
+//! Policy: documents, versions, the durable store, the applied set the data
+//! plane reads, and propagation by gossip. Nothing here serves HTTP; the
+//! admin API (`admin.rs`) and the proxy call in.
+
+pub mod doc;
+pub mod hlc;
+pub mod set;
+pub mod store;
+pub mod sync;
+
+pub use doc::{Document, Kind, Problems};
+pub use hlc::{Hlc, Version};
+pub use set::{PolicySet, RateLimiter, RequestInfo, RouteDecision};
+pub use store::{Entry, PolicyStore, StoreError};
+pub use sync::{PolicyMetrics, PolicySync};
