@@ -340,3 +340,134 @@ fn certificate_commands_refuse_to_overwrite_and_protect_keys() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("n1"));
 }
+
+#[test]
+fn policy_commands_round_trip_through_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), &["n1", "n2"]);
+    std::fs::write(dir.path().join("token"), "token-for-tests-0123456789\n").unwrap();
+    let mut cmd = Command::new(SHOAL);
+    cmd.current_dir(dir.path())
+        .args([
+            "node",
+            "--name",
+            "n1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--certs",
+            "certs/n1",
+            "--gossip-interval",
+            "100ms",
+            "--admin-token-file",
+            "token",
+        ])
+        .args(["--data-dir", "data1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = |k: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let n1 = Proc {
+        child,
+        quic: addr("quic="),
+        admin: addr("admin="),
+    };
+    let n2 = start(dir.path(), "n2", "127.0.0.1:0", Some(n1.quic));
+    wait_until("joined", Duration::from_secs(15), || {
+        state_of(n1.admin, "n2").as_deref() == Some("alive")
+    });
+
+    std::fs::write(
+        dir.path().join("canary.yaml"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web-canary\nspec:\n  parentRefs:\n  - name: web\n  rules:\n  - backendRefs:\n    - name: web\n      weight: 90\n    - name: web-v2\n      weight: 10\n",
+    )
+    .unwrap();
+    let admin = n1.admin.to_string();
+    let policy = |args: &[&str]| {
+        let mut all = vec!["policy", "--admin", admin.as_str()];
+        all.extend_from_slice(args);
+        shoal(&all, dir.path())
+    };
+    // Without the token the write is refused.
+    let out = policy(&["apply", "-f", "canary.yaml"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+
+    let out = policy(&[
+        "--token-file",
+        "token",
+        "apply",
+        "-f",
+        "canary.yaml",
+        "--wait",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("HTTPRoute/web-canary configured"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("applied on 2/2"), "{stdout}");
+
+    let out = policy(&["list"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("web-canary") && stdout.contains("2/2") && stdout.contains("n1"),
+        "{stdout}"
+    );
+
+    let out = policy(&["get", "HTTPRoute", "web-canary", "-o", "yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("weight: 90"), "{stdout}");
+
+    let out = policy(&["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("n2") && stdout.contains("HTTPRoute/web-canary"),
+        "{stdout}"
+    );
+
+    // Invalid documents come back with every problem.
+    std::fs::write(dir.path().join("bad.yaml"), "apiVersion: shoal.dev/v1\nkind: RateLimit\nmetadata: {name: r}\nspec: {target: web, requestsPerSecond: -1, colour: red}\n").unwrap();
+    let out = policy(&["--token-file", "token", "apply", "-f", "bad.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("spec.colour") && stderr.contains("spec.requestsPerSecond"),
+        "{stderr}"
+    );
+
+    let out = policy(&[
+        "--token-file",
+        "token",
+        "delete",
+        "HTTPRoute",
+        "web-canary",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = policy(&["get", "HTTPRoute", "web-canary"]);
+    assert!(!out.status.success());
+    assert!(
+        dir.path()
+            .join("data1/policies/HTTPRoute.web-canary.json")
+            .is_file()
+    );
+    drop(n2);
+}
