@@ -113,6 +113,9 @@ impl Node {
             Some(path) => Some(read_token(path)?),
             None => None,
         };
+        if config.data_dir.is_none() {
+            tracing::warn!("no --data-dir: accepted policies are kept in memory only");
+        }
         let store = Arc::new(PolicyStore::open(&config.name, config.data_dir.as_deref())?);
         let mut metrics = Metrics::new(endpoint.clone(), gossip.clone());
         let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
