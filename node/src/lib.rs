@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod metrics;
 mod node;
+pub mod proxy;
 pub mod up;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};

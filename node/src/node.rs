@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gossip::{Gossip, GossipConfig, Member, NodeRecord};
 use tokio::net::TcpListener;
@@ -11,6 +12,7 @@ use transport::{Endpoint, EndpointConfig, TlsFiles};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("proxy: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
     #[error("data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -37,6 +41,7 @@ pub enum NodeError {
 pub(crate) struct NodeState {
     pub gossip: Gossip,
     pub metrics: Metrics,
+    pub proxy: Arc<Proxy>,
 }
 
 /// A running node.
@@ -45,6 +50,7 @@ pub struct Node {
     endpoint: Endpoint,
     gossip: Gossip,
     admin_addr: SocketAddr,
+    proxy: Arc<Proxy>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -96,10 +102,20 @@ impl Node {
         );
         let gossip = Gossip::start(endpoint.clone(), gossip_config, record).await?;
 
-        let metrics = Metrics::new(endpoint.clone(), gossip.clone());
+        let mut metrics = Metrics::new(endpoint.clone(), gossip.clone());
+        let proxy = Arc::new(
+            Proxy::start(
+                &config,
+                endpoint.clone(),
+                gossip.clone(),
+                metrics.registry_mut(),
+            )
+            .await?,
+        );
         let state = Arc::new(NodeState {
             gossip: gossip.clone(),
             metrics,
+            proxy: proxy.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let admin = tokio::spawn(crate::admin::serve(admin_listener, state, shutdown_rx));
@@ -114,6 +130,7 @@ impl Node {
             endpoint,
             gossip,
             admin_addr,
+            proxy,
             shutdown,
             tasks: vec![admin],
         })
@@ -149,6 +166,29 @@ impl Node {
         self.gossip.members().await
     }
 
+    /// The outbound listener's address, if the node has one.
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.proxy.outbound_addr()
+    }
+
+    /// The service proxy.
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// Graceful drain (what SIGTERM does): announce `draining`, keep serving
+    /// while peers learn it, finish in-flight requests up to the configured
+    /// drain timeout, then leave. Returns the requests cut off (0 if clean).
+    pub async fn drain(self) -> u64 {
+        let linger = (self.config.gossip_interval * 5).max(Duration::from_millis(300));
+        let left = self
+            .proxy
+            .drain(linger, self.config.proxy.drain_timeout)
+            .await;
+        self.shutdown().await;
+        left
+    }
+
     /// Graceful stop: announce `left` to peers, then close everything.
     pub async fn shutdown(self) {
         self.gossip.leave().await;
@@ -162,6 +202,7 @@ impl Node {
 
     async fn stop(self) {
         let _ = self.shutdown.send(true);
+        self.proxy.stop();
         for t in &self.tasks {
             t.abort();
         }
