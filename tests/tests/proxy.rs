@@ -659,3 +659,114 @@ async fn drain_under_load_loses_nothing() {
     n1.shutdown().await;
     n2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_health_checks_take_an_instance_out_of_routing_in_time() {
+    let sick = Arc::new(AtomicBool::new(false));
+    let s = sick.clone();
+    let b_handler: Handler = Arc::new(move |req: Request<Incoming>| {
+        let sick = s.load(Ordering::Relaxed);
+        Box::pin(async move {
+            let mut r = Response::new(full("b"));
+            if req.uri().path() == "/healthz" && sick {
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        })
+    });
+    let a = Upstream::start(ok("a")).await;
+    let b = Upstream::start(b_handler).await;
+    let mut mesh = Mesh::new();
+    let n1 = mesh.client("n1", |_| {}).await;
+    let n2 = mesh
+        .start(mesh.config("n2", &["web"], &[("web", a.addr)]))
+        .await;
+    let mut c3 = mesh.config("n3", &["web"], &[("web", b.addr)]);
+    c3.proxy.services[0].health_path = Some("/healthz".into());
+    let interval = c3.proxy.services[0].health_interval;
+    let n3 = mesh.start(c3).await;
+    routable(&n1, "web", 2).await;
+
+    sick.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    routable(&n1, "web", 1).await;
+    let took = started.elapsed();
+    // Two check intervals plus one gossip round, plus one routing-table tick.
+    let bound = interval * 2 + TEST_GOSSIP * 2;
+    eprintln!("unhealthy instance left routing after {took:?} (bound {bound:?})");
+    assert!(took <= bound + Duration::from_millis(150), "took {took:?}");
+    let out = n1.outbound_addr().unwrap();
+    let before = b.hits();
+    for _ in 0..20 {
+        let resp = http1().request(get(out, "web", "/")).await.unwrap();
+        assert_eq!(body_of(resp).await, "a");
+    }
+    assert_eq!(b.hits(), before);
+    n1.shutdown().await;
+    n2.shutdown().await;
+    n3.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_refuses_unnamed_services_and_false_source_identities() {
+    use node::proxy::frame::{
+        FRAME_HEAD, FrameReader, FrameWriter, RequestHead, ResponseHead, STREAM_KIND_HTTP, encode,
+    };
+    let up = Upstream::start(ok("secret")).await;
+    let mut mesh = Mesh::new();
+    let n1 = mesh.client("n1", |_| {}).await;
+    // n2 fronts `web` and `db`, but its certificate names only `web`.
+    let n2 = mesh
+        .start(mesh.config("n2", &["web"], &[("web", up.addr), ("db", up.addr)]))
+        .await;
+    routable(&n1, "web", 1).await;
+    assert!(
+        !n1.proxy().services().iter().any(|s| s.service == "db"),
+        "an unnamed service is not published"
+    );
+
+    let ask = |service: &'static str, source: &'static str| {
+        let ep = n1.endpoint().clone();
+        let addr = n2.quic_addr();
+        async move {
+            let (_c, send, recv) = ep.open_bi(addr).await.unwrap();
+            let mut w = FrameWriter::new(send);
+            w.kind(STREAM_KIND_HTTP).await.unwrap();
+            let head = RequestHead {
+                service: service.into(),
+                source: source.into(),
+                deadline_ms: 2000,
+                attempt: 1,
+                version: 1,
+                method: "GET".into(),
+                uri: "/".into(),
+                authority: service.into(),
+                headers: vec![],
+                has_body: false,
+            };
+            w.frame(FRAME_HEAD, encode(&head).unwrap()).await.unwrap();
+            w.end().await.unwrap();
+            let mut r = FrameReader::new(recv);
+            let rh: ResponseHead = r.head().await.unwrap();
+            let code = rh
+                .headers
+                .iter()
+                .find(|(k, _)| k == "shoal-error")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            (rh.status, code)
+        }
+    };
+    assert_eq!(ask("web", "client").await, (200, None));
+    assert_eq!(ask("db", "client").await, (403, Some("not-served".into())));
+    assert_eq!(
+        ask("web", "admin").await,
+        (403, Some("unauthorized".into()))
+    );
+    assert_eq!(
+        ask("nope", "client").await,
+        (404, Some("unknown-service".into()))
+    );
+    assert_eq!(up.hits(), 1);
+    n1.shutdown().await;
+    n2.shutdown().await;
+}

@@ -325,3 +325,72 @@ mod tests {
         assert!(ProxyConfig::resolve(args, ProxyFile::default()).is_err());
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use crate::config::{NodeArgs, NodeConfig};
+
+    use super::*;
+
+    #[test]
+    fn node_config_reads_service_tables_and_proxy_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("shoal.toml");
+        std::fs::write(
+            &file,
+            format!(
+                r#"name = "n2"
+certs = "{}"
+outbound = "127.0.0.1:4140"
+request_timeout = "5s"
+drain_timeout = "10s"
+
+[[service]]
+name = "web"
+address = "127.0.0.1:8080"
+health_path = "/healthz"
+health_interval = "500ms"
+
+[[service]]
+name = "grpc"
+address = "127.0.0.1:9090"
+protocol = "h2c"
+weight = 50
+"#,
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let p = &c.proxy;
+        assert_eq!(p.outbound, Some("127.0.0.1:4140".parse().unwrap()));
+        assert_eq!(p.request_timeout, Duration::from_secs(5));
+        assert_eq!(p.drain_timeout, Duration::from_secs(10));
+        assert_eq!(p.services.len(), 2);
+        assert_eq!(p.services[0].health_interval, Duration::from_millis(500));
+        assert_eq!(p.services[1].protocol, Protocol::H2c);
+        assert_eq!(p.services[1].weight, 50);
+
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"n\"\ncerts = \"{}\"\n[[service]]\nname = \"web\"\naddress = \"nowhere\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let err = NodeConfig::resolve(NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "service[0].address", "{err}");
+    }
+}
