@@ -336,6 +336,14 @@ async fn route(
                         retry_safe = source.replayable();
                     }
                     Some("unknown-service" | "not-served") => retry_safe = source.replayable(),
+                    // The far side's copy of our deadline fired first.
+                    Some("deadline-exceeded") => {
+                        return error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            "no response before the request timeout",
+                        );
+                    }
                     Some(_) => return resp,
                     None if matches!(status.as_u16(), 502..=504) => {
                         shared.balancer.failure(&service, &state);
