@@ -15,7 +15,7 @@ pub mod schema;
 pub use membership::{
     Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState, Published,
 };
-pub use schema::{NodeRecord, ServingState};
+pub use schema::{Health, NodeRecord, ServiceRecord, ServingState};
 
 /// The transport channel tag gossip messages travel on.
 pub const GOSSIP_CHANNEL: u8 = 1;

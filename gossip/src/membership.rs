@@ -321,6 +321,29 @@ impl Gossip {
             .collect()
     }
 
+    /// Every `(node, key, value)` whose key starts with `prefix`, from each
+    /// node's newest incarnation.
+    pub async fn keys_with_prefix(&self, prefix: &str) -> Vec<(String, String, String)> {
+        let chitchat = self.shared.handle.chitchat();
+        let c = chitchat.lock().await;
+        let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
+        for id in c.node_states().keys() {
+            let e = newest.entry(&id.node_id).or_insert(id);
+            if id.generation_id > e.generation_id {
+                *e = id;
+            }
+        }
+        let mut out = Vec::new();
+        for id in newest.into_values() {
+            if let Some(st) = c.node_states().get(id) {
+                for (k, v) in st.iter_prefix(prefix) {
+                    out.push((id.node_id.to_string(), k.to_string(), v.value.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Announces `draining` (or back to `serving`).
     pub async fn set_serving(&self, state: ServingState) {
         self.set_key(keys::STATE, &state.to_string()).await;

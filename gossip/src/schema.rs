@@ -10,6 +10,22 @@
 //! | `build`    | the Shoal version the node runs                     |
 //! | `state`    | `serving`, `draining` or `left`                     |
 //! | `services` | JSON array of the service names the node fronts     |
+//! | `svc.<name>` | JSON [`ServiceRecord`]: one local instance of service `<name>` |
+//!
+//! A `svc.<name>` key exists while the node fronts an instance of `<name>`
+//! (registered with `--service` or `[[service]]`) and is deleted when it stops.
+//! Its value holds nothing address-specific (the node's QUIC address is its
+//! gossip address), only what balancing needs:
+//!
+//! ```json
+//! {"health":"healthy","weight":100,"zone":"eu-1","in_flight":3,"ewma_ms":1.25,"protocol":"auto"}
+//! ```
+//!
+//! `health` is `healthy`, `unhealthy` or `unknown` (not checked yet); only
+//! `healthy` instances on `serving` nodes take traffic. `in_flight` and
+//! `ewma_ms` (peak-EWMA latency of the instance as its node measures it) are
+//! refreshed at most once a second, so they seed cold balancers rather than
+//! steer every request. Unknown fields are ignored; missing ones get defaults.
 //!
 //! Readers ignore keys they do not know, so later versions may add keys
 //! (service health and load, policy versions) without breaking older nodes.
@@ -37,6 +53,57 @@ pub mod keys {
     pub const STATE: &str = "state";
     /// Service names, JSON array.
     pub const SERVICES: &str = "services";
+    /// Prefix of per-service instance keys: `svc.<name>`.
+    pub const SERVICE_PREFIX: &str = "svc.";
+
+    /// The key of service `name`'s instance record.
+    pub fn service(name: &str) -> String {
+        format!("{SERVICE_PREFIX}{name}")
+    }
+}
+
+/// Health of a service instance as its node checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Not checked yet.
+    #[default]
+    Unknown,
+    /// Passing its checks.
+    Healthy,
+    /// Failing its checks.
+    Unhealthy,
+}
+
+/// What a node publishes under `svc.<name>` about its instance of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceRecord {
+    /// Health from active checks.
+    pub health: Health,
+    /// Relative weight.
+    pub weight: u32,
+    /// The node's zone.
+    pub zone: String,
+    /// Requests in flight to the instance.
+    pub in_flight: u64,
+    /// Peak-EWMA latency of the instance, milliseconds.
+    pub ewma_ms: f64,
+    /// `auto`, `http1` or `h2c`.
+    pub protocol: String,
+}
+
+impl Default for ServiceRecord {
+    fn default() -> Self {
+        ServiceRecord {
+            health: Health::Unknown,
+            weight: 100,
+            zone: "default".into(),
+            in_flight: 0,
+            ewma_ms: 0.0,
+            protocol: "auto".into(),
+        }
+    }
 }
 
 /// Whether a node takes new traffic.
@@ -149,6 +216,13 @@ mod tests {
         let kvs: HashMap<String, String> = rec.to_kvs().into_iter().collect();
         let back = NodeRecord::from_lookup(|k| kvs.get(k).map(String::as_str));
         assert_eq!(back, rec);
+    }
+
+    #[test]
+    fn service_record_reads_partial_json() {
+        let r: ServiceRecord = serde_json::from_str(r#"{"health":"healthy","x":1}"#).unwrap();
+        assert_eq!(r.health, Health::Healthy);
+        assert_eq!(r.weight, 100);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! | GET    | `/healthz`    | 200 while the process runs                       |
 //! | GET    | `/readyz`     | 200 once joined (heard from a peer, or no seeds) |
 //! | GET    | `/metrics`    | Prometheus text format                           |
+//! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
+//! | GET    | `/v1/stats`   | JSON per edge over the last minute: rps, success rate, p50/p95/p99 |
 //! | GET    | `/v1/policies` | every policy: kind, name, version, origin, applied-on count |
 //! | GET    | `/v1/policies/status` | per live node, the version of each policy it runs |
 //! | GET    | `/v1/policies/{kind}/{name}` | the document (JSON; YAML with `?format=yaml` or `Accept: application/yaml`) |
@@ -76,6 +78,8 @@ async fn route(
             }
         }
         (&Method::GET, "/v1/members") => json(&state.gossip.members().await),
+        (&Method::GET, "/v1/services") => json(&state.proxy.services()),
+        (&Method::GET, "/v1/stats") => json(&state.proxy.stats()),
         (&Method::GET, "/metrics") => {
             let body = state.metrics.render(&state.gossip).await;
             Response::builder()

@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a mesh node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Make the mesh CA and node certificates.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -34,6 +34,12 @@ enum Command {
     },
     /// Push, read and delete policies through any node's admin API.
     Policy(PolicyArgs),
+    /// Print per-edge traffic over the last minute (rps, success, latency).
+    Stat {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:9000", env = "SHOAL_ADMIN")]
+        admin: String,
+    },
     /// Run a throwaway local mesh of N nodes in one process, until Ctrl-C.
     Up {
         /// Number of nodes.
@@ -166,7 +172,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Cert(c) => cert(c),
         Command::Node(args) => {
-            let config = match NodeConfig::resolve(args) {
+            let config = match NodeConfig::resolve(*args) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("shoal: invalid configuration: {e}");
@@ -182,6 +188,7 @@ pub fn main() -> i32 {
             args.token_file.as_deref(),
             args.command,
         )),
+        Command::Stat { admin } => runtime().block_on(crate::proxy::stats::stat_command(&admin)),
         Command::Up { nodes } => {
             if nodes == 0 || nodes > 64 {
                 eprintln!("shoal: --nodes: must be between 1 and 64");
@@ -270,8 +277,11 @@ async fn run_node(config: NodeConfig) -> i32 {
         node.admin_addr()
     );
     wait_for_signal().await;
-    tracing::info!("leaving the mesh");
-    node.shutdown().await;
+    tracing::info!("draining, then leaving the mesh");
+    let cut = node.drain().await;
+    if cut > 0 {
+        tracing::warn!(cut, "drain timeout passed with requests in flight");
+    }
     0
 }
 

@@ -90,6 +90,9 @@ pub struct NodeArgs {
     /// TOML config file; flags and SHOAL_* variables override it.
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Proxy flags (services, outbound listener, timeouts).
+    #[command(flatten)]
+    pub proxy: crate::proxy::ProxyArgs,
 }
 
 /// The `--config` file. Keys match the flags (with `_` for `-`).
@@ -108,6 +111,11 @@ struct FileConfig {
     phi_threshold: Option<f64>,
     admin_token_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    #[serde(default)]
+    service: Vec<crate::proxy::config::ServiceFile>,
+    outbound: Option<String>,
+    request_timeout: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 /// A node's complete, validated configuration.
@@ -137,6 +145,8 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     /// Optional wrapper for the QUIC socket (fault injection in `simulate`).
     pub socket_layer: Option<std::sync::Arc<dyn transport::socket::SocketLayer>>,
+    /// Proxy settings.
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl NodeConfig {
@@ -155,6 +165,7 @@ impl NodeConfig {
             admin_token_file: None,
             log_format: LogFormat::Text,
             socket_layer: None,
+            proxy: crate::proxy::ProxyConfig::default(),
         }
     }
 
@@ -211,6 +222,15 @@ impl NodeConfig {
                 "must be between 10ms and 60s",
             ));
         }
+        let proxy = crate::proxy::ProxyConfig::resolve(
+            args.proxy,
+            crate::proxy::ProxyFile {
+                service: file.service,
+                outbound: file.outbound,
+                request_timeout: file.request_timeout,
+                drain_timeout: file.drain_timeout,
+            },
+        )?;
         let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
         if !(1.0..=100.0).contains(&phi_threshold) {
             return Err(ConfigError::new(
@@ -231,6 +251,7 @@ impl NodeConfig {
             admin_token_file: args.admin_token_file.or(file.admin_token_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             socket_layer: None,
+            proxy,
         })
     }
 }
@@ -269,6 +290,10 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_PHI_THRESHOLD", file.phi_threshold.is_some()),
         ("SHOAL_ADMIN_TOKEN_FILE", file.admin_token_file.is_some()),
         ("SHOAL_LOG_FORMAT", file.log_format.is_some()),
+        ("SHOAL_SERVICE", !file.service.is_empty()),
+        ("SHOAL_OUTBOUND", file.outbound.is_some()),
+        ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
+        ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
     ];
     for (var, in_file) in set {
         if in_file && std::env::var_os(var).is_some() {

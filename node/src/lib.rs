@@ -12,6 +12,7 @@ pub mod config;
 pub mod metrics;
 mod node;
 pub mod policy;
+pub mod proxy;
 pub mod up;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};

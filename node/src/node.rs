@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gossip::{Gossip, GossipConfig, Member, NodeRecord};
 use tokio::net::TcpListener;
@@ -12,6 +13,7 @@ use transport::{Endpoint, EndpointConfig, TlsFiles};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyMetrics, PolicyStore, PolicySync, StoreError};
+use crate::proxy::Proxy;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,8 @@ pub enum NodeError {
         path: std::path::PathBuf,
         msg: String,
     },
+    #[error("proxy: {0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
     #[error("data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -49,6 +53,7 @@ pub(crate) struct NodeState {
     pub sync: PolicySync,
     pub policy_metrics: PolicyMetrics,
     pub admin_token: Option<String>,
+    pub proxy: Arc<Proxy>,
 }
 
 /// A running node.
@@ -58,6 +63,7 @@ pub struct Node {
     gossip: Gossip,
     admin_addr: SocketAddr,
     store: Arc<PolicyStore>,
+    proxy: Arc<Proxy>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -126,9 +132,19 @@ impl Node {
             policy_metrics.clone(),
         );
         let mut tasks = sync.spawn();
+        let proxy = Arc::new(
+            Proxy::start(
+                &config,
+                endpoint.clone(),
+                gossip.clone(),
+                metrics.registry_mut(),
+            )
+            .await?,
+        );
         let state = Arc::new(NodeState {
             gossip: gossip.clone(),
             metrics,
+            proxy: proxy.clone(),
             store: store.clone(),
             sync,
             policy_metrics,
@@ -152,6 +168,7 @@ impl Node {
             gossip,
             admin_addr,
             store,
+            proxy,
             shutdown,
             tasks,
         })
@@ -192,6 +209,29 @@ impl Node {
         self.gossip.members().await
     }
 
+    /// The outbound listener's address, if the node has one.
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.proxy.outbound_addr()
+    }
+
+    /// The service proxy.
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// Graceful drain (what SIGTERM does): announce `draining`, keep serving
+    /// while peers learn it, finish in-flight requests up to the configured
+    /// drain timeout, then leave. Returns the requests cut off (0 if clean).
+    pub async fn drain(self) -> u64 {
+        let linger = (self.config.gossip_interval * 5).max(Duration::from_millis(300));
+        let left = self
+            .proxy
+            .drain(linger, self.config.proxy.drain_timeout)
+            .await;
+        self.shutdown().await;
+        left
+    }
+
     /// Graceful stop: announce `left` to peers, then close everything.
     pub async fn shutdown(self) {
         self.gossip.leave().await;
@@ -205,6 +245,7 @@ impl Node {
 
     async fn stop(self) {
         let _ = self.shutdown.send(true);
+        self.proxy.stop();
         for t in &self.tasks {
             t.abort();
         }

@@ -1,4 +1,6 @@
-//! `shoal up`: a throwaway local mesh in one process.
+//! `shoal up`: a throwaway local mesh in one process, with two instances of a
+//! demo HTTP service (`demo`) on different nodes and a light client calling it
+//! through n1's outbound listener, so `shoal stat` shows live traffic.
 
 use std::time::Duration;
 
@@ -24,6 +26,28 @@ pub async fn run(n: usize) -> i32 {
                     node.admin_addr(),
                     node.admin_addr()
                 );
+            }
+            if let Some(out) = nodes.first().and_then(|n| n.outbound_addr()) {
+                println!(
+                    "  demo service on {} node(s); n1 outbound at {out}",
+                    nodes.len().clamp(1, 2)
+                );
+                println!("  try: curl -s -H 'Host: demo' http://{out}/hello");
+                println!("       shoal stat --admin {}", nodes[0].admin_addr());
+                let proxy_ready = async {
+                    for _ in 0..100 {
+                        let ready =
+                            nodes[0].proxy().services().iter().any(|s| {
+                                s.service == "demo" && s.endpoints.iter().any(|e| e.routable)
+                            });
+                        if ready {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                };
+                proxy_ready.await;
+                tokio::spawn(crate::proxy::demo::run_client(out, "demo".into(), 5));
             }
             println!("Ctrl-C to stop.");
             crate::cli::wait_for_signal().await;
@@ -52,10 +76,23 @@ pub async fn start(
     for i in 1..=n {
         let name = format!("n{i}");
         let certs = dir.path().join(&name);
-        let cert = ca.issue(&name, &["demo".to_string()], Validity::days(1))?;
+        // Two demo instances on different nodes (n2 and n3, or n1 alone).
+        let serves_demo = (n == 1 && i == 1) || (n == 2 && i <= 2) || (n > 2 && (i == 2 || i == 3));
+        let svc = if serves_demo { "demo" } else { "demo-client" };
+        let cert = ca.issue(&name, &[svc.to_string()], Validity::days(1))?;
         write_node_dir(&certs, &ca.cert_pem(), &cert, false)?;
         let mut config = NodeConfig::local(&name, &certs);
         config.gossip_interval = gossip_interval;
+        if i == 1 {
+            config.proxy.outbound = Some(([127, 0, 0, 1], 0).into());
+        }
+        if serves_demo {
+            let (addr, _task) = crate::proxy::demo::start_service(name.clone()).await?;
+            let mut spec =
+                crate::proxy::ServiceSpec::new("demo", addr, crate::proxy::Protocol::Auto);
+            spec.health_path = Some("/healthz".into());
+            config.proxy.services.push(spec);
+        }
         if let Some(first) = nodes.first() {
             config.seeds = vec![first.quic_addr().to_string()];
         }

@@ -1,0 +1,396 @@
+//! The proxy's own configuration: local services, the outbound listener,
+//! timeouts, retries and limits. `crate::config` feeds it from flags, `SHOAL_*`
+//! variables and the config file.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::config::{ConfigError, parse_duration};
+
+/// Which HTTP version the node speaks to a local instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The version the caller used (gRPC reaches a gRPC server unconfigured).
+    #[default]
+    Auto,
+    /// Always HTTP/1.1.
+    Http1,
+    /// Always HTTP/2 with prior knowledge (cleartext).
+    H2c,
+}
+
+/// A local service instance this node fronts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    /// Service name (must be named by the node certificate's svc SANs).
+    pub name: String,
+    /// Where the instance listens.
+    pub addr: SocketAddr,
+    /// HTTP version to speak to it.
+    pub protocol: Protocol,
+    /// Health check: `Some(path)` for an HTTP GET (2xx/3xx is healthy),
+    /// `None` for a TCP connect.
+    pub health_path: Option<String>,
+    /// Interval between health checks. Default 1 s.
+    pub health_interval: Duration,
+    /// Relative weight for balancing. Default 100.
+    pub weight: u32,
+}
+
+impl ServiceSpec {
+    /// Parses `NAME=ADDR`, `NAME=h2c://ADDR` or `NAME=http://ADDR` (HTTP/1.1 pinned).
+    pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
+        let err = |m: String| ConfigError::new("--service", m);
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| err(format!("{s:?} is not NAME=ADDR")))?;
+        check_service_name(name).map_err(err)?;
+        let (protocol, addr) = if let Some(a) = rest.strip_prefix("h2c://") {
+            (Protocol::H2c, a)
+        } else if let Some(a) = rest.strip_prefix("http://") {
+            (Protocol::Http1, a)
+        } else {
+            (Protocol::Auto, rest)
+        };
+        Ok(ServiceSpec::new(
+            name,
+            resolve(addr).map_err(err)?,
+            protocol,
+        ))
+    }
+
+    /// A spec with default health checking (TCP connect every second).
+    pub fn new(name: impl Into<String>, addr: SocketAddr, protocol: Protocol) -> Self {
+        ServiceSpec {
+            name: name.into(),
+            addr,
+            protocol,
+            health_path: None,
+            health_interval: Duration::from_secs(1),
+            weight: 100,
+        }
+    }
+}
+
+/// A `[[service]]` table in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    name: String,
+    address: String,
+    #[serde(default)]
+    protocol: Protocol,
+    health_path: Option<String>,
+    health_interval: Option<String>,
+    weight: Option<u32>,
+}
+
+/// Retry settings.
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Tries per request, the first included. Default 3.
+    pub max_attempts: u32,
+    /// Retries may add at most this share of requests. Default 0.2.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, whatever the ratio. Default 10.
+    pub budget_min_per_sec: f64,
+    /// The window the budget is counted over. Default 10 s.
+    pub budget_window: Duration,
+    /// First backoff (then doubling, with full jitter). Default 10 ms.
+    pub backoff_base: Duration,
+    /// Largest backoff. Default 250 ms.
+    pub backoff_max: Duration,
+    /// Largest request body buffered for replay. Default 64 KiB.
+    pub max_replay_body: usize,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            budget_ratio: 0.2,
+            budget_min_per_sec: 10.0,
+            budget_window: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(250),
+            max_replay_body: 64 * 1024,
+        }
+    }
+}
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Local service instances.
+    pub services: Vec<ServiceSpec>,
+    /// Outbound listener address (none: the node takes no app traffic).
+    pub outbound: Option<SocketAddr>,
+    /// Default request timeout (until the response head). Default 30 s.
+    pub request_timeout: Duration,
+    /// How long a draining node waits for in-flight requests. Default 30 s.
+    pub drain_timeout: Duration,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// In-flight cap per endpoint; an endpoint at the cap is not chosen. Default 1000.
+    pub max_in_flight_per_endpoint: u64,
+    /// In-flight cap for the node's outbound side; above it, 503. Default 10000.
+    pub max_in_flight: u64,
+    /// Consecutive failures that eject an endpoint. Default 5.
+    pub eject_after: u32,
+    /// First ejection (doubling per repeat). Default 1 s.
+    pub eject_base: Duration,
+    /// Longest ejection. Default 30 s.
+    pub eject_max: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            services: Vec::new(),
+            outbound: None,
+            request_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            retry: RetryConfig::default(),
+            max_in_flight_per_endpoint: 1000,
+            max_in_flight: 10_000,
+            eject_after: 5,
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `shoal node` flags for the proxy (each also reads `SHOAL_<FLAG>`).
+#[derive(Debug, Args, Default)]
+pub struct ProxyArgs {
+    /// Local service instance `NAME=ADDR` (repeatable; `NAME=h2c://ADDR` pins
+    /// h2c, `NAME=http://ADDR` pins HTTP/1.1). Env: comma-separated.
+    #[arg(long = "service", env = "SHOAL_SERVICE", value_delimiter = ',')]
+    pub services: Vec<String>,
+    /// Outbound listener for apps (HTTP/1.1 and h2c), e.g. 127.0.0.1:4140.
+    #[arg(long, env = "SHOAL_OUTBOUND")]
+    pub outbound: Option<String>,
+    /// Default request timeout [default: 30s].
+    #[arg(long, env = "SHOAL_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// On SIGTERM, how long to wait for in-flight requests [default: 30s].
+    #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+}
+
+/// The proxy keys of the config file.
+#[derive(Debug, Default, Clone)]
+pub struct ProxyFile {
+    /// `[[service]]` tables.
+    pub service: Vec<ServiceFile>,
+    /// `outbound`.
+    pub outbound: Option<String>,
+    /// `request_timeout`.
+    pub request_timeout: Option<String>,
+    /// `drain_timeout`.
+    pub drain_timeout: Option<String>,
+}
+
+impl ProxyConfig {
+    /// Merges flags over the file (flags win; `--service` flags replace the
+    /// file's services).
+    pub fn resolve(args: ProxyArgs, file: ProxyFile) -> Result<Self, ConfigError> {
+        let mut c = ProxyConfig::default();
+        if args.services.is_empty() {
+            for (i, s) in file.service.into_iter().enumerate() {
+                c.services.push(from_file(i, s)?);
+            }
+        } else {
+            for s in &args.services {
+                c.services.push(ServiceSpec::parse_flag(s)?);
+            }
+        }
+        let mut names: Vec<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::new(
+                "--service",
+                format!("{:?} registered twice", w[0]),
+            ));
+        }
+        if let Some(o) = args.outbound.or(file.outbound) {
+            c.outbound = Some(resolve(&o).map_err(|m| ConfigError::new("--outbound", m))?);
+        }
+        if let Some(t) = args.request_timeout.or(file.request_timeout) {
+            c.request_timeout =
+                parse_duration(&t).map_err(|m| ConfigError::new("--request-timeout", m))?;
+        }
+        if let Some(t) = args.drain_timeout.or(file.drain_timeout) {
+            c.drain_timeout =
+                parse_duration(&t).map_err(|m| ConfigError::new("--drain-timeout", m))?;
+        }
+        Ok(c)
+    }
+}
+
+fn from_file(i: usize, s: ServiceFile) -> Result<ServiceSpec, ConfigError> {
+    let field = |k: &str| format!("service[{i}].{k}");
+    check_service_name(&s.name).map_err(|m| ConfigError::new(field("name"), m))?;
+    let addr = resolve(&s.address).map_err(|m| ConfigError::new(field("address"), m))?;
+    let mut spec = ServiceSpec::new(s.name, addr, s.protocol);
+    if let Some(p) = s.health_path {
+        if !p.starts_with('/') {
+            return Err(ConfigError::new(
+                field("health_path"),
+                "must start with '/'",
+            ));
+        }
+        spec.health_path = Some(p);
+    }
+    if let Some(iv) = s.health_interval {
+        let d = parse_duration(&iv).map_err(|m| ConfigError::new(field("health_interval"), m))?;
+        if d < Duration::from_millis(50) {
+            return Err(ConfigError::new(
+                field("health_interval"),
+                "must be at least 50ms",
+            ));
+        }
+        spec.health_interval = d;
+    }
+    if let Some(w) = s.weight {
+        if w == 0 {
+            return Err(ConfigError::new(field("weight"), "must be at least 1"));
+        }
+        spec.weight = w;
+    }
+    Ok(spec)
+}
+
+fn check_service_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "service name {name:?}: use lower-case letters, digits and '-' (1-63 chars)"
+        ))
+    }
+}
+
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_flags() {
+        let s = ServiceSpec::parse_flag("web=127.0.0.1:8080").unwrap();
+        assert_eq!(s.protocol, Protocol::Auto);
+        assert_eq!(s.addr, "127.0.0.1:8080".parse().unwrap());
+        let s = ServiceSpec::parse_flag("grpc=h2c://127.0.0.1:9090").unwrap();
+        assert_eq!(s.protocol, Protocol::H2c);
+        assert!(ServiceSpec::parse_flag("web").is_err());
+        assert!(ServiceSpec::parse_flag("Web=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn file_services_and_duplicates() {
+        let file = ProxyFile {
+            service: vec![ServiceFile {
+                name: "web".into(),
+                address: "127.0.0.1:8080".into(),
+                protocol: Protocol::Http1,
+                health_path: Some("/healthz".into()),
+                health_interval: Some("2s".into()),
+                weight: None,
+            }],
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(ProxyArgs::default(), file).unwrap();
+        assert_eq!(c.services[0].health_path.as_deref(), Some("/healthz"));
+        assert_eq!(c.services[0].health_interval, Duration::from_secs(2));
+        let args = ProxyArgs {
+            services: vec!["a=127.0.0.1:1".into(), "a=127.0.0.1:2".into()],
+            ..Default::default()
+        };
+        assert!(ProxyConfig::resolve(args, ProxyFile::default()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use crate::config::{NodeArgs, NodeConfig};
+
+    use super::*;
+
+    #[test]
+    fn node_config_reads_service_tables_and_proxy_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("shoal.toml");
+        std::fs::write(
+            &file,
+            format!(
+                r#"name = "n2"
+certs = "{}"
+outbound = "127.0.0.1:4140"
+request_timeout = "5s"
+drain_timeout = "10s"
+
+[[service]]
+name = "web"
+address = "127.0.0.1:8080"
+health_path = "/healthz"
+health_interval = "500ms"
+
+[[service]]
+name = "grpc"
+address = "127.0.0.1:9090"
+protocol = "h2c"
+weight = 50
+"#,
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let p = &c.proxy;
+        assert_eq!(p.outbound, Some("127.0.0.1:4140".parse().unwrap()));
+        assert_eq!(p.request_timeout, Duration::from_secs(5));
+        assert_eq!(p.drain_timeout, Duration::from_secs(10));
+        assert_eq!(p.services.len(), 2);
+        assert_eq!(p.services[0].health_interval, Duration::from_millis(500));
+        assert_eq!(p.services[1].protocol, Protocol::H2c);
+        assert_eq!(p.services[1].weight, 50);
+
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"n\"\ncerts = \"{}\"\n[[service]]\nname = \"web\"\naddress = \"nowhere\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let err = NodeConfig::resolve(NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "service[0].address", "{err}");
+    }
+}

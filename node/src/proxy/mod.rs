@@ -1,0 +1,446 @@
+//! Service traffic through the mesh.
+//!
+//! The proxy owns local service registration and health ([`health`]), the
+//! routing table read from gossip (this module), endpoint choice and
+//! resilience ([`balance`]), the outbound listener apps call ([`outbound`]),
+//! the inbound side that serves peers' QUIC streams ([`inbound`]), the wire
+//! framing between nodes ([`frame`], documented in `docs/FRAMES.md`), and the
+//! golden signals ([`stats`]). It publishes through gossip keys `svc.<name>`
+//! and the node's serving state, and must not touch membership itself.
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod frame;
+mod health;
+mod inbound;
+mod outbound;
+pub mod stats;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use gossip::schema::keys;
+use gossip::{Gossip, Health, MemberState, ServiceRecord, ServingState};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use transport::Endpoint;
+
+pub use balance::{Balancer, EndpointView, RetryBudget, Target};
+pub use config::{Protocol, ProxyArgs, ProxyConfig, ProxyFile, RetryConfig, ServiceSpec};
+pub use stats::{EdgeStats, Stats};
+
+use crate::config::NodeConfig;
+
+/// Response header naming why the mesh itself answered with an error.
+pub const ERROR_HEADER: &str = "shoal-error";
+/// Provenance header the serving node adds: `by=<node>;from=<caller node>;svc=<caller service>`.
+pub const FORWARDED_HEADER: &str = "shoal-forwarded";
+/// Request header an app may set to override the default timeout (`250ms`, `2s`).
+pub const TIMEOUT_HEADER: &str = "shoal-timeout";
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("outbound listener {addr}: {source}")]
+    Outbound {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A local instance and what the node measures of it.
+pub(crate) struct LocalService {
+    pub spec: ServiceSpec,
+    health: AtomicU8,
+    pub in_flight: AtomicU64,
+    pub latency: balance::EndpointState,
+    published: Mutex<String>,
+}
+
+impl LocalService {
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    fn set_health(&self, h: Health) -> bool {
+        let v = match h {
+            Health::Unknown => 0,
+            Health::Healthy => 1,
+            Health::Unhealthy => 2,
+        };
+        self.health.swap(v, Ordering::Relaxed) != v
+    }
+}
+
+/// One endpoint of a service as gossip and this node see it (admin view).
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointInfo {
+    /// Node fronting the instance.
+    pub node: String,
+    /// The node's QUIC address.
+    pub addr: SocketAddr,
+    /// The node's membership state.
+    pub state: MemberState,
+    /// The node's serving state.
+    pub serving: ServingState,
+    /// Whether this node would route to it now (healthy, alive, serving).
+    pub routable: bool,
+    /// What the node published.
+    #[serde(flatten)]
+    pub record: ServiceRecord,
+    /// This node's own view (down, ejected, in flight, latency).
+    pub from_here: Option<EndpointView>,
+}
+
+/// A service and its endpoints (admin view).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    /// Service name.
+    pub service: String,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Every published endpoint, routable or not.
+    all: BTreeMap<String, Vec<EndpointInfo>>,
+    /// Routable targets per service.
+    targets: HashMap<String, Arc<[Target]>>,
+}
+
+/// State the outbound, inbound and health tasks share.
+pub(crate) struct Shared {
+    pub node: String,
+    pub zone: String,
+    pub config: ProxyConfig,
+    pub endpoint: Endpoint,
+    pub gossip: Gossip,
+    pub balancer: Balancer,
+    pub stats: Arc<Stats>,
+    pub local: HashMap<String, Arc<LocalService>>,
+    pub clients: inbound::Clients,
+    pub outbound_in_flight: AtomicU64,
+    pub inbound_in_flight: AtomicU64,
+    pub draining: AtomicBool,
+    table: RwLock<Arc<Table>>,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+}
+
+impl Shared {
+    /// Routable targets of `service`: `None` if no node publishes it.
+    pub fn targets(&self, service: &str) -> Option<Arc<[Target]>> {
+        let t = self.table.read().unwrap().clone();
+        if !t.all.contains_key(service) {
+            return None;
+        }
+        Some(
+            t.targets
+                .get(service)
+                .cloned()
+                .unwrap_or_else(|| Arc::new([])),
+        )
+    }
+
+    /// The retry budget of `service`.
+    pub fn budget(&self, service: &str) -> Arc<RetryBudget> {
+        self.budgets
+            .lock()
+            .unwrap()
+            .entry(service.to_string())
+            .or_insert_with(|| Arc::new(RetryBudget::new(&self.config.retry)))
+            .clone()
+    }
+
+    /// The service identity this node's apps call as: the first local service
+    /// its certificate names, else the certificate's first service, else none.
+    pub fn source_service(&self) -> String {
+        let id = self.endpoint.identity();
+        let mut local: Vec<&String> = self.local.keys().collect();
+        local.sort();
+        local
+            .into_iter()
+            .find(|s| id.may_serve(s))
+            .or(id.services.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Publishes `svc.<name>` for a local service if it changed.
+    pub async fn publish(&self, svc: &LocalService) {
+        if !self.endpoint.identity().may_serve(&svc.spec.name) {
+            return;
+        }
+        let record = ServiceRecord {
+            health: svc.health(),
+            weight: svc.spec.weight,
+            zone: self.zone.clone(),
+            in_flight: svc.in_flight.load(Ordering::Relaxed),
+            ewma_ms: svc
+                .latency
+                .ewma_ns()
+                .map(|n| (n / 1e5).round() / 10.0)
+                .unwrap_or(0.0),
+            protocol: match svc.spec.protocol {
+                Protocol::Auto => "auto",
+                Protocol::Http1 => "http1",
+                Protocol::H2c => "h2c",
+            }
+            .into(),
+        };
+        let Ok(json) = serde_json::to_string(&record) else {
+            return;
+        };
+        {
+            let mut last = svc.published.lock().unwrap();
+            if *last == json {
+                return;
+            }
+            *last = json.clone();
+        }
+        self.gossip
+            .set_key(&keys::service(&svc.spec.name), &json)
+            .await;
+    }
+
+    /// Rebuilds the routing table from gossip.
+    async fn refresh(&self) {
+        let members = self.gossip.members().await;
+        let by_name: HashMap<&str, &gossip::Member> =
+            members.iter().map(|m| (m.name.as_str(), m)).collect();
+        let mut table = Table::default();
+        for (node, key, value) in self.gossip.keys_with_prefix(keys::SERVICE_PREFIX).await {
+            let Some(m) = by_name.get(node.as_str()) else {
+                continue;
+            };
+            let service = key[keys::SERVICE_PREFIX.len()..].to_string();
+            let record: ServiceRecord = serde_json::from_str(&value).unwrap_or_default();
+            let routable = record.health == Health::Healthy
+                && m.state == MemberState::Alive
+                && m.serving == ServingState::Serving;
+            if routable {
+                let t = Target {
+                    service: service.clone(),
+                    node: node.clone(),
+                    addr: m.addr,
+                    zone: m.zone.clone(),
+                    weight: record.weight.max(1),
+                    is_self: m.is_self,
+                    gossip_ewma_ms: record.ewma_ms,
+                };
+                let list = table.targets.entry(service.clone()).or_default();
+                let mut v: Vec<Target> = list.to_vec();
+                v.push(t);
+                *list = v.into();
+            }
+            table.all.entry(service).or_default().push(EndpointInfo {
+                node,
+                addr: m.addr,
+                state: m.state,
+                serving: m.serving,
+                routable,
+                record,
+                from_here: None,
+            });
+        }
+        *self.table.write().unwrap() = Arc::new(table);
+        for m in &members {
+            if m.is_self {
+                continue;
+            }
+            let rtt = (m.state == MemberState::Alive)
+                .then(|| self.endpoint.cached(m.addr).map(|c| c.conn.rtt()))
+                .flatten();
+            self.stats.peer_rtt(&m.name, rtt);
+        }
+    }
+}
+
+/// The running proxy of one node.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    outbound_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    /// Starts the proxy: health checks and publication of local services,
+    /// the routing table, the inbound stream server and the outbound listener.
+    pub async fn start(
+        node: &NodeConfig,
+        endpoint: Endpoint,
+        gossip: Gossip,
+        registry: &mut Registry,
+    ) -> Result<Self, ProxyError> {
+        let config = node.proxy.clone();
+        let identity = endpoint.identity();
+        let mut local = HashMap::new();
+        for spec in &config.services {
+            if !identity.may_serve(&spec.name) {
+                tracing::warn!(
+                    service = %spec.name,
+                    "the node certificate does not name this service (svc SAN); it is not published and inbound requests for it are refused"
+                );
+            }
+            local.insert(
+                spec.name.clone(),
+                Arc::new(LocalService {
+                    spec: spec.clone(),
+                    health: AtomicU8::new(0),
+                    in_flight: AtomicU64::new(0),
+                    latency: balance::EndpointState::detached(),
+                    published: Mutex::new(String::new()),
+                }),
+            );
+        }
+        let detection = gossip.config().detection_window();
+        let down_base = (detection * 3).clamp(Duration::from_secs(1), Duration::from_secs(15));
+        let listener = match config.outbound {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ProxyError::Outbound { addr, source })?,
+            ),
+            None => None,
+        };
+        let outbound_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let shared = Arc::new(Shared {
+            node: node.name.clone(),
+            zone: node.zone.clone(),
+            balancer: Balancer::new(node.zone.clone(), &config, down_base),
+            stats: Stats::new(registry),
+            local,
+            clients: inbound::Clients::new(),
+            outbound_in_flight: AtomicU64::new(0),
+            inbound_in_flight: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            table: RwLock::new(Arc::new(Table::default())),
+            budgets: Mutex::new(HashMap::new()),
+            config,
+            endpoint: endpoint.clone(),
+            gossip: gossip.clone(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for svc in shared.local.values() {
+            tasks.push(tokio::spawn(health::run(shared.clone(), svc.clone())));
+        }
+        let tick = gossip
+            .config()
+            .interval
+            .clamp(Duration::from_millis(50), Duration::from_millis(250));
+        let weak = Arc::downgrade(&shared);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(s) = weak.upgrade() else { return };
+                s.refresh().await;
+                drop(s);
+                tokio::time::sleep(tick).await;
+            }
+        }));
+        if let Some(streams) = endpoint.take_bi_streams() {
+            tasks.push(tokio::spawn(inbound::serve(shared.clone(), streams)));
+        } else {
+            tracing::warn!(
+                "another part of the node took the QUIC stream receiver; inbound traffic is off"
+            );
+        }
+        if let Some(l) = listener {
+            tasks.push(tokio::spawn(outbound::serve(
+                shared.clone(),
+                l,
+                shutdown_rx,
+            )));
+        }
+        Ok(Proxy {
+            shared,
+            outbound_addr,
+            shutdown,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// The bound outbound listener address, if any.
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound_addr
+    }
+
+    /// Every service in the mesh with its endpoints.
+    pub fn services(&self) -> Vec<ServiceInfo> {
+        let t = self.shared.table.read().unwrap().clone();
+        t.all
+            .iter()
+            .map(|(svc, eps)| ServiceInfo {
+                service: svc.clone(),
+                endpoints: eps
+                    .iter()
+                    .map(|e| {
+                        let mut e = e.clone();
+                        e.from_here = Some(self.shared.balancer.view(svc, &e.node));
+                        e
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Per-edge figures over the last minute.
+    pub fn stats(&self) -> Vec<EdgeStats> {
+        self.shared.stats.window()
+    }
+
+    /// The balancer's view of `(service, node)` (attempts, status).
+    pub fn endpoint_view(&self, service: &str, node: &str) -> EndpointView {
+        self.shared.balancer.view(service, node)
+    }
+
+    /// Requests in flight through this node (outbound + inbound).
+    pub fn in_flight(&self) -> u64 {
+        self.shared.outbound_in_flight.load(Ordering::Relaxed)
+            + self.shared.inbound_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Announces `draining` by gossip, keeps serving while peers learn it
+    /// (`linger`), then waits for in-flight requests to finish, up to `timeout`.
+    /// Returns how many requests were still in flight at the end.
+    pub async fn drain(&self, linger: Duration, timeout: Duration) -> u64 {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.shared.gossip.set_serving(ServingState::Draining).await;
+        tracing::info!(?linger, ?timeout, "draining");
+        let start = Instant::now();
+        let end = start + timeout;
+        tokio::time::sleep(linger.min(timeout)).await;
+        while self.in_flight() > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.in_flight();
+        tracing::info!(left, took = ?start.elapsed(), "drained");
+        left
+    }
+
+    /// Stops every proxy task.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

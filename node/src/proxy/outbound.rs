@@ -1,0 +1,488 @@
+//! The outbound listener apps call (HTTP/1.1 and h2c with prior knowledge):
+//! routes by Host / `:authority` or an absolute-form URI, picks an endpoint,
+//! sends the exchange over one QUIC stream (or straight to the local instance
+//! when it is behind this node), and applies timeouts and retries.
+//!
+//! Errors the node answers itself carry `shoal-error`: `unknown-service`,
+//! `no-healthy-endpoint`, `overloaded` (503), `timeout` (504) and
+//! `upstream-reset` (502, the serving node went away mid-request).
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::proxy::balance::{NoEndpoint, Target, backoff};
+use crate::proxy::frame::{
+    self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
+    ResponseHead, STREAM_KIND_HTTP,
+};
+use crate::proxy::inbound::{self, Decrement, empty, error};
+use crate::proxy::stats::{Direction, Edge};
+use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER};
+
+/// Serves the outbound listener until `shutdown` flips.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+/// The service a request addresses: the absolute-form URI's host, else the
+/// Host header / `:authority`, without port, trailing dot or `.shoal`.
+pub(crate) fn service_name(req: &Request<Incoming>) -> Option<String> {
+    let host = match req.uri().host() {
+        Some(h) => h.to_string(),
+        None => {
+            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            h.rsplit_once(':')
+                .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+                .map(|(h, _)| h)
+                .unwrap_or(h)
+                .to_string()
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let name = host.strip_suffix(".shoal").unwrap_or(&host);
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// A request body as the retry loop holds it.
+enum Source {
+    /// Buffered (at most the replay limit): can be sent again.
+    Replay(Bytes, Option<HeaderMap>),
+    /// Streaming: can be sent once.
+    Once(Option<Incoming>),
+}
+
+impl Source {
+    fn replayable(&self) -> bool {
+        matches!(self, Source::Replay(..))
+    }
+
+    /// The body for the next attempt (`None` once a streaming body is spent).
+    fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            Source::Replay(data, trailers) => Some(replay(data.clone(), trailers.clone())),
+            Source::Once(b) => b.take().map(|b| b.map_err(BoxError::from).boxed_unsync()),
+        }
+    }
+}
+
+fn replay(data: Bytes, trailers: Option<HeaderMap>) -> ProxyBody {
+    let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = Vec::new();
+    if !data.is_empty() {
+        frames.push(Ok(Frame::data(data)));
+    }
+    if let Some(t) = trailers {
+        frames.push(Ok(Frame::trailers(t)));
+    }
+    if frames.is_empty() {
+        return empty();
+    }
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+}
+
+/// Why an attempt failed without a response.
+enum Failed {
+    /// Nothing reached the peer (dial, stream open or head write failed).
+    Connect(String),
+    /// The exchange broke after the head was sent: outcome unknown.
+    Reset(String),
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let name = service_name(&req);
+    let targets = name.as_deref().and_then(|n| shared.targets(n));
+    let mut edge = Edge {
+        direction: Direction::Outbound,
+        source: match shared.source_service() {
+            s if s.is_empty() => "unknown".into(),
+            s => s,
+        },
+        destination: "unknown".into(),
+    };
+    let _count = {
+        shared.outbound_in_flight.fetch_add(1, Ordering::Relaxed);
+        Decrement(&shared.outbound_in_flight)
+    };
+    let resp = match (name, targets) {
+        (None, _) => error(
+            StatusCode::BAD_REQUEST,
+            "no-host",
+            "the request names no service (Host header or absolute URI)",
+        ),
+        (Some(_), None) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unknown-service",
+            "no node in the mesh serves this service",
+        ),
+        (Some(service), Some(_)) => {
+            edge.destination = service.clone();
+            let _gauge = shared.stats.in_flight(&edge);
+            if shared.outbound_in_flight.load(Ordering::Relaxed) > shared.config.max_in_flight {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "this node has too many requests in flight",
+                )
+            } else {
+                route(&shared, &edge, service, req).await
+            }
+        }
+    };
+    shared
+        .stats
+        .record(&edge, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    edge: &Edge,
+    service: String,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let timeout = req
+        .headers()
+        .get(TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| crate::config::parse_duration(v).ok())
+        .unwrap_or(shared.config.request_timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (parts, body) = req.into_parts();
+    let safe = idempotent(&parts.method);
+    let limit = shared.config.retry.max_replay_body;
+    let has_body = !body.is_end_stream();
+    let mut source = if !has_body {
+        Source::Replay(Bytes::new(), None)
+    } else if safe
+        && body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n as usize <= limit)
+    {
+        match Limited::new(body, limit).collect().await {
+            Ok(c) => {
+                let trailers = c.trailers().cloned();
+                Source::Replay(c.to_bytes(), trailers)
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    &format!("reading the request body: {e}"),
+                );
+            }
+        }
+    } else {
+        Source::Once(Some(body))
+    };
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| service.clone());
+    let mut headers = parts.headers;
+    frame::strip_hop_by_hop(&mut headers);
+    headers.remove(http::header::HOST);
+    headers.remove(TIMEOUT_HEADER);
+    let mut head = RequestHead {
+        service: service.clone(),
+        source: shared.source_service(),
+        deadline_ms: 0,
+        attempt: 1,
+        version: if parts.version == Version::HTTP_2 {
+            2
+        } else {
+            1
+        },
+        method: parts.method.to_string(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "/".into()),
+        authority,
+        headers: frame::to_wire(&headers),
+        has_body,
+    };
+    let budget = shared.budget(&service);
+    budget.request();
+    let mut exclude: Vec<String> = Vec::new();
+    let mut last: Option<Response<ProxyBody>> = None;
+    loop {
+        let targets = shared.targets(&service).unwrap_or_else(|| Arc::new([]));
+        let (target, state) = match shared.balancer.pick(&targets, &exclude) {
+            Ok(x) => x,
+            Err(why) => {
+                return last.unwrap_or_else(|| match why {
+                    NoEndpoint::NoHealthy => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no-healthy-endpoint",
+                        "the service has no healthy endpoint",
+                    ),
+                    NoEndpoint::Saturated => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "every endpoint is at its in-flight cap",
+                    ),
+                });
+            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        head.deadline_ms = left.as_millis().max(1) as u64;
+        let guard = state.start();
+        let result = tokio::time::timeout_at(
+            deadline,
+            attempt(shared, &target, &head, &mut source, Box::new(guard)),
+        )
+        .await;
+        // Decide: done, or retry elsewhere.
+        let retry_safe;
+        match result {
+            Err(_) => {
+                shared.balancer.failure(&service, &state);
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "no response before the request timeout",
+                );
+            }
+            Ok(Err(Failed::Connect(msg))) => {
+                tracing::debug!(node = %target.node, error = %msg, "endpoint unreachable; marking it down");
+                shared.balancer.down(&state);
+                retry_safe = true;
+                last = Some(error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-connect",
+                    "could not reach the serving node",
+                ));
+            }
+            Ok(Err(Failed::Reset(msg))) => {
+                tracing::debug!(node = %target.node, error = %msg, "exchange reset; marking the endpoint down");
+                shared.balancer.down(&state);
+                retry_safe = safe && source.replayable();
+                last = Some(error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-reset",
+                    "the serving node failed mid-request",
+                ));
+            }
+            Ok(Ok((resp, rtt))) => {
+                let code = resp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let status = resp.status();
+                match code.as_deref() {
+                    // The far side refused before reaching the instance: the
+                    // request was not processed, any method may go elsewhere.
+                    Some("upstream-connect" | "no-healthy-endpoint") => {
+                        shared.balancer.down(&state);
+                        retry_safe = source.replayable();
+                    }
+                    Some("unknown-service" | "not-served") => retry_safe = source.replayable(),
+                    // The far side's copy of our deadline fired first.
+                    Some("deadline-exceeded") => {
+                        return error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            "no response before the request timeout",
+                        );
+                    }
+                    Some(_) => return resp,
+                    None if matches!(status.as_u16(), 502..=504) => {
+                        shared.balancer.failure(&service, &state);
+                        retry_safe = safe && source.replayable();
+                    }
+                    None => {
+                        if status.is_server_error() {
+                            shared.balancer.failure(&service, &state);
+                        } else {
+                            shared.balancer.success(&state, rtt);
+                        }
+                        return resp;
+                    }
+                }
+                last = Some(resp);
+            }
+        }
+        let can_retry = retry_safe
+            && head.attempt < shared.config.retry.max_attempts
+            && matches!(&source, Source::Replay(..) | Source::Once(Some(_)));
+        if !can_retry {
+            return last.expect("set above");
+        }
+        exclude.push(target.node.clone());
+        let others = targets.iter().any(|t| !exclude.contains(&t.node));
+        if !others || !budget.try_retry() {
+            return last.expect("set above");
+        }
+        shared.stats.retry(edge);
+        let pause = backoff(&shared.config.retry, head.attempt)
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        tokio::time::sleep(pause).await;
+        head.attempt += 1;
+    }
+}
+
+/// One try at one endpoint. `guard` lives as long as the response body.
+async fn attempt(
+    shared: &Arc<Shared>,
+    target: &Target,
+    head: &RequestHead,
+    source: &mut Source,
+    guard: Box<dyn Any + Send>,
+) -> Result<(Response<ProxyBody>, Duration), Failed> {
+    let started = Instant::now();
+    if target.is_self {
+        let body = source.take().unwrap_or_else(empty);
+        let identity = shared.endpoint.identity();
+        let resp = inbound::handle(shared, &identity, head.clone(), body).await;
+        let rtt = started.elapsed();
+        return Ok((resp.map(|b| guarded(b, vec![guard])), rtt));
+    }
+    let connect = |e: String| Failed::Connect(e);
+    let (_conn, send, recv) = shared
+        .endpoint
+        .open_bi(target.addr)
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    let mut writer = FrameWriter::new(send);
+    writer
+        .kind(STREAM_KIND_HTTP)
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
+    writer
+        .frame(FRAME_HEAD, encoded)
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    let body = source.take();
+    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        match body {
+            Some(body) if head_has_body(&body) => {
+                tokio::select! {
+                    r = writer.body(body) => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "request body cut short");
+                        }
+                    }
+                    _ = cancel_rx => writer.reset(RESET_CANCEL),
+                }
+            }
+            _ => {
+                let _ = writer.end().await;
+            }
+        }
+    });
+    let mut reader = FrameReader::new(recv);
+    let rh: ResponseHead = reader
+        .head()
+        .await
+        .map_err(|e| Failed::Reset(e.to_string()))?;
+    let rtt = started.elapsed();
+    let headers = frame::from_wire(&rh.headers);
+    let body = if rh.has_body {
+        reader.into_body(frame::content_length(&headers))
+    } else {
+        empty()
+    };
+    let mut resp = Response::new(guarded(body, vec![guard, Box::new(cancel_tx)]));
+    *resp.status_mut() = StatusCode::from_u16(rh.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = headers;
+    Ok((resp, rtt))
+}
+
+fn head_has_body(b: &ProxyBody) -> bool {
+    !b.is_end_stream()
+}
+
+/// A body that keeps `guards` alive until it is dropped.
+struct Guarded {
+    inner: ProxyBody,
+    _guards: Vec<Box<dyn Any + Send>>,
+}
+
+fn guarded(inner: ProxyBody, guards: Vec<Box<dyn Any + Send>>) -> ProxyBody {
+    Guarded {
+        inner,
+        _guards: guards,
+    }
+    .boxed_unsync()
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,396 @@
+//! Golden signals per edge (direction, source service, destination service):
+//! Prometheus families registered in the node's registry, and a one-minute
+//! window per edge for `GET /v1/stats` (rps, success rate, p50/p95/p99).
+//!
+//! Labels are bounded: services come from certificates and gossip, never from
+//! request paths; a request for an unknown service counts as `unknown`.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Seconds kept per edge for `/v1/stats`.
+const WINDOW_SECS: u64 = 60;
+/// Latency buckets of the window histogram: bucket `i` holds latencies
+/// below `1.1^i` microseconds (about ±5% precision up to ~100 s).
+const LAT_BUCKETS: usize = 200;
+const LAT_BASE: f64 = 1.1;
+
+/// Which side of the node a request crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From a local app into the mesh.
+    Outbound,
+    /// From the mesh to a local instance.
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EdgeLabels {
+    direction: String,
+    source: String,
+    destination: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    direction: String,
+    source: String,
+    destination: String,
+    class: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+/// An edge: who called whom, seen from which side.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Edge {
+    /// Side of the node.
+    pub direction: Direction,
+    /// Calling service.
+    pub source: String,
+    /// Called service.
+    pub destination: String,
+}
+
+impl Edge {
+    fn labels(&self) -> EdgeLabels {
+        EdgeLabels {
+            direction: self.direction.as_str().into(),
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Second {
+    at: u64,
+    requests: u64,
+    ok: u64,
+    latency: Box<[u32; LAT_BUCKETS]>,
+}
+
+impl Second {
+    fn new(at: u64) -> Self {
+        Second {
+            at,
+            requests: 0,
+            ok: 0,
+            latency: Box::new([0; LAT_BUCKETS]),
+        }
+    }
+}
+
+/// The proxy's golden signals.
+pub struct Stats {
+    start: Instant,
+    requests: Family<ClassLabels, Counter>,
+    duration: Family<ClassLabels, Histogram>,
+    retries: Family<EdgeLabels, Counter>,
+    in_flight: Family<EdgeLabels, Gauge>,
+    peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    windows: Mutex<HashMap<Edge, Vec<Second>>>,
+}
+
+/// One edge's figures over the last minute.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EdgeStats {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// Calling service.
+    pub source: String,
+    /// Called service.
+    pub destination: String,
+    /// Requests in the window.
+    pub requests: u64,
+    /// Requests per second over the window.
+    pub rps: f64,
+    /// Share of requests answered below 500.
+    pub success_rate: f64,
+    /// Latency percentiles, ms.
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Stats {
+    /// Makes the families and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Arc<Self> {
+        let s = Stats {
+            start: Instant::now(),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            retries: Family::default(),
+            in_flight: Family::default(),
+            peer_rtt: Family::default(),
+            windows: Mutex::new(HashMap::new()),
+        };
+        registry.register(
+            "proxy_requests",
+            "Proxied requests by direction, source and destination service, and status class",
+            s.requests.clone(),
+        );
+        registry.register(
+            "proxy_request_duration_seconds",
+            "Proxied request latency until the response head, seconds",
+            s.duration.clone(),
+        );
+        registry.register(
+            "proxy_retries",
+            "Retries sent by the outbound proxy",
+            s.retries.clone(),
+        );
+        registry.register(
+            "proxy_in_flight",
+            "Proxied requests in flight",
+            s.in_flight.clone(),
+        );
+        registry.register(
+            "peer_rtt_seconds",
+            "QUIC round-trip time to each connected peer, seconds",
+            s.peer_rtt.clone(),
+        );
+        Arc::new(s)
+    }
+
+    /// Records a finished request.
+    pub fn record(&self, edge: &Edge, status: u16, latency: Duration) {
+        let class = format!("{}xx", status / 100);
+        let l = ClassLabels {
+            direction: edge.direction.as_str().into(),
+            source: edge.source.clone(),
+            destination: edge.destination.clone(),
+            class,
+        };
+        self.requests.get_or_create(&l).inc();
+        self.duration
+            .get_or_create(&l)
+            .observe(latency.as_secs_f64());
+        let now = self.start.elapsed().as_secs();
+        let mut w = self.windows.lock().unwrap();
+        let secs = w.entry(edge.clone()).or_default();
+        secs.retain(|s| now - s.at < WINDOW_SECS);
+        if secs.last().is_none_or(|s| s.at != now) {
+            secs.push(Second::new(now));
+        }
+        let s = secs.last_mut().expect("pushed above");
+        s.requests += 1;
+        if status < 500 {
+            s.ok += 1;
+        }
+        s.latency[bucket(latency)] += 1;
+    }
+
+    /// Counts a retry.
+    pub fn retry(&self, edge: &Edge) {
+        self.retries.get_or_create(&edge.labels()).inc();
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn in_flight(self: &Arc<Self>, edge: &Edge) -> InFlightGuard {
+        let g = self.in_flight.get_or_create(&edge.labels()).clone();
+        g.inc();
+        InFlightGuard(g)
+    }
+
+    /// Sets the RTT to `peer`.
+    pub fn peer_rtt(&self, peer: &str, rtt: Option<Duration>) {
+        let l = PeerLabels { peer: peer.into() };
+        match rtt {
+            Some(rtt) => {
+                self.peer_rtt.get_or_create(&l).set(rtt.as_secs_f64());
+            }
+            None => {
+                self.peer_rtt.remove(&l);
+            }
+        }
+    }
+
+    /// Per-edge figures over the last minute, sorted by edge.
+    pub fn window(&self) -> Vec<EdgeStats> {
+        let now = self.start.elapsed().as_secs();
+        let w = self.windows.lock().unwrap();
+        let span = (now + 1).min(WINDOW_SECS) as f64;
+        let mut out: Vec<EdgeStats> = w
+            .iter()
+            .filter_map(|(edge, secs)| {
+                let secs: Vec<&Second> = secs.iter().filter(|s| now - s.at < WINDOW_SECS).collect();
+                let requests: u64 = secs.iter().map(|s| s.requests).sum();
+                if requests == 0 {
+                    return None;
+                }
+                let ok: u64 = secs.iter().map(|s| s.ok).sum();
+                let mut hist = [0u64; LAT_BUCKETS];
+                for s in &secs {
+                    for (h, v) in hist.iter_mut().zip(s.latency.iter()) {
+                        *h += u64::from(*v);
+                    }
+                }
+                Some(EdgeStats {
+                    direction: edge.direction.as_str(),
+                    source: edge.source.clone(),
+                    destination: edge.destination.clone(),
+                    requests,
+                    rps: requests as f64 / span,
+                    success_rate: ok as f64 / requests as f64,
+                    p50_ms: percentile(&hist, requests, 0.50),
+                    p95_ms: percentile(&hist, requests, 0.95),
+                    p99_ms: percentile(&hist, requests, 0.99),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (a.direction, &a.source, &a.destination).cmp(&(b.direction, &b.source, &b.destination))
+        });
+        out
+    }
+}
+
+/// Decrements an in-flight gauge on drop.
+pub struct InFlightGuard(Gauge);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn bucket(latency: Duration) -> usize {
+    let us = latency.as_secs_f64() * 1e6;
+    if us < 1.0 {
+        return 0;
+    }
+    ((us.ln() / LAT_BASE.ln()).floor() as usize + 1).min(LAT_BUCKETS - 1)
+}
+
+/// The upper edge of the bucket holding quantile `q`, in ms.
+fn percentile(hist: &[u64; LAT_BUCKETS], total: u64, q: f64) -> f64 {
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            let upper_us = LAT_BASE.powi(i as i32);
+            return (upper_us / 1000.0 * 1000.0).round() / 1000.0;
+        }
+    }
+    0.0
+}
+
+/// `shoal stat`: fetches `/v1/stats` from `admin` and prints a table.
+pub async fn stat_command(admin: &str) -> i32 {
+    let body = match crate::cli::get(admin, "/v1/stats").await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("shoal: {admin}: {e}");
+            return 1;
+        }
+    };
+    let edges: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("shoal: {admin}: unexpected answer: {e}");
+            return 1;
+        }
+    };
+    print!("{}", stat_table(&edges));
+    0
+}
+
+/// Renders `/v1/stats` JSON as a table.
+pub fn stat_table(edges: &[serde_json::Value]) -> String {
+    let mut rows: Vec<[String; 8]> = vec![
+        [
+            "DIRECTION",
+            "SOURCE",
+            "DESTINATION",
+            "RPS",
+            "SUCCESS",
+            "P50",
+            "P95",
+            "P99",
+        ]
+        .map(String::from),
+    ];
+    for e in edges {
+        let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+        let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
+        rows.push([
+            s("direction"),
+            s("source"),
+            s("destination"),
+            format!("{:.1}", f("rps")),
+            format!("{:.2}%", f("success_rate") * 100.0),
+            format!("{:.1}ms", f("p50_ms")),
+            format!("{:.1}ms", f("p95_ms")),
+            format!("{:.1}ms", f("p99_ms")),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if edges.is_empty() {
+        out.push_str("(no traffic in the last minute)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_percentiles_and_success_rate() {
+        let mut reg = Registry::default();
+        let s = Stats::new(&mut reg);
+        let e = Edge {
+            direction: Direction::Outbound,
+            source: "a".into(),
+            destination: "b".into(),
+        };
+        for i in 0..100u64 {
+            let status = if i < 10 { 503 } else { 200 };
+            s.record(&e, status, Duration::from_millis(i + 1));
+        }
+        let w = s.window();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].requests, 100);
+        assert!((w[0].success_rate - 0.9).abs() < 1e-9);
+        assert!((45.0..=56.0).contains(&w[0].p50_ms), "{:?}", w[0]);
+        assert!((94.0..=110.0).contains(&w[0].p99_ms), "{:?}", w[0]);
+    }
+}
