@@ -12,7 +12,7 @@ use transport::{Endpoint, EndpointConfig, TlsFiles};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
-use crate::policy::{PolicyMetrics, PolicyStore, PolicySync, StoreError};
+use crate::policy::{PolicyMetrics, PolicyPlane, PolicyStore, PolicySync, StoreError};
 use crate::proxy::Proxy;
 
 /// Why a node could not start.
@@ -138,6 +138,11 @@ impl Node {
                 endpoint.clone(),
                 gossip.clone(),
                 metrics.registry_mut(),
+                PolicyPlane {
+                    store: store.clone(),
+                    limiter: Default::default(),
+                    metrics: policy_metrics.clone(),
+                },
             )
             .await?,
         );

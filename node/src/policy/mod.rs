@@ -13,3 +13,17 @@ pub use hlc::{Hlc, Version};
 pub use set::{PolicySet, RateLimiter, RequestInfo, RouteDecision};
 pub use store::{Entry, PolicyStore, StoreError};
 pub use sync::{PolicyMetrics, PolicySync};
+
+use std::sync::Arc;
+
+/// What the data plane needs of policy: the store (for snapshots), the rate
+/// limiter's buckets, and the metrics for refusals.
+#[derive(Clone)]
+pub struct PolicyPlane {
+    /// Applied policies.
+    pub store: Arc<PolicyStore>,
+    /// Token buckets.
+    pub limiter: Arc<RateLimiter>,
+    /// Counters.
+    pub metrics: PolicyMetrics,
+}

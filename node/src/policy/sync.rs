@@ -47,6 +47,7 @@ pub struct PolicyMetrics {
     pulls: Counter,
     hash_mismatches: Counter,
     propagation: Histogram,
+    denied: Family<Vec<(String, String)>, Counter>,
 }
 
 impl PolicyMetrics {
@@ -56,6 +57,7 @@ impl PolicyMetrics {
             applied: Family::default(),
             pulls: Counter::default(),
             hash_mismatches: Counter::default(),
+            denied: Family::default(),
             propagation: Histogram::new([
                 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
@@ -80,7 +82,22 @@ impl PolicyMetrics {
             "Time from a policy write being accepted (its HLC stamp) to this node applying it",
             m.propagation.clone(),
         );
+        registry.register(
+            "policy_denied",
+            "Requests refused by policy on this node, by target service and reason (authorization, rate_limit, fault)",
+            m.denied.clone(),
+        );
         m
+    }
+
+    /// Counts a request refused by policy.
+    pub fn denied(&self, service: &str, reason: &str) {
+        self.denied
+            .get_or_create(&vec![
+                ("service".into(), service.to_string()),
+                ("reason".into(), reason.to_string()),
+            ])
+            .inc();
     }
 
     /// Counts a local write.

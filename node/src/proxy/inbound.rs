@@ -10,6 +10,8 @@
 //! | 404    | `unknown-service`    | this node fronts no instance of the service      |
 //! | 403    | `not-served`         | this node's certificate does not name the service |
 //! | 403    | `unauthorized`       | the caller's certificate does not name its source service |
+//! | 403    | `forbidden`          | no AuthorizationPolicy allows the caller (or the mesh default denies) |
+//! | 429    | `rate-limited`       | a RateLimit on the service is exhausted (`retry-after` says when to retry) |
 //! | 503    | `no-healthy-endpoint`| the local instance fails its health checks       |
 //! | 502    | `upstream-connect`   | could not connect to the local instance          |
 //! | 502    | `upstream-reset`     | the local instance failed mid-request            |
@@ -179,6 +181,9 @@ async fn forward(
             "the caller's certificate does not name its source service",
         );
     }
+    if let Some(refused) = enforce(shared, caller, &head) {
+        return refused;
+    }
     if svc.health() == gossip::Health::Unhealthy {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -270,6 +275,49 @@ async fn forward(
             )
         }
     }
+}
+
+/// Applies AuthorizationPolicy and RateLimit to a request for a local
+/// service. The caller is judged by its certificate: its node SPIFFE ID and,
+/// when the request names a source service (already checked against the
+/// certificate), that service; otherwise every service the certificate names.
+fn enforce(shared: &Shared, caller: &Identity, head: &RequestHead) -> Option<Response<ProxyBody>> {
+    let set = shared.policy.store.snapshot();
+    let who = if head.source.is_empty() {
+        caller.clone()
+    } else {
+        Identity {
+            services: vec![head.source.clone()],
+            ..caller.clone()
+        }
+    };
+    let path = head.uri.split('?').next().unwrap_or("/");
+    if !set.authorize(&head.service, &who, &head.method, path) {
+        shared.policy.metrics.denied(&head.service, "authorization");
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "no AuthorizationPolicy allows this caller",
+        ));
+    }
+    let key = if head.source.is_empty() {
+        caller.node_id()
+    } else {
+        format!("{}|{}", caller.node_id(), head.source)
+    };
+    if let Err(wait) = shared.policy.limiter.check(&set, &head.service, &key, path) {
+        shared.policy.metrics.denied(&head.service, "rate_limit");
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "the service's rate limit is exhausted",
+        );
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        return Some(r);
+    }
+    None
 }
 
 /// Decrements a counter on drop.

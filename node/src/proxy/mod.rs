@@ -37,6 +37,7 @@ pub use config::{Protocol, ProxyArgs, ProxyConfig, ProxyFile, RetryConfig, Servi
 pub use stats::{EdgeStats, Stats};
 
 use crate::config::NodeConfig;
+use crate::policy::PolicyPlane;
 
 /// Response header naming why the mesh itself answered with an error.
 pub const ERROR_HEADER: &str = "shoal-error";
@@ -134,6 +135,7 @@ pub(crate) struct Shared {
     pub outbound_in_flight: AtomicU64,
     pub inbound_in_flight: AtomicU64,
     pub draining: AtomicBool,
+    pub policy: PolicyPlane,
     table: RwLock<Arc<Table>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
 }
@@ -283,6 +285,7 @@ impl Proxy {
         endpoint: Endpoint,
         gossip: Gossip,
         registry: &mut Registry,
+        policy: PolicyPlane,
     ) -> Result<Self, ProxyError> {
         let config = node.proxy.clone();
         let identity = endpoint.identity();
@@ -331,6 +334,7 @@ impl Proxy {
             config,
             endpoint: endpoint.clone(),
             gossip: gossip.clone(),
+            policy,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();

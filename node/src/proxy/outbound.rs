@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+use crate::policy::doc::{HeaderMods, MeshConfig, RouteRule};
+use crate::policy::{PolicySet, RequestInfo};
 use crate::proxy::balance::{NoEndpoint, Target, backoff};
 use crate::proxy::frame::{
     self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
@@ -131,7 +133,24 @@ enum Failed {
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let name = service_name(&req);
-    let targets = name.as_deref().and_then(|n| shared.targets(n));
+    // One policy snapshot for the whole request: it sees the old set or the
+    // new one, never half.
+    let set = shared.policy.store.snapshot();
+    let decision = name.as_deref().and_then(|svc| {
+        let info = RequestInfo {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        set.route(svc, &info)
+    });
+    let backend = name.as_deref().map(|svc| match &decision {
+        Some(d) => d.backend(svc, rand::random::<f64>()),
+        None => svc.to_string(),
+    });
+    let rule = decision.map(|d| d.rule);
+    let targets = backend.as_deref().and_then(|n| shared.targets(n));
     let mut edge = Edge {
         direction: Direction::Outbound,
         source: match shared.source_service() {
@@ -144,7 +163,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBo
         shared.outbound_in_flight.fetch_add(1, Ordering::Relaxed);
         Decrement(&shared.outbound_in_flight)
     };
-    let resp = match (name, targets) {
+    let mut resp = match (backend, targets) {
         (None, _) => error(
             StatusCode::BAD_REQUEST,
             "no-host",
@@ -164,15 +183,69 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBo
                     "overloaded",
                     "this node has too many requests in flight",
                 )
+            } else if let Some(aborted) = inject_fault(&shared, &set, &service).await {
+                aborted
             } else {
-                route(&shared, &edge, service, req).await
+                route(&shared, &edge, service, req, rule, set.mesh()).await
             }
         }
     };
+    if let Some(rule) = rule {
+        apply_header_mods(resp.headers_mut(), &rule.response_headers);
+    }
     shared
         .stats
         .record(&edge, resp.status().as_u16(), start.elapsed());
     resp
+}
+
+/// FaultInjection on `service`: maybe wait, maybe answer with the abort
+/// status (`shoal-error: fault-injected`, never retried).
+async fn inject_fault(
+    shared: &Shared,
+    set: &PolicySet,
+    service: &str,
+) -> Option<Response<ProxyBody>> {
+    let fault = set.fault(service)?;
+    if let Some((percent, delay)) = fault.delay
+        && rand::random::<f64>() * 100.0 < percent
+    {
+        tokio::time::sleep(delay).await;
+    }
+    let (percent, status) = fault.abort?;
+    if rand::random::<f64>() * 100.0 >= percent {
+        return None;
+    }
+    shared.policy.metrics.denied(service, "fault");
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    Some(error(
+        status,
+        "fault-injected",
+        "aborted by a FaultInjection policy",
+    ))
+}
+
+/// Applies an HTTPRoute header filter.
+fn apply_header_mods(headers: &mut HeaderMap, mods: &HeaderMods) {
+    for (name, value) in &mods.set {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &mods.add {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    for name in &mods.remove {
+        headers.remove(name.as_str());
+    }
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -187,13 +260,21 @@ async fn route(
     edge: &Edge,
     service: String,
     req: Request<Incoming>,
+    rule: Option<&RouteRule>,
+    mesh: Option<&MeshConfig>,
 ) -> Response<ProxyBody> {
+    // Timeout: the app's header, else the route's, else MeshConfig's, else the node's.
     let timeout = req
         .headers()
         .get(TIMEOUT_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| crate::config::parse_duration(v).ok())
+        .or(rule.and_then(|r| r.timeout))
+        .or(mesh.and_then(|m| m.request_timeout))
         .unwrap_or(shared.config.request_timeout);
+    let attempt_timeout = rule.and_then(|r| r.backend_timeout);
+    let route_retry = rule.and_then(|r| r.retry.as_ref());
+    let max_attempts = route_retry.map_or(shared.config.retry.max_attempts, |r| r.attempts + 1);
     let deadline = tokio::time::Instant::now() + timeout;
     let (parts, body) = req.into_parts();
     let safe = idempotent(&parts.method);
@@ -239,6 +320,9 @@ async fn route(
     frame::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     headers.remove(TIMEOUT_HEADER);
+    if let Some(rule) = rule {
+        apply_header_mods(&mut headers, &rule.request_headers);
+    }
     let mut head = RequestHead {
         service: service.clone(),
         source: shared.source_service(),
@@ -282,17 +366,29 @@ async fn route(
                 });
             }
         };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        let attempt_deadline = attempt_timeout.map_or(deadline, |t| deadline.min(now + t));
+        let left = attempt_deadline.saturating_duration_since(now);
         head.deadline_ms = left.as_millis().max(1) as u64;
         let guard = state.start();
         let result = tokio::time::timeout_at(
-            deadline,
+            attempt_deadline,
             attempt(shared, &target, &head, &mut source, Box::new(guard)),
         )
         .await;
         // Decide: done, or retry elsewhere.
         let retry_safe;
         match result {
+            Err(_) if attempt_deadline < deadline => {
+                // Only this attempt's backendRequest timeout: try elsewhere.
+                shared.balancer.failure(&service, &state);
+                retry_safe = safe && source.replayable();
+                last = Some(error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "no response before the backend request timeout",
+                ));
+            }
             Err(_) => {
                 shared.balancer.failure(&service, &state);
                 return error(
@@ -345,7 +441,11 @@ async fn route(
                         );
                     }
                     Some(_) => return resp,
-                    None if matches!(status.as_u16(), 502..=504) => {
+                    None if route_retry.map_or(matches!(status.as_u16(), 502..=504), |r| {
+                        r.codes.contains(&status.as_u16())
+                            || (r.codes.is_empty() && matches!(status.as_u16(), 502..=504))
+                    }) =>
+                    {
                         shared.balancer.failure(&service, &state);
                         retry_safe = safe && source.replayable();
                     }
@@ -362,7 +462,7 @@ async fn route(
             }
         }
         let can_retry = retry_safe
-            && head.attempt < shared.config.retry.max_attempts
+            && head.attempt < max_attempts
             && matches!(&source, Source::Replay(..) | Source::Once(Some(_)));
         if !can_retry {
             return last.expect("set above");
@@ -373,7 +473,19 @@ async fn route(
             return last.expect("set above");
         }
         shared.stats.retry(edge);
-        let pause = backoff(&shared.config.retry, head.attempt)
+        let pause = route_retry
+            .and_then(|r| r.backoff)
+            .map_or_else(
+                || backoff(&shared.config.retry, head.attempt),
+                |base| {
+                    let retry = crate::proxy::RetryConfig {
+                        backoff_base: base,
+                        backoff_max: base * 16,
+                        ..shared.config.retry.clone()
+                    };
+                    backoff(&retry, head.attempt)
+                },
+            )
             .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         tokio::time::sleep(pause).await;
         head.attempt += 1;
