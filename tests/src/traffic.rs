@@ -119,17 +119,21 @@ pub fn failing() -> Handler {
 
 // === mesh ===
 
+#[derive(Default)]
 pub struct Mesh {
     pub pki: Pki,
     pub seed: Option<String>,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Pki::new("test.shoal")
+    }
+}
+
 impl Mesh {
     pub fn new() -> Self {
-        Mesh {
-            pki: Pki::new("test.shoal"),
-            seed: None,
-        }
+        Self::default()
     }
 
     /// A node config: certificate naming `cert_services`, fronting `services`.
