@@ -287,17 +287,26 @@ impl Gossip {
     }
 
     /// Keys starting with `prefix` as published by every member that is
-    /// alive (newest incarnation of each name), ourselves included.
+    /// alive (newest incarnation of each name, `left` excluded), ourselves
+    /// included.
     pub async fn scan(&self, prefix: &str) -> Vec<Published> {
+        self.published(prefix, true).await
+    }
+
+    /// Like [`Gossip::scan`] but for every known member, dead or left too.
+    pub async fn scan_all(&self, prefix: &str) -> Vec<Published> {
+        self.published(prefix, false).await
+    }
+
+    async fn published(&self, prefix: &str, alive_only: bool) -> Vec<Published> {
         let chitchat = self.shared.handle.chitchat();
         let c = chitchat.lock().await;
         let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
         let mut newest: BTreeMap<&str, (&ChitchatId, &chitchat::NodeState)> = BTreeMap::new();
         for (id, st) in c.node_states() {
-            if *id != self.shared.self_id && !live.contains(id) {
-                continue;
-            }
-            if st.get(keys::STATE) == Some("left") {
+            let alive = (*id == self.shared.self_id || live.contains(id))
+                && st.get(keys::STATE) != Some("left");
+            if alive_only && !alive {
                 continue;
             }
             match newest.get(&*id.node_id) {
@@ -319,29 +328,6 @@ impl Gossip {
                     .collect(),
             })
             .collect()
-    }
-
-    /// Every `(node, key, value)` whose key starts with `prefix`, from each
-    /// node's newest incarnation.
-    pub async fn keys_with_prefix(&self, prefix: &str) -> Vec<(String, String, String)> {
-        let chitchat = self.shared.handle.chitchat();
-        let c = chitchat.lock().await;
-        let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
-        for id in c.node_states().keys() {
-            let e = newest.entry(&id.node_id).or_insert(id);
-            if id.generation_id > e.generation_id {
-                *e = id;
-            }
-        }
-        let mut out = Vec::new();
-        for id in newest.into_values() {
-            if let Some(st) = c.node_states().get(id) {
-                for (k, v) in st.iter_prefix(prefix) {
-                    out.push((id.node_id.to_string(), k.to_string(), v.value.clone()));
-                }
-            }
-        }
-        out
     }
 
     /// Announces `draining` (or back to `serving`).

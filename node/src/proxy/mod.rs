@@ -222,7 +222,11 @@ impl Shared {
         let by_name: HashMap<&str, &gossip::Member> =
             members.iter().map(|m| (m.name.as_str(), m)).collect();
         let mut table = Table::default();
-        for (node, key, value) in self.gossip.keys_with_prefix(keys::SERVICE_PREFIX).await {
+        let published = self.gossip.scan_all(keys::SERVICE_PREFIX).await;
+        for (node, key, value) in published
+            .into_iter()
+            .flat_map(|p| p.keys.into_iter().map(move |(k, v)| (p.node.clone(), k, v)))
+        {
             let Some(m) = by_name.get(node.as_str()) else {
                 continue;
             };
