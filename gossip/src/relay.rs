@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chitchat::ChitchatEnvelope;
@@ -47,7 +48,12 @@ pub struct RelayStats {
 struct Relay {
     socket: Arc<UdpSocket>,
     task: JoinHandle<()>,
+    used: Instant,
 }
+
+/// A relay unused for this long is closed (a peer that went away for good;
+/// it is made again on the next message either way).
+const RELAY_IDLE: Duration = Duration::from_secs(300);
 
 /// The relay sockets, one per remote peer.
 pub(crate) struct Relays {
@@ -98,8 +104,12 @@ impl Relays {
     /// The relay socket standing for `peer`, made on first use.
     fn relay_for(self: &Arc<Self>, peer: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
         let mut by_peer = self.by_peer.lock().unwrap();
-        if let Some(r) = by_peer.get(&peer) {
+        if let Some(r) = by_peer.get_mut(&peer) {
+            r.used = Instant::now();
             return Ok(r.socket.clone());
+        }
+        if by_peer.len() % 64 == 63 {
+            self.close_idle(&mut by_peer);
         }
         let std = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
         std.set_nonblocking(true)?;
@@ -111,10 +121,27 @@ impl Relays {
             Relay {
                 socket: socket.clone(),
                 task,
+                used: Instant::now(),
             },
         );
         self.by_relay.lock().unwrap().insert(local, peer);
         Ok(socket)
+    }
+
+    /// Closes relays idle for [`RELAY_IDLE`] (checked as relays are added,
+    /// so the set stays bounded by the peers seen recently).
+    fn close_idle(&self, by_peer: &mut HashMap<SocketAddr, Relay>) {
+        let mut by_relay = self.by_relay.lock().unwrap();
+        by_peer.retain(|_, r| {
+            let keep = r.used.elapsed() < RELAY_IDLE;
+            if !keep {
+                r.task.abort();
+                if let Ok(local) = r.socket.local_addr() {
+                    by_relay.remove(&local);
+                }
+            }
+            keep
+        });
     }
 
     fn peer_of(&self, relay: SocketAddr) -> Option<SocketAddr> {
