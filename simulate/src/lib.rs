@@ -1,2 +1,4 @@
-//! Chaos harness and benchmarks for Shoal (grows with the simulate issue).
+//! Chaos harness and benchmarks for Shoal.
 #![forbid(unsafe_code)]
+
+pub mod faults;
