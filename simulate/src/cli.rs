@@ -166,6 +166,13 @@ fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&P
     for &n in counts {
         let mut config = base.clone();
         config.nodes = n;
+        if !json && n >= 300 {
+            eprintln!(
+                "simulate model: N = {n}: expect about {:.0?} of wall time and {} MB",
+                model::estimated_wall(n),
+                model::estimated_peak_bytes(n) >> 20
+            );
+        }
         let outcome = if counts.len() == 1 {
             model::run(&config).map_err(|e| e.to_string())
         } else {

@@ -81,8 +81,10 @@ pub enum ModelError {
     TooFew,
     #[error(
         "{nodes} nodes is beyond this machine's ceiling: {reason}. Largest accepted: {max}. \
-         (chitchat's digest lists every node in every message, so memory grows as N² and \
-         messages pass the 65,507-byte datagram limit near 1,280 nodes.)"
+         (Every node keeps a failure-detector window per peer, so memory grows as N²; \
+         chitchat's digest lists every node in every message, so messages pass the \
+         65,507-byte datagram limit near 2,970 nodes with model mode's short names and \
+         sooner with longer ones.)"
     )]
     Ceiling {
         nodes: usize,
@@ -192,28 +194,38 @@ pub fn check_ceiling(nodes: usize, memory_limit_bytes: u64) -> Result<(), ModelE
     Ok(())
 }
 
-/// Bytes a syn's digest takes for `n` nodes (measured: about 40 bytes an entry
-/// with the addresses and names model mode uses).
+/// Bytes a syn's digest takes for `n` nodes (measured: the largest message
+/// at N = 500 was 10,951 bytes, about 22 bytes an entry with model mode's
+/// 10-character names; longer names make entries longer).
 pub fn estimated_digest_bytes(n: usize) -> usize {
-    64 + 40 * n
+    64 + DIGEST_ENTRY_BYTES * n
 }
+
+/// Bytes per digest entry, measured.
+const DIGEST_ENTRY_BYTES: usize = 22;
 
 /// Largest N whose digest fits in one datagram.
 pub fn max_nodes_by_datagram() -> usize {
-    (MAX_DATAGRAM - 64) / 40
+    (MAX_DATAGRAM - 64) / DIGEST_ENTRY_BYTES
+}
+
+/// Rough wall time of a run of `n` nodes on the development machine (one
+/// core; measured 7 s at 100, 50 s at 200, 467 s at 500: about N^2.5).
+pub fn estimated_wall(n: usize) -> Duration {
+    Duration::from_secs_f64(467.0 * (n as f64 / 500.0).powf(2.5))
 }
 
 /// Peak memory of a run of `n` nodes: a fixed part plus a part that grows
-/// as N² (every node keeps every node's state and failure-detector window).
-/// Coefficients are fitted to runs on the development machine; see
-/// docs/SIMULATE.md.
+/// as N². Every node keeps every node's state and a failure-detector window
+/// of 1,000 samples (8 KB) per peer, which dominates. Fitted to runs on the
+/// development machine (472 MB at 200, 2,929 MB at 500); see docs/SIMULATE.md.
 pub fn estimated_peak_bytes(n: usize) -> u64 {
     let n = n as u64;
-    (40u64 << 20).saturating_add(n.saturating_mul(n).saturating_mul(PER_PAIR_BYTES))
+    (20u64 << 20).saturating_add(n.saturating_mul(n).saturating_mul(PER_PAIR_BYTES))
 }
 
 /// Bytes of peak memory per (node, node) pair, fitted from measured runs.
-const PER_PAIR_BYTES: u64 = 9_000;
+const PER_PAIR_BYTES: u64 = 12_000;
 
 /// Largest N whose estimated peak fits under `limit`.
 pub fn max_nodes_by_memory(limit: u64) -> usize {
@@ -559,7 +571,7 @@ mod tests {
 
     #[test]
     fn ceiling_refuses_with_a_reason() {
-        let err = check_ceiling(5_000, 100 << 30).unwrap_err().to_string();
+        let err = check_ceiling(5_000, 1 << 40).unwrap_err().to_string();
         assert!(err.contains("datagram"), "{err}");
         let err = check_ceiling(500, 64 << 20).unwrap_err().to_string();
         assert!(err.contains("MB"), "{err}");
