@@ -147,16 +147,20 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         {
             {
                 let step = pending.next().expect("peeked");
-                cluster.apply(&step.action).await?;
+                let note = cluster.apply(&step.action).await?;
                 let at = start.elapsed().as_secs_f64();
+                let text = match note {
+                    Some(note) => format!("{} ({note})", step.action),
+                    None => step.action.to_string(),
+                };
                 emit(RunEvent::Step {
                     at,
-                    text: step.action.to_string(),
+                    text: text.clone(),
                 });
                 trace.steps.push(StepRecord {
                     planned: step.at.as_secs_f64(),
                     at,
-                    text: step.action.to_string(),
+                    text,
                     step: step.clone(),
                 });
                 continue;
@@ -330,7 +334,8 @@ impl SimCluster {
             .with_context(|| format!("no node {name}"))
     }
 
-    async fn apply(&mut self, action: &Action) -> anyhow::Result<()> {
+    /// Applies one step; returns a note on how it went, if worth printing.
+    async fn apply(&mut self, action: &Action) -> anyhow::Result<Option<String>> {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         match action {
             Action::Crash { node } => {
@@ -349,7 +354,7 @@ impl SimCluster {
                 }
                 self.unpause(node);
             }
-            Action::Restart { node } => self.restart(node).await?,
+            Action::Restart { node } => return self.restart(node).await.map(Some),
             Action::Pause { node } => {
                 let i = self.index(node)?;
                 self.net.isolate(self.nodes[i].addr);
@@ -404,7 +409,7 @@ impl SimCluster {
             }
             Action::Assert { .. } => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     fn unpause(&mut self, node: &str) {
@@ -417,7 +422,7 @@ impl SimCluster {
 
     /// Restarts `name` on its old port when the OS gives it back within a
     /// few seconds, else on a new one (link rules follow the address).
-    async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+    async fn restart(&mut self, name: &str) -> anyhow::Result<String> {
         let i = self.index(name)?;
         let seeds: Vec<String> = self
             .nodes
@@ -446,11 +451,16 @@ impl SimCluster {
         let addr = node.quic_addr();
         config.listen = addr;
         let n = &mut self.nodes[i];
+        let note = if n.addr == addr {
+            format!("back on its old address {addr}")
+        } else {
+            format!("old port busy: now on {addr}")
+        };
         n.config = config;
         n.addr = addr;
         n.node = Some(node);
         self.push_links();
-        Ok(())
+        Ok(note)
     }
 
     /// Rewrites the fault table from the name-level rules.
