@@ -132,7 +132,7 @@ impl Truth {
         let mut open_pause: BTreeMap<String, f64> = BTreeMap::new();
         let mut open_cut: BTreeMap<String, f64> = BTreeMap::new();
         for rec in &trace.steps {
-            let at = rec.at;
+            let at = rec.effective;
             if !matches!(rec.step.action, Action::Assert { .. }) {
                 t.last_change = at;
             }
@@ -380,11 +380,11 @@ fn detected(within: Duration, truth: &Truth, trace: &Trace, left: bool) -> Verdi
                 None => missing.push(o.clone()),
             }
         }
-        let what = if left { "drain" } else { "loss" };
+        let what = if left { "left" } else { "went silent" };
         if !missing.is_empty() {
             passed = false;
             details.push(format!(
-                "{what} of {victim} at {at:.1}s: never seen by {}",
+                "{victim} {what} at {at:.1}s: never seen by {}",
                 missing.join(", ")
             ));
             worst = Some(f64::INFINITY);
@@ -396,7 +396,7 @@ fn detected(within: Duration, truth: &Truth, trace: &Trace, left: bool) -> Verdi
             }
             worst = Some(worst.map_or(d, |w: f64| w.max(d)));
             details.push(format!(
-                "{what} of {victim} at {at:.1}s: seen by all {} in {d:.1}s (slowest {o})",
+                "{victim} {what} at {at:.1}s: seen by all {} in {d:.1}s (slowest {o})",
                 observers.len()
             ));
         }
@@ -499,6 +499,7 @@ mod tests {
         StepRecord {
             planned: at,
             at,
+            effective: at,
             text: action.to_string(),
             step: Step {
                 at: Duration::from_secs_f64(at),

@@ -136,14 +136,14 @@ fn fault_spans(trace: &Trace) -> Vec<(f64, f64, bool, String)> {
     let mut open: Vec<(f64, bool, String)> = Vec::new();
     for rec in &trace.steps {
         match &rec.step.action {
-            Action::Partition { .. } => open.push((rec.at, true, rec.text.clone())),
+            Action::Partition { .. } => open.push((rec.effective, true, rec.text.clone())),
             Action::Loss { .. }
             | Action::Delay { .. }
             | Action::Duplicate { .. }
-            | Action::Reorder { .. } => open.push((rec.at, false, rec.text.clone())),
+            | Action::Reorder { .. } => open.push((rec.effective, false, rec.text.clone())),
             Action::Heal => {
                 for (s, p, l) in open.drain(..) {
-                    spans.push((s, rec.at, p, l));
+                    spans.push((s, rec.effective, p, l));
                 }
             }
             _ => {}
@@ -163,16 +163,20 @@ fn node_spans(trace: &Trace) -> BTreeMap<String, Vec<(f64, f64, &'static str)>> 
         match &rec.step.action {
             Action::Crash { node } | Action::Drain { node, .. } => {
                 if let Some((s, k)) = open.remove(node) {
-                    out.entry(node.clone()).or_default().push((s, rec.at, k));
+                    out.entry(node.clone())
+                        .or_default()
+                        .push((s, rec.effective, k));
                 }
-                open.insert(node.clone(), (rec.at, "down"));
+                open.insert(node.clone(), (rec.effective, "down"));
             }
             Action::Pause { node } => {
-                open.insert(node.clone(), (rec.at, "paused"));
+                open.insert(node.clone(), (rec.effective, "paused"));
             }
             Action::Restart { node } | Action::Resume { node } => {
                 if let Some((s, k)) = open.remove(node) {
-                    out.entry(node.clone()).or_default().push((s, rec.at, k));
+                    out.entry(node.clone())
+                        .or_default()
+                        .push((s, rec.effective, k));
                 }
             }
             _ => {}

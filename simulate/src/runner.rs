@@ -81,8 +81,12 @@ pub struct Trace {
 pub struct StepRecord {
     /// Planned offset.
     pub planned: f64,
-    /// Actual offset.
+    /// When it began.
     pub at: f64,
+    /// When its change took effect: when a restarted node was up, when a
+    /// draining node began to leave (after its linger), else when the step
+    /// finished. Invariants use this time.
+    pub effective: f64,
     /// The step's sentence.
     pub text: String,
     /// The step.
@@ -147,8 +151,11 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         {
             {
                 let step = pending.next().expect("peeked");
-                let note = cluster.apply(&step.action).await?;
                 let at = start.elapsed().as_secs_f64();
+                let applied = cluster.apply(&step.action).await?;
+                let effective =
+                    (applied.effective.unwrap_or_else(Instant::now) - start).as_secs_f64();
+                let note = applied.note;
                 let text = match note {
                     Some(note) => format!("{} ({note})", step.action),
                     None => step.action.to_string(),
@@ -160,6 +167,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
                 trace.steps.push(StepRecord {
                     planned: step.at.as_secs_f64(),
                     at,
+                    effective,
                     text,
                     step: step.clone(),
                 });
@@ -195,6 +203,15 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
     emit(RunEvent::Finished { at: trace.ended });
     cluster.stop().await;
     Ok(trace)
+}
+
+/// How a step went.
+#[derive(Default)]
+struct Applied {
+    /// Worth printing beside the step.
+    note: Option<String>,
+    /// When the change took effect, if not when the step finished.
+    effective: Option<Instant>,
 }
 
 /// One node of the simulated cluster.
@@ -335,7 +352,8 @@ impl SimCluster {
     }
 
     /// Applies one step; returns a note on how it went, if worth printing.
-    async fn apply(&mut self, action: &Action) -> anyhow::Result<Option<String>> {
+    async fn apply(&mut self, action: &Action) -> anyhow::Result<Applied> {
+        let mut applied = Applied::default();
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         match action {
             Action::Crash { node } => {
@@ -350,11 +368,12 @@ impl SimCluster {
                 if let Some(n) = self.nodes[i].node.take() {
                     n.gossip().set_serving(ServingState::Draining).await;
                     tokio::time::sleep(*linger).await;
+                    applied.effective = Some(Instant::now());
                     n.shutdown().await;
                 }
                 self.unpause(node);
             }
-            Action::Restart { node } => return self.restart(node).await.map(Some),
+            Action::Restart { node } => applied.note = Some(self.restart(node).await?),
             Action::Pause { node } => {
                 let i = self.index(node)?;
                 self.net.isolate(self.nodes[i].addr);
@@ -409,7 +428,7 @@ impl SimCluster {
             }
             Action::Assert { .. } => {}
         }
-        Ok(None)
+        Ok(applied)
     }
 
     fn unpause(&mut self, node: &str) {
