@@ -83,7 +83,7 @@ pub enum ModelError {
         "{nodes} nodes is beyond this machine's ceiling: {reason}. Largest accepted: {max}. \
          (Every node keeps a failure-detector window per peer, so memory grows as N²; \
          chitchat's digest lists every node in every message, so messages pass the \
-         65,507-byte datagram limit near 2,970 nodes with model mode's short names and \
+         65,507-byte datagram limit near 2,300 nodes with model mode's short names and \
          sooner with longer ones.)"
     )]
     Ceiling {
@@ -194,15 +194,15 @@ pub fn check_ceiling(nodes: usize, memory_limit_bytes: u64) -> Result<(), ModelE
     Ok(())
 }
 
-/// Bytes a syn's digest takes for `n` nodes (measured: the largest message
-/// at N = 500 was 10,951 bytes, about 22 bytes an entry with model mode's
-/// 10-character names; longer names make entries longer).
+/// Bytes the largest message takes for `n` nodes. Measured: 10,951 bytes at
+/// N = 500 and 21,020 at 750 with model mode's 10-character names; 28 bytes a
+/// node is the conservative slope. Longer names make entries longer.
 pub fn estimated_digest_bytes(n: usize) -> usize {
     64 + DIGEST_ENTRY_BYTES * n
 }
 
-/// Bytes per digest entry, measured.
-const DIGEST_ENTRY_BYTES: usize = 22;
+/// Bytes per node in the largest message, measured.
+const DIGEST_ENTRY_BYTES: usize = 28;
 
 /// Largest N whose digest fits in one datagram.
 pub fn max_nodes_by_datagram() -> usize {
@@ -210,15 +210,16 @@ pub fn max_nodes_by_datagram() -> usize {
 }
 
 /// Rough wall time of a run of `n` nodes on the development machine (one
-/// core; measured 7 s at 100, 50 s at 200, 467 s at 500: about N^2.5).
+/// core; measured 7 s at 100, 50 s at 200, 816 s at 750: about N^2.2).
 pub fn estimated_wall(n: usize) -> Duration {
-    Duration::from_secs_f64(467.0 * (n as f64 / 500.0).powf(2.5))
+    Duration::from_secs_f64(816.0 * (n as f64 / 750.0).powf(2.2))
 }
 
 /// Peak memory of a run of `n` nodes: a fixed part plus a part that grows
 /// as N². Every node keeps every node's state and a failure-detector window
 /// of 1,000 samples (8 KB) per peer, which dominates. Fitted to runs on the
-/// development machine (472 MB at 200, 2,929 MB at 500); see docs/SIMULATE.md.
+/// development machine (472 MB at 200, 2,929 MB at 500, 6,468 MB at 750);
+/// see docs/SIMULATE.md.
 pub fn estimated_peak_bytes(n: usize) -> u64 {
     let n = n as u64;
     (20u64 << 20).saturating_add(n.saturating_mul(n).saturating_mul(PER_PAIR_BYTES))
