@@ -351,7 +351,7 @@ async fn simulate(config: &ModelConfig) -> Result<ModelReport, ModelError> {
 
     // 1. Membership: every node sees every node alive.
     let (converge_99, converge_100) = watch
-        .until_fraction(&nodes, |c, _| c.live_nodes().count() == n)
+        .until_fraction(&nodes, |c| c.live_nodes().count() == n)
         .await?;
 
     // 2. Steady-state traffic over a window.
@@ -373,7 +373,7 @@ async fn simulate(config: &ModelConfig) -> Result<ModelReport, ModelError> {
     }
     let origin = nodes[0].id.clone();
     let (key_99, key_100) = watch
-        .until_fraction(&nodes, |c, _| {
+        .until_fraction(&nodes, |c| {
             c.node_state(&origin)
                 .and_then(|s| s.get("policy.version"))
                 .is_some_and(|v| v == "1")
@@ -385,7 +385,7 @@ async fn simulate(config: &ModelConfig) -> Result<ModelReport, ModelError> {
     let victim_id = victim.id.clone();
     let _ = victim.handle.shutdown().await;
     let (dead_99, dead_100) = watch
-        .until_fraction(&nodes, |c, _| !c.live_nodes().any(|id| *id == victim_id))
+        .until_fraction(&nodes, |c| !c.live_nodes().any(|id| *id == victim_id))
         .await?;
 
     for node in nodes {
@@ -426,17 +426,17 @@ impl Watch<'_> {
     async fn until_fraction(
         &self,
         nodes: &[ModelNode],
-        pred: impl Fn(&chitchat::Chitchat, usize) -> bool,
+        pred: impl Fn(&chitchat::Chitchat) -> bool,
     ) -> Result<(Option<u64>, Option<u64>), ModelError> {
         let start = tokio::time::Instant::now();
         let need_99 = (nodes.len() as f64 * 0.99).ceil() as usize;
         let mut t99 = None;
         loop {
             let mut ok = 0;
-            for (i, node) in nodes.iter().enumerate() {
+            for node in nodes {
                 let chitchat = node.handle.chitchat();
                 let c = chitchat.lock().await;
-                if pred(&c, i) {
+                if pred(&c) {
                     ok += 1;
                 }
             }
