@@ -16,5 +16,8 @@ pub mod proxy;
 pub mod up;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
-pub use gossip::{Member, MemberState};
+pub use gossip::{Member, MemberState, ServingState};
 pub use node::{Node, NodeError};
+/// Certificate tooling and the UDP socket seam, for harnesses such as
+/// `simulate` that run nodes in process and wrap their sockets.
+pub use transport::{certs, socket};

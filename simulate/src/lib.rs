@@ -1,2 +1,211 @@
-//! Chaos harness and benchmarks for Shoal (grows with the simulate issue).
+//! Chaos harness and benchmarks for Shoal.
+//!
+//! - [`scenario`]: scenarios as data (TOML): cluster, timeline, invariants.
+//! - [`faults`]: the fault-injection layer under each node's QUIC socket.
+//! - [`runner`]: real in-process nodes driven through a timeline, sampled.
+//! - [`invariants`]: verdicts from the recorded trace.
+//! - [`report`]: the stdout table, `report.json`, `timeline.svg`.
+//! - [`model`]: the gossip layer alone at large N in virtual time.
+//!
+//! `main.rs` only calls [`cli::main`]. `simulate` uses nodes only through
+//! the `node` library.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod faults;
+pub mod invariants;
+pub mod model;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use report::Report;
+pub use runner::{RunEvent, RunOptions};
+pub use scenario::Scenario;
+
+use crate::cli::{EXIT_FAILED, EXIT_USAGE};
+
+/// The bundled scenarios folder (simulate/scenarios in the source tree).
+pub fn bundled_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
+}
+
+/// Runs a parsed scenario with `options` and judges it.
+pub async fn run_scenario(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Report> {
+    let trace = runner::run(scenario, options).await?;
+    let verdicts = invariants::judge(scenario, &trace);
+    Ok(Report::new(scenario, options.seed, trace, verdicts))
+}
+
+/// Scenario files under `dir` (recursively), sorted.
+pub fn scenario_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(scenario_files(&path)?);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `simulate list`: one line per scenario file.
+pub fn list(dir: &Path) -> i32 {
+    let files = match scenario_files(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("simulate: {}: {e}", dir.display());
+            return EXIT_USAGE;
+        }
+    };
+    let mut code = 0;
+    for f in files {
+        let shown = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+        match Scenario::load(&f) {
+            Ok(s) => println!(
+                "{shown:<28} {:>3} nodes {:>5.0}s  {}",
+                s.cluster.nodes.len(),
+                s.duration.as_secs_f64(),
+                s.description
+            ),
+            Err(e) => {
+                println!("{shown:<28} INVALID: {e}");
+                code = EXIT_FAILED;
+            }
+        }
+    }
+    code
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn init_tracing() {
+    node::cli::init_tracing(node::LogFormat::Text);
+}
+
+fn printing_options(seed: u64) -> RunOptions {
+    RunOptions {
+        seed,
+        extra_layer: None,
+        on_event: Some(Arc::new(|e: &RunEvent| {
+            match e {
+                RunEvent::Formed { nodes, took } => {
+                    println!(
+                        "[  0.0s] {nodes} nodes formed a cluster in {took:.1?}; timeline starts"
+                    )
+                }
+                RunEvent::Step { at, text } => println!("[{at:5.1}s] {text}"),
+                RunEvent::Finished { at } => println!("[{at:5.1}s] done"),
+            }
+            let _ = std::io::stdout().flush();
+        })),
+    }
+}
+
+/// `simulate run`: runs one file, prints the table, writes the report.
+pub fn run_file(path: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
+    let scenario = match Scenario::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("simulate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    init_tracing_quiet();
+    println!(
+        "scenario {}: {} (seed {seed})",
+        scenario.name, scenario.description
+    );
+    let result = runtime().block_on(run_scenario(&scenario, &printing_options(seed)));
+    finish(result, report_dir)
+}
+
+/// `simulate run-suite`: every scenario in a folder, one table each, and a
+/// one-line summary per scenario at the end.
+pub fn run_suite(dir: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
+    let files = match scenario_files(dir) {
+        Ok(f) if !f.is_empty() => f,
+        Ok(_) => {
+            eprintln!("simulate: {}: no scenario files", dir.display());
+            return EXIT_USAGE;
+        }
+        Err(e) => {
+            eprintln!("simulate: {}: {e}", dir.display());
+            return EXIT_USAGE;
+        }
+    };
+    let mut scenarios = Vec::new();
+    for f in &files {
+        match Scenario::load(f) {
+            Ok(s) => scenarios.push(s),
+            Err(e) => {
+                eprintln!("simulate: {e}");
+                return EXIT_USAGE;
+            }
+        }
+    }
+    init_tracing_quiet();
+    let started = std::time::Instant::now();
+    let mut summary = Vec::new();
+    let mut code = 0;
+    for s in &scenarios {
+        println!("\n=== scenario {}: {} (seed {seed})", s.name, s.description);
+        let result = runtime().block_on(run_scenario(s, &printing_options(seed)));
+        let dir = report_dir.map(|d| d.join(&s.name));
+        let c = finish(result, dir.as_deref());
+        summary.push((s.name.clone(), c));
+        code = code.max(c);
+    }
+    println!(
+        "\nsuite {} — seed {seed} — {:.0?}",
+        dir.display(),
+        started.elapsed()
+    );
+    for (name, c) in summary {
+        println!("  {:<24} {}", name, if c == 0 { "PASS" } else { "FAIL" });
+    }
+    code
+}
+
+fn init_tracing_quiet() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_tracing();
+    }
+}
+
+fn finish(result: anyhow::Result<Report>, report_dir: Option<&Path>) -> i32 {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("simulate: the run could not complete: {e:#}");
+            return EXIT_FAILED;
+        }
+    };
+    print!("{}", report.table());
+    if let Some(dir) = report_dir {
+        match report.write(dir) {
+            Ok(()) => println!(
+                "report: {} and {}",
+                dir.join("report.json").display(),
+                dir.join("timeline.svg").display()
+            ),
+            Err(e) => {
+                eprintln!("simulate: writing {}: {e}", dir.display());
+                return EXIT_FAILED;
+            }
+        }
+    }
+    if report.passed { 0 } else { EXIT_FAILED }
+}

@@ -1,4 +1,3 @@
 fn main() {
-    eprintln!("simulate: not built yet; see the simulate issue");
-    std::process::exit(64);
+    std::process::exit(simulate::cli::main());
 }

@@ -1,0 +1,296 @@
+//! The `simulate` command line: parses flags and calls the library.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::model::{self, ModelConfig, ModelReport};
+
+/// Exit code for bad usage (EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+/// Exit code when an invariant fails.
+pub const EXIT_FAILED: i32 = 1;
+
+/// Shoal's chaos harness: scenarios against real in-process nodes, and a
+/// large-N model of the gossip layer.
+#[derive(Debug, Parser)]
+#[command(name = "simulate", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List bundled scenarios, one line each.
+    List {
+        /// Folder to list [default: the bundled simulate/scenarios].
+        dir: Option<PathBuf>,
+    },
+    /// Run one scenario and print a verdict per invariant.
+    Run {
+        /// Scenario file (TOML).
+        scenario: PathBuf,
+        /// Seed for every random choice the harness makes [default: from the clock].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write report.json and timeline.svg into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Run every scenario in a folder (the CI suite: simulate/scenarios/ci).
+    RunSuite {
+        /// Folder of scenario files.
+        dir: PathBuf,
+        /// Seed for every scenario [default: from the clock].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write one report folder per scenario under this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Model only the gossip layer: many chitchat nodes in one process,
+    /// virtual time.
+    Model {
+        /// Node counts; repeat or comma-separate (each count runs in its own
+        /// process so its peak memory is its own).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<usize>,
+        /// Gossip interval.
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        gossip_interval: Duration,
+        /// Fraction of messages lost, 0 to <1.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Failure-detector phi threshold.
+        #[arg(long, default_value_t = 8.0)]
+        phi_threshold: f64,
+        /// Seed for loss decisions [default: from the clock].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write model.json into this folder.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    node::config::parse_duration(s)
+}
+
+/// Parses the command line, runs the command, returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.command {
+        Command::List { dir } => crate::list(&dir.unwrap_or_else(crate::bundled_dir)),
+        Command::Run {
+            scenario,
+            seed,
+            report,
+        } => crate::run_file(
+            &scenario,
+            seed.unwrap_or_else(clock_seed),
+            report.as_deref(),
+        ),
+        Command::RunSuite { dir, seed, report } => {
+            crate::run_suite(&dir, seed.unwrap_or_else(clock_seed), report.as_deref())
+        }
+        Command::Model {
+            nodes,
+            gossip_interval,
+            loss,
+            phi_threshold,
+            seed,
+            json,
+            report,
+        } => {
+            if !(0.0..1.0).contains(&loss) {
+                eprintln!("simulate: --loss: must be at least 0 and below 1");
+                return EXIT_USAGE;
+            }
+            if gossip_interval < Duration::from_millis(10) {
+                eprintln!("simulate: --gossip-interval: must be at least 10ms");
+                return EXIT_USAGE;
+            }
+            let seed = seed.unwrap_or_else(clock_seed);
+            let mut config = ModelConfig::new(0);
+            config.gossip_interval = gossip_interval;
+            config.loss = loss;
+            config.phi_threshold = phi_threshold;
+            config.seed = seed;
+            model_cmd(&nodes, &config, json, report.as_deref())
+        }
+    }
+}
+
+/// A seed from the clock, printed with every report so the run can be repeated.
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 % 1_000_000)
+        .unwrap_or(1)
+}
+
+fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&Path>) -> i32 {
+    for &n in counts {
+        if let Err(e) = model::check_ceiling(n, base.memory_limit_bytes) {
+            eprintln!("simulate model: {e}");
+            return EXIT_USAGE;
+        }
+    }
+    if !json {
+        println!(
+            "model: gossip interval {:?}, loss {:.0}%, phi {}, seed {} \
+             (chitchat's own peer choice is not seeded); virtual time; epidemic baseline \
+             log2 N + ln N rounds",
+            base.gossip_interval,
+            base.loss * 100.0,
+            base.phi_threshold,
+            base.seed
+        );
+        println!("{}", model_header());
+    }
+    let mut results = Vec::new();
+    let mut code = 0;
+    for &n in counts {
+        let mut config = base.clone();
+        config.nodes = n;
+        if !json && n >= 300 {
+            eprintln!(
+                "simulate model: N = {n}: expect about {:.0?} of wall time and {} MB",
+                model::estimated_wall(n),
+                model::estimated_peak_bytes(n) >> 20
+            );
+        }
+        let outcome = if counts.len() == 1 {
+            model::run(&config).map_err(|e| e.to_string())
+        } else {
+            model_in_child(&config)
+        };
+        match outcome {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    println!("{}", model_row(&r));
+                }
+                if r.converge_100_ms.is_none() || r.oversize_sends > 0 {
+                    code = EXIT_FAILED;
+                }
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("simulate model: N = {n}: {e}");
+                code = EXIT_FAILED;
+            }
+        }
+    }
+    if !json {
+        println!(
+            "times are virtual; r = rounds of {:?}; B and msg are chitchat payload per node per \
+             second in steady state (QUIC adds its own overhead); peak MB is the process's VmHWM",
+            base.gossip_interval
+        );
+    }
+    if let Some(dir) = report {
+        let written = std::fs::create_dir_all(dir).and_then(|_| {
+            std::fs::write(
+                dir.join("model.json"),
+                serde_json::to_vec_pretty(&results).unwrap_or_default(),
+            )
+        });
+        if let Err(e) = written {
+            eprintln!("simulate model: writing {}: {e}", dir.display());
+            return EXIT_FAILED;
+        }
+    }
+    code
+}
+
+/// Runs one N in a child process so its peak memory is measured alone and an
+/// out-of-memory kill cannot take the whole table down.
+fn model_in_child(config: &ModelConfig) -> Result<ModelReport, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "model",
+            "--json",
+            "--nodes",
+            &config.nodes.to_string(),
+            "--gossip-interval",
+            &format!("{}ms", config.gossip_interval.as_millis()),
+            "--loss",
+            &config.loss.to_string(),
+            "--phi-threshold",
+            &config.phi_threshold.to_string(),
+            "--seed",
+            &config.seed.to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() && out.stdout.is_empty() {
+        use std::os::unix::process::ExitStatusExt;
+        return Err(match out.status.signal() {
+            Some(9) => "killed (SIGKILL; out of memory?)".into(),
+            Some(sig) => format!("killed by signal {sig}"),
+            None => format!("failed with {}", out.status),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or_default())
+        .map_err(|e| format!("unreadable child output ({e}): {text}"))
+}
+
+fn model_header() -> String {
+    format!(
+        "{:>6} | {:>15} | {:>15} | {:>8} | {:>15} | {:>15} | {:>9} | {:>6} | {:>8} | {:>8} | {:>7}",
+        "N",
+        "converge 99%",
+        "converge 100%",
+        "baseline",
+        "key 99% / 100%",
+        "dead 99% / 100%",
+        "B/node/s",
+        "msg/s",
+        "max msg",
+        "wall",
+        "peak MB"
+    )
+}
+
+fn model_row(r: &ModelReport) -> String {
+    let t = |ms: Option<u64>| match ms {
+        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+        None => "never".into(),
+    };
+    let tr = |ms: Option<u64>| match (ms, r.rounds(ms)) {
+        (Some(ms), Some(rounds)) => format!("{:.1}s ({:.1} r)", ms as f64 / 1000.0, rounds),
+        _ => "never".into(),
+    };
+    format!(
+        "{:>6} | {:>15} | {:>15} | {:>6.1} r | {:>15} | {:>15} | {:>9.0} | {:>6.1} | {:>8} | {:>7.1}s | {:>7}",
+        r.nodes,
+        tr(r.converge_99_ms),
+        tr(r.converge_100_ms),
+        r.baseline_rounds,
+        format!("{} / {}", t(r.key_99_ms), t(r.key_100_ms)),
+        format!("{} / {}", t(r.dead_99_ms), t(r.dead_100_ms)),
+        r.bytes_per_node_s,
+        r.messages_per_node_s,
+        r.max_message_bytes,
+        r.wall_ms as f64 / 1000.0,
+        r.peak_rss_mb,
+    )
+}
