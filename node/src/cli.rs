@@ -296,22 +296,51 @@ pub async fn wait_for_signal() {
 }
 
 async fn members(admin: &str) -> i32 {
-    let body = match get(admin, "/v1/members").await {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("shoal: {admin}: {e}");
-            return 1;
+    match get_json::<Vec<serde_json::Value>>(admin, "/v1/members").await {
+        Ok(members) => {
+            print!("{}", members_table(&members));
+            0
         }
-    };
-    let members: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("shoal: {admin}: unexpected answer: {e}");
-            return 1;
-        }
-    };
-    print!("{}", members_table(&members));
-    0
+        Err(code) => code,
+    }
+}
+
+/// GETs and decodes JSON from an admin address; on failure prints one line
+/// naming the address and returns exit code 1.
+pub async fn get_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> Result<T, i32> {
+    let body = get(admin, path).await.map_err(|e| {
+        eprintln!("shoal: {admin}: {e}");
+        1
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        eprintln!("shoal: {admin}: unexpected answer: {e}");
+        1
+    })
+}
+
+/// Left-aligned columns two spaces apart, one row a line.
+pub fn render_table<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let cols = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.as_ref().get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .as_ref()
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Renders `/v1/members` JSON as a table.
@@ -353,20 +382,7 @@ pub fn members_table(members: &[serde_json::Value]) -> String {
             format!("{:.1}s", seen as f64 / 1000.0),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    render_table(&rows)
 }
 
 /// A plain HTTP/1.1 GET to an admin address; returns the body of a 2xx answer.

@@ -5,7 +5,7 @@ use std::path::Path;
 use http::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::cli::{PolicyCommand, request};
+use crate::cli::{PolicyCommand, render_table, request};
 
 pub(crate) async fn run(admin: &str, token_file: Option<&Path>, cmd: PolicyCommand) -> i32 {
     match go(admin, token_file, cmd).await {
@@ -111,7 +111,7 @@ async fn go(admin: &str, token_file: Option<&Path>, cmd: PolicyCommand) -> Resul
                     format!("{}/{}", r["applied_on"], r["live_nodes"]),
                 ]);
             }
-            print!("{}", render(&table));
+            print!("{}", render_table(&table));
             Ok(0)
         }
         PolicyCommand::Status => {
@@ -140,7 +140,7 @@ async fn go(admin: &str, token_file: Option<&Path>, cmd: PolicyCommand) -> Resul
                     table.push(vec![node.clone(), id, v.as_str().unwrap_or("-").into()]);
                 }
             }
-            print!("{}", render(&table));
+            print!("{}", render_table(&table));
             Ok(0)
         }
     }
@@ -182,22 +182,4 @@ fn errors(status: StatusCode, body: &[u8]) -> String {
         }
         None => format!("{status}: {}", String::from_utf8_lossy(body).trim()),
     }
-}
-
-fn render(rows: &[Vec<String>]) -> String {
-    let cols = rows.first().map(Vec::len).unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }

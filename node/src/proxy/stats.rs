@@ -303,22 +303,13 @@ fn percentile(hist: &[u64; LAT_BUCKETS], total: u64, q: f64) -> f64 {
 
 /// `shoal stat`: fetches `/v1/stats` from `admin` and prints a table.
 pub async fn stat_command(admin: &str) -> i32 {
-    let body = match crate::cli::get(admin, "/v1/stats").await {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("shoal: {admin}: {e}");
-            return 1;
+    match crate::cli::get_json::<Vec<serde_json::Value>>(admin, "/v1/stats").await {
+        Ok(edges) => {
+            print!("{}", stat_table(&edges));
+            0
         }
-    };
-    let edges: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("shoal: {admin}: unexpected answer: {e}");
-            return 1;
-        }
-    };
-    print!("{}", stat_table(&edges));
-    0
+        Err(code) => code,
+    }
 }
 
 /// Renders `/v1/stats` JSON as a table.
@@ -350,19 +341,7 @@ pub fn stat_table(edges: &[serde_json::Value]) -> String {
             format!("{:.1}ms", f("p99_ms")),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::cli::render_table(&rows);
     if edges.is_empty() {
         out.push_str("(no traffic in the last minute)\n");
     }
