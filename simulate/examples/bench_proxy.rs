@@ -27,9 +27,9 @@ struct Args {
     /// The `shoal` binary [default: target/release/shoal].
     #[arg(long)]
     shoal_bin: Option<PathBuf>,
-    /// Skip the nginx path.
-    #[arg(long)]
-    no_nginx: bool,
+    /// Paths to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "direct,nginx,shoal")]
+    paths: Vec<String>,
 }
 
 fn main() {
@@ -46,7 +46,7 @@ fn main() {
         throughput_duration: duration("--throughput-duration", &args.throughput_duration),
         connections: args.connections,
         shoal_bin: args.shoal_bin,
-        skip_nginx: args.no_nginx,
+        paths: args.paths,
         ..BenchOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -62,8 +62,8 @@ pub struct BenchOptions {
     /// The `shoal` binary. Default: `$SHOAL_BIN`, else the workspace's
     /// `target/release/shoal` (built with `cargo build --release -p node` if missing).
     pub shoal_bin: Option<PathBuf>,
-    /// Skip the nginx path even if nginx is installed.
-    pub skip_nginx: bool,
+    /// Paths to run, in order: any of `direct`, `nginx`, `shoal`. Default all three.
+    pub paths: Vec<String>,
 }
 
 impl Default for BenchOptions {
@@ -76,7 +76,7 @@ impl Default for BenchOptions {
             connections: 32,
             response_bytes: 1024,
             shoal_bin: None,
-            skip_nginx: false,
+            paths: vec!["direct".into(), "nginx".into(), "shoal".into()],
         }
     }
 }
@@ -183,37 +183,40 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let dir = tempfile::tempdir().context("temp dir")?;
     let mut paths = Vec::new();
 
-    eprintln!("bench: direct → {}", upstream.addr);
-    paths.push(run_path(&opts, "direct", upstream.addr, &[]).await?);
-
-    match nginx_binary() {
-        _ if opts.skip_nginx => {
-            notes.push("nginx path skipped (--no-nginx)".into());
-            paths.push(skipped("nginx", "skipped by option"));
-        }
-        None => {
-            let why = "nginx is not on PATH; install it (apt-get install nginx) to compare one reverse-proxy hop";
-            eprintln!("bench: {why}");
-            notes.push(why.into());
-            paths.push(skipped("nginx", why));
-        }
-        Some(bin) => {
-            let nginx = Nginx::start(&bin, &dir.path().join("nginx"), upstream.addr)?;
-            wait_ready(nginx.addr, "bench", Duration::from_secs(10)).await?;
-            eprintln!("bench: nginx → {}", nginx.addr);
-            let procs = nginx.workers();
-            paths.push(run_path(&opts, "nginx", nginx.addr, &procs).await?);
+    for path in &opts.paths {
+        match path.as_str() {
+            "direct" => {
+                eprintln!("bench: direct → {}", upstream.addr);
+                paths.push(run_path(&opts, "direct", upstream.addr, &[]).await?);
+            }
+            "nginx" => match nginx_binary() {
+                None => {
+                    let why = "nginx is not on PATH; install it (apt-get install nginx) to compare one reverse-proxy hop";
+                    eprintln!("bench: {why}");
+                    notes.push(why.into());
+                    paths.push(skipped("nginx", why));
+                }
+                Some(bin) => {
+                    let nginx = Nginx::start(&bin, &dir.path().join("nginx"), upstream.addr)?;
+                    wait_ready(nginx.addr, "bench", Duration::from_secs(10)).await?;
+                    eprintln!("bench: nginx → {}", nginx.addr);
+                    let procs = nginx.workers();
+                    paths.push(run_path(&opts, "nginx", nginx.addr, &procs).await?);
+                }
+            },
+            "shoal" => {
+                let mesh =
+                    ShoalPair::start(&shoal, &dir.path().join("shoal"), upstream.addr).await?;
+                eprintln!("bench: shoal → {} (node-a) → node-b", mesh.outbound);
+                let procs = [
+                    ("node-a".to_string(), mesh.a.id()),
+                    ("node-b".to_string(), mesh.b.id()),
+                ];
+                paths.push(run_path(&opts, "shoal", mesh.outbound, &procs).await?);
+            }
+            other => bail!("unknown path {other:?} (direct, nginx, shoal)"),
         }
     }
-
-    let mesh = ShoalPair::start(&shoal, &dir.path().join("shoal"), upstream.addr).await?;
-    eprintln!("bench: shoal → {} (node-a) → node-b", mesh.outbound);
-    let procs = [
-        ("node-a".to_string(), mesh.a.id()),
-        ("node-b".to_string(), mesh.b.id()),
-    ];
-    paths.push(run_path(&opts, "shoal", mesh.outbound, &procs).await?);
-    drop(mesh);
 
     let p99 = |name: &str| {
         paths

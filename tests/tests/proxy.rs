@@ -544,7 +544,7 @@ async fn inbound_refuses_unnamed_services_and_false_source_identities() {
         async move {
             let (_c, send, recv) = ep.open_bi(addr).await.unwrap();
             let mut w = FrameWriter::new(send);
-            w.kind(STREAM_KIND_HTTP).await.unwrap();
+            w.kind(STREAM_KIND_HTTP);
             let head = RequestHead {
                 service: service.into(),
                 source: source.into(),

@@ -515,20 +515,16 @@ async fn attempt(
         .await
         .map_err(|e| connect(e.to_string()))?;
     let mut writer = FrameWriter::new(send);
-    writer
-        .kind(STREAM_KIND_HTTP)
-        .await
-        .map_err(|e| connect(e.to_string()))?;
+    writer.kind(STREAM_KIND_HTTP);
     let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
-    writer
-        .frame(FRAME_HEAD, encoded)
-        .await
-        .map_err(|e| connect(e.to_string()))?;
-    let body = source.take();
-    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        match body {
-            Some(body) if head_has_body(&body) => {
+    writer.queue(FRAME_HEAD, encoded);
+    let mut guards: Vec<Box<dyn Any + Send>> = vec![guard];
+    match source.take() {
+        Some(body) if !body.is_end_stream() => {
+            writer.flush().await.map_err(|e| connect(e.to_string()))?;
+            let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+            guards.push(Box::new(cancel_tx));
+            tokio::spawn(async move {
                 tokio::select! {
                     r = writer.body(body) => {
                         if let Err(e) = r {
@@ -537,12 +533,11 @@ async fn attempt(
                     }
                     _ = cancel_rx => writer.reset(RESET_CANCEL),
                 }
-            }
-            _ => {
-                let _ = writer.end().await;
-            }
+            });
         }
-    });
+        // No body: kind, head, END and FIN leave in one write.
+        _ => writer.end().await.map_err(|e| connect(e.to_string()))?,
+    }
     let mut reader = FrameReader::new(recv);
     let rh: ResponseHead = reader
         .head()
@@ -553,16 +548,17 @@ async fn attempt(
     let body = if rh.has_body {
         reader.into_body(frame::content_length(&headers))
     } else {
+        // Read END (and FIN) so the stream closes without a STOP_SENDING.
+        reader
+            .end()
+            .await
+            .map_err(|e| Failed::Reset(e.to_string()))?;
         empty()
     };
-    let mut resp = Response::new(guarded(body, vec![guard, Box::new(cancel_tx)]));
+    let mut resp = Response::new(guarded(body, guards));
     *resp.status_mut() = StatusCode::from_u16(rh.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = headers;
     Ok((resp, rtt))
-}
-
-fn head_has_body(b: &ProxyBody) -> bool {
-    !b.is_end_stream()
 }
 
 /// A body that keeps `guards` alive until it is dropped.
