@@ -27,6 +27,9 @@ struct Args {
     /// The `shoal` binary [default: target/release/shoal].
     #[arg(long)]
     shoal_bin: Option<PathBuf>,
+    /// `--worker-threads` of each Shoal node (0: the node's default, one per CPU).
+    #[arg(long, default_value_t = 1)]
+    node_threads: usize,
     /// Paths to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "direct,nginx,shoal")]
     paths: Vec<String>,
@@ -47,6 +50,7 @@ fn main() {
         connections: args.connections,
         shoal_bin: args.shoal_bin,
         paths: args.paths,
+        node_worker_threads: (args.node_threads > 0).then_some(args.node_threads),
         ..BenchOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

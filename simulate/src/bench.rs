@@ -64,6 +64,9 @@ pub struct BenchOptions {
     pub shoal_bin: Option<PathBuf>,
     /// Paths to run, in order: any of `direct`, `nginx`, `shoal`. Default all three.
     pub paths: Vec<String>,
+    /// `--worker-threads` of each Shoal node. Default 1, as for a sidecar (and
+    /// nginx runs one worker); `None` leaves the node's default, one per CPU.
+    pub node_worker_threads: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -77,6 +80,7 @@ impl Default for BenchOptions {
             response_bytes: 1024,
             shoal_bin: None,
             paths: vec!["direct".into(), "nginx".into(), "shoal".into()],
+            node_worker_threads: Some(1),
         }
     }
 }
@@ -179,6 +183,10 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let mut notes = Vec::new();
     let shoal = shoal_binary(&opts)?;
     notes.push(format!("shoal binary: {}", shoal.display()));
+    notes.push(match opts.node_worker_threads {
+        Some(n) => format!("shoal nodes run with --worker-threads {n}; nginx with one worker"),
+        None => "shoal nodes run one worker thread per CPU; nginx one worker".into(),
+    });
     let upstream = Upstream::start(opts.response_bytes).await?;
     let dir = tempfile::tempdir().context("temp dir")?;
     let mut paths = Vec::new();
@@ -205,8 +213,13 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 }
             },
             "shoal" => {
-                let mesh =
-                    ShoalPair::start(&shoal, &dir.path().join("shoal"), upstream.addr).await?;
+                let mesh = ShoalPair::start(
+                    &shoal,
+                    &dir.path().join("shoal"),
+                    upstream.addr,
+                    opts.node_worker_threads,
+                )
+                .await?;
                 eprintln!("bench: shoal → {} (node-a) → node-b", mesh.outbound);
                 let procs = [
                     ("node-a".to_string(), mesh.a.id()),
@@ -814,8 +827,17 @@ struct ShoalPair {
 }
 
 impl ShoalPair {
-    async fn start(bin: &Path, dir: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
+    async fn start(
+        bin: &Path,
+        dir: &Path,
+        upstream: SocketAddr,
+        threads: Option<usize>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let common: Vec<String> = match threads {
+            Some(n) => vec!["--worker-threads".into(), n.to_string()],
+            None => Vec::new(),
+        };
         let ca = dir.join("ca");
         run(Command::new(bin)
             .args(["cert", "init", "--trust-domain", "bench.shoal", "--out"])
@@ -831,7 +853,11 @@ impl ShoalPair {
             bin,
             dir,
             "b",
-            &["--service".into(), format!("web={upstream}")],
+            &[
+                &common[..],
+                &["--service".into(), format!("web={upstream}")],
+            ]
+            .concat(),
         )?;
         let outbound = free_tcp_port()?;
         let (a, _) = start_node(
@@ -839,11 +865,15 @@ impl ShoalPair {
             dir,
             "a",
             &[
-                "--seed".into(),
-                b_quic.to_string(),
-                "--outbound".into(),
-                outbound.to_string(),
-            ],
+                &common[..],
+                &[
+                    "--seed".into(),
+                    b_quic.to_string(),
+                    "--outbound".into(),
+                    outbound.to_string(),
+                ],
+            ]
+            .concat(),
         )?;
         let pair = ShoalPair { outbound, a, b };
         if let Err(e) = wait_ready(outbound, "web", Duration::from_secs(20)).await {
