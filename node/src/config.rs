@@ -119,6 +119,8 @@ struct FileConfig {
     #[serde(default)]
     service: Vec<crate::proxy::config::ServiceFile>,
     outbound: Option<String>,
+    #[serde(default)]
+    upstream: Vec<crate::proxy::config::UpstreamFile>,
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
@@ -236,6 +238,7 @@ impl NodeConfig {
             crate::proxy::ProxyFile {
                 service: file.service,
                 outbound: file.outbound,
+                upstream: file.upstream,
                 request_timeout: file.request_timeout,
                 drain_timeout: file.drain_timeout,
             },
@@ -312,6 +315,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_WORKER_THREADS", file.worker_threads.is_some()),
         ("SHOAL_SERVICE", !file.service.is_empty()),
         ("SHOAL_OUTBOUND", file.outbound.is_some()),
+        ("SHOAL_UPSTREAM", !file.upstream.is_empty()),
         ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
         ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
     ];

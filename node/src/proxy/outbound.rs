@@ -35,10 +35,13 @@ use crate::proxy::inbound::{self, Decrement, empty, error};
 use crate::proxy::stats::{Direction, Edge};
 use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER};
 
-/// Serves the outbound listener until `shutdown` flips.
+/// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
+/// per-upstream listener: every request goes to that service, whatever it
+/// addresses, and the instance sees the service name as its Host.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
+    fixed: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -57,10 +60,12 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let builder = builder.clone();
+        let fixed = fixed.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                let fixed = fixed.clone();
+                async move { Ok::<_, Infallible>(handle(shared, fixed, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -130,9 +135,34 @@ enum Failed {
     Reset(String),
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    fixed: Option<Arc<str>>,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
-    let name = service_name(&req);
+    let name = match &fixed {
+        Some(service) => {
+            // The app addressed the listener, not the service: forward as
+            // if it had named the service.
+            if let Ok(host) = http::HeaderValue::from_str(service) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+            if req.uri().authority().is_some() {
+                let mut parts = req.uri().clone().into_parts();
+                parts.scheme = None;
+                parts.authority = None;
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+                }
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+            Some(service.to_string())
+        }
+        None => service_name(&req),
+    };
     // One policy snapshot for the whole request: it sees the old set or the
     // new one, never half.
     let set = shared.policy.store.snapshot();
