@@ -180,7 +180,7 @@ pub fn main() -> i32 {
                 }
             };
             init_tracing(config.log_format);
-            runtime().block_on(run_node(config))
+            node_runtime(config.worker_threads).block_on(run_node(config))
         }
         Command::Members { admin } => runtime().block_on(members(&admin)),
         Command::Policy(args) => runtime().block_on(crate::cli_policy::run(
@@ -198,6 +198,15 @@ pub fn main() -> i32 {
             runtime().block_on(crate::up::run(nodes))
         }
     }
+}
+
+/// The node's runtime: `threads` workers (default one per CPU).
+fn node_runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().expect("tokio runtime")
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -277,11 +286,13 @@ async fn run_node(config: NodeConfig) -> i32 {
         node.admin_addr()
     );
     wait_for_signal().await;
+    let signalled = std::time::Instant::now();
     tracing::info!("draining, then leaving the mesh");
     let cut = node.drain().await;
     if cut > 0 {
         tracing::warn!(cut, "drain timeout passed with requests in flight");
     }
+    tracing::info!(took = ?signalled.elapsed(), "stopped");
     0
 }
 

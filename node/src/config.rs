@@ -87,6 +87,10 @@ pub struct NodeArgs {
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Runtime worker threads [default: one per CPU]. A sidecar beside one
+    /// app does best with 1: fewer cross-thread wakeups per request.
+    #[arg(long, env = "SHOAL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// TOML config file; flags and SHOAL_* variables override it.
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -111,9 +115,12 @@ struct FileConfig {
     phi_threshold: Option<f64>,
     admin_token_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     service: Vec<crate::proxy::config::ServiceFile>,
     outbound: Option<String>,
+    #[serde(default)]
+    upstream: Vec<crate::proxy::config::UpstreamFile>,
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
@@ -143,6 +150,9 @@ pub struct NodeConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Tokio worker threads of the `shoal node` process (`None`: one per CPU).
+    /// Only the binary reads it; an in-process node runs on its caller's runtime.
+    pub worker_threads: Option<usize>,
     /// Optional wrapper for the QUIC socket (fault injection in `simulate`).
     pub socket_layer: Option<std::sync::Arc<dyn transport::socket::SocketLayer>>,
     /// Proxy settings.
@@ -164,6 +174,7 @@ impl NodeConfig {
             phi_threshold: 8.0,
             admin_token_file: None,
             log_format: LogFormat::Text,
+            worker_threads: None,
             socket_layer: None,
             proxy: crate::proxy::ProxyConfig::default(),
         }
@@ -227,10 +238,20 @@ impl NodeConfig {
             crate::proxy::ProxyFile {
                 service: file.service,
                 outbound: file.outbound,
+                upstream: file.upstream,
                 request_timeout: file.request_timeout,
                 drain_timeout: file.drain_timeout,
             },
         )?;
+        let worker_threads = args.worker_threads.or(file.worker_threads);
+        if let Some(n) = worker_threads
+            && !(1..=1024).contains(&n)
+        {
+            return Err(ConfigError::new(
+                "--worker-threads",
+                "must be between 1 and 1024",
+            ));
+        }
         let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
         if !(1.0..=100.0).contains(&phi_threshold) {
             return Err(ConfigError::new(
@@ -250,6 +271,7 @@ impl NodeConfig {
             phi_threshold,
             admin_token_file: args.admin_token_file.or(file.admin_token_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            worker_threads,
             socket_layer: None,
             proxy,
         })
@@ -290,8 +312,10 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_PHI_THRESHOLD", file.phi_threshold.is_some()),
         ("SHOAL_ADMIN_TOKEN_FILE", file.admin_token_file.is_some()),
         ("SHOAL_LOG_FORMAT", file.log_format.is_some()),
+        ("SHOAL_WORKER_THREADS", file.worker_threads.is_some()),
         ("SHOAL_SERVICE", !file.service.is_empty()),
         ("SHOAL_OUTBOUND", file.outbound.is_some()),
+        ("SHOAL_UPSTREAM", !file.upstream.is_empty()),
         ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
         ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
     ];
@@ -400,6 +424,16 @@ mod tests {
         let cfg = NodeConfig::resolve(args).unwrap();
         assert_eq!(cfg.name, "from-flag");
         assert_eq!(cfg.zone, "z1");
+        assert_eq!(cfg.worker_threads, None);
+
+        let err = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            worker_threads: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "--worker-threads");
 
         std::fs::write(&file, "name = \"x\"\nbogus = 1\n").unwrap();
         let err = NodeConfig::resolve(NodeArgs {

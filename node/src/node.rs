@@ -219,6 +219,11 @@ impl Node {
         self.proxy.outbound_addr()
     }
 
+    /// The bound address of the per-upstream listener for `service`, if any.
+    pub fn upstream_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.proxy.upstream_addr(service)
+    }
+
     /// The service proxy.
     pub fn proxy(&self) -> &Proxy {
         &self.proxy

@@ -50,6 +50,9 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Benchmarks (commands that print figures, never timed tests).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Model only the gossip layer: many chitchat nodes in one process,
     /// virtual time.
     Model {
@@ -76,6 +79,94 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Latency at a fixed rate (open loop), maximum throughput, CPU and RSS
+    /// per node: direct, through one nginx hop (if installed), and through
+    /// Shoal (client -> node A -> QUIC/mTLS -> node B -> upstream), side by side.
+    Proxy {
+        /// Requests per second of the fixed-rate phase.
+        #[arg(long, default_value_t = 1000)]
+        rps: u32,
+        /// Fixed-rate phase per path.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Closed-loop throughput phase per path.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        throughput_duration: Duration,
+        /// Concurrent keep-alive connections of the throughput phase.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The `shoal` binary [default: $SHOAL_BIN, else target/release/shoal].
+        #[arg(long)]
+        shoal_bin: Option<PathBuf>,
+        /// `--worker-threads` of each Shoal node (0: one per CPU).
+        #[arg(long, default_value_t = 1)]
+        node_threads: usize,
+        /// Paths to run, comma-separated: direct, nginx, shoal.
+        #[arg(long, value_delimiter = ',', default_value = "direct,nginx,shoal")]
+        paths: Vec<String>,
+    },
+}
+
+fn bench_cmd(cmd: BenchCommand) -> i32 {
+    let BenchCommand::Proxy {
+        rps,
+        duration,
+        throughput_duration,
+        connections,
+        json,
+        shoal_bin,
+        node_threads,
+        paths,
+    } = cmd;
+    if rps == 0 || connections == 0 {
+        eprintln!("simulate: --rps and --connections must be at least 1");
+        return EXIT_USAGE;
+    }
+    let opts = crate::bench::BenchOptions {
+        rps,
+        duration,
+        throughput_duration,
+        connections,
+        shoal_bin,
+        paths,
+        node_worker_threads: (node_threads > 0).then_some(node_threads),
+        ..crate::bench::BenchOptions::default()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("simulate: tokio runtime: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let report = match runtime.block_on(crate::bench::bench_proxy(opts)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("simulate: bench proxy: {e:#}");
+            return EXIT_FAILED;
+        }
+    };
+    crate::bench::print_table(&report);
+    if let Some(path) = json {
+        let written = serde_json::to_string_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|j| std::fs::write(&path, j + "\n").map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("simulate: {}: {e}", path.display());
+            return EXIT_FAILED;
+        }
+    }
+    0
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -106,6 +197,7 @@ pub fn main() -> i32 {
         Command::RunSuite { dir, seed, report } => {
             crate::run_suite(&dir, seed.unwrap_or_else(clock_seed), report.as_deref())
         }
+        Command::Bench(cmd) => bench_cmd(cmd),
         Command::Model {
             nodes,
             gossip_interval,

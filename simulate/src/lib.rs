@@ -11,6 +11,7 @@
 //! the `node` library.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod faults;
 pub mod invariants;

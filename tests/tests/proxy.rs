@@ -12,7 +12,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tests::traffic::*;
-use tests::{TEST_GOSSIP, admin_get, eventually};
+use tests::{TEST_GOSSIP, admin_get, admin_request, eventually};
 
 // === tests ===
 
@@ -544,7 +544,7 @@ async fn inbound_refuses_unnamed_services_and_false_source_identities() {
         async move {
             let (_c, send, recv) = ep.open_bi(addr).await.unwrap();
             let mut w = FrameWriter::new(send);
-            w.kind(STREAM_KIND_HTTP).await.unwrap();
+            w.kind(STREAM_KIND_HTTP);
             let head = RequestHead {
                 service: service.into(),
                 source: source.into(),
@@ -580,6 +580,75 @@ async fn inbound_refuses_unnamed_services_and_false_source_identities() {
         (404, Some("unknown-service".into()))
     );
     assert_eq!(up.hits(), 1);
+    n1.shutdown().await;
+    n2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_listener_sends_everything_to_its_service_through_policy() {
+    let v1 = Upstream::start(echo()).await;
+    let v2 = Upstream::start(ok("v2")).await;
+    let mut mesh = Mesh::new();
+    let n1 = mesh
+        .client("n1", |c| {
+            c.proxy.upstreams.push(node::proxy::UpstreamListener {
+                service: "web".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+            })
+        })
+        .await;
+    let n2 = mesh
+        .start(mesh.config(
+            "n2",
+            &["web", "web-v2"],
+            &[("web", v1.addr), ("web-v2", v2.addr)],
+        ))
+        .await;
+    routable(&n1, "web", 1).await;
+    routable(&n1, "web-v2", 1).await;
+    let listen = n1.upstream_addr("web").expect("upstream listener bound");
+    let client = http1();
+
+    // The app addresses the listener (or names anything else): it reaches
+    // `web`, which sees its own name as Host.
+    for host in [listen.to_string(), "elsewhere".to_string()] {
+        let resp = client
+            .request(get(listen, &host, "/via-upstream?q=1"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "host {host}");
+        assert_eq!(resp.headers()["x-path"], "/via-upstream");
+        assert_eq!(resp.headers()["x-seen-host"], "web");
+        assert_eq!(
+            resp.headers()["x-seen-shoal-forwarded"],
+            "by=n2;from=n1;svc=client"
+        );
+    }
+
+    // Policies apply as on the shared outbound listener: a route sending
+    // `web` to `web-v2` takes this listener's traffic too.
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-cutover}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - backendRefs: [{name: web-v2, port: 80}]\n";
+    let (status, body) = admin_request(
+        n1.admin_addr(),
+        "PUT",
+        "/v1/policies/HTTPRoute/web-cutover",
+        &[("content-type", "application/yaml")],
+        route,
+    )
+    .await;
+    assert!(status == 200 || status == 201, "{status} {body}");
+    eventually(
+        "the route takes the upstream listener's traffic",
+        WAIT,
+        || async {
+            let resp = client
+                .request(get(listen, &listen.to_string(), "/"))
+                .await
+                .unwrap();
+            (resp.status() == 200 && body_of(resp).await == "v2").then_some(())
+        },
+    )
+    .await;
     n1.shutdown().await;
     n2.shutdown().await;
 }

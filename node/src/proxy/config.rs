@@ -89,6 +89,39 @@ pub struct ServiceFile {
     weight: Option<u32>,
 }
 
+/// A listener whose every request goes to one service (for apps that cannot
+/// set a Host header): `--upstream web=127.0.0.1:4141` or `[[upstream]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamListener {
+    /// The service everything arriving here goes to.
+    pub service: String,
+    /// Where to listen (port 0 picks one).
+    pub listen: SocketAddr,
+}
+
+impl UpstreamListener {
+    /// Parses `SERVICE=ADDR`.
+    pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
+        let err = |m: String| ConfigError::new("--upstream", m);
+        let (service, addr) = s
+            .split_once('=')
+            .ok_or_else(|| err(format!("{s:?} is not SERVICE=ADDR")))?;
+        check_service_name(service).map_err(err)?;
+        Ok(UpstreamListener {
+            service: service.into(),
+            listen: resolve(addr).map_err(err)?,
+        })
+    }
+}
+
+/// An `[[upstream]]` table in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    service: String,
+    listen: String,
+}
+
 /// Retry settings.
 #[derive(Debug, Clone)]
 pub struct RetryConfig {
@@ -129,6 +162,8 @@ pub struct ProxyConfig {
     pub services: Vec<ServiceSpec>,
     /// Outbound listener address (none: the node takes no app traffic).
     pub outbound: Option<SocketAddr>,
+    /// Per-upstream listeners: each sends everything to one service.
+    pub upstreams: Vec<UpstreamListener>,
     /// Default request timeout (until the response head). Default 30 s.
     pub request_timeout: Duration,
     /// How long a draining node waits for in-flight requests. Default 30 s.
@@ -152,6 +187,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             services: Vec::new(),
             outbound: None,
+            upstreams: Vec::new(),
             request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             retry: RetryConfig::default(),
@@ -174,6 +210,10 @@ pub struct ProxyArgs {
     /// Outbound listener for apps (HTTP/1.1 and h2c), e.g. 127.0.0.1:4140.
     #[arg(long, env = "SHOAL_OUTBOUND")]
     pub outbound: Option<String>,
+    /// Per-upstream listener `SERVICE=ADDR` (repeatable): everything arriving
+    /// there goes to SERVICE, whatever its Host header. Env: comma-separated.
+    #[arg(long = "upstream", env = "SHOAL_UPSTREAM", value_delimiter = ',')]
+    pub upstreams: Vec<String>,
     /// Default request timeout [default: 30s].
     #[arg(long, env = "SHOAL_REQUEST_TIMEOUT")]
     pub request_timeout: Option<String>,
@@ -189,6 +229,8 @@ pub struct ProxyFile {
     pub service: Vec<ServiceFile>,
     /// `outbound`.
     pub outbound: Option<String>,
+    /// `[[upstream]]` tables.
+    pub upstream: Vec<UpstreamFile>,
     /// `request_timeout`.
     pub request_timeout: Option<String>,
     /// `drain_timeout`.
@@ -216,6 +258,23 @@ impl ProxyConfig {
                 "--service",
                 format!("{:?} registered twice", w[0]),
             ));
+        }
+        if args.upstreams.is_empty() {
+            for (i, u) in file.upstream.into_iter().enumerate() {
+                let field = |k: &str| format!("upstream[{i}].{k}");
+                check_service_name(&u.service)
+                    .map_err(|m| ConfigError::new(field("service"), m))?;
+                let listen =
+                    resolve(&u.listen).map_err(|m| ConfigError::new(field("listen"), m))?;
+                c.upstreams.push(UpstreamListener {
+                    service: u.service,
+                    listen,
+                });
+            }
+        } else {
+            for u in &args.upstreams {
+                c.upstreams.push(UpstreamListener::parse_flag(u)?);
+            }
         }
         if let Some(o) = args.outbound.or(file.outbound) {
             c.outbound = Some(resolve(&o).map_err(|m| ConfigError::new("--outbound", m))?);
@@ -300,6 +359,10 @@ mod tests {
         assert_eq!(s.protocol, Protocol::H2c);
         assert!(ServiceSpec::parse_flag("web").is_err());
         assert!(ServiceSpec::parse_flag("Web=127.0.0.1:1").is_err());
+        let u = UpstreamListener::parse_flag("web=127.0.0.1:4141").unwrap();
+        assert_eq!(u.service, "web");
+        assert_eq!(u.listen, "127.0.0.1:4141".parse().unwrap());
+        assert!(UpstreamListener::parse_flag("127.0.0.1:4141").is_err());
     }
 
     #[test]
@@ -359,6 +422,10 @@ name = "grpc"
 address = "127.0.0.1:9090"
 protocol = "h2c"
 weight = 50
+
+[[upstream]]
+service = "web"
+listen = "127.0.0.1:4141"
 "#,
                 dir.path().display()
             ),
@@ -377,6 +444,13 @@ weight = 50
         assert_eq!(p.services[0].health_interval, Duration::from_millis(500));
         assert_eq!(p.services[1].protocol, Protocol::H2c);
         assert_eq!(p.services[1].weight, 50);
+        assert_eq!(
+            p.upstreams,
+            vec![UpstreamListener {
+                service: "web".into(),
+                listen: "127.0.0.1:4141".parse().unwrap(),
+            }]
+        );
 
         std::fs::write(
             &file,

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use futures::Stream;
+use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -109,50 +109,93 @@ pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, FrameError>
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// Queued bytes above which [`FrameWriter::body`] writes even while the body
+/// keeps producing frames at once (bounds what a writer holds).
+const FLUSH_AT: usize = 64 * 1024;
+/// Payloads up to this size are copied into the queue's buffer so that small
+/// frames leave in one write; larger ones are queued by reference.
+const COPY_AT: usize = 4 * 1024;
+
 /// Writes frames onto a QUIC send stream.
+///
+/// Frames are queued and leave together on [`FrameWriter::flush`] (or
+/// [`FrameWriter::end`]), so a small message — kind, head, body, END and the
+/// stream's FIN — goes out as one write and usually one packet: every write
+/// wakes the connection driver, which may send a packet per write.
 pub struct FrameWriter {
     send: SendStream,
+    /// Small frames, copied together.
+    buf: BytesMut,
+    /// Queued chunks, in order (`buf` is split into them as needed).
+    chunks: Vec<Bytes>,
+    queued: usize,
 }
 
 impl FrameWriter {
     /// Wraps a send stream.
     pub fn new(send: SendStream) -> Self {
-        FrameWriter { send }
+        FrameWriter {
+            send,
+            buf: BytesMut::new(),
+            chunks: Vec::new(),
+            queued: 0,
+        }
     }
 
-    /// Writes the stream kind byte.
-    pub async fn kind(&mut self, kind: u8) -> Result<(), FrameError> {
-        self.send
-            .write_all(&[kind])
-            .await
-            .map_err(|e| FrameError::Write(e.to_string()))
+    /// Queues the stream kind byte.
+    pub fn kind(&mut self, kind: u8) {
+        self.buf.extend_from_slice(&[kind]);
+        self.queued += 1;
     }
 
-    /// Writes one frame.
+    /// Queues one frame (sent on the next flush).
+    pub fn queue(&mut self, ty: u8, payload: Bytes) {
+        self.queued += 5 + payload.len();
+        self.buf.reserve(5 + payload.len().min(COPY_AT));
+        self.buf.extend_from_slice(&[ty]);
+        self.buf
+            .extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        if payload.len() <= COPY_AT {
+            self.buf.extend_from_slice(&payload);
+        } else {
+            self.chunks.push(self.buf.split().freeze());
+            self.chunks.push(payload);
+        }
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        self.queued = 0;
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        let r = self.send.write_all_chunks(&mut self.chunks).await;
+        self.chunks.clear();
+        r.map_err(|e| FrameError::Write(e.to_string()))
+    }
+
+    /// Writes one frame now (with anything queued before it).
     pub async fn frame(&mut self, ty: u8, payload: Bytes) -> Result<(), FrameError> {
-        let mut hdr = BytesMut::with_capacity(5);
-        hdr.extend_from_slice(&[ty]);
-        hdr.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        let mut chunks = [hdr.freeze(), payload];
-        self.send
-            .write_all_chunks(&mut chunks)
-            .await
-            .map_err(|e| FrameError::Write(e.to_string()))
+        self.queue(ty, payload);
+        self.flush().await
     }
 
-    /// Writes body bytes, split into frames of at most [`MAX_DATA_FRAME`].
-    pub async fn data(&mut self, mut data: Bytes) -> Result<(), FrameError> {
+    /// Queues body bytes, split into frames of at most [`MAX_DATA_FRAME`].
+    pub fn data(&mut self, mut data: Bytes) {
         while !data.is_empty() {
             let n = data.len().min(MAX_DATA_FRAME);
             let chunk = data.split_to(n);
-            self.frame(FRAME_DATA, chunk).await?;
+            self.queue(FRAME_DATA, chunk);
         }
-        Ok(())
     }
 
-    /// Writes the END frame and finishes the stream.
+    /// Writes the END frame (with anything queued) and finishes the stream.
     pub async fn end(&mut self) -> Result<(), FrameError> {
-        self.frame(FRAME_END, Bytes::new()).await?;
+        self.queue(FRAME_END, Bytes::new());
+        self.flush().await?;
         self.send
             .finish()
             .map_err(|e| FrameError::Write(e.to_string()))
@@ -171,35 +214,57 @@ impl FrameWriter {
         }
     }
 
-    /// Streams `body` as DATA frames, then its trailers, then END. On a body
-    /// error the stream is reset, so the peer never mistakes a cut body for a
-    /// whole one.
+    /// Streams `body` as DATA frames, then its trailers, then END, after
+    /// anything already queued (a head). Frames the body has ready at once
+    /// leave together; before waiting on the body, what is queued is written,
+    /// so a slow or interactive body (gRPC streams) is never held back. On a
+    /// body error the stream is reset, so the peer never mistakes a cut body
+    /// for a whole one.
     pub async fn body<B>(&mut self, body: B) -> Result<(), FrameError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         let mut body = body;
+        let mut yielded = false;
         loop {
-            match body.frame().await {
-                None => break,
-                Some(Ok(frame)) => {
-                    let frame = match frame.into_data() {
-                        Ok(data) => {
-                            self.data(data).await?;
-                            continue;
-                        }
-                        Err(f) => f,
-                    };
-                    if let Ok(trailers) = frame.into_trailers() {
-                        self.frame(FRAME_TRAILERS, encode(&to_wire(&trailers))?)
-                            .await?;
-                    }
+            if body.is_end_stream() {
+                break;
+            }
+            let mut next = body.frame().now_or_never();
+            if next.is_none() && !yielded && self.queued > 0 {
+                // A hyper body hands over its first bytes only once polled
+                // (the connection task then delivers them): one yield lets
+                // the head leave with them in one packet, so the peer has
+                // one packet per message to acknowledge, not two.
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = body.frame().now_or_never();
+            }
+            let next = match next {
+                Some(f) => f,
+                None => {
+                    self.flush().await?;
+                    body.frame().await
                 }
+            };
+            match next {
+                None => break,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.data(data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.queue(FRAME_TRAILERS, encode(&to_wire(&trailers))?);
+                        }
+                    }
+                },
                 Some(Err(e)) => {
                     self.reset(RESET_ERROR);
                     return Err(FrameError::Read(format!("body: {e}")));
                 }
+            }
+            if self.queued >= FLUSH_AT {
+                self.flush().await?;
             }
         }
         self.end().await
@@ -209,6 +274,8 @@ impl FrameWriter {
 /// Reads frames from a QUIC receive stream.
 pub struct FrameReader {
     recv: RecvStream,
+    /// Bytes received and not yet parsed.
+    buf: BytesMut,
     ended: bool,
 }
 
@@ -228,52 +295,94 @@ pub enum InFrame {
 impl FrameReader {
     /// Wraps a receive stream.
     pub fn new(recv: RecvStream) -> Self {
-        FrameReader { recv, ended: false }
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+            ended: false,
+        }
+    }
+
+    /// Polls until at least `n` bytes are buffered.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, n: usize) -> Poll<Result<(), FrameError>> {
+        while self.buf.len() < n {
+            // `read_chunk` is cancel-safe: a fresh future per poll loses nothing.
+            let read = self.recv.read_chunk(usize::MAX, true);
+            match std::task::ready!(std::pin::pin!(read).poll(cx)) {
+                Ok(Some(chunk)) => {
+                    if self.buf.is_empty() && chunk.bytes.len() >= n {
+                        // Take the chunk's buffer as is when it holds all we need.
+                        self.buf = BytesMut::from(chunk.bytes);
+                    } else {
+                        self.buf.extend_from_slice(&chunk.bytes);
+                    }
+                }
+                Ok(None) => return Poll::Ready(Err(FrameError::Truncated)),
+                Err(e) => return Poll::Ready(Err(FrameError::Read(e.to_string()))),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Reads the stream kind byte.
     pub async fn kind(&mut self) -> Result<u8, FrameError> {
-        let mut b = [0u8; 1];
-        self.recv
-            .read_exact(&mut b)
-            .await
-            .map_err(|e| FrameError::Read(e.to_string()))?;
+        std::future::poll_fn(|cx| self.poll_fill(cx, 1)).await?;
+        let b = self.buf.split_to(1);
         Ok(b[0])
     }
 
     /// Reads the next frame.
     pub async fn next(&mut self) -> Result<InFrame, FrameError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Polls for the next frame.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<InFrame, FrameError>> {
         if self.ended {
-            return Ok(InFrame::End);
+            return Poll::Ready(Ok(InFrame::End));
         }
-        let mut hdr = [0u8; 5];
-        match self.recv.read_exact(&mut hdr).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
-            Err(e) => return Err(FrameError::Read(e.to_string())),
-        }
+        std::task::ready!(self.poll_fill(cx, 5))?;
+        let hdr = &self.buf[..5];
+        let ty = hdr[0];
         let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
         if len > MAX_FRAME {
-            return Err(FrameError::Malformed(format!("frame of {len} bytes")));
+            return Poll::Ready(Err(FrameError::Malformed(format!("frame of {len} bytes"))));
         }
-        let mut buf = BytesMut::zeroed(len);
-        match self.recv.read_exact(&mut buf).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
-            Err(e) => return Err(FrameError::Read(e.to_string())),
-        }
-        let payload = buf.freeze();
-        match hdr[0] {
+        std::task::ready!(self.poll_fill(cx, 5 + len))?;
+        let _ = self.buf.split_to(5);
+        let payload = self.buf.split_to(len).freeze();
+        Poll::Ready(match ty {
             FRAME_HEAD => Ok(InFrame::Head(payload)),
             FRAME_DATA => Ok(InFrame::Data(payload)),
-            FRAME_TRAILERS => Ok(InFrame::Trailers(from_wire(&decode::<WireHeaders>(
-                &payload,
-            )?))),
+            FRAME_TRAILERS => {
+                decode::<WireHeaders>(&payload).map(|w| InFrame::Trailers(from_wire(&w)))
+            }
             FRAME_END => {
                 self.ended = true;
+                self.take_fin();
                 Ok(InFrame::End)
             }
             t => Err(FrameError::Malformed(format!("unknown frame type {t:#x}"))),
+        })
+    }
+
+    /// Consumes an END frame that is already buffered (it usually shares
+    /// the last DATA frame's packet), so a body knows it is complete without
+    /// another poll; returns whether the message has ended.
+    fn end_if_buffered(&mut self) -> bool {
+        if !self.ended && self.buf.len() >= 5 && self.buf[..5] == [FRAME_END, 0, 0, 0, 0] {
+            let _ = self.buf.split_to(5);
+            self.ended = true;
+            self.take_fin();
+        }
+        self.ended
+    }
+
+    /// After END: notes the stream's FIN if it has already arrived (it
+    /// usually shares END's packet), so dropping the reader does not send
+    /// the peer a needless STOP_SENDING. Never waits.
+    fn take_fin(&mut self) {
+        if self.buf.is_empty() {
+            let _ = self.recv.read_chunk(1, true).now_or_never();
         }
     }
 
@@ -287,6 +396,16 @@ impl FrameReader {
         }
     }
 
+    /// Reads the END frame of a message that has no body.
+    pub async fn end(&mut self) -> Result<(), FrameError> {
+        match self.next().await? {
+            InFrame::End => Ok(()),
+            other => Err(FrameError::Malformed(format!(
+                "expected the end, got {other:?}"
+            ))),
+        }
+    }
+
     /// Tells the peer to stop sending.
     pub fn stop(&mut self, code: u32) {
         let _ = self.recv.stop(VarInt::from_u32(code));
@@ -295,20 +414,8 @@ impl FrameReader {
     /// Turns the rest of the stream into an HTTP body. `length` is the
     /// declared Content-Length, if any (it makes the size hint exact).
     pub fn into_body(self, length: Option<u64>) -> ProxyBody {
-        let stream = futures::stream::unfold(Some(self), |reader| async move {
-            let mut reader = reader?;
-            match reader.next().await {
-                Ok(InFrame::Data(d)) => Some((Ok(Frame::data(d)), Some(reader))),
-                Ok(InFrame::Trailers(t)) => Some((Ok(Frame::trailers(t)), Some(reader))),
-                Ok(InFrame::End) => None,
-                Ok(InFrame::Head(_)) => {
-                    Some((Err(BoxError::from("unexpected head frame in body")), None))
-                }
-                Err(e) => Some((Err(BoxError::from(e)), None)),
-            }
-        });
         StreamedBody {
-            inner: Box::pin(stream),
+            reader: self,
             length,
             done: false,
         }
@@ -316,9 +423,9 @@ impl FrameReader {
     }
 }
 
-/// A body fed by a stream of frames, with an optional exact length.
+/// A body read frame by frame from a stream, with an optional exact length.
 struct StreamedBody {
-    inner: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, BoxError>> + Send>>,
+    reader: FrameReader,
     length: Option<u64>,
     done: bool,
 }
@@ -334,21 +441,38 @@ impl Body for StreamedBody {
         if self.done {
             return Poll::Ready(None);
         }
-        let r = self.inner.as_mut().poll_next(cx);
-        match &r {
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.done = true,
-            Poll::Ready(Some(Ok(f))) => {
-                if let (Some(d), Some(left)) = (f.data_ref(), self.length) {
+        let next = std::task::ready!(self.reader.poll_next(cx));
+        Poll::Ready(match next {
+            Ok(InFrame::Data(d)) => {
+                if let Some(left) = self.length {
                     self.length = Some(left.saturating_sub(d.len() as u64));
                 }
+                // Lets the caller see the end with the last bytes (hyper
+                // then finishes the message without polling again).
+                self.reader.end_if_buffered();
+                Some(Ok(Frame::data(d)))
             }
-            Poll::Pending => {}
-        }
-        r
+            Ok(InFrame::Trailers(t)) => {
+                self.reader.end_if_buffered();
+                Some(Ok(Frame::trailers(t)))
+            }
+            Ok(InFrame::End) => {
+                self.done = true;
+                None
+            }
+            Ok(InFrame::Head(_)) => {
+                self.done = true;
+                Some(Err(BoxError::from("unexpected head frame in body")))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(BoxError::from(e)))
+            }
+        })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done || self.reader.ended
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -95,7 +95,13 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         let len = frame::content_length(&frame::from_wire(&head.headers));
         reader.into_body(len)
     } else {
-        reader.stop(0);
+        // END (and FIN) share the head's packet: read them so the stream
+        // closes cleanly instead of with a STOP_SENDING.
+        if let Err(e) = reader.end().await {
+            tracing::debug!(error = %e, peer = %caller, "bad request end");
+            writer.reset(frame::RESET_ERROR);
+            return;
+        }
         empty()
     };
     // The caller giving up (its stream stopped) abandons the local request.
@@ -116,9 +122,8 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         writer.reset(frame::RESET_ERROR);
         return;
     };
-    if writer.frame(FRAME_HEAD, encoded).await.is_err() {
-        return;
-    }
+    // The head leaves with the body's first frames (all of a small body).
+    writer.queue(FRAME_HEAD, encoded);
     if let Err(e) = writer.body(body).await {
         tracing::debug!(error = %e, "response body cut short");
         writer.reset(RESET_CANCEL);

@@ -33,7 +33,9 @@ use tokio::task::JoinHandle;
 use transport::Endpoint;
 
 pub use balance::{Balancer, EndpointView, RetryBudget, Target};
-pub use config::{Protocol, ProxyArgs, ProxyConfig, ProxyFile, RetryConfig, ServiceSpec};
+pub use config::{
+    Protocol, ProxyArgs, ProxyConfig, ProxyFile, RetryConfig, ServiceSpec, UpstreamListener,
+};
 pub use stats::{EdgeStats, Stats};
 
 use crate::config::NodeConfig;
@@ -51,6 +53,12 @@ pub const TIMEOUT_HEADER: &str = "shoal-timeout";
 pub enum ProxyError {
     #[error("outbound listener {addr}: {source}")]
     Outbound {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream listener {addr} for {service}: {source}")]
+    Upstream {
+        service: String,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -277,6 +285,7 @@ impl Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     outbound_addr: Option<SocketAddr>,
+    upstream_addrs: Vec<(String, SocketAddr)>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -323,6 +332,21 @@ impl Proxy {
             None => None,
         };
         let outbound_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let mut upstream_listeners = Vec::new();
+        for u in &config.upstreams {
+            let err = |source| ProxyError::Upstream {
+                service: u.service.clone(),
+                addr: u.listen,
+                source,
+            };
+            let l = TcpListener::bind(u.listen).await.map_err(err)?;
+            let addr = l.local_addr().map_err(err)?;
+            upstream_listeners.push((u.service.clone(), addr, l));
+        }
+        let upstream_addrs: Vec<(String, SocketAddr)> = upstream_listeners
+            .iter()
+            .map(|(s, a, _)| (s.clone(), *a))
+            .collect();
         let shared = Arc::new(Shared {
             node: node.name.clone(),
             zone: node.zone.clone(),
@@ -369,12 +393,22 @@ impl Proxy {
             tasks.push(tokio::spawn(outbound::serve(
                 shared.clone(),
                 l,
-                shutdown_rx,
+                None,
+                shutdown_rx.clone(),
+            )));
+        }
+        for (service, _, l) in upstream_listeners {
+            tasks.push(tokio::spawn(outbound::serve(
+                shared.clone(),
+                l,
+                Some(service.into()),
+                shutdown_rx.clone(),
             )));
         }
         Ok(Proxy {
             shared,
             outbound_addr,
+            upstream_addrs,
             shutdown,
             tasks: Mutex::new(tasks),
         })
@@ -383,6 +417,14 @@ impl Proxy {
     /// The bound outbound listener address, if any.
     pub fn outbound_addr(&self) -> Option<SocketAddr> {
         self.outbound_addr
+    }
+
+    /// The bound address of the per-upstream listener for `service`, if any.
+    pub fn upstream_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.upstream_addrs
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, a)| *a)
     }
 
     /// Every service in the mesh with its endpoints.

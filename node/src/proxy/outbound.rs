@@ -35,10 +35,13 @@ use crate::proxy::inbound::{self, Decrement, empty, error};
 use crate::proxy::stats::{Direction, Edge};
 use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER};
 
-/// Serves the outbound listener until `shutdown` flips.
+/// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
+/// per-upstream listener: every request goes to that service, whatever it
+/// addresses, and the instance sees the service name as its Host.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
+    fixed: Option<Arc<str>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -57,10 +60,12 @@ pub(crate) async fn serve(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let builder = builder.clone();
+        let fixed = fixed.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                let fixed = fixed.clone();
+                async move { Ok::<_, Infallible>(handle(shared, fixed, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -130,9 +135,34 @@ enum Failed {
     Reset(String),
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    fixed: Option<Arc<str>>,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
-    let name = service_name(&req);
+    let name = match &fixed {
+        Some(service) => {
+            // The app addressed the listener, not the service: forward as
+            // if it had named the service.
+            if let Ok(host) = http::HeaderValue::from_str(service) {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+            if req.uri().authority().is_some() {
+                let mut parts = req.uri().clone().into_parts();
+                parts.scheme = None;
+                parts.authority = None;
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+                }
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+            Some(service.to_string())
+        }
+        None => service_name(&req),
+    };
     // One policy snapshot for the whole request: it sees the old set or the
     // new one, never half.
     let set = shared.policy.store.snapshot();
@@ -515,20 +545,16 @@ async fn attempt(
         .await
         .map_err(|e| connect(e.to_string()))?;
     let mut writer = FrameWriter::new(send);
-    writer
-        .kind(STREAM_KIND_HTTP)
-        .await
-        .map_err(|e| connect(e.to_string()))?;
+    writer.kind(STREAM_KIND_HTTP);
     let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
-    writer
-        .frame(FRAME_HEAD, encoded)
-        .await
-        .map_err(|e| connect(e.to_string()))?;
-    let body = source.take();
-    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        match body {
-            Some(body) if head_has_body(&body) => {
+    writer.queue(FRAME_HEAD, encoded);
+    let mut guards: Vec<Box<dyn Any + Send>> = vec![guard];
+    match source.take() {
+        Some(body) if !body.is_end_stream() => {
+            writer.flush().await.map_err(|e| connect(e.to_string()))?;
+            let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+            guards.push(Box::new(cancel_tx));
+            tokio::spawn(async move {
                 tokio::select! {
                     r = writer.body(body) => {
                         if let Err(e) = r {
@@ -537,12 +563,11 @@ async fn attempt(
                     }
                     _ = cancel_rx => writer.reset(RESET_CANCEL),
                 }
-            }
-            _ => {
-                let _ = writer.end().await;
-            }
+            });
         }
-    });
+        // No body: kind, head, END and FIN leave in one write.
+        _ => writer.end().await.map_err(|e| connect(e.to_string()))?,
+    }
     let mut reader = FrameReader::new(recv);
     let rh: ResponseHead = reader
         .head()
@@ -553,16 +578,17 @@ async fn attempt(
     let body = if rh.has_body {
         reader.into_body(frame::content_length(&headers))
     } else {
+        // Read END (and FIN) so the stream closes without a STOP_SENDING.
+        reader
+            .end()
+            .await
+            .map_err(|e| Failed::Reset(e.to_string()))?;
         empty()
     };
-    let mut resp = Response::new(guarded(body, vec![guard, Box::new(cancel_tx)]));
+    let mut resp = Response::new(guarded(body, guards));
     *resp.status_mut() = StatusCode::from_u16(rh.status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = headers;
     Ok((resp, rtt))
-}
-
-fn head_has_body(b: &ProxyBody) -> bool {
-    !b.is_end_stream()
 }
 
 /// A body that keeps `guards` alive until it is dropped.
