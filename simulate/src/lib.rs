@@ -6,6 +6,8 @@
 //! - [`invariants`]: verdicts from the recorded trace.
 //! - [`report`]: the stdout table, `report.json`, `timeline.svg`.
 //! - [`model`]: the gossip layer alone at large N in virtual time.
+//! - [`workload`]: open-loop requests through the mesh, and the upstreams.
+//! - [`process`]: `--processes` mode, real `shoal node` processes.
 //!
 //! `main.rs` only calls [`cli::main`]. `simulate` uses nodes only through
 //! the `node` library.
@@ -15,9 +17,11 @@ pub mod cli;
 pub mod faults;
 pub mod invariants;
 pub mod model;
+pub mod process;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod workload;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -99,6 +103,7 @@ fn printing_options(seed: u64) -> RunOptions {
     RunOptions {
         seed,
         extra_layer: None,
+        processes: None,
         on_event: Some(Arc::new(|e: &RunEvent| {
             match e {
                 RunEvent::Formed { nodes, took } => {
