@@ -795,7 +795,13 @@ impl SimCluster {
                 }
                 applied.effective = Some(Instant::now());
             }
-            Action::Restart { node } => applied.note = Some(self.restart(node).await?),
+            Action::Restart { node } => {
+                let mut note = self.restart(node).await?;
+                if let Some(gate) = self.gate_traffic(node).await {
+                    note.push_str(&format!("; {gate}"));
+                }
+                applied.note = Some(note);
+            }
             Action::RollingRestart { nodes } => {
                 let mut notes = Vec::new();
                 for node in nodes {
@@ -805,6 +811,7 @@ impl SimCluster {
                     }
                     let down = (Instant::now() - start).as_secs_f64();
                     self.restart(node).await?;
+                    self.gate_traffic(node).await;
                     let up = (Instant::now() - start).as_secs_f64();
                     let seen = self.wait_alive(node, ALIVE_WITHIN).await;
                     notes.push(match seen {
@@ -975,6 +982,49 @@ impl SimCluster {
                 }
             })
             .collect()
+    }
+
+    /// Holds a restarted workload client's traffic until it routes the
+    /// workload's service, as an orchestrator waits for a sidecar to be
+    /// ready: `/readyz` only says the node joined gossip, and until the
+    /// services arrive by gossip its outbound answers `unknown-service`.
+    async fn gate_traffic(&self, name: &str) -> Option<String> {
+        let service = self.workload_service.as_deref()?;
+        let addr = self.outbounds.lock().unwrap().remove(name)?;
+        let start = Instant::now();
+        let within = Duration::from_secs(10);
+        let mut routed = false;
+        while start.elapsed() < within {
+            let n = match self.running(name).as_deref() {
+                Some(Instance::Local(n)) => n
+                    .proxy()
+                    .services()
+                    .iter()
+                    .filter(|s| s.service == service)
+                    .flat_map(|s| s.endpoints.iter())
+                    .filter(|e| e.routable)
+                    .count(),
+                Some(Instance::Process(p)) => routable_via_admin(p.command.admin, service).await,
+                None => 0,
+            };
+            if n > 0 {
+                routed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.outbounds
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), addr);
+        Some(if routed {
+            format!(
+                "its traffic resumed once it routed {service}, {:.1}s after start",
+                start.elapsed().as_secs_f64()
+            )
+        } else {
+            format!("it did not route {service} within {within:?}; traffic resumed anyway")
+        })
     }
 
     /// Waits until every other running node sees `name` alive; returns how
