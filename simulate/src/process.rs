@@ -94,21 +94,29 @@ impl NodeProcess {
             .spawn()
             .with_context(|| format!("running {}", command.binary.display()))?;
         let pid = child.id().context("the process has no id")?;
-        let p = NodeProcess {
+        let mut p = NodeProcess {
             child,
             pid,
             command,
         };
-        p.wait_ready(Duration::from_secs(10)).await?;
+        if let Err(e) = p.wait_ready(Duration::from_secs(10)).await {
+            let log = std::fs::read_to_string(&p.command.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("{e}; its log ends:\n    {}", tail.join("\n    "));
+        }
         Ok(p)
     }
 
-    async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let end = tokio::time::Instant::now() + within;
         let admin = self.command.admin.to_string();
         loop {
             if node::cli::get(&admin, "/healthz").await.is_ok() {
                 return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!("shoal node exited at start ({status})");
             }
             if tokio::time::Instant::now() > end {
                 anyhow::bail!(
