@@ -20,4 +20,4 @@ pub use gossip::{Member, MemberState, ServingState};
 pub use node::{Node, NodeError};
 /// Certificate tooling and the UDP socket seam, for harnesses such as
 /// `simulate` that run nodes in process and wrap their sockets.
-pub use transport::{certs, socket};
+pub use transport::{Identity, certs, socket};

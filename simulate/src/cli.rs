@@ -38,6 +38,13 @@ enum Command {
         /// Write report.json and timeline.svg into this folder.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Run real `shoal node` processes (crash = SIGKILL, pause = SIGSTOP)
+        /// instead of in-process nodes; network-fault and skew steps are refused.
+        #[arg(long)]
+        processes: bool,
+        /// The shoal binary for --processes [default: target/release/shoal].
+        #[arg(long, requires = "processes")]
+        shoal: Option<PathBuf>,
     },
     /// Run every scenario in a folder (the CI suite: simulate/scenarios/ci).
     RunSuite {
@@ -49,6 +56,13 @@ enum Command {
         /// Write one report folder per scenario under this folder.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Run real `shoal node` processes (crash = SIGKILL, pause = SIGSTOP)
+        /// instead of in-process nodes; network-fault and skew steps are refused.
+        #[arg(long)]
+        processes: bool,
+        /// The shoal binary for --processes [default: target/release/shoal].
+        #[arg(long, requires = "processes")]
+        shoal: Option<PathBuf>,
     },
     /// Benchmarks (commands that print figures, never timed tests).
     #[command(subcommand)]
@@ -189,14 +203,26 @@ pub fn main() -> i32 {
             scenario,
             seed,
             report,
+            processes,
+            shoal,
         } => crate::run_file(
             &scenario,
             seed.unwrap_or_else(clock_seed),
             report.as_deref(),
+            processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
         ),
-        Command::RunSuite { dir, seed, report } => {
-            crate::run_suite(&dir, seed.unwrap_or_else(clock_seed), report.as_deref())
-        }
+        Command::RunSuite {
+            dir,
+            seed,
+            report,
+            processes,
+            shoal,
+        } => crate::run_suite(
+            &dir,
+            seed.unwrap_or_else(clock_seed),
+            report.as_deref(),
+            processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
+        ),
         Command::Bench(cmd) => bench_cmd(cmd),
         Command::Model {
             nodes,

@@ -6,18 +6,19 @@
 //! time t means running (not crashed, drained or not yet restarted) and not
 //! paused, according to the steps as they were applied.
 //!
-//! To add an invariant (request success, no traffic to dead nodes, policy
-//! convergence once the data plane and policy store exist): add a variant to
-//! [`InvariantSpec`], record what it needs in the trace, and add its arm to
-//! [`judge_one`].
+//! To add an invariant: add a variant to [`InvariantSpec`], record what it
+//! needs in the trace, and add its arm to [`judge_one`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
+use node::policy::{Document, Entry, PolicySet, Version};
 use serde::Serialize;
 
 use crate::runner::{Sample, Trace, View};
-use crate::scenario::{Action, Check, InvariantSpec, Scenario};
+use crate::scenario::{Action, CLIENT_IDENTITY, Check, DENIED_IDENTITY, InvariantSpec, Scenario};
+use crate::workload::RequestRecord;
 
 /// The outcome of one invariant or assert.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -54,7 +55,19 @@ pub fn horizon(scenario: &Scenario) -> Duration {
                     }
                 }
             }
-            InvariantSpec::NoFalseDead { .. } => {}
+            InvariantSpec::PolicyConverges { within } => {
+                for s in &scenario.steps {
+                    if matches!(s.action, Action::PushPolicy { .. }) {
+                        end = end.max(s.at + *within);
+                    }
+                }
+                end = end.max(last + *within);
+            }
+            InvariantSpec::NoFalseDead { .. }
+            | InvariantSpec::RequestSuccess { .. }
+            | InvariantSpec::NoTrafficToDead { .. }
+            | InvariantSpec::NoAckLost
+            | InvariantSpec::Authz => {}
         }
     }
     for s in &scenario.steps {
@@ -67,7 +80,8 @@ pub fn horizon(scenario: &Scenario) -> Duration {
 
 /// Judges every invariant and assert of `scenario` on `trace`.
 pub fn judge(scenario: &Scenario, trace: &Trace) -> Vec<Verdict> {
-    let truth = Truth::new(trace);
+    let mut truth = Truth::new(trace);
+    truth.callers = callers(scenario);
     let mut out: Vec<Verdict> = scenario
         .invariants
         .iter()
@@ -88,6 +102,16 @@ pub fn judge_one(inv: &InvariantSpec, truth: &Truth, trace: &Trace) -> Verdict {
         InvariantSpec::NoFalseDead { grace } => no_false_dead(*grace, truth, trace),
         InvariantSpec::DeadDetected { within } => detected(*within, truth, trace, false),
         InvariantSpec::LeftDetected { within } => detected(*within, truth, trace, true),
+        InvariantSpec::RequestSuccess {
+            idempotent_only,
+            during,
+            after,
+            settle,
+        } => request_success(*idempotent_only, *during, *after, *settle, truth, trace),
+        InvariantSpec::NoTrafficToDead { within } => no_traffic_to_dead(*within, truth, trace),
+        InvariantSpec::PolicyConverges { within } => policy_converges(*within, truth, trace),
+        InvariantSpec::NoAckLost => no_ack_lost(truth, trace),
+        InvariantSpec::Authz => authz(truth, trace),
     }
     .named(inv.to_string())
 }
@@ -112,6 +136,44 @@ pub struct Truth {
     last_change: f64,
     /// Crash, pause and drain events: (time, node, is_drain, end of the event).
     departures: Vec<(f64, String, bool, f64)>,
+    /// Moments a node began to go away (crash, pause, draining announced)
+    /// until it was back: (node, start, end).
+    pub leaving: Vec<(String, f64, f64)>,
+    /// Fault windows: (start, repair or end, what).
+    pub faults: Vec<(f64, f64, String)>,
+    /// Per node, the certificate identity its requests are judged as (the
+    /// source service the proxy sends).
+    pub callers: BTreeMap<String, String>,
+}
+
+/// The source service each node's requests carry: the first service it
+/// fronts, else its client identity.
+fn callers(scenario: &Scenario) -> BTreeMap<String, String> {
+    scenario
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let denied = scenario
+                .workload
+                .as_ref()
+                .is_some_and(|w| w.denied.contains(n));
+            let id = scenario
+                .cluster
+                .services_of(n)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| {
+                    if denied {
+                        DENIED_IDENTITY
+                    } else {
+                        CLIENT_IDENTITY
+                    }
+                    .to_string()
+                });
+            (n.clone(), id)
+        })
+        .collect()
 }
 
 // === impl Truth ===
@@ -127,16 +189,64 @@ impl Truth {
             disturbed: BTreeMap::new(),
             last_change: 0.0,
             departures: Vec::new(),
+            leaving: Vec::new(),
+            faults: Vec::new(),
+            callers: BTreeMap::new(),
         };
+        let mut open_fault: Vec<(f64, String)> = Vec::new();
+        let mut open_node_fault: BTreeMap<String, (f64, String)> = BTreeMap::new();
+        let mut open_leave: BTreeMap<String, f64> = BTreeMap::new();
         let mut open_down: BTreeMap<String, f64> = BTreeMap::new();
         let mut open_pause: BTreeMap<String, f64> = BTreeMap::new();
         let mut open_cut: BTreeMap<String, f64> = BTreeMap::new();
         for rec in &trace.steps {
             let at = rec.effective;
-            if !matches!(rec.step.action, Action::Assert { .. }) {
+            if rec.step.action.changes_membership() {
                 t.last_change = at;
             }
             match &rec.step.action {
+                Action::Crash { node } | Action::Pause { node } => {
+                    open_leave.insert(node.clone(), at);
+                    open_node_fault.insert(node.clone(), (at, rec.text.clone()));
+                }
+                Action::Drain { node } => {
+                    open_leave.insert(node.clone(), rec.at);
+                    open_node_fault.insert(node.clone(), (rec.at, rec.text.clone()));
+                }
+                Action::Restart { node } | Action::Resume { node } => {
+                    if let Some(s) = open_leave.remove(node) {
+                        t.leaving.push((node.clone(), s, at));
+                    }
+                    if let Some((s, what)) = open_node_fault.remove(node) {
+                        t.faults.push((s, at, what));
+                    }
+                }
+                Action::Partition { .. }
+                | Action::Loss { .. }
+                | Action::Delay { .. }
+                | Action::Duplicate { .. }
+                | Action::Reorder { .. } => open_fault.push((at, rec.text.clone())),
+                Action::Heal => {
+                    for (s, what) in open_fault.drain(..) {
+                        t.faults.push((s, at, what));
+                    }
+                }
+                Action::RollingRestart { .. } => {
+                    t.faults.push((rec.at, at, rec.text.clone()));
+                    for p in &rec.phases {
+                        t.leaving.push((p.node.clone(), p.drain, p.up));
+                    }
+                }
+                _ => {}
+            }
+            match &rec.step.action {
+                Action::RollingRestart { .. } => {
+                    for p in &rec.phases {
+                        push(&mut t.down, &p.node, p.down, p.up);
+                        push(&mut t.disturbed, &p.node, p.drain, p.up);
+                        t.departures.push((p.down, p.node.clone(), true, p.up));
+                    }
+                }
                 Action::Crash { node } | Action::Drain { node, .. } => {
                     open_down.insert(node.clone(), at);
                     if let Some(s) = open_pause.remove(node) {
@@ -197,6 +307,16 @@ impl Truth {
         for (n, s) in open_cut {
             push(&mut t.disturbed, &n, s, inf);
         }
+        for (n, s) in open_leave {
+            t.leaving.push((n, s, inf));
+        }
+        for (_, (s, what)) in open_node_fault {
+            t.faults.push((s, inf, what));
+        }
+        for (s, what) in open_fault {
+            t.faults.push((s, inf, what));
+        }
+        t.faults.sort_by(|a, b| a.0.total_cmp(&b.0));
         t
     }
 
@@ -415,6 +535,491 @@ fn detected(within: Duration, truth: &Truth, trace: &Trace, left: bool) -> Verdi
     }
 }
 
+fn pct(ok: usize, n: usize) -> String {
+    if n == 0 {
+        "no requests".into()
+    } else {
+        format!("{:.1}% ({ok}/{n})", ok as f64 * 100.0 / n as f64)
+    }
+}
+
+fn describe(r: &RequestRecord) -> String {
+    let outcome = match (r.status, &r.error) {
+        (Some(s), Some(e)) => format!("{s} {e}"),
+        (Some(s), None) => s.to_string(),
+        (None, Some(e)) => e.clone(),
+        (None, None) => "no answer".into(),
+    };
+    format!(
+        "{} from {} at {:.2}s: {outcome} after {:.2}s",
+        r.method, r.client, r.t, r.latency
+    )
+}
+
+/// Success ratios inside fault windows (plus `settle`) and outside them.
+fn request_success(
+    idempotent_only: bool,
+    during: Option<f64>,
+    after: Option<f64>,
+    settle: Duration,
+    truth: &Truth,
+    trace: &Trace,
+) -> Verdict {
+    let settle = settle.as_secs_f64();
+    let counted = trace
+        .requests
+        .iter()
+        .filter(|r| !r.denied && r.sent() && (!idempotent_only || r.idempotent));
+    let in_fault = |t: f64| {
+        truth
+            .faults
+            .iter()
+            .any(|(s, e, _)| t >= *s && t < e + settle)
+    };
+    let (mut d_ok, mut d_n, mut a_ok, mut a_n) = (0, 0, 0, 0);
+    let mut first_d = None;
+    let mut first_a = None;
+    for r in counted {
+        if in_fault(r.t) {
+            d_n += 1;
+            if r.ok() {
+                d_ok += 1;
+            } else {
+                first_d.get_or_insert_with(|| describe(r));
+            }
+        } else {
+            a_n += 1;
+            if r.ok() {
+                a_ok += 1;
+            } else {
+                first_a.get_or_insert_with(|| describe(r));
+            }
+        }
+    }
+    let ratio = |ok: usize, n: usize| {
+        if n == 0 {
+            100.0
+        } else {
+            ok as f64 * 100.0 / n as f64
+        }
+    };
+    let passed = during.is_none_or(|f| ratio(d_ok, d_n) >= f - 1e-9)
+        && after.is_none_or(|f| ratio(a_ok, a_n) >= f - 1e-9);
+    let mut figure = Vec::new();
+    let mut bound = Vec::new();
+    if let Some(f) = during {
+        figure.push(format!("{:.1}%", ratio(d_ok, d_n)));
+        bound.push(format!("≥ {f}%"));
+    }
+    if let Some(f) = after {
+        figure.push(format!("{:.1}%", ratio(a_ok, a_n)));
+        bound.push(format!("≥ {f}%"));
+    }
+    let mut detail = format!(
+        "during faults {}, outside {}",
+        pct(d_ok, d_n),
+        pct(a_ok, a_n)
+    );
+    let windows: Vec<String> = truth
+        .faults
+        .iter()
+        .map(|(s, e, _)| {
+            if e.is_finite() {
+                format!("{s:.1}-{:.1}s", e + settle)
+            } else {
+                format!("{s:.1}s-end")
+            }
+        })
+        .collect();
+    if !windows.is_empty() {
+        detail.push_str(&format!(" (fault windows {})", windows.join(", ")));
+    }
+    if let Some(f) = first_d {
+        detail.push_str(&format!("; first failure during: {f}"));
+    }
+    if let Some(f) = first_a {
+        detail.push_str(&format!("; first failure outside: {f}"));
+    }
+    let latencies: Vec<f64> = trace
+        .requests
+        .iter()
+        .filter(|r| r.ok())
+        .map(|r| r.latency)
+        .collect();
+    if !latencies.is_empty() {
+        detail.push_str(&format!(
+            "; latency p50 {:.1}ms p99 {:.1}ms",
+            quantile(&latencies, 0.5) * 1000.0,
+            quantile(&latencies, 0.99) * 1000.0
+        ));
+    }
+    Verdict {
+        name: String::new(),
+        passed,
+        figure: figure.join(" / "),
+        bound: bound.join(" / "),
+        seconds: None,
+        detail,
+    }
+}
+
+/// The `q` quantile of `values` (nearest rank).
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+/// After a node was seen dead, left or draining by a client, how late did
+/// that client still send it requests?
+fn no_traffic_to_dead(within: Duration, truth: &Truth, trace: &Trace) -> Verdict {
+    let limit = within.as_secs_f64();
+    let clients: BTreeSet<&str> = trace.requests.iter().map(|r| r.client.as_str()).collect();
+    let mut worst: Option<(f64, String)> = None;
+    let mut violations = 0usize;
+    let mut events = 0usize;
+    let mut unseen = Vec::new();
+    for (victim, start, end) in &truth.leaving {
+        for c in clients.iter().filter(|c| *c != victim) {
+            if !truth.healthy(c, *start) {
+                continue;
+            }
+            let known = trace
+                .samples
+                .iter()
+                .filter(|s| s.t >= *start && s.t < *end)
+                .find(|s| {
+                    view(s, c)
+                        .is_some_and(|v| !v.alive.contains(victim) || v.draining.contains(victim))
+                })
+                .map(|s| s.t);
+            let Some(known) = known else {
+                if end.is_finite() && end - start < limit {
+                    continue;
+                }
+                unseen.push(format!("{c} never saw {victim} go ({start:.1}s)"));
+                continue;
+            };
+            events += 1;
+            let mut note = |late: f64, what: String| {
+                if late > limit {
+                    violations += 1;
+                }
+                if worst.as_ref().is_none_or(|(w, _)| late > *w) {
+                    worst = Some((late, what));
+                }
+            };
+            for r in trace.requests.iter().filter(|r| {
+                r.client == **c
+                    && r.served_by.as_deref() == Some(victim.as_str())
+                    && r.t > known
+                    && r.t < *end
+            }) {
+                note(
+                    r.t - known,
+                    format!("{c}'s request at {:.2}s was served by {victim}", r.t),
+                );
+            }
+            let mine: Vec<(f64, u64)> = trace
+                .samples
+                .iter()
+                .filter(|s| s.t < *end)
+                .filter_map(|s| {
+                    view(s, c).and_then(|v| v.attempts.get(victim.as_str()).map(|a| (s.t, *a)))
+                })
+                .collect();
+            for w in mine.windows(2) {
+                if w[0].0 >= known && w[1].1 > w[0].1 {
+                    note(
+                        w[0].0 - known,
+                        format!(
+                            "{c} sent {victim} {} attempts between {:.1}s and {:.1}s",
+                            w[1].1 - w[0].1,
+                            w[0].0,
+                            w[1].0
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let passed = violations == 0 && unseen.is_empty();
+    let (figure, seconds, mut detail) = match &worst {
+        Some((w, what)) => (
+            format!("{w:.1}s"),
+            Some(*w),
+            format!("latest traffic after a client knew: {w:.1}s ({what})"),
+        ),
+        None => (
+            "none".into(),
+            Some(0.0),
+            "no traffic reached a node after its client knew it was going".into(),
+        ),
+    };
+    detail.push_str(&format!(
+        "; {events} (client, departure) pairs, {violations} late"
+    ));
+    if !unseen.is_empty() {
+        detail.push_str(&format!("; {}", unseen.join(", ")));
+    }
+    Verdict {
+        name: String::new(),
+        passed,
+        figure,
+        bound: format!("≤ {}", secs(within)),
+        seconds,
+        detail,
+    }
+}
+
+/// Per policy, the highest version acknowledged at or before `t`.
+pub fn highest_acked(trace: &Trace, t: f64) -> BTreeMap<String, Version> {
+    let mut out: BTreeMap<String, Version> = BTreeMap::new();
+    for a in trace.acks.iter().filter(|a| a.t <= t) {
+        let Ok(v) = a.version.parse::<Version>() else {
+            continue;
+        };
+        let e = out.entry(a.policy.clone()).or_insert_with(|| v.clone());
+        if v > *e {
+            *e = v;
+        }
+    }
+    out
+}
+
+fn version_of(v: &View, policy: &str) -> Option<Version> {
+    v.policies
+        .get(policy)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+}
+
+/// Whether `v` runs exactly `target`'s versions.
+fn runs(v: &View, target: &BTreeMap<String, Version>) -> bool {
+    target
+        .iter()
+        .all(|(p, want)| version_of(v, p).as_ref() == Some(want))
+}
+
+/// How many healthy nodes run the highest acknowledged version of every
+/// policy at `s`, of how many healthy nodes.
+pub fn policy_agreement(trace: &Trace, truth: &Truth, s: &Sample) -> (usize, usize) {
+    let target = highest_acked(trace, s.t);
+    let healthy = truth.healthy_set(s.t);
+    let ok = healthy
+        .iter()
+        .filter(|n| view(s, n).is_some_and(|v| runs(v, &target)))
+        .count();
+    (ok, healthy.len())
+}
+
+fn policy_converges(within: Duration, truth: &Truth, trace: &Trace) -> Verdict {
+    let last_ack = trace.acks.iter().map(|a| a.t).fold(0.0, f64::max);
+    let t0 = last_ack.max(truth.last_change);
+    let target = highest_acked(trace, f64::INFINITY);
+    let bound = format!("≤ {}", secs(within));
+    let mut last_err = "no samples after the last change".to_string();
+    for s in trace.samples.iter().filter(|s| s.t >= t0) {
+        let healthy = truth.healthy_set(s.t);
+        let lagging: Vec<String> = healthy
+            .iter()
+            .filter(|n| !view(s, n).is_some_and(|v| runs(v, &target)))
+            .cloned()
+            .collect();
+        if lagging.is_empty() {
+            let took = s.t - t0;
+            return Verdict {
+                name: String::new(),
+                passed: took <= within.as_secs_f64(),
+                figure: format!("{took:.1}s"),
+                bound,
+                seconds: Some(took),
+                detail: format!(
+                    "all {} healthy nodes ran {} at {:.1}s, {took:.1}s after the last push or change at {t0:.1}s",
+                    healthy.len(),
+                    target
+                        .iter()
+                        .map(|(p, v)| format!("{p} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    s.t
+                ),
+            };
+        }
+        last_err = format!("{} lag behind", lagging.join(", "));
+    }
+    Verdict {
+        name: String::new(),
+        passed: false,
+        figure: "never".into(),
+        bound,
+        seconds: None,
+        detail: format!("watched from {t0:.1}s; at the end {last_err}"),
+    }
+}
+
+fn no_ack_lost(truth: &Truth, trace: &Trace) -> Verdict {
+    let target = highest_acked(trace, f64::INFINITY);
+    let mut problems = Vec::new();
+    // Never backwards: once a node ran a version, it never runs a lower one.
+    let mut seen: BTreeMap<(String, String), Version> = BTreeMap::new();
+    let mut regressions = 0usize;
+    for s in &trace.samples {
+        for v in &s.views {
+            for p in target.keys() {
+                let key = (v.observer.clone(), p.clone());
+                let now = version_of(v, p);
+                if let Some(before) = seen.get(&key)
+                    && now.as_ref().is_none_or(|n| n < before)
+                {
+                    {
+                        regressions += 1;
+                        if problems.len() < 3 {
+                            problems.push(format!(
+                                "{} went back from {before} to {} on {p} at {:.1}s",
+                                v.observer,
+                                now.map_or("nothing".into(), |n| n.to_string()),
+                                s.t
+                            ));
+                        }
+                        continue;
+                    }
+                }
+                if let Some(n) = now {
+                    seen.insert(key, n);
+                }
+            }
+        }
+    }
+    // At the end, every healthy node runs the highest acknowledged version.
+    let last = trace.samples.iter().rev().find(|s| !s.views.is_empty());
+    let mut short = 0usize;
+    if let Some(s) = last {
+        for n in truth.healthy_set(s.t) {
+            for (p, want) in &target {
+                let have = view(s, &n).and_then(|v| version_of(v, p));
+                if have.as_ref().is_none_or(|h| h < want) {
+                    short += 1;
+                    problems.push(format!(
+                        "{n} ends on {} of {p}, below acknowledged {want}",
+                        have.map_or("nothing".into(), |h| h.to_string())
+                    ));
+                }
+            }
+        }
+    }
+    let lost = regressions + short;
+    Verdict {
+        name: String::new(),
+        passed: lost == 0,
+        figure: format!("{lost} lost"),
+        bound: "0".into(),
+        seconds: None,
+        detail: if problems.is_empty() {
+            format!(
+                "{} acknowledged writes of {} policies; every healthy node ends on the highest; no node ever went back",
+                trace.acks.len(),
+                target.len()
+            )
+        } else {
+            problems.join("; ")
+        },
+    }
+}
+
+/// Builds the policy set a view ran, from the pushed documents.
+fn set_of(v: &View, trace: &Trace) -> PolicySet {
+    let entries: Vec<Entry> = v
+        .policies
+        .values()
+        .filter_map(|ver| {
+            let ver_s = ver.split(' ').next()?;
+            let doc = trace.policy_docs.get(ver_s)?;
+            let parsed = Document::parse(&doc.document).ok()?;
+            Some(Entry {
+                kind: parsed.kind,
+                name: parsed.name.clone(),
+                version: ver_s.parse().ok()?,
+                hash: node::policy::store::content_hash(&parsed.canonical),
+                doc: Some(Arc::new(parsed)),
+            })
+        })
+        .collect();
+    PolicySet::build(entries.iter())
+}
+
+fn authz(truth: &Truth, trace: &Trace) -> Verdict {
+    let mut cache: HashMap<String, Arc<PolicySet>> = HashMap::new();
+    let mut denies = |v: &View, r: &RequestRecord, service: &str| -> bool {
+        let key = format!("{:?}", v.policies);
+        let set = cache
+            .entry(key)
+            .or_insert_with(|| Arc::new(set_of(v, trace)))
+            .clone();
+        let caller = node::Identity {
+            trust_domain: "sim.shoal".into(),
+            node: r.client.clone(),
+            services: vec![
+                truth
+                    .callers
+                    .get(&r.client)
+                    .cloned()
+                    .unwrap_or_else(|| CLIENT_IDENTITY.into()),
+            ],
+        };
+        !set.authorize(service, &caller, &r.method, "/work/")
+    };
+    let service = trace.service.clone().unwrap_or_default();
+    let mut checked = 0usize;
+    let mut violations = Vec::new();
+    for r in trace.requests.iter().filter(|r| r.ok()) {
+        let Some(by) = &r.served_by else { continue };
+        let before = trace
+            .samples
+            .iter()
+            .rev()
+            .find(|s| s.t <= r.t && view(s, by).is_some());
+        let after = trace
+            .samples
+            .iter()
+            .find(|s| s.t >= r.t + r.latency && view(s, by).is_some());
+        let (Some(b), Some(a)) = (before, after) else {
+            continue;
+        };
+        checked += 1;
+        let vb = view(b, by).expect("found above");
+        let va = view(a, by).expect("found above");
+        if denies(vb, r, &service) && denies(va, r, &service) {
+            violations.push(describe(r) + &format!(" (served by {by})"));
+        }
+    }
+    let denied: Vec<&RequestRecord> = trace.requests.iter().filter(|r| r.denied).collect();
+    let refused = denied
+        .iter()
+        .filter(|r| r.error.as_deref() == Some("forbidden"))
+        .count();
+    let admitted = denied.iter().filter(|r| r.ok()).count();
+    let mut detail = format!(
+        "{checked} 2xx answers checked against the serving node's policies; denied callers sent {}: {refused} refused 403 forbidden, {admitted} 2xx while no denying policy was in force there",
+        denied.len()
+    );
+    if let Some(v) = violations.first() {
+        detail.push_str(&format!("; first violation: {v}"));
+    }
+    Verdict {
+        name: String::new(),
+        passed: violations.is_empty(),
+        figure: format!("{} violations", violations.len()),
+        bound: "0".into(),
+        seconds: None,
+        detail,
+    }
+}
+
 fn holds(check: &Check, s: &Sample, truth: &Truth) -> Result<(), String> {
     let healthy = truth.healthy_set(s.t);
     let others = |x: &String| -> Vec<&String> { healthy.iter().filter(|o| *o != x).collect() };
@@ -489,7 +1094,7 @@ mod tests {
                     observer: o.to_string(),
                     alive: names(alive),
                     dead: names(dead),
-                    left: BTreeSet::new(),
+                    ..View::default()
                 })
                 .collect(),
         }
@@ -500,6 +1105,7 @@ mod tests {
             planned: at,
             at,
             effective: at,
+            phases: Vec::new(),
             text: action.to_string(),
             step: Step {
                 at: Duration::from_secs_f64(at),
@@ -510,6 +1116,11 @@ mod tests {
 
     fn trace(steps: Vec<StepRecord>, samples: Vec<Sample>) -> Trace {
         Trace {
+            mode: "in-process",
+            service: None,
+            requests: Vec::new(),
+            acks: Vec::new(),
+            policy_docs: BTreeMap::new(),
             nodes: ["n1", "n2", "n3"].map(String::from).to_vec(),
             steps,
             ended: samples.last().map_or(0.0, |s| s.t),

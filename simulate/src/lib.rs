@@ -6,6 +6,8 @@
 //! - [`invariants`]: verdicts from the recorded trace.
 //! - [`report`]: the stdout table, `report.json`, `timeline.svg`.
 //! - [`model`]: the gossip layer alone at large N in virtual time.
+//! - [`workload`]: open-loop requests through the mesh, and the upstreams.
+//! - [`process`]: `--processes` mode, real `shoal node` processes.
 //!
 //! `main.rs` only calls [`cli::main`]. `simulate` uses nodes only through
 //! the `node` library.
@@ -16,9 +18,11 @@ pub mod cli;
 pub mod faults;
 pub mod invariants;
 pub mod model;
+pub mod process;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod workload;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -96,10 +100,11 @@ fn init_tracing() {
     node::cli::init_tracing(node::LogFormat::Text);
 }
 
-fn printing_options(seed: u64) -> RunOptions {
+fn printing_options(seed: u64, processes: Option<PathBuf>) -> RunOptions {
     RunOptions {
         seed,
         extra_layer: None,
+        processes,
         on_event: Some(Arc::new(|e: &RunEvent| {
             match e {
                 RunEvent::Formed { nodes, took } => {
@@ -116,7 +121,12 @@ fn printing_options(seed: u64) -> RunOptions {
 }
 
 /// `simulate run`: runs one file, prints the table, writes the report.
-pub fn run_file(path: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
+pub fn run_file(
+    path: &Path,
+    seed: u64,
+    report_dir: Option<&Path>,
+    processes: Option<PathBuf>,
+) -> i32 {
     let scenario = match Scenario::load(path) {
         Ok(s) => s,
         Err(e) => {
@@ -124,18 +134,26 @@ pub fn run_file(path: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
             return EXIT_USAGE;
         }
     };
+    if let Some(code) = check_processes(&[&scenario], processes.as_deref()) {
+        return code;
+    }
     init_tracing_quiet();
     println!(
         "scenario {}: {} (seed {seed})",
         scenario.name, scenario.description
     );
-    let result = runtime().block_on(run_scenario(&scenario, &printing_options(seed)));
+    let result = runtime().block_on(run_scenario(&scenario, &printing_options(seed, processes)));
     finish(result, report_dir)
 }
 
 /// `simulate run-suite`: every scenario in a folder, one table each, and a
 /// one-line summary per scenario at the end.
-pub fn run_suite(dir: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
+pub fn run_suite(
+    dir: &Path,
+    seed: u64,
+    report_dir: Option<&Path>,
+    processes: Option<PathBuf>,
+) -> i32 {
     let files = match scenario_files(dir) {
         Ok(f) if !f.is_empty() => f,
         Ok(_) => {
@@ -157,13 +175,18 @@ pub fn run_suite(dir: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
             }
         }
     }
+    let refs: Vec<&Scenario> = scenarios.iter().collect();
+    if let Some(code) = check_processes(&refs, processes.as_deref()) {
+        return code;
+    }
     init_tracing_quiet();
     let started = std::time::Instant::now();
     let mut summary = Vec::new();
     let mut code = 0;
     for s in &scenarios {
         println!("\n=== scenario {}: {} (seed {seed})", s.name, s.description);
-        let result = runtime().block_on(run_scenario(s, &printing_options(seed)));
+        let result =
+            runtime().block_on(run_scenario(s, &printing_options(seed, processes.clone())));
         let dir = report_dir.map(|d| d.join(&s.name));
         let c = finish(result, dir.as_deref());
         summary.push((s.name.clone(), c));
@@ -176,6 +199,29 @@ pub fn run_suite(dir: &Path, seed: u64, report_dir: Option<&Path>) -> i32 {
     );
     for (name, c) in summary {
         println!("  {:<24} {}", name, if c == 0 { "PASS" } else { "FAIL" });
+    }
+    code
+}
+
+/// In `--processes` mode: the binary must exist and every scenario must
+/// be runnable with processes; else the exit code, after saying why.
+fn check_processes(scenarios: &[&Scenario], processes: Option<&Path>) -> Option<i32> {
+    let bin = processes?;
+    if let Err(e) = process::check_binary(bin) {
+        eprintln!("simulate: {e}");
+        return Some(EXIT_USAGE);
+    }
+    let mut code = None;
+    for s in scenarios {
+        let problems = s.process_mode_problems();
+        if !problems.is_empty() {
+            eprintln!(
+                "simulate: scenario {} cannot run with --processes:\n  {}",
+                s.name,
+                problems.join("\n  ")
+            );
+            code = Some(EXIT_USAGE);
+        }
     }
     code
 }

@@ -38,6 +38,84 @@ pub struct Report {
     pub trace: Trace,
     /// What the seed does not fix.
     pub not_reproducible: &'static str,
+    /// Requests per second of the timeline: count, success rate, latency.
+    pub traffic: Vec<TrafficPoint>,
+    /// Per sample: healthy nodes running the highest acknowledged version
+    /// of every policy.
+    pub policy_convergence: Vec<PolicyPoint>,
+}
+
+/// One second of workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficPoint {
+    /// Start of the second.
+    pub t: f64,
+    /// Requests scheduled in it (denied callers and unsent excluded).
+    pub requests: usize,
+    /// Of which 2xx.
+    pub ok: usize,
+    /// ok / requests, percent.
+    pub success_pct: f64,
+    /// Median latency of all answers, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+}
+
+/// Policy agreement at one sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyPoint {
+    /// When.
+    pub t: f64,
+    /// Healthy nodes on the highest acknowledged versions.
+    pub agreeing: usize,
+    /// Healthy nodes.
+    pub healthy: usize,
+}
+
+/// Per-second traffic figures of a trace.
+pub fn traffic_series(trace: &Trace) -> Vec<TrafficPoint> {
+    let mut buckets: BTreeMap<u64, Vec<&crate::workload::RequestRecord>> = BTreeMap::new();
+    for r in trace.requests.iter().filter(|r| !r.denied && r.sent()) {
+        buckets.entry(r.t.floor() as u64).or_default().push(r);
+    }
+    buckets
+        .into_iter()
+        .map(|(sec, rs)| {
+            let ok = rs.iter().filter(|r| r.ok()).count();
+            let lat: Vec<f64> = rs.iter().map(|r| r.latency).collect();
+            TrafficPoint {
+                t: sec as f64,
+                requests: rs.len(),
+                ok,
+                success_pct: ok as f64 * 100.0 / rs.len() as f64,
+                p50_ms: crate::invariants::quantile(&lat, 0.5) * 1000.0,
+                p99_ms: crate::invariants::quantile(&lat, 0.99) * 1000.0,
+            }
+        })
+        .collect()
+}
+
+/// Policy agreement over time (empty when nothing was pushed).
+pub fn policy_series(trace: &Trace) -> Vec<PolicyPoint> {
+    if trace.acks.is_empty() {
+        return Vec::new();
+    }
+    let truth = crate::invariants::Truth::new(trace);
+    let first = trace.acks.iter().map(|a| a.t).fold(f64::INFINITY, f64::min);
+    trace
+        .samples
+        .iter()
+        .filter(|s| s.t >= first)
+        .map(|s| {
+            let (agreeing, healthy) = crate::invariants::policy_agreement(trace, &truth, s);
+            PolicyPoint {
+                t: s.t,
+                agreeing,
+                healthy,
+            }
+        })
+        .collect()
 }
 
 // === impl Report ===
@@ -46,6 +124,8 @@ impl Report {
     /// Builds the report of a run.
     pub fn new(scenario: &Scenario, seed: u64, trace: Trace, verdicts: Vec<Verdict>) -> Self {
         Report {
+            traffic: traffic_series(&trace),
+            policy_convergence: policy_series(&trace),
             scenario: scenario.name.clone(),
             description: scenario.description.clone(),
             seed,
@@ -90,6 +170,17 @@ impl Report {
             if !v.detail.is_empty() {
                 let _ = writeln!(out, "{:<w$}    {}", "", v.detail);
             }
+        }
+        if !self.trace.requests.is_empty() {
+            let sent: Vec<_> = self.trace.requests.iter().filter(|r| r.sent()).collect();
+            let ok = sent.iter().filter(|r| r.ok()).count();
+            let _ = writeln!(
+                out,
+                "workload: {} requests sent ({} from denied callers), {ok} answered 2xx; mode {}",
+                sent.len(),
+                sent.iter().filter(|r| r.denied).count(),
+                self.trace.mode
+            );
         }
         let f = &self.trace.faults;
         let _ = writeln!(
@@ -161,6 +252,13 @@ fn node_spans(trace: &Trace) -> BTreeMap<String, Vec<(f64, f64, &'static str)>> 
     let mut open: BTreeMap<String, (f64, &'static str)> = BTreeMap::new();
     for rec in &trace.steps {
         match &rec.step.action {
+            Action::RollingRestart { .. } => {
+                for p in &rec.phases {
+                    out.entry(p.node.clone())
+                        .or_default()
+                        .push((p.down, p.up, "down"));
+                }
+            }
             Action::Crash { node } | Action::Drain { node, .. } => {
                 if let Some((s, k)) = open.remove(node) {
                     out.entry(node.clone())
@@ -188,13 +286,42 @@ fn node_spans(trace: &Trace) -> BTreeMap<String, Vec<(f64, f64, &'static str)>> 
     out
 }
 
+const PANEL_H: f64 = 100.0;
+
+/// A framed panel with 0 / 100% marks and a label.
+fn panel(s: &mut String, top: f64, label: &str) {
+    let _ = writeln!(
+        s,
+        r##"<rect x="{LEFT}" y="{top:.1}" width="{:.1}" height="{PANEL_H}" fill="none" stroke="#999"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">100%</text><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555">0</text><text x="{LEFT}" y="{:.1}" fill="#333">{label}</text>"##,
+        WIDTH - LEFT - RIGHT,
+        LEFT - 6.0,
+        top + 10.0,
+        LEFT - 6.0,
+        top + PANEL_H,
+        top - 4.0
+    );
+}
+
 fn svg(r: &Report) -> String {
     let t = &r.trace;
     let n = t.nodes.len();
     let end = t.ended.max(t.duration).max(1.0);
     let x = |secs: f64| LEFT + (secs / end) * (WIDTH - LEFT - RIGHT);
     let y = |count: f64| PLOT_TOP + PLOT_H - count / n.max(1) as f64 * PLOT_H;
-    let lanes_top = PLOT_TOP + PLOT_H + 30.0;
+    let traffic = &r.traffic;
+    let policy = &r.policy_convergence;
+    let panels_top = PLOT_TOP + PLOT_H + 30.0;
+    let traffic_h = if traffic.is_empty() {
+        0.0
+    } else {
+        PANEL_H + 30.0
+    };
+    let policy_h = if policy.is_empty() {
+        0.0
+    } else {
+        PANEL_H + 30.0
+    };
+    let lanes_top = panels_top + traffic_h + policy_h;
     let steps_top = lanes_top + LANE_H * n as f64 + 30.0;
     let height = steps_top + 16.0 * (t.steps.len() + r.verdicts.len()) as f64 + 60.0;
     let mut s = String::new();
@@ -300,6 +427,66 @@ fn svg(r: &Report) -> String {
                 pts.join(" ")
             );
         }
+    }
+
+    // Traffic: success rate (green, 0-100%) and p99 latency (purple,
+    // scaled to its maximum) per second.
+    if !traffic.is_empty() {
+        let top = panels_top;
+        let max_p99 = traffic.iter().map(|p| p.p99_ms).fold(1.0, f64::max);
+        panel(&mut s, top, "requests: success % / p99 latency");
+        let ok: Vec<String> = traffic
+            .iter()
+            .map(|p| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(p.t + 0.5),
+                    top + PANEL_H - p.success_pct / 100.0 * PANEL_H
+                )
+            })
+            .collect();
+        let lat: Vec<String> = traffic
+            .iter()
+            .map(|p| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(p.t + 0.5),
+                    top + PANEL_H - p.p99_ms / max_p99 * PANEL_H
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            r##"<polyline points="{}" fill="none" stroke="#2ca02c" stroke-width="2"><title>success rate per second</title></polyline><polyline points="{}" fill="none" stroke="#9467bd" stroke-width="1.5" stroke-dasharray="4,2"><title>p99 latency per second (top = {max_p99:.0} ms)</title></polyline>"##,
+            ok.join(" "),
+            lat.join(" ")
+        );
+        let worst = traffic.iter().map(|p| p.success_pct).fold(100.0, f64::min);
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555" font-size="10">green: success % (lowest {worst:.1}%); purple: p99 latency (top {max_p99:.0} ms)</text>"##,
+            WIDTH - RIGHT,
+            top - 4.0
+        );
+    }
+    // Policy: share of healthy nodes on the highest acknowledged versions.
+    if !policy.is_empty() {
+        let top = panels_top + traffic_h;
+        panel(&mut s, top, "policy versions converged");
+        let pts: Vec<String> = policy
+            .iter()
+            .map(|p| {
+                let share = p.agreeing as f64 / p.healthy.max(1) as f64;
+                format!("{:.1},{:.1}", x(p.t), top + PANEL_H - share * PANEL_H)
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            r##"<polyline points="{}" fill="none" stroke="#1f77b4" stroke-width="2"><title>healthy nodes on the highest acknowledged version of every policy</title></polyline><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#555" font-size="10">share of healthy nodes running the highest acknowledged version of every policy</text>"##,
+            pts.join(" "),
+            WIDTH - RIGHT,
+            top - 4.0
+        );
     }
 
     // Node lanes.

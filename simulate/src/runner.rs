@@ -1,12 +1,15 @@
-//! Runs a [`Scenario`] against real in-process nodes: starts the cluster on
-//! 127.0.0.1 with fresh certificates, every socket on one [`FaultNet`],
-//! plays the timeline, samples what every node sees, and returns the
-//! [`Trace`] that invariants judge.
+//! Runs a [`Scenario`] against real nodes: in process by default (every
+//! socket on one [`FaultNet`]), or as `shoal node` processes with
+//! [`RunOptions::processes`]. Starts the cluster on 127.0.0.1 with fresh
+//! certificates and one HTTP upstream per service instance, plays the
+//! timeline, drives the workload, samples what every node sees, and returns
+//! the [`Trace`] that invariants judge.
 //!
-//! One task drives everything: it sleeps until the next step or sample,
-//! whichever is first. A step that takes time (a restart waiting for its
-//! port, a drain lingering) delays later samples, and each record carries the
-//! time it really happened.
+//! Three tasks share the run: the timeline (this function: steps, some of
+//! which take seconds, like a drain or a rolling restart), the sampler
+//! (every 100 ms, what each running node sees: members, policy versions,
+//! attempts per endpoint), and the workload driver (open loop). Every record
+//! carries the time it really happened.
 //!
 //! This module owns node lifecycles and the name → address map; it must not
 //! judge anything (see [`crate::invariants`]).
@@ -14,21 +17,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use node::certs::{Ca, Validity, write_node_dir};
+use node::proxy::{Protocol, ServiceSpec};
 use node::socket::{SharedSocket, SocketLayer};
 use node::{MemberState, Node, NodeConfig, ServingState};
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::faults::{FaultCounts, FaultNet, LinkFaults};
-use crate::scenario::{Action, Scenario, Step};
+use crate::process::{NodeCommand, NodeProcess};
+use crate::scenario::{Action, CLIENT_IDENTITY, DENIED_IDENTITY, Scenario, Step};
+use crate::workload::{Outbounds, RequestRecord, Upstream};
 
-/// How often every node's member list is sampled.
+/// How often every node is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a rolling restart waits for a restarted node to be seen alive.
+const ALIVE_WITHIN: Duration = Duration::from_secs(15);
 
 /// A callback receiving [`RunEvent`]s.
 pub type EventSink = Arc<dyn Fn(&RunEvent) + Send + Sync>;
@@ -43,6 +52,9 @@ pub struct RunOptions {
     pub extra_layer: Option<Arc<dyn SocketLayer>>,
     /// Called with every [`RunEvent`] as it happens (the CLI prints them).
     pub on_event: Option<EventSink>,
+    /// Run real `shoal node` processes from this binary instead of
+    /// in-process nodes.
+    pub processes: Option<PathBuf>,
 }
 
 /// Progress of a run.
@@ -60,12 +72,22 @@ pub enum RunEvent {
 /// timeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct Trace {
+    /// `in-process` or `processes`.
+    pub mode: &'static str,
     /// Node names.
     pub nodes: Vec<String>,
+    /// The workload's service, if any.
+    pub service: Option<String>,
     /// Steps as applied.
     pub steps: Vec<StepRecord>,
     /// What every running node saw, over time.
     pub samples: Vec<Sample>,
+    /// Every request of the workload.
+    pub requests: Vec<RequestRecord>,
+    /// Policy writes the nodes acknowledged.
+    pub acks: Vec<Ack>,
+    /// The documents pushed, by the version they were accepted as.
+    pub policy_docs: BTreeMap<String, PolicyDoc>,
     /// Planned timeline length.
     pub duration: f64,
     /// When sampling stopped.
@@ -84,14 +106,51 @@ pub struct StepRecord {
     /// When it began.
     pub at: f64,
     /// When its change took effect: when a restarted node was up, when a
-    /// draining node began to leave (after its linger), else when the step
-    /// finished. Invariants use this time.
+    /// drained node left, else when the step finished. Invariants use this.
     pub effective: f64,
     /// The step's sentence.
     pub text: String,
+    /// Per node, for a rolling restart: when it began to drain, when it
+    /// stopped, when it was up again.
+    pub phases: Vec<NodePhase>,
     /// The step.
     #[serde(skip)]
     pub step: Step,
+}
+
+/// One node's turn in a rolling restart.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodePhase {
+    /// The node.
+    pub node: String,
+    /// Draining announced.
+    pub drain: f64,
+    /// Stopped (left).
+    pub down: f64,
+    /// Running again.
+    pub up: f64,
+}
+
+/// A policy write a node acknowledged (2xx with a version).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ack {
+    /// When the answer came.
+    pub t: f64,
+    /// The node that accepted it.
+    pub node: String,
+    /// `Kind/name`.
+    pub policy: String,
+    /// The version it answered with.
+    pub version: String,
+}
+
+/// A pushed document.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PolicyDoc {
+    /// `Kind/name`.
+    pub policy: String,
+    /// The text as pushed.
+    pub document: String,
 }
 
 /// One sampling round.
@@ -99,12 +158,12 @@ pub struct StepRecord {
 pub struct Sample {
     /// When.
     pub t: f64,
-    /// One view per running node.
+    /// One view per running node that answered.
     pub views: Vec<View>,
 }
 
 /// What one node saw.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct View {
     /// The observer.
     pub observer: String,
@@ -114,6 +173,23 @@ pub struct View {
     pub dead: BTreeSet<String>,
     /// Members it sees as left.
     pub left: BTreeSet<String>,
+    /// Members it sees draining.
+    pub draining: BTreeSet<String>,
+    /// The version of each policy it runs (`Kind/name` → version).
+    pub policies: BTreeMap<String, String>,
+    /// Attempts it has sent to each endpoint (node) of the workload's
+    /// service, since it started.
+    pub attempts: BTreeMap<String, u64>,
+}
+
+impl View {
+    /// An empty view of `observer`.
+    pub fn empty(observer: &str) -> Self {
+        View {
+            observer: observer.to_string(),
+            ..View::default()
+        }
+    }
 }
 
 /// Runs `scenario` and returns its trace.
@@ -123,18 +199,70 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
             f(&e);
         }
     };
+    if options.processes.is_some() {
+        let problems = scenario.process_mode_problems();
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "this scenario cannot run with --processes:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+    }
     let mut cluster = SimCluster::start(scenario, options).await?;
-    let formed_in = cluster.wait_formed(scenario.cluster.form_within).await?;
+    let formed = cluster.wait_formed(scenario.cluster.form_within).await;
+    let formed_in = match formed {
+        Ok(d) => d,
+        Err(e) => {
+            cluster.stop().await;
+            return Err(e);
+        }
+    };
+    if let Some(w) = &scenario.workload
+        && let Err(e) = cluster
+            .wait_routable(&w.service, scenario.cluster.form_within)
+            .await
+    {
+        cluster.stop().await;
+        return Err(e);
+    }
     emit(RunEvent::Formed {
         nodes: scenario.cluster.nodes.len(),
         took: formed_in,
     });
 
     let start = Instant::now();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let sampler = tokio::spawn(sample_loop(
+        cluster.live.clone(),
+        cluster.workload_service.clone(),
+        start,
+        samples.clone(),
+    ));
+    let requests: Arc<Mutex<Vec<RequestRecord>>> = Arc::default();
+    let driver = scenario.workload.as_ref().map(|w| {
+        tokio::spawn(crate::workload::drive(
+            crate::workload::schedule(w, options.seed),
+            w.service.clone(),
+            w.timeout,
+            start,
+            cluster.outbounds.clone(),
+            requests.clone(),
+        ))
+    });
+
     let mut trace = Trace {
+        mode: if options.processes.is_some() {
+            "processes"
+        } else {
+            "in-process"
+        },
         nodes: scenario.cluster.nodes.clone(),
+        service: scenario.workload.as_ref().map(|w| w.service.clone()),
         steps: Vec::new(),
         samples: Vec::new(),
+        requests: Vec::new(),
+        acks: Vec::new(),
+        policy_docs: BTreeMap::new(),
         duration: scenario.duration.as_secs_f64(),
         ended: 0.0,
         faults: FaultCounts::default(),
@@ -142,46 +270,57 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
     };
     let horizon = crate::invariants::horizon(scenario);
     let mut pending = scenario.steps.iter().peekable();
-    let mut next_sample = start;
-    loop {
-        let now = Instant::now();
-        let elapsed = now - start;
-        if let Some(step) = pending.peek()
-            && start + step.at <= now
-        {
+    let result: anyhow::Result<()> = async {
+        loop {
+            let now = Instant::now();
+            if let Some(step) = pending.peek()
+                && start + step.at <= now
             {
-                let step = pending.next().expect("peeked");
+                // Pushes planned for the same moment go out concurrently.
+                let mut batch = vec![pending.next().expect("peeked")];
+                if matches!(batch[0].action, Action::PushPolicy { .. }) {
+                    while let Some(next) = pending.peek() {
+                        if next.at == batch[0].at
+                            && matches!(next.action, Action::PushPolicy { .. })
+                        {
+                            batch.push(pending.next().expect("peeked"));
+                        } else {
+                            break;
+                        }
+                    }
+                }
                 let at = start.elapsed().as_secs_f64();
-                let applied = cluster.apply(&step.action).await?;
-                let effective =
-                    (applied.effective.unwrap_or_else(Instant::now) - start).as_secs_f64();
-                let note = applied.note;
-                let text = match note {
-                    Some(note) => format!("{} ({note})", step.action),
-                    None => step.action.to_string(),
+                let applied = if batch.len() > 1 {
+                    cluster.push_many(&batch, start, &mut trace).await
+                } else {
+                    vec![cluster.apply(&batch[0].action, start, &mut trace).await?]
                 };
-                emit(RunEvent::Step {
-                    at,
-                    text: text.clone(),
-                });
-                trace.steps.push(StepRecord {
-                    planned: step.at.as_secs_f64(),
-                    at,
-                    effective,
-                    text,
-                    step: step.clone(),
-                });
+                for (step, applied) in batch.into_iter().zip(applied) {
+                    let effective =
+                        (applied.effective.unwrap_or_else(Instant::now) - start).as_secs_f64();
+                    let text = match applied.note {
+                        Some(note) => format!("{} ({note})", step.action),
+                        None => step.action.to_string(),
+                    };
+                    emit(RunEvent::Step {
+                        at,
+                        text: text.clone(),
+                    });
+                    trace.steps.push(StepRecord {
+                        planned: step.at.as_secs_f64(),
+                        at,
+                        effective,
+                        text,
+                        phases: applied.phases,
+                        step: step.clone(),
+                    });
+                }
                 continue;
             }
-        }
-        if next_sample <= now {
-            let t = elapsed.as_secs_f64();
-            trace.samples.push(cluster.sample(t).await);
-            next_sample += SAMPLE_EVERY;
-            if next_sample < Instant::now() {
-                next_sample = Instant::now();
-            }
+            let elapsed = now - start;
             if pending.peek().is_none() && elapsed >= scenario.duration {
+                trace.samples = samples.lock().unwrap().clone();
+                trace.requests = requests.lock().unwrap().clone();
                 let done = elapsed >= horizon
                     || crate::invariants::judge(scenario, &trace)
                         .iter()
@@ -189,20 +328,162 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
                 if done {
                     break;
                 }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             }
-            continue;
+            let mut wake = now + Duration::from_millis(200);
+            if let Some(step) = pending.peek() {
+                wake = wake.min(start + step.at);
+            }
+            tokio::time::sleep_until(wake).await;
         }
-        let mut wake = next_sample;
-        if let Some(step) = pending.peek() {
-            wake = wake.min(start + step.at);
-        }
-        tokio::time::sleep_until(wake).await;
+        Ok(())
     }
+    .await;
+    if let Some(d) = driver {
+        let _ = d.await;
+    }
+    sampler.abort();
     trace.ended = start.elapsed().as_secs_f64();
+    trace.samples = samples.lock().unwrap().clone();
+    let mut reqs = requests.lock().unwrap().clone();
+    reqs.sort_by(|a, b| a.t.total_cmp(&b.t));
+    trace.requests = reqs;
     trace.faults = cluster.net.counts();
     emit(RunEvent::Finished { at: trace.ended });
     cluster.stop().await;
-    Ok(trace)
+    result.map(|()| trace)
+}
+
+/// Samples every running node every [`SAMPLE_EVERY`] until aborted.
+async fn sample_loop(
+    live: Live,
+    service: Option<String>,
+    start: Instant,
+    out: Arc<Mutex<Vec<Sample>>>,
+) {
+    let mut next = start;
+    loop {
+        let t = start.elapsed().as_secs_f64();
+        let sample = sample(&live, service.as_deref(), t).await;
+        out.lock().unwrap().push(sample);
+        next += SAMPLE_EVERY;
+        if next < Instant::now() {
+            next = Instant::now();
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+async fn sample(live: &Live, service: Option<&str>, t: f64) -> Sample {
+    let nodes: Vec<(String, Arc<Instance>)> = live
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let views = futures::future::join_all(
+        nodes
+            .iter()
+            .map(|(name, inst)| async move { inst.view(name, service).await }),
+    )
+    .await;
+    Sample {
+        t,
+        views: views.into_iter().flatten().collect(),
+    }
+}
+
+/// Running nodes by name, shared with the sampler.
+type Live = Arc<Mutex<BTreeMap<String, Arc<Instance>>>>;
+
+/// A running node: in this process, or a `shoal node` process.
+pub(crate) enum Instance {
+    Local(Box<Node>),
+    Process(Box<NodeProcess>),
+}
+
+// === impl Instance ===
+
+impl Instance {
+    fn admin_addr(&self) -> SocketAddr {
+        match self {
+            Instance::Local(n) => n.admin_addr(),
+            Instance::Process(p) => p.command.admin,
+        }
+    }
+
+    fn outbound_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Instance::Local(n) => n.outbound_addr(),
+            Instance::Process(p) => p.command.outbound,
+        }
+    }
+
+    fn quic_addr(&self) -> SocketAddr {
+        match self {
+            Instance::Local(n) => n.quic_addr(),
+            Instance::Process(p) => p.command.quic,
+        }
+    }
+
+    async fn view(&self, name: &str, service: Option<&str>) -> Option<View> {
+        let node = match self {
+            Instance::Process(p) => return p.view(name, service).await,
+            Instance::Local(n) => n,
+        };
+        let mut view = View::empty(name);
+        for m in node.members().await {
+            if m.serving == ServingState::Draining {
+                view.draining.insert(m.name.clone());
+            }
+            match m.state {
+                MemberState::Alive => view.alive.insert(m.name),
+                MemberState::Dead => view.dead.insert(m.name),
+                MemberState::Left => view.left.insert(m.name),
+            };
+        }
+        for e in node.policies().entries() {
+            let v = if e.is_tombstone() {
+                format!("{} (deleted)", e.version)
+            } else {
+                e.version.to_string()
+            };
+            view.policies.insert(format!("{}/{}", e.kind, e.name), v);
+        }
+        if let Some(svc) = service
+            && node.outbound_addr().is_some()
+        {
+            for s in node.proxy().services().iter().filter(|s| s.service == svc) {
+                for e in &s.endpoints {
+                    view.attempts.insert(
+                        e.node.clone(),
+                        node.proxy().endpoint_view(svc, &e.node).attempts,
+                    );
+                }
+            }
+        }
+        Some(view)
+    }
+
+    async fn kill(self) {
+        match self {
+            Instance::Local(n) => (*n).kill().await,
+            Instance::Process(p) => (*p).kill().await,
+        }
+    }
+
+    async fn drain(self, within: Duration) {
+        match self {
+            Instance::Local(n) => {
+                let cut = (*n).drain().await;
+                if cut > 0 {
+                    tracing::warn!(cut, "drain cut requests off");
+                }
+            }
+            Instance::Process(p) => (*p).drain(within).await,
+        }
+    }
 }
 
 /// How a step went.
@@ -212,24 +493,35 @@ struct Applied {
     note: Option<String>,
     /// When the change took effect, if not when the step finished.
     effective: Option<Instant>,
+    /// Rolling-restart turns.
+    phases: Vec<NodePhase>,
 }
 
 /// One node of the simulated cluster.
 struct SimNode {
     name: String,
+    /// In-process configuration (also the source of the process command).
     config: NodeConfig,
+    /// The process command, in `--processes` mode.
+    command: Option<NodeCommand>,
     addr: SocketAddr,
-    node: Option<Node>,
+    /// Clock offset set by a `skew` step, re-applied on restart.
+    skew_ms: i64,
 }
 
-/// The in-process cluster: nodes, their certificates and the fault network.
+/// The cluster: nodes, their certificates, upstreams and the fault network.
 struct SimCluster {
     _dir: tempfile::TempDir,
     nodes: Vec<SimNode>,
+    live: Live,
+    outbounds: Outbounds,
+    workload_service: Option<String>,
+    _upstreams: Vec<Upstream>,
     net: Arc<FaultNet>,
     /// Desired link rules by node name; re-applied when an address changes.
     links: BTreeMap<(String, String), LinkFaults>,
     paused: BTreeSet<String>,
+    drain_within: Duration,
 }
 
 /// Puts the fault layer over an extra layer.
@@ -248,6 +540,9 @@ impl SocketLayer for Stacked {
 
 impl SimCluster {
     async fn start(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Self> {
+        if let Some(bin) = &options.processes {
+            crate::process::check_binary(bin)?;
+        }
         let dir = tempfile::Builder::new()
             .prefix("shoal-sim-")
             .tempdir()
@@ -262,11 +557,48 @@ impl SimCluster {
             None => net.layer(),
         };
         let spec = &scenario.cluster;
-        let mut nodes: Vec<SimNode> = Vec::new();
-        for (name, zone) in spec.nodes.iter().zip(&spec.zones) {
+        let workload = scenario.workload.as_ref();
+        let mut upstreams = Vec::new();
+        let mut cluster = SimCluster {
+            _dir: tempfile::tempdir().context("temporary folder")?,
+            nodes: Vec::new(),
+            live: Arc::default(),
+            outbounds: Arc::default(),
+            workload_service: workload.map(|w| w.service.clone()),
+            _upstreams: Vec::new(),
+            net,
+            links: BTreeMap::new(),
+            paused: BTreeSet::new(),
+            drain_within: scenario.node.drain_timeout + Duration::from_secs(5),
+        };
+        // Process mode fixes every port up front so seeds and restarts know them.
+        let ports: Vec<(SocketAddr, SocketAddr, SocketAddr)> = if options.processes.is_some() {
+            spec.nodes
+                .iter()
+                .map(|_| {
+                    Ok((
+                        crate::process::free_udp()?,
+                        crate::process::free_tcp()?,
+                        crate::process::free_tcp()?,
+                    ))
+                })
+                .collect::<std::io::Result<_>>()
+                .context("free ports")?
+        } else {
+            Vec::new()
+        };
+        for (i, (name, zone)) in spec.nodes.iter().zip(&spec.zones).enumerate() {
+            let fronts = spec.services_of(name);
+            let identity = if workload.is_some_and(|w| w.denied.contains(name)) {
+                DENIED_IDENTITY
+            } else {
+                CLIENT_IDENTITY
+            };
+            let mut cert_services = fronts.clone();
+            cert_services.push(identity.to_string());
             let certs: PathBuf = dir.path().join(name);
             let cert = ca
-                .issue(name, &["sim".to_string()], Validity::days(1))
+                .issue(name, &cert_services, Validity::days(1))
                 .context("node certificate")?;
             write_node_dir(&certs, &ca.cert_pem(), &cert, false).context("writing certs")?;
             let mut config = NodeConfig::local(name, &certs);
@@ -275,26 +607,93 @@ impl SimCluster {
             config.gossip_interval = spec.gossip_interval;
             config.phi_threshold = spec.phi_threshold;
             config.socket_layer = Some(layer.clone());
-            config.seeds = nodes.iter().take(3).map(|n| n.addr.to_string()).collect();
-            let node = Node::start(config.clone())
-                .await
-                .with_context(|| format!("starting {name}"))?;
-            let addr = node.quic_addr();
-            config.listen = addr;
-            nodes.push(SimNode {
+            config.seeds = cluster
+                .nodes
+                .iter()
+                .take(3)
+                .map(|n| n.addr.to_string())
+                .collect();
+            for svc in &fronts {
+                let up = Upstream::start(name).await.context("upstream")?;
+                let mut s = ServiceSpec::new(svc, up.addr, Protocol::Http1);
+                s.health_interval = Duration::from_millis(200);
+                config.proxy.services.push(s);
+                upstreams.push(up);
+            }
+            if workload.is_some_and(|w| w.clients.contains(name) || w.denied.contains(name)) {
+                config.proxy.outbound = Some("127.0.0.1:0".parse().expect("address"));
+            }
+            if let Some(n) = scenario.node.retry_max_attempts {
+                config.proxy.retry.max_attempts = n;
+            }
+            if let Some(t) = scenario.node.request_timeout {
+                config.proxy.request_timeout = t;
+            }
+            config.proxy.drain_timeout = scenario.node.drain_timeout;
+            let (command, instance) = match &options.processes {
+                None => {
+                    let node = Node::start(config.clone())
+                        .await
+                        .with_context(|| format!("starting {name}"))?;
+                    config.listen = node.quic_addr();
+                    (None, Instance::Local(Box::new(node)))
+                }
+                Some(bin) => {
+                    let (quic, admin, outbound) = ports[i];
+                    let outbound = config.proxy.outbound.map(|_| outbound);
+                    let command = process_command(bin, &config, quic, admin, outbound, &ports, i);
+                    let p = NodeProcess::spawn(command.clone())
+                        .await
+                        .with_context(|| format!("starting {name}"))?;
+                    config.listen = quic;
+                    (Some(command), Instance::Process(Box::new(p)))
+                }
+            };
+            cluster.nodes.push(SimNode {
                 name: name.clone(),
+                addr: instance.quic_addr(),
                 config,
-                addr,
-                node: Some(node),
+                command,
+                skew_ms: 0,
             });
+            cluster.install(name, instance);
         }
-        Ok(SimCluster {
-            _dir: dir,
-            nodes,
-            net,
-            links: BTreeMap::new(),
-            paused: BTreeSet::new(),
-        })
+        cluster._dir = dir;
+        cluster._upstreams = upstreams;
+        Ok(cluster)
+    }
+
+    /// Makes `instance` the running incarnation of `name`.
+    fn install(&self, name: &str, instance: Instance) {
+        let mut outbounds = self.outbounds.lock().unwrap();
+        match instance.outbound_addr() {
+            Some(a) => outbounds.insert(name.to_string(), a),
+            None => outbounds.remove(name),
+        };
+        self.live
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), Arc::new(instance));
+    }
+
+    /// Takes `name`'s running incarnation out (waits for the sampler to let
+    /// go of it).
+    async fn take(&self, name: &str) -> Option<Instance> {
+        self.outbounds.lock().unwrap().remove(name);
+        let mut arc = self.live.lock().unwrap().remove(name)?;
+        loop {
+            match Arc::try_unwrap(arc) {
+                Ok(i) => return Some(i),
+                Err(a) => {
+                    arc = a;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+
+    fn running(&self, name: &str) -> Option<Arc<Instance>> {
+        self.live.lock().unwrap().get(name).cloned()
     }
 
     /// Waits until every node sees every node alive.
@@ -302,8 +701,8 @@ impl SimCluster {
         let start = Instant::now();
         let all: BTreeSet<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         loop {
-            let sample = self.sample(0.0).await;
-            if sample.views.iter().all(|v| v.alive == all) {
+            let sample = sample(&self.live, None, 0.0).await;
+            if sample.views.len() == all.len() && sample.views.iter().all(|v| v.alive == all) {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > within {
@@ -322,26 +721,48 @@ impl SimCluster {
         }
     }
 
-    async fn sample(&self, t: f64) -> Sample {
-        let mut views = Vec::new();
-        for n in &self.nodes {
-            let Some(node) = &n.node else { continue };
-            let mut view = View {
-                observer: n.name.clone(),
-                alive: BTreeSet::new(),
-                dead: BTreeSet::new(),
-                left: BTreeSet::new(),
-            };
-            for m in node.members().await {
-                match m.state {
-                    MemberState::Alive => view.alive.insert(m.name),
-                    MemberState::Dead => view.dead.insert(m.name),
-                    MemberState::Left => view.left.insert(m.name),
+    /// Waits until every workload client routes `service` to every node
+    /// that fronts it (health checks passed and gossiped).
+    async fn wait_routable(&self, service: &str, within: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let clients: Vec<String> = self.outbounds.lock().unwrap().keys().cloned().collect();
+        loop {
+            let mut lagging = Vec::new();
+            for c in &clients {
+                let Some(inst) = self.running(c) else {
+                    continue;
                 };
+                let routable = match &*inst {
+                    Instance::Local(n) => n
+                        .proxy()
+                        .services()
+                        .iter()
+                        .filter(|s| s.service == service)
+                        .flat_map(|s| s.endpoints.iter())
+                        .filter(|e| e.routable)
+                        .count(),
+                    Instance::Process(p) => routable_via_admin(p.command.admin, service).await,
+                };
+                let want = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.config.proxy.services.iter().any(|s| s.name == service))
+                    .count();
+                if routable < want {
+                    lagging.push(format!("{c} routes {service} to {routable} of {want}"));
+                }
             }
-            views.push(view);
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                anyhow::bail!(
+                    "the services were not routable in time: {}",
+                    lagging.join(", ")
+                );
+            }
+            tokio::time::sleep(SAMPLE_EVERY).await;
         }
-        Sample { t, views }
     }
 
     fn index(&self, name: &str) -> anyhow::Result<usize> {
@@ -351,35 +772,88 @@ impl SimCluster {
             .with_context(|| format!("no node {name}"))
     }
 
-    /// Applies one step; returns a note on how it went, if worth printing.
-    async fn apply(&mut self, action: &Action) -> anyhow::Result<Applied> {
+    /// Applies one step.
+    async fn apply(
+        &mut self,
+        action: &Action,
+        start: Instant,
+        trace: &mut Trace,
+    ) -> anyhow::Result<Applied> {
         let mut applied = Applied::default();
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         match action {
             Action::Crash { node } => {
-                let i = self.index(node)?;
-                if let Some(n) = self.nodes[i].node.take() {
+                if let Some(n) = self.take(node).await {
                     n.kill().await;
                 }
-                self.unpause(node);
+                self.unpause(node).await;
             }
-            Action::Drain { node, linger } => {
-                let i = self.index(node)?;
-                if let Some(n) = self.nodes[i].node.take() {
-                    n.gossip().set_serving(ServingState::Draining).await;
-                    tokio::time::sleep(*linger).await;
-                    applied.effective = Some(Instant::now());
-                    n.shutdown().await;
+            Action::Drain { node } => {
+                self.unpause(node).await;
+                if let Some(n) = self.take(node).await {
+                    n.drain(self.drain_within).await;
                 }
-                self.unpause(node);
+                applied.effective = Some(Instant::now());
             }
-            Action::Restart { node } => applied.note = Some(self.restart(node).await?),
+            Action::Restart { node } => {
+                let mut note = self.restart(node).await?;
+                if let Some(gate) = self.gate_traffic(node).await {
+                    note.push_str(&format!("; {gate}"));
+                }
+                applied.note = Some(note);
+            }
+            Action::RollingRestart { nodes } => {
+                let mut notes = Vec::new();
+                for node in nodes {
+                    let drain = (Instant::now() - start).as_secs_f64();
+                    if let Some(n) = self.take(node).await {
+                        n.drain(self.drain_within).await;
+                    }
+                    let down = (Instant::now() - start).as_secs_f64();
+                    self.restart(node).await?;
+                    self.gate_traffic(node).await;
+                    let up = (Instant::now() - start).as_secs_f64();
+                    let seen = self.wait_alive(node, ALIVE_WITHIN).await;
+                    notes.push(match seen {
+                        Some(d) => format!("{node} seen alive by all {:.1}s after its restart", d),
+                        None => format!("{node} not seen alive by all within {ALIVE_WITHIN:?}"),
+                    });
+                    applied.phases.push(NodePhase {
+                        node: node.clone(),
+                        drain,
+                        down,
+                        up,
+                    });
+                }
+                applied.note = Some(notes.join("; "));
+            }
             Action::Pause { node } => {
                 let i = self.index(node)?;
-                self.net.isolate(self.nodes[i].addr);
+                match self.running(node).as_deref() {
+                    Some(Instance::Process(p)) => p.pause().await,
+                    _ => self.net.isolate(self.nodes[i].addr),
+                }
                 self.paused.insert(node.clone());
             }
-            Action::Resume { node } => self.unpause(node),
+            Action::Resume { node } => self.unpause(node).await,
+            Action::Skew { node, offset_ms } => {
+                let i = self.index(node)?;
+                self.nodes[i].skew_ms = *offset_ms;
+                if let Some(Instance::Local(n)) = self.running(node).as_deref() {
+                    n.policies().clock().set_skew_ms(*offset_ms);
+                }
+            }
+            Action::PushPolicy { .. } => {
+                let step = Step {
+                    at: Duration::ZERO,
+                    action: action.clone(),
+                };
+                return Ok(self
+                    .push_many(&[&step], start, trace)
+                    .await
+                    .pop()
+                    .unwrap_or_default());
+            }
             Action::Partition { links } => {
                 for pair in links.pairs(&names) {
                     self.links.entry(pair).or_default().cut = true;
@@ -431,22 +905,175 @@ impl SimCluster {
         Ok(applied)
     }
 
-    fn unpause(&mut self, node: &str) {
+    /// PUTs each step's policy to its node's admin API, all at once; records
+    /// each acknowledged version.
+    async fn push_many(&self, steps: &[&Step], start: Instant, trace: &mut Trace) -> Vec<Applied> {
+        let pushes = steps.iter().map(|s| {
+            let Action::PushPolicy {
+                node,
+                kind,
+                name,
+                document,
+                ..
+            } = &s.action
+            else {
+                unreachable!("push_many takes push-policy steps");
+            };
+            let admin = self.running(node).map(|i| i.admin_addr());
+            async move {
+                let Some(admin) = admin else {
+                    return (
+                        node,
+                        kind,
+                        name,
+                        document,
+                        Err("the node is not running".into()),
+                    );
+                };
+                let r = node::cli::request(
+                    &admin.to_string(),
+                    http::Method::PUT,
+                    &format!("/v1/policies/{kind}/{name}"),
+                    &[("content-type", "application/yaml".to_string())],
+                    bytes::Bytes::from(document.clone()),
+                )
+                .await;
+                let r = r.and_then(|(status, body)| {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    match v.get("version").and_then(|v| v.as_str()) {
+                        Some(ver) if status.is_success() => Ok(ver.to_string()),
+                        _ => Err(format!(
+                            "{status}: {}",
+                            String::from_utf8_lossy(&body).trim()
+                        )),
+                    }
+                });
+                (node, kind, name, document, r)
+            }
+        });
+        let results = futures::future::join_all(pushes).await;
+        let t = (Instant::now() - start).as_secs_f64();
+        results
+            .into_iter()
+            .map(|(node, kind, name, document, r)| {
+                let policy = format!("{kind}/{name}");
+                let note = match r {
+                    Ok(version) => {
+                        trace.acks.push(Ack {
+                            t,
+                            node: node.clone(),
+                            policy: policy.clone(),
+                            version: version.clone(),
+                        });
+                        trace.policy_docs.insert(
+                            version.clone(),
+                            PolicyDoc {
+                                policy,
+                                document: document.clone(),
+                            },
+                        );
+                        format!("acknowledged as version {version}")
+                    }
+                    Err(e) => format!("refused: {e}"),
+                };
+                Applied {
+                    note: Some(note),
+                    ..Applied::default()
+                }
+            })
+            .collect()
+    }
+
+    /// Holds a restarted workload client's traffic until it routes the
+    /// workload's service, as an orchestrator waits for a sidecar to be
+    /// ready: `/readyz` only says the node joined gossip, and until the
+    /// services arrive by gossip its outbound answers `unknown-service`.
+    async fn gate_traffic(&self, name: &str) -> Option<String> {
+        let service = self.workload_service.as_deref()?;
+        let addr = self.outbounds.lock().unwrap().remove(name)?;
+        let start = Instant::now();
+        let within = Duration::from_secs(10);
+        let mut routed = false;
+        while start.elapsed() < within {
+            let n = match self.running(name).as_deref() {
+                Some(Instance::Local(n)) => n
+                    .proxy()
+                    .services()
+                    .iter()
+                    .filter(|s| s.service == service)
+                    .flat_map(|s| s.endpoints.iter())
+                    .filter(|e| e.routable)
+                    .count(),
+                Some(Instance::Process(p)) => routable_via_admin(p.command.admin, service).await,
+                None => 0,
+            };
+            if n > 0 {
+                routed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.outbounds
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), addr);
+        Some(if routed {
+            format!(
+                "its traffic resumed once it routed {service}, {:.1}s after start",
+                start.elapsed().as_secs_f64()
+            )
+        } else {
+            format!("it did not route {service} within {within:?}; traffic resumed anyway")
+        })
+    }
+
+    /// Waits until every other running node sees `name` alive; returns how
+    /// long that took.
+    async fn wait_alive(&self, name: &str, within: Duration) -> Option<f64> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            let s = sample(&self.live, None, 0.0).await;
+            let healthy: Vec<&View> = s
+                .views
+                .iter()
+                .filter(|v| !self.paused.contains(&v.observer))
+                .collect();
+            if !healthy.is_empty() && healthy.iter().all(|v| v.alive.contains(name)) {
+                return Some(start.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(SAMPLE_EVERY).await;
+        }
+        None
+    }
+
+    async fn unpause(&mut self, node: &str) {
         if self.paused.remove(node)
             && let Ok(i) = self.index(node)
         {
-            self.net.restore(self.nodes[i].addr);
+            match self.running(node).as_deref() {
+                Some(Instance::Process(p)) => p.resume().await,
+                _ => self.net.restore(self.nodes[i].addr),
+            }
         }
     }
 
-    /// Restarts `name` on its old port when the OS gives it back within a
-    /// few seconds, else on a new one (link rules follow the address).
+    /// Restarts `name`. In process: on its old port when the OS gives it
+    /// back within a few seconds, else on a new one (link rules follow the
+    /// address). As a process: the same command again.
     async fn restart(&mut self, name: &str) -> anyhow::Result<String> {
         let i = self.index(name)?;
+        if let Some(command) = self.nodes[i].command.clone() {
+            let p = NodeProcess::spawn(command)
+                .await
+                .with_context(|| format!("restarting {name}"))?;
+            self.install(name, Instance::Process(Box::new(p)));
+            return Ok("the same command again".into());
+        }
+        let running: BTreeSet<String> = self.live.lock().unwrap().keys().cloned().collect();
         let seeds: Vec<String> = self
             .nodes
             .iter()
-            .filter(|n| n.name != name && n.node.is_some())
+            .filter(|n| n.name != name && running.contains(&n.name))
             .map(|n| n.addr.to_string())
             .collect();
         let mut config = self.nodes[i].config.clone();
@@ -467,6 +1094,9 @@ impl SimCluster {
                 }
             }
         };
+        if self.nodes[i].skew_ms != 0 {
+            node.policies().clock().set_skew_ms(self.nodes[i].skew_ms);
+        }
         let addr = node.quic_addr();
         config.listen = addr;
         let n = &mut self.nodes[i];
@@ -477,7 +1107,7 @@ impl SimCluster {
         };
         n.config = config;
         n.addr = addr;
-        n.node = Some(node);
+        self.install(name, Instance::Local(Box::new(node)));
         self.push_links();
         Ok(note)
     }
@@ -498,10 +1128,85 @@ impl SimCluster {
     }
 
     async fn stop(self) {
-        for n in self.nodes {
-            if let Some(node) = n.node {
-                node.kill().await;
+        let names: Vec<String> = self.live.lock().unwrap().keys().cloned().collect();
+        for name in names {
+            if let Some(i) = self.take(&name).await {
+                if let Instance::Process(p) = &i {
+                    p.resume().await;
+                }
+                i.kill().await;
             }
         }
     }
+}
+
+/// The `shoal node` arguments for one node.
+fn process_command(
+    bin: &std::path::Path,
+    config: &NodeConfig,
+    quic: SocketAddr,
+    admin: SocketAddr,
+    outbound: Option<SocketAddr>,
+    ports: &[(SocketAddr, SocketAddr, SocketAddr)],
+    index: usize,
+) -> NodeCommand {
+    let mut args = vec![
+        format!("--name={}", config.name),
+        format!("--listen={quic}"),
+        format!("--admin={admin}"),
+        format!("--certs={}", config.certs.display()),
+        format!("--zone={}", config.zone),
+        format!("--gossip-interval={}ms", config.gossip_interval.as_millis()),
+        format!("--phi-threshold={}", config.phi_threshold),
+        format!(
+            "--request-timeout={}ms",
+            config.proxy.request_timeout.as_millis()
+        ),
+        format!(
+            "--drain-timeout={}ms",
+            config.proxy.drain_timeout.as_millis()
+        ),
+        "--log-format=text".into(),
+    ];
+    if let Some(d) = &config.data_dir {
+        args.push(format!("--data-dir={}", d.display()));
+    }
+    for (j, (q, _, _)) in ports.iter().enumerate() {
+        if j != index && args.iter().filter(|a| a.starts_with("--seed")).count() < 3 {
+            args.push(format!("--seed={q}"));
+        }
+    }
+    for s in &config.proxy.services {
+        args.push(format!("--service={}=http://{}", s.name, s.addr));
+    }
+    if let Some(o) = outbound {
+        args.push(format!("--outbound={o}"));
+    }
+    let log = config
+        .certs
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(format!("{}.log", config.name));
+    NodeCommand {
+        binary: bin.to_path_buf(),
+        args,
+        admin,
+        quic,
+        outbound,
+        log,
+    }
+}
+
+async fn routable_via_admin(admin: SocketAddr, service: &str) -> usize {
+    let Ok(body) = node::cli::get(&admin.to_string(), "/v1/services").await else {
+        return 0;
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["routable"] == true)
+        .count()
 }

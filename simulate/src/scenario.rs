@@ -7,10 +7,9 @@
 //! field at fault. This module owns the format and the sentences steps print
 //! as; it must not start nodes or touch sockets (see [`crate::runner`]).
 //!
-//! Extension points, for when the data plane and policy land: a `[workload]`
-//! table, steps such as `push-policy`, `skew` and `rolling-restart`, and
-//! invariants over requests and policy versions become new variants of
-//! [`Action`] and [`InvariantSpec`]. Until then the parser refuses them by name.
+//! Traffic and policy: a `[workload]` table (open-loop requests through the
+//! mesh), services in `[cluster.services]`, the `push-policy`, `skew` and
+//! `rolling-restart` steps, and invariants over requests and policy versions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,6 +33,47 @@ pub struct Scenario {
     pub steps: Vec<Step>,
     /// What the run is judged by.
     pub invariants: Vec<InvariantSpec>,
+    /// Requests through the mesh, if any.
+    pub workload: Option<Workload>,
+    /// Settings every node starts with.
+    pub node: NodeSettings,
+}
+
+/// Settings applied to every node's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSettings {
+    /// Tries per request, the first included (`None`: the node's default, 3).
+    pub retry_max_attempts: Option<u32>,
+    /// Default request timeout (`None`: the node's default).
+    pub request_timeout: Option<Duration>,
+    /// How long a drain waits for in-flight requests. Default 5 s.
+    pub drain_timeout: Duration,
+}
+
+/// Open-loop requests through the mesh, seeded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workload {
+    /// Requests per second, summed over `clients`.
+    pub rps: f64,
+    /// Nodes whose outbound listeners send the requests (certificate
+    /// identity `client`).
+    pub clients: Vec<String>,
+    /// Nodes whose certificate identity is `denied`; they send `denied_rps`
+    /// requests per second to the same service, counted apart (the `authz`
+    /// invariant judges them, `request-success` does not).
+    pub denied: Vec<String>,
+    /// Requests per second from the denied nodes, summed.
+    pub denied_rps: f64,
+    /// The service every request addresses.
+    pub service: String,
+    /// Method mix: (method, share), shares summing to 1.
+    pub methods: Vec<(String, f64)>,
+    /// When requests start, from the start of the timeline.
+    pub start: Duration,
+    /// When requests stop (default: the scenario's duration).
+    pub stop: Duration,
+    /// A request with no answer within this is a failure. Default 5 s.
+    pub timeout: Duration,
 }
 
 /// The cluster a scenario runs on.
@@ -49,6 +89,26 @@ pub struct ClusterSpec {
     pub phi_threshold: f64,
     /// How long the cluster may take to form before the run is abandoned.
     pub form_within: Duration,
+    /// Service → the nodes that front an instance of it.
+    pub services: BTreeMap<String, Vec<String>>,
+}
+
+/// Certificate identity of a workload client.
+pub const CLIENT_IDENTITY: &str = "client";
+/// Certificate identity of a denied workload client.
+pub const DENIED_IDENTITY: &str = "denied";
+
+// === impl ClusterSpec ===
+
+impl ClusterSpec {
+    /// Services `node` fronts, sorted.
+    pub fn services_of(&self, node: &str) -> Vec<String> {
+        self.services
+            .iter()
+            .filter(|(_, nodes)| nodes.iter().any(|n| n == node))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
 }
 
 /// One timeline step.
@@ -73,8 +133,9 @@ pub enum Action {
     Pause { node: String },
     /// Let a paused node's socket pass packets again.
     Resume { node: String },
-    /// Announce `draining`, wait `linger`, then leave gracefully.
-    Drain { node: String, linger: Duration },
+    /// Graceful drain with `Node::drain()`: announce `draining`, keep
+    /// serving while peers learn it, finish in-flight requests, leave.
+    Drain { node: String },
     /// Drop every packet from `from` to `to` (and back, unless one-way).
     Partition { links: Links },
     /// Remove every network fault (partitions, loss, delay, duplication,
@@ -98,6 +159,24 @@ pub enum Action {
     },
     /// Require `check` to hold at some moment within `within` of this step.
     Assert { check: Check, within: Duration },
+    /// PUT a policy document to `node`'s admin API; the version it answers
+    /// with is recorded as acknowledged.
+    PushPolicy {
+        node: String,
+        /// Policy kind, from the document.
+        kind: String,
+        /// Policy name, from the document.
+        name: String,
+        /// The document (YAML or JSON).
+        document: String,
+        /// Where it came from: a file name, or `inline`.
+        source: String,
+    },
+    /// Offset `node`'s hybrid-logical-clock wall time by `offset_ms`.
+    Skew { node: String, offset_ms: i64 },
+    /// Each node in turn: drain, restart with the same name and data
+    /// folder, wait until every running node sees it alive.
+    RollingRestart { nodes: Vec<String> },
 }
 
 /// A set of directed links between two groups of nodes.
@@ -166,6 +245,29 @@ pub enum InvariantSpec {
     /// After each drain, every healthy node sees the node as left within
     /// `within`.
     LeftDetected { within: Duration },
+    /// The workload's success ratio, in fault windows (`during`) and outside
+    /// them (`after`), is at least the floor (percent).
+    RequestSuccess {
+        /// Only idempotent requests (GET, PUT) count.
+        idempotent_only: bool,
+        /// Floor for requests scheduled inside a fault window.
+        during: Option<f64>,
+        /// Floor for requests scheduled outside every fault window.
+        after: Option<f64>,
+        /// How long a fault window lasts after its repair.
+        settle: Duration,
+    },
+    /// No request is sent to a node more than `within` after its client saw
+    /// it dead, left or draining.
+    NoTrafficToDead { within: Duration },
+    /// Every healthy node runs the same, highest acknowledged version of
+    /// every policy within `within` of the last change.
+    PolicyConverges { within: Duration },
+    /// No acknowledged policy write is lost: at the end every healthy node
+    /// runs, per policy, a version at least as high as every acknowledged one.
+    NoAckLost,
+    /// No caller gets a 2xx from a node whose policy in force denies it.
+    Authz,
 }
 
 /// Why a scenario file could not be used.
@@ -190,7 +292,8 @@ impl Scenario {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "scenario".into());
-        Scenario::parse(&text, &stem).map_err(|e| ScenarioError::Read {
+        let base = path.parent().unwrap_or(Path::new("."));
+        Scenario::parse_in(&text, &stem, base).map_err(|e| ScenarioError::Read {
             path: path.display().to_string(),
             msg: e.to_string(),
         })
@@ -199,9 +302,46 @@ impl Scenario {
     /// Parses and validates scenario text; `default_name` is used when the
     /// file sets no `name`.
     pub fn parse(text: &str, default_name: &str) -> Result<Self, ScenarioError> {
+        Scenario::parse_in(text, default_name, Path::new("."))
+    }
+
+    /// Like [`Scenario::parse`], reading `push-policy` files relative to `base`.
+    pub fn parse_in(text: &str, default_name: &str, base: &Path) -> Result<Self, ScenarioError> {
         let raw: RawScenario =
             toml::from_str(text).map_err(|e| ScenarioError::Invalid(e.to_string()))?;
-        raw.validate(default_name)
+        raw.validate(default_name, base)
+    }
+
+    /// Why this scenario cannot run with `--processes` (empty: it can).
+    pub fn process_mode_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.steps {
+            let why = match &s.action {
+                Action::Partition { .. }
+                | Action::Heal
+                | Action::Loss { .. }
+                | Action::Delay { .. }
+                | Action::Duplicate { .. }
+                | Action::Reorder { .. } => {
+                    "network faults are injected under each node's QUIC socket, which only \
+                     the in-process mode can wrap"
+                }
+                Action::Skew { .. } => {
+                    "a node process has no way to be told a clock offset; skew needs the \
+                     in-process mode"
+                }
+                _ => continue,
+            };
+            out.push(format!("{s}: {why}"));
+        }
+        if self.node.retry_max_attempts.is_some() {
+            out.push(
+                "[node] retry_max_attempts: `shoal node` has no flag for it; it needs the \
+                 in-process mode"
+                    .into(),
+            );
+        }
+        out
     }
 
     /// The time of the last step that changes the nodes or the network
@@ -209,10 +349,21 @@ impl Scenario {
     pub fn last_change(&self) -> Duration {
         self.steps
             .iter()
-            .filter(|s| !matches!(s.action, Action::Assert { .. }))
+            .filter(|s| s.action.changes_membership())
             .map(|s| s.at)
             .max()
             .unwrap_or(Duration::ZERO)
+    }
+}
+
+impl Action {
+    /// Whether the step changes nodes or the network (not an assert, a
+    /// policy push or a clock skew).
+    pub fn changes_membership(&self) -> bool {
+        !matches!(
+            self,
+            Action::Assert { .. } | Action::PushPolicy { .. } | Action::Skew { .. }
+        )
     }
 }
 
@@ -264,10 +415,10 @@ impl fmt::Display for Action {
                 "pause {node}: its socket stops passing packets either way"
             ),
             Action::Resume { node } => write!(f, "resume {node}: its socket passes packets again"),
-            Action::Drain { node, linger } => write!(
+            Action::Drain { node } => write!(
                 f,
-                "drain {node}: announce draining, wait {}, then leave gracefully",
-                ms(*linger)
+                "drain {node}: announce draining, keep serving while peers learn it, \
+                 finish in-flight requests, then leave"
             ),
             Action::Partition { links } => {
                 let mut l = links.clone();
@@ -308,6 +459,30 @@ impl fmt::Display for Action {
             Action::Assert { check, within } => {
                 write!(f, "assert that {check} within {}", ms(*within))
             }
+            Action::PushPolicy {
+                node,
+                kind,
+                name,
+                source,
+                ..
+            } => write!(
+                f,
+                "push {kind} {name} ({source}) to {node} through its admin API"
+            ),
+            Action::Skew { node, offset_ms } => {
+                let dir = if *offset_ms < 0 { "behind" } else { "ahead" };
+                write!(
+                    f,
+                    "skew {node}'s clock {} {dir}: its hybrid logical clock stamps from that wall time",
+                    ms(Duration::from_millis(offset_ms.unsigned_abs()))
+                )
+            }
+            Action::RollingRestart { nodes } => write!(
+                f,
+                "rolling restart of {{{}}}: each in turn drains, restarts with the same name and \
+                 data folder, and is seen alive by all before the next",
+                nodes.join(", ")
+            ),
         }
     }
 }
@@ -339,6 +514,11 @@ impl InvariantSpec {
             InvariantSpec::NoFalseDead { .. } => "no-false-dead",
             InvariantSpec::DeadDetected { .. } => "dead-detected",
             InvariantSpec::LeftDetected { .. } => "left-detected",
+            InvariantSpec::RequestSuccess { .. } => "request-success",
+            InvariantSpec::NoTrafficToDead { .. } => "no-traffic-to-dead",
+            InvariantSpec::PolicyConverges { .. } => "policy-converges",
+            InvariantSpec::NoAckLost => "no-ack-lost",
+            InvariantSpec::Authz => "authz",
         }
     }
 }
@@ -364,6 +544,37 @@ impl fmt::Display for InvariantSpec {
             InvariantSpec::LeftDetected { within } => {
                 write!(f, "every drain is seen as left within {}", ms(*within))
             }
+            InvariantSpec::RequestSuccess {
+                idempotent_only,
+                during,
+                after,
+                ..
+            } => {
+                let which = if *idempotent_only {
+                    "idempotent requests"
+                } else {
+                    "requests"
+                };
+                let floors: Vec<String> = [("during faults", during), ("outside faults", after)]
+                    .iter()
+                    .filter_map(|(w, f)| f.map(|f| format!("≥ {f}% {w}")))
+                    .collect();
+                write!(f, "{which} succeed {}", floors.join(", "))
+            }
+            InvariantSpec::NoTrafficToDead { within } => write!(
+                f,
+                "no request reaches a node more than {} after it is seen dead or draining",
+                ms(*within)
+            ),
+            InvariantSpec::PolicyConverges { within } => write!(
+                f,
+                "every healthy node runs the highest acknowledged version of every policy within {}",
+                ms(*within)
+            ),
+            InvariantSpec::NoAckLost => f.write_str("no acknowledged policy write is lost"),
+            InvariantSpec::Authz => {
+                f.write_str("no caller gets a 2xx from a node whose policy in force denies it")
+            }
         }
     }
 }
@@ -384,6 +595,32 @@ struct RawScenario {
     step: Vec<RawStep>,
     #[serde(default)]
     invariant: Vec<RawInvariant>,
+    workload: Option<RawWorkload>,
+    node: Option<RawNodeSettings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    rps: f64,
+    clients: Vec<String>,
+    #[serde(default)]
+    denied: Vec<String>,
+    denied_rps: Option<f64>,
+    service: String,
+    #[serde(default)]
+    methods: BTreeMap<String, f64>,
+    start: Option<String>,
+    stop: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNodeSettings {
+    retry_max_attempts: Option<u32>,
+    request_timeout: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,6 +632,8 @@ struct RawCluster {
     gossip_interval: Option<String>,
     phi_threshold: Option<f64>,
     form_within: Option<String>,
+    #[serde(default)]
+    services: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -411,9 +650,12 @@ struct RawStep {
     delay: Option<String>,
     jitter: Option<String>,
     hold: Option<String>,
-    linger: Option<String>,
     check: Option<String>,
     within: Option<String>,
+    file: Option<String>,
+    policy: Option<String>,
+    offset: Option<String>,
+    nodes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -422,6 +664,10 @@ struct RawInvariant {
     kind: String,
     within: Option<String>,
     grace: Option<String>,
+    requests: Option<String>,
+    during: Option<f64>,
+    after: Option<f64>,
+    settle: Option<String>,
 }
 
 /// Largest in-process cluster: each node is a real QUIC endpoint and
@@ -437,7 +683,7 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, ScenarioError> {
 }
 
 impl RawScenario {
-    fn validate(self, default_name: &str) -> Result<Scenario, ScenarioError> {
+    fn validate(self, default_name: &str, base: &Path) -> Result<Scenario, ScenarioError> {
         let c = &self.cluster;
         if c.nodes == 0 || c.nodes > MAX_NODES {
             return invalid(format!("cluster.nodes: must be 1 to {MAX_NODES}"));
@@ -467,6 +713,48 @@ impl RawScenario {
             None => Duration::from_secs(30),
         };
         let duration = dur("duration", &self.duration)?;
+        let mut services = BTreeMap::new();
+        for (svc, on) in &c.services {
+            if node::proxy::ServiceSpec::parse_flag(&format!("{svc}=127.0.0.1:1")).is_err() {
+                return invalid(format!(
+                    "cluster.services.{svc}: use lower-case letters, digits and '-'"
+                ));
+            }
+            if on.is_empty() {
+                return invalid(format!("cluster.services.{svc}: names no node"));
+            }
+            for n in on {
+                if !nodes.contains(n) {
+                    return invalid(format!(
+                        "cluster.services.{svc}: no node {n:?} (nodes are n1..n{})",
+                        nodes.len()
+                    ));
+                }
+            }
+            services.insert(svc.clone(), on.clone());
+        }
+        let node_settings = {
+            let raw = self.node.unwrap_or_default();
+            if raw.retry_max_attempts == Some(0) {
+                return invalid("node.retry_max_attempts: must be at least 1");
+            }
+            NodeSettings {
+                retry_max_attempts: raw.retry_max_attempts,
+                request_timeout: raw
+                    .request_timeout
+                    .as_deref()
+                    .map(|s| dur("node.request_timeout", s))
+                    .transpose()?,
+                drain_timeout: match &raw.drain_timeout {
+                    Some(s) => dur("node.drain_timeout", s)?,
+                    None => Duration::from_secs(5),
+                },
+            }
+        };
+        let workload = match self.workload {
+            None => None,
+            Some(w) => Some(w.validate(&nodes, &services, duration)?),
+        };
 
         let resolver = Resolver {
             nodes: &nodes,
@@ -490,7 +778,7 @@ impl RawScenario {
         let mut steps = Vec::new();
         for (i, raw) in self.step.iter().enumerate() {
             let at = dur(&format!("step {} (at {}): at", i + 1, raw.at), &raw.at)?;
-            let action = raw.action(&resolver).map_err(|m| {
+            let action = raw.action(&resolver, base).map_err(|m| {
                 ScenarioError::Invalid(format!(
                     "step {} ({} at {}): {m}",
                     i + 1,
@@ -552,16 +840,61 @@ impl RawScenario {
                         within: need(&raw.within, "within")?,
                     }
                 }
-                "request-success" | "no-traffic-to-dead" | "policy-converges" | "authz" => {
-                    return invalid(field(
-                        "traffic and policy invariants need the data plane and policy store, \
-                         which this build does not have yet",
-                    ));
+                "request-success" | "no-traffic-to-dead" | "authz" if workload.is_none() => {
+                    return invalid(field("needs a [workload] to measure"));
                 }
+                "request-success" => {
+                    let pct = |f: &str, v: Option<f64>| -> Result<Option<f64>, ScenarioError> {
+                        match v {
+                            Some(p) if !(0.0..=100.0).contains(&p) => {
+                                invalid(field(&format!("{f}: a percentage, 0 to 100")))
+                            }
+                            v => Ok(v),
+                        }
+                    };
+                    let during = pct("during", raw.during)?;
+                    let after = pct("after", raw.after)?;
+                    if during.is_none() && after.is_none() {
+                        return invalid(field("give `during`, `after` or both (percent)"));
+                    }
+                    InvariantSpec::RequestSuccess {
+                        idempotent_only: match raw.requests.as_deref() {
+                            None | Some("all") => false,
+                            Some("idempotent") => true,
+                            Some(o) => {
+                                return invalid(field(&format!(
+                                    "requests: {o:?} (all or idempotent)"
+                                )));
+                            }
+                        },
+                        during,
+                        after,
+                        settle: match &raw.settle {
+                            Some(s) => dur(&field("settle"), s)?,
+                            None => Duration::from_secs(2),
+                        },
+                    }
+                }
+                "no-traffic-to-dead" => InvariantSpec::NoTrafficToDead {
+                    within: need(&raw.within, "within")?,
+                },
+                "policy-converges" | "no-ack-lost"
+                    if !steps
+                        .iter()
+                        .any(|s| matches!(s.action, Action::PushPolicy { .. })) =>
+                {
+                    return invalid(field("needs a push-policy step to measure"));
+                }
+                "policy-converges" => InvariantSpec::PolicyConverges {
+                    within: need(&raw.within, "within")?,
+                },
+                "no-ack-lost" => InvariantSpec::NoAckLost,
+                "authz" => InvariantSpec::Authz,
                 other => {
                     return invalid(field(&format!(
                         "unknown kind {other:?} (converges, no-false-dead, dead-detected, \
-                         left-detected)"
+                         left-detected, request-success, no-traffic-to-dead, policy-converges, \
+                         no-ack-lost, authz)"
                     )));
                 }
             };
@@ -586,9 +919,12 @@ impl RawScenario {
                 gossip_interval,
                 phi_threshold,
                 form_within,
+                services,
             },
             steps,
             invariants,
+            workload,
+            node: node_settings,
         })
     }
 }
@@ -600,12 +936,23 @@ fn check_lifecycle(nodes: &[String], steps: &[Step]) -> Result<(), ScenarioError
     for s in steps {
         let bad = |why: &str| invalid(format!("{s}: {why}"));
         match &s.action {
-            Action::Crash { node } | Action::Drain { node, .. } => {
+            Action::Crash { node } | Action::Drain { node } => {
                 if !up[node.as_str()] {
                     return bad("the node is already stopped");
                 }
                 up.insert(node, false);
                 paused.remove(node.as_str());
+            }
+            Action::RollingRestart { nodes } => {
+                if let Some(n) = nodes
+                    .iter()
+                    .find(|n| !up[n.as_str()] || paused.contains(n.as_str()))
+                {
+                    return bad(&format!("{n} is stopped or paused"));
+                }
+            }
+            Action::PushPolicy { node, .. } | Action::Skew { node, .. } if !up[node.as_str()] => {
+                return bad("the node is stopped");
             }
             Action::Restart { node } => {
                 if up[node.as_str()] {
@@ -623,6 +970,104 @@ fn check_lifecycle(nodes: &[String], steps: &[Step]) -> Result<(), ScenarioError
         }
     }
     Ok(())
+}
+
+impl RawWorkload {
+    fn validate(
+        self,
+        nodes: &[String],
+        services: &BTreeMap<String, Vec<String>>,
+        duration: Duration,
+    ) -> Result<Workload, ScenarioError> {
+        if !(self.rps > 0.0 && self.rps <= 2000.0) {
+            return invalid("workload.rps: must be above 0 and at most 2000");
+        }
+        if !services.contains_key(&self.service) {
+            return invalid(format!(
+                "workload.service: {:?} is not in [cluster.services]",
+                self.service
+            ));
+        }
+        let check = |field: &str, list: &[String]| -> Result<(), ScenarioError> {
+            for n in list {
+                if !nodes.contains(n) {
+                    return invalid(format!(
+                        "workload.{field}: no node {n:?} (nodes are n1..n{})",
+                        nodes.len()
+                    ));
+                }
+            }
+            Ok(())
+        };
+        if self.clients.is_empty() {
+            return invalid("workload.clients: name at least one node");
+        }
+        check("clients", &self.clients)?;
+        check("denied", &self.denied)?;
+        if let Some(n) = self.denied.iter().find(|n| self.clients.contains(n)) {
+            return invalid(format!("workload.denied: {n} is also a client"));
+        }
+        let mut methods = Vec::new();
+        let raw = if self.methods.is_empty() {
+            BTreeMap::from([("GET".to_string(), 1.0)])
+        } else {
+            self.methods
+        };
+        let total: f64 = raw.values().sum();
+        for (m, share) in &raw {
+            if !["GET", "PUT", "POST"].contains(&m.as_str()) {
+                return invalid(format!("workload.methods: {m:?} (GET, PUT, POST)"));
+            }
+            if *share < 0.0 {
+                return invalid(format!("workload.methods.{m}: must not be negative"));
+            }
+            methods.push((m.clone(), share / total));
+        }
+        if total <= 0.0 || total.is_nan() {
+            return invalid("workload.methods: shares sum to zero");
+        }
+        let opt = |f: &str, v: &Option<String>, d: Duration| match v {
+            Some(s) => dur(&format!("workload.{f}"), s),
+            None => Ok(d),
+        };
+        let start = opt("start", &self.start, Duration::ZERO)?;
+        let stop = opt("stop", &self.stop, duration)?;
+        if stop <= start || stop > duration {
+            return invalid("workload.stop: must be after start and within duration");
+        }
+        let denied_rps = self.denied_rps.unwrap_or(if self.denied.is_empty() {
+            0.0
+        } else {
+            (self.rps / 5.0).max(1.0)
+        });
+        Ok(Workload {
+            rps: self.rps,
+            clients: self.clients,
+            denied: self.denied,
+            denied_rps,
+            service: self.service,
+            methods,
+            start,
+            stop,
+            timeout: opt("timeout", &self.timeout, Duration::from_secs(5))?,
+        })
+    }
+}
+
+/// The methods the proxy treats as idempotent (retried after a reset).
+pub fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE")
+}
+
+/// Parses a signed duration such as `-30s` or `250ms` into milliseconds.
+fn signed_ms(s: &str) -> Result<i64, String> {
+    let (neg, rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let d = node::config::parse_duration(rest)?;
+    let ms = d.as_millis() as i64;
+    Ok(if neg { -ms } else { ms })
 }
 
 struct Resolver<'a> {
@@ -717,7 +1162,7 @@ fn opt_dur(field: &str, s: &Option<String>, default: Duration) -> Result<Duratio
 }
 
 impl RawStep {
-    fn action(&self, r: &Resolver<'_>) -> Result<Action, String> {
+    fn action(&self, r: &Resolver<'_>, base: &Path) -> Result<Action, String> {
         let used = self.used_fields();
         let allow = |ok: &[&str]| -> Result<(), String> {
             for f in &used {
@@ -728,22 +1173,65 @@ impl RawStep {
             Ok(())
         };
         Ok(match self.action.as_str() {
-            "crash" | "restart" | "pause" | "resume" => {
+            "crash" | "restart" | "pause" | "resume" | "drain" => {
                 allow(&["node"])?;
                 let node = r.node(&self.node)?;
                 match self.action.as_str() {
                     "crash" => Action::Crash { node },
                     "restart" => Action::Restart { node },
                     "pause" => Action::Pause { node },
+                    "drain" => Action::Drain { node },
                     _ => Action::Resume { node },
                 }
             }
-            "drain" => {
-                allow(&["node", "linger"])?;
-                Action::Drain {
-                    node: r.node(&self.node)?,
-                    linger: opt_dur("linger", &self.linger, Duration::from_millis(500))?,
+            "push-policy" => {
+                allow(&["node", "file", "policy"])?;
+                let node = r.node(&self.node)?;
+                let (document, source) = match (&self.file, &self.policy) {
+                    (Some(f), None) => {
+                        let path = base.join(f);
+                        let text = std::fs::read_to_string(&path)
+                            .map_err(|e| format!("file: {}: {e}", path.display()))?;
+                        (text, f.clone())
+                    }
+                    (None, Some(p)) => (p.clone(), "inline".to_string()),
+                    _ => return Err("give exactly one of `file` and `policy`".into()),
+                };
+                let doc = node::policy::Document::parse(&document)
+                    .map_err(|p| format!("the policy is invalid: {p}"))?;
+                Action::PushPolicy {
+                    node,
+                    kind: doc.kind.to_string(),
+                    name: doc.name.clone(),
+                    document,
+                    source,
                 }
+            }
+            "skew" => {
+                allow(&["node", "offset"])?;
+                let offset = self.offset.as_deref().ok_or("`offset` is required")?;
+                Action::Skew {
+                    node: r.node(&self.node)?,
+                    offset_ms: signed_ms(offset).map_err(|m| format!("offset: {m}"))?,
+                }
+            }
+            "rolling-restart" => {
+                allow(&["nodes"])?;
+                let nodes = match &self.nodes {
+                    None => r.nodes.to_vec(),
+                    Some(list) => {
+                        let mut out = Vec::new();
+                        for n in list {
+                            let n = r.node(&Some(n.clone()))?;
+                            if out.contains(&n) {
+                                return Err(format!("nodes: {n} is listed twice"));
+                            }
+                            out.push(n);
+                        }
+                        out
+                    }
+                };
+                Action::RollingRestart { nodes }
             }
             "partition" => {
                 allow(&["from", "to", "one_way"])?;
@@ -815,16 +1303,11 @@ impl RawStep {
                 };
                 Action::Assert { check, within }
             }
-            "push-policy" | "skew" | "rolling-restart" => {
-                return Err(format!(
-                    "`{}` needs the data plane / policy store, which this build does not have yet",
-                    self.action
-                ));
-            }
             other => {
                 return Err(format!(
-                    "unknown step {other:?} (crash, restart, pause, resume, drain, partition, \
-                     heal, loss, delay, duplicate, reorder, assert)"
+                    "unknown step {other:?} (crash, restart, pause, resume, drain, \
+                     rolling-restart, partition, heal, loss, delay, duplicate, reorder, skew, \
+                     push-policy, assert)"
                 ));
             }
         })
@@ -845,9 +1328,12 @@ impl RawStep {
         add(self.delay.is_some(), "delay");
         add(self.jitter.is_some(), "jitter");
         add(self.hold.is_some(), "hold");
-        add(self.linger.is_some(), "linger");
         add(self.check.is_some(), "check");
         add(self.within.is_some(), "within");
+        add(self.file.is_some(), "file");
+        add(self.policy.is_some(), "policy");
+        add(self.offset.is_some(), "offset");
+        add(self.nodes.is_some(), "nodes");
         v
     }
 }
@@ -938,7 +1424,7 @@ mod tests {
 
         let bad = GOOD.replace("kind = \"converges\"", "kind = \"request-success\"");
         let e = Scenario::parse(&bad, "x").unwrap_err().to_string();
-        assert!(e.contains("data plane"), "{e}");
+        assert!(e.contains("needs a [workload]"), "{e}");
 
         let bad = GOOD.replace("[cluster]", "[workload]\nrps = 5\n[cluster]");
         assert!(Scenario::parse(&bad, "x").is_err());

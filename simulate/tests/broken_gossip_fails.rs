@@ -105,6 +105,7 @@ async fn a_broken_gossip_path_makes_convergence_fail() {
                 arm.store(true, Ordering::Relaxed);
             }
         })),
+        processes: None,
     };
     let report = run_scenario(&scenario, &options).await.expect("run");
     assert!(!report.passed, "{}", report.table());
