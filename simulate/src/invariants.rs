@@ -205,9 +205,11 @@ impl Truth {
                 t.last_change = at;
             }
             match &rec.step.action {
+                // A fault window opens when the step begins (a crash
+                // takes a moment; requests sent meanwhile are in it).
                 Action::Crash { node } | Action::Pause { node } => {
-                    open_leave.insert(node.clone(), at);
-                    open_node_fault.insert(node.clone(), (at, rec.text.clone()));
+                    open_leave.insert(node.clone(), rec.at);
+                    open_node_fault.insert(node.clone(), (rec.at, rec.text.clone()));
                 }
                 Action::Drain { node } => {
                     open_leave.insert(node.clone(), rec.at);
@@ -225,7 +227,7 @@ impl Truth {
                 | Action::Loss { .. }
                 | Action::Delay { .. }
                 | Action::Duplicate { .. }
-                | Action::Reorder { .. } => open_fault.push((at, rec.text.clone())),
+                | Action::Reorder { .. } => open_fault.push((rec.at, rec.text.clone())),
                 Action::Heal => {
                     for (s, what) in open_fault.drain(..) {
                         t.faults.push((s, at, what));
@@ -570,17 +572,18 @@ fn request_success(
         .requests
         .iter()
         .filter(|r| !r.denied && r.sent() && (!idempotent_only || r.idempotent));
-    let in_fault = |t: f64| {
+    // A request is in a fault window if its life (sent to answered) overlaps it.
+    let in_fault = |r: &RequestRecord| {
         truth
             .faults
             .iter()
-            .any(|(s, e, _)| t >= *s && t < e + settle)
+            .any(|(s, e, _)| r.t + r.latency >= *s && r.t < e + settle)
     };
     let (mut d_ok, mut d_n, mut a_ok, mut a_n) = (0, 0, 0, 0);
     let mut first_d = None;
     let mut first_a = None;
     for r in counted {
-        if in_fault(r.t) {
+        if in_fault(r) {
             d_n += 1;
             if r.ok() {
                 d_ok += 1;

@@ -614,7 +614,9 @@ impl SimCluster {
                 .map(|n| n.addr.to_string())
                 .collect();
             for svc in &fronts {
-                let up = Upstream::start(name).await.context("upstream")?;
+                let up = Upstream::start(name, workload.map_or(Duration::ZERO, |w| w.service_time))
+                    .await
+                    .context("upstream")?;
                 let mut s = ServiceSpec::new(svc, up.addr, Protocol::Http1);
                 s.health_interval = Duration::from_millis(200);
                 config.proxy.services.push(s);

@@ -74,6 +74,8 @@ pub struct Workload {
     pub stop: Duration,
     /// A request with no answer within this is a failure. Default 5 s.
     pub timeout: Duration,
+    /// How long each upstream takes to answer. Default 0.
+    pub service_time: Duration,
 }
 
 /// The cluster a scenario runs on.
@@ -613,6 +615,7 @@ struct RawWorkload {
     start: Option<String>,
     stop: Option<String>,
     timeout: Option<String>,
+    service_time: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -1050,6 +1053,7 @@ impl RawWorkload {
             start,
             stop,
             timeout: opt("timeout", &self.timeout, Duration::from_secs(5))?,
+            service_time: opt("service_time", &self.service_time, Duration::ZERO)?,
         })
     }
 }

@@ -207,7 +207,7 @@ pub async fn drive(
 }
 
 /// A service instance: answers every request with 200 and the name of the
-/// node that fronts it.
+/// node that fronts it, after `service_time`.
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -216,7 +216,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Starts an upstream for `node` on 127.0.0.1, port 0.
-    pub async fn start(node: &str) -> std::io::Result<Self> {
+    pub async fn start(node: &str, service_time: Duration) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let name = Bytes::from(node.to_string());
@@ -229,6 +229,9 @@ impl Upstream {
                         let name = name.clone();
                         async move {
                             let _ = req.into_body().collect().await;
+                            if !service_time.is_zero() {
+                                tokio::time::sleep(service_time).await;
+                            }
                             Ok::<_, Infallible>(hyper::Response::new(Full::new(name)))
                         }
                     });
@@ -261,6 +264,7 @@ mod tests {
             start: Duration::ZERO,
             stop: Duration::from_secs(20),
             timeout: Duration::from_secs(5),
+            service_time: Duration::ZERO,
         }
     }
 
