@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gossip::{Gossip, GossipConfig, Member, NodeRecord};
+use gossip::{Gossip, GossipConfig, Member, MemberState, NodeRecord};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -155,6 +155,10 @@ impl Node {
             policy_metrics,
             admin_token,
         });
+        tasks.push(tokio::spawn(drop_dead_connections(
+            gossip.clone(),
+            endpoint.clone(),
+        )));
         let (shutdown, shutdown_rx) = watch::channel(false);
         tasks.push(tokio::spawn(crate::admin::serve(
             admin_listener,
@@ -261,6 +265,36 @@ impl Node {
         }
         self.gossip.shutdown().await;
         self.endpoint.close();
+    }
+}
+
+/// Closes the connection to a member as soon as gossip declares it dead or
+/// gone: a crashed peer sends no QUIC close, and requests in flight on its
+/// connection would otherwise wait for the idle timeout instead of failing
+/// over (retried elsewhere when safe).
+async fn drop_dead_connections(gossip: Gossip, endpoint: Endpoint) {
+    let mut events = gossip.subscribe();
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let gone = matches!(event.current, Some(MemberState::Dead) | None);
+        if !gone || event.previous.is_none() {
+            continue;
+        }
+        let addrs: Vec<SocketAddr> = gossip
+            .members()
+            .await
+            .into_iter()
+            .filter(|m| m.name == event.name && !m.is_self && m.state != MemberState::Alive)
+            .map(|m| m.addr)
+            .collect();
+        for addr in addrs {
+            tracing::debug!(member = %event.name, %addr, "member dead: closing its connection");
+            endpoint.disconnect(addr);
+        }
     }
 }
 
