@@ -4,7 +4,7 @@
 //! |--------|---------------|--------------------------------------------------|
 //! | GET    | `/v1/members` | JSON array of members                            |
 //! | GET    | `/healthz`    | 200 while the process runs                       |
-//! | GET    | `/readyz`     | 200 once joined (heard from a peer, or no seeds) |
+//! | GET    | `/readyz`     | 200 once joined (heard from a peer, or no seeds) and the routing table was built since |
 //! | GET    | `/metrics`    | Prometheus text format                           |
 //! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
 //! | GET    | `/v1/stats`   | JSON per edge over the last minute: rps, success rate, p50/p95/p99 |
@@ -71,10 +71,15 @@ async fn route(
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if state.gossip.joined().await {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !state.gossip.joined().await {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not joined yet\n")
+            } else if !state.proxy.routes_ready() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "routing table not built yet\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/v1/members") => json(&state.gossip.members().await),

@@ -173,7 +173,9 @@ fn nodes_join_leave_on_sigterm_and_recover_after_sigkill() {
                 && state_of(n3.admin, n).as_deref() == Some("alive")
         });
     }
-    assert_eq!(get(n2.admin, "/readyz").0, 200);
+    wait_until("n2 ready", Duration::from_secs(5), || {
+        get(n2.admin, "/readyz").0 == 200
+    });
 
     // The members table.
     let out = shoal(&["members", "--admin", &n1.admin.to_string()], dir.path());

@@ -26,8 +26,11 @@ async fn three_nodes_join_through_one_seed() {
         assert!(m["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert!(m["last_seen_ms"].is_u64());
     }
-    let (status, _) = admin_get(cluster.nodes[1].admin_addr(), "/readyz").await;
-    assert_eq!(status, 200);
+    let admin = cluster.nodes[1].admin_addr();
+    eventually("n2 ready", DEADLINE, || async {
+        (admin_get(admin, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
     let (status, _) = admin_get(cluster.nodes[1].admin_addr(), "/healthz").await;
     assert_eq!(status, 200);
 

@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     pub outbound_in_flight: AtomicU64,
     pub inbound_in_flight: AtomicU64,
     pub draining: AtomicBool,
+    /// Set once the routing table was built after the node joined gossip.
+    routes_ready: AtomicBool,
     pub policy: PolicyPlane,
     table: RwLock<Arc<Table>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
@@ -226,6 +228,7 @@ impl Shared {
 
     /// Rebuilds the routing table from gossip.
     async fn refresh(&self) {
+        let joined = self.gossip.joined().await;
         let members = self.gossip.members().await;
         let by_name: HashMap<&str, &gossip::Member> =
             members.iter().map(|m| (m.name.as_str(), m)).collect();
@@ -269,6 +272,9 @@ impl Shared {
             });
         }
         *self.table.write().unwrap() = Arc::new(table);
+        if joined {
+            self.routes_ready.store(true, Ordering::Relaxed);
+        }
         for m in &members {
             if m.is_self {
                 continue;
@@ -357,6 +363,7 @@ impl Proxy {
             outbound_in_flight: AtomicU64::new(0),
             inbound_in_flight: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            routes_ready: AtomicBool::new(false),
             table: RwLock::new(Arc::new(Table::default())),
             budgets: Mutex::new(HashMap::new()),
             config,
@@ -412,6 +419,12 @@ impl Proxy {
             shutdown,
             tasks: Mutex::new(tasks),
         })
+    }
+
+    /// Whether the routing table has been built from gossip since the node
+    /// joined (what `/readyz` waits for besides joining).
+    pub fn routes_ready(&self) -> bool {
+        self.shared.routes_ready.load(Ordering::Relaxed)
     }
 
     /// The bound outbound listener address, if any.
