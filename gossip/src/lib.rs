@@ -8,12 +8,14 @@
 //! through [`Gossip::set_key`].
 #![forbid(unsafe_code)]
 
+pub mod guard;
 mod membership;
 mod relay;
 pub mod schema;
+pub mod wire;
 
 pub use membership::{
-    Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState, Published,
+    Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState, Published, Trust,
 };
 pub use schema::{Health, NodeRecord, ServiceRecord, ServingState};
 

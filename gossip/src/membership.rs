@@ -8,14 +8,48 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use transport::Endpoint;
+use transport::signing::{CertChecker, Signer};
 
+use crate::guard::{CERT_KEY, Guard, GuardStats, sign_value, valid_name, value_of};
 use crate::relay::{RelayStats, RelayTransport, Relays};
 use crate::schema::{NodeRecord, ServingState, keys};
+use crate::wire::NodeId;
+
+/// What a node needs to sign what it publishes and to check what others do.
+#[derive(Clone)]
+pub struct Trust {
+    /// This node's certificate key.
+    pub signer: Arc<Signer>,
+    /// The mesh CA.
+    pub checker: CertChecker,
+}
+
+impl Trust {
+    /// Reads `node.pem`, `node.key` and `ca.pem` from a certificate folder.
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self, GossipError> {
+        let signer = Signer::from_files(&dir.join("node.pem"), &dir.join("node.key"))
+            .map_err(|e| GossipError::Start(e.to_string()))?;
+        let checker = CertChecker::from_dir(dir).map_err(|e| GossipError::Start(e.to_string()))?;
+        Ok(Trust {
+            signer: Arc::new(signer),
+            checker,
+        })
+    }
+}
+
+fn node_id(id: &ChitchatId) -> NodeId {
+    NodeId {
+        name: id.node_id.to_string(),
+        generation: id.generation_id,
+        addr: id.gossip_advertise_addr,
+    }
+}
 
 /// Gossip settings. Defaults suit a LAN.
 #[derive(Debug, Clone)]
@@ -149,6 +183,10 @@ pub struct MemberEvent {
 
 struct Shared {
     handle: ChitchatHandle,
+    guard: Arc<Guard>,
+    signer: Arc<Signer>,
+    failure: Mutex<Option<String>>,
+    stopping: AtomicBool,
     relays: Arc<Relays>,
     config: GossipConfig,
     self_id: ChitchatId,
@@ -170,7 +208,15 @@ impl Gossip {
         endpoint: Endpoint,
         config: GossipConfig,
         record: NodeRecord,
+        trust: Trust,
     ) -> Result<Self, GossipError> {
+        if !valid_name(&config.name) {
+            return Err(GossipError::Start(format!(
+                "node name {:?} must be 1-{} characters of A-Z a-z 0-9 . _ -",
+                config.name,
+                crate::guard::MAX_NAME_BYTES
+            )));
+        }
         let advertise = endpoint.local_addr();
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -183,7 +229,8 @@ impl Gossip {
             .filter(|s| s.parse::<SocketAddr>().ok() != Some(advertise))
             .cloned()
             .collect();
-        let relays = Relays::new(endpoint);
+        let guard = Arc::new(Guard::new(node_id(&self_id), trust.checker.clone()));
+        let relays = Relays::new(endpoint, guard.clone());
         let inbound = relays.spawn_inbound();
         let chitchat_config = ChitchatConfig {
             chitchat_id: self_id.clone(),
@@ -206,12 +253,17 @@ impl Gossip {
         let transport = RelayTransport {
             relays: relays.clone(),
         };
-        let handle = chitchat::spawn_chitchat(chitchat_config, record.to_kvs(), &transport)
+        let handle = chitchat::spawn_chitchat(chitchat_config, Vec::new(), &transport)
             .await
             .map_err(|e| GossipError::Start(e.to_string()))?;
+        let termination = handle.termination_watcher();
         let (events, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             handle,
+            guard,
+            signer: trust.signer.clone(),
+            failure: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             relays,
             joined: AtomicBool::new(seeds.is_empty()),
             config,
@@ -220,9 +272,68 @@ impl Gossip {
             heartbeats: Mutex::new(HashMap::new()),
             tasks: Mutex::new(vec![inbound]),
         });
-        let watcher = tokio::spawn(watch_members(Arc::downgrade(&shared)));
-        shared.tasks.lock().unwrap().push(watcher);
-        Ok(Gossip { shared })
+        let gossip = Gossip { shared };
+        let cert =
+            base64::engine::general_purpose::STANDARD.encode(trust.signer.cert_der().as_ref());
+        gossip.set_key(CERT_KEY, &cert).await;
+        for (k, v) in record.to_kvs() {
+            gossip.set_key(&k, &v).await;
+        }
+        let watcher = tokio::spawn(watch_members(Arc::downgrade(&gossip.shared)));
+        let weak = Arc::downgrade(&gossip.shared);
+        let sentinel = tokio::spawn(async move {
+            let result = termination.await;
+            let Some(shared) = weak.upgrade() else { return };
+            if shared.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let why = match result {
+                Ok(()) => "the gossip loop stopped".to_string(),
+                Err(e) => format!("the gossip loop failed: {e}"),
+            };
+            tracing::error!(error = %why, "gossip stopped; this node's view of the mesh is frozen");
+            *shared.failure.lock().unwrap() = Some(why);
+        });
+        gossip
+            .shared
+            .tasks
+            .lock()
+            .unwrap()
+            .extend([watcher, sentinel]);
+        Ok(gossip)
+    }
+
+    /// Why gossip stopped working, if it did (the node should stop serving:
+    /// its view of the mesh is frozen).
+    pub fn failure(&self) -> Option<String> {
+        if let Some(f) = self.shared.failure.lock().unwrap().clone() {
+            return Some(f);
+        }
+        if self.shared.relays.inbound_stopped() && !self.shared.stopping.load(Ordering::Relaxed) {
+            return Some("the gossip relay stopped".into());
+        }
+        None
+    }
+
+    /// Gossip refusals by reason, and verification cost.
+    pub fn guard_stats(&self) -> &GuardStats {
+        &self.shared.guard.stats
+    }
+
+    /// Another live incarnation of this node's name at another address
+    /// (someone started a second node with the same name and certificate).
+    pub async fn duplicate_of_self(&self) -> Option<SocketAddr> {
+        let chitchat = self.shared.handle.chitchat();
+        let c = chitchat.lock().await;
+        let self_id = &self.shared.self_id;
+        c.live_nodes()
+            .filter(|id| {
+                *id != self_id
+                    && id.node_id == self_id.node_id
+                    && id.gossip_advertise_addr != self_id.gossip_advertise_addr
+            })
+            .find(|id| self.shared.guard.is_verified(&node_id(id)))
+            .map(|id| id.gossip_advertise_addr)
     }
 
     /// This node's name.
@@ -262,28 +373,44 @@ impl Gossip {
     }
 
     /// Publishes `key = value` in this node's state.
+    ///
+    /// The value is signed with this node's certificate key over (node id,
+    /// key, chitchat version, value), so no other node can write or replay it.
     pub async fn set_key(&self, key: &str, value: &str) {
         let chitchat = self.shared.handle.chitchat();
         let mut c = chitchat.lock().await;
-        c.self_node_state().set(key, value);
+        let st = c.self_node_state();
+        if st.get(key).map(value_of) == Some(value) {
+            return;
+        }
+        let version = st.max_version() + 1;
+        let signed = sign_value(
+            &self.shared.signer,
+            &node_id(&self.shared.self_id),
+            key,
+            version,
+            value,
+        );
+        st.set(key, signed);
     }
 
-    /// Removes `key` from this node's state.
+    /// Withdraws `key` from this node's state (publishes it empty: Shoal
+    /// never sends chitchat deletes, which a relaying peer could forge).
     pub async fn delete_key(&self, key: &str) {
-        let chitchat = self.shared.handle.chitchat();
-        let mut c = chitchat.lock().await;
-        c.self_node_state().delete(key);
+        self.set_key(key, "").await;
     }
 
-    /// Reads `key` as published by `node` (newest incarnation).
+    /// Reads `key` as published by `node` (newest verified incarnation).
     pub async fn key_of(&self, node: &str, key: &str) -> Option<String> {
         let chitchat = self.shared.handle.chitchat();
         let c = chitchat.lock().await;
         c.node_states()
             .iter()
-            .filter(|(id, _)| &*id.node_id == node)
+            .filter(|(id, _)| &*id.node_id == node && self.shared.guard.is_verified(&node_id(id)))
             .max_by_key(|(id, _)| id.generation_id)
-            .and_then(|(_, st)| st.get(key).map(str::to_string))
+            .and_then(|(_, st)| st.get(key).map(value_of))
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
     }
 
     /// Keys starting with `prefix` as published by every member that is
@@ -304,8 +431,11 @@ impl Gossip {
         let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
         let mut newest: BTreeMap<&str, (&ChitchatId, &chitchat::NodeState)> = BTreeMap::new();
         for (id, st) in c.node_states() {
+            if !self.shared.guard.is_verified(&node_id(id)) {
+                continue;
+            }
             let alive = (*id == self.shared.self_id || live.contains(id))
-                && st.get(keys::STATE) != Some("left");
+                && st.get(keys::STATE).map(value_of) != Some("left");
             if alive_only && !alive {
                 continue;
             }
@@ -324,7 +454,9 @@ impl Gossip {
                 is_self: *id == self.shared.self_id,
                 keys: st
                     .iter_prefix(prefix)
-                    .map(|(k, v)| (k.to_string(), v.value.clone()))
+                    .map(|(k, v)| (k, value_of(&v.value)))
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             })
             .collect()
@@ -364,6 +496,7 @@ impl Gossip {
 
     /// Stops gossiping (without announcing anything: see [`Gossip::leave`]).
     pub async fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
         for t in self.shared.tasks.lock().unwrap().drain(..) {
             t.abort();
         }
@@ -396,12 +529,15 @@ async fn members(shared: &Shared) -> Vec<Member> {
     let mut newest: BTreeMap<String, Member> = BTreeMap::new();
     for (id, st) in c.node_states() {
         let is_self = *id == shared.self_id;
+        if !is_self && !shared.guard.is_verified(&node_id(id)) {
+            continue;
+        }
         let hb = st.heartbeat();
         let entry = heartbeats.entry(id.clone()).or_insert((hb, now));
         if entry.0 != hb {
             *entry = (hb, now);
         }
-        let record = NodeRecord::from_lookup(|k| st.get(k));
+        let record = NodeRecord::from_lookup(|k| st.get(k).map(value_of));
         let state = if record.state == ServingState::Left {
             MemberState::Left
         } else if is_self || live.contains(id) {
@@ -434,6 +570,13 @@ async fn members(shared: &Shared) -> Vec<Member> {
         }
     }
     heartbeats.retain(|id, _| c.node_states().contains_key(id));
+    shared.guard.retain(|id| {
+        c.node_states().keys().any(|cid| {
+            *cid.node_id == *id.name
+                && cid.generation_id == id.generation
+                && cid.gossip_advertise_addr == id.addr
+        })
+    });
     newest.into_values().collect()
 }
 

@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use transport::Endpoint;
 
 use crate::GOSSIP_CHANNEL;
+use crate::guard::Guard;
 
 /// Gossip traffic counters (bytes are chitchat payload bytes).
 #[derive(Debug, Default)]
@@ -63,10 +64,12 @@ pub(crate) struct Relays {
     by_relay: Mutex<HashMap<SocketAddr, SocketAddr>>,
     pub(crate) stats: RelayStats,
     self_addr: SocketAddr,
+    guard: Arc<Guard>,
+    inbound_done: std::sync::atomic::AtomicBool,
 }
 
 impl Relays {
-    pub(crate) fn new(endpoint: Endpoint) -> Arc<Self> {
+    pub(crate) fn new(endpoint: Endpoint, guard: Arc<Guard>) -> Arc<Self> {
         let self_addr = endpoint.local_addr();
         Arc::new(Relays {
             endpoint,
@@ -75,20 +78,23 @@ impl Relays {
             by_relay: Mutex::new(HashMap::new()),
             stats: RelayStats::default(),
             self_addr,
+            guard,
+            inbound_done: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Starts moving gossip that arrives over QUIC into chitchat.
+    /// Starts moving gossip that arrives over QUIC into chitchat, through
+    /// the [`Guard`]: only what verifies reaches chitchat. Reading and
+    /// verifying runs on the blocking pool, one message at a time, so a flood
+    /// of expensive messages never occupies the node's async workers.
     pub(crate) fn spawn_inbound(self: &Arc<Self>) -> JoinHandle<()> {
         let mut rx = self.endpoint.subscribe(GOSSIP_CHANNEL, 1024);
         let weak = Arc::downgrade(self);
+        let guard = self.guard.clone();
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 let Some(relays) = weak.upgrade() else { return };
                 let Some(chitchat) = *relays.chitchat_addr.lock().unwrap() else {
-                    continue;
-                };
-                let Ok(socket) = relays.relay_for(msg.from.addr()) else {
                     continue;
                 };
                 relays.stats.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -96,9 +102,29 @@ impl Relays {
                     .stats
                     .bytes_in
                     .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-                let _ = socket.send_to(&msg.payload, chitchat).await;
+                let guard = guard.clone();
+                let payload = msg.payload;
+                let Ok(Some(bytes)) =
+                    tokio::task::spawn_blocking(move || guard.filter(&payload)).await
+                else {
+                    continue;
+                };
+                let Ok(socket) = relays.relay_for(msg.from.addr()) else {
+                    continue;
+                };
+                if let Err(e) = socket.send_to(&bytes, chitchat).await {
+                    tracing::debug!(error = %e, "gossip hand-off to chitchat failed");
+                }
+            }
+            if let Some(relays) = weak.upgrade() {
+                relays.inbound_done.store(true, Ordering::Relaxed);
             }
         })
+    }
+
+    /// Whether the inbound loop ended (the endpoint closed).
+    pub(crate) fn inbound_stopped(&self) -> bool {
+        self.inbound_done.load(Ordering::Relaxed)
     }
 
     /// The relay socket standing for `peer`, made on first use.

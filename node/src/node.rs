@@ -113,7 +113,8 @@ impl Node {
             admin_addr.to_string(),
             identity.services.clone(),
         );
-        let gossip = Gossip::start(endpoint.clone(), gossip_config, record).await?;
+        let trust = gossip::Trust::from_dir(&config.certs)?;
+        let gossip = Gossip::start(endpoint.clone(), gossip_config, record, trust).await?;
 
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(read_token(path)?),

@@ -10,6 +10,7 @@
 pub mod certs;
 mod endpoint;
 mod identity;
+pub mod signing;
 pub mod socket;
 mod tls;
 

@@ -1,0 +1,574 @@
+//! What stands between a peer's gossip bytes and chitchat.
+//!
+//! Without a control plane, gossip is the control plane, so a node holding a
+//! valid certificate must not be able to speak for anyone but itself. Each
+//! node signs every key-value it publishes with its certificate key; the
+//! signature covers the node's id (name, generation, address), the key, the
+//! chitchat version and the value, so it can be neither moved to another
+//! node, nor replayed at another version, nor altered. Each node also
+//! publishes its certificate (key `cert`), itself signed the same way.
+//!
+//! The [`Guard`] reads every message a peer sends ([`crate::wire`]) before
+//! chitchat sees it and keeps only:
+//! - node deltas whose every key-value verifies against that node's
+//!   certificate, which must chain to the mesh CA and name the node;
+//! - digest entries of nodes whose certificate it has verified (so a relayed
+//!   heartbeat cannot create a member, ghost or otherwise).
+//!
+//! It refuses deletes and GC resets (Shoal never deletes keys: a withdrawn
+//! value is published as an empty signed value), deltas about ourselves, ids
+//! that are not well-formed names, and more members than a digest can hold.
+//! Everything refused is counted by reason. A message it had to cut is
+//! re-encoded; one it could not read is dropped whole.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use transport::signing::{CertChecker, CheckedCert, Signer};
+
+use crate::wire::{Body, DigestEntry, KvStatus, Message, NodeDelta, NodeId, WireError};
+
+/// The key under which each node publishes its certificate (base64 DER).
+pub const CERT_KEY: &str = "cert";
+/// The longest node name gossip accepts.
+pub const MAX_NAME_BYTES: usize = 64;
+/// The longest key.
+pub const MAX_KEY_BYTES: usize = 256;
+/// The longest value (after its signature).
+pub const MAX_VALUE_BYTES: usize = 16 * 1024;
+/// The most keys one node may publish.
+pub const MAX_KEYS_PER_NODE: usize = 4096;
+/// The most value bytes one node may publish.
+pub const MAX_BYTES_PER_NODE: usize = 1 << 20;
+/// Budget for the digest (uncompressed upper bound) that lists every member:
+/// chitchat needs the digest plus at least 100 bytes of delta in one 65,507
+/// byte message, so members stop being admitted well before that.
+pub const MAX_DIGEST_BYTES: usize = 56_000;
+
+/// Why gossip was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// Larger than a chitchat message may be.
+    Oversize,
+    /// Not a readable chitchat message (or expands past its limits).
+    Malformed,
+    /// A node id that is not a well-formed name.
+    BadId,
+    /// A node whose certificate is missing, foreign, expired or names another node.
+    Unverified,
+    /// A key-value whose signature does not verify (forged, moved or replayed).
+    BadSignature,
+    /// A delete, TTL or GC reset (Shoal publishes none).
+    Delete,
+    /// A delta about this node itself.
+    SelfState,
+    /// A key or value over its size cap, or a node over its key or byte cap.
+    KeyCap,
+    /// More members than a digest can hold.
+    MemberCap,
+    /// A digest entry for a node whose certificate was not verified yet.
+    UnknownMember,
+}
+
+impl Refusal {
+    /// Every reason, for metrics.
+    pub const ALL: [Refusal; 10] = [
+        Refusal::Oversize,
+        Refusal::Malformed,
+        Refusal::BadId,
+        Refusal::Unverified,
+        Refusal::BadSignature,
+        Refusal::Delete,
+        Refusal::SelfState,
+        Refusal::KeyCap,
+        Refusal::MemberCap,
+        Refusal::UnknownMember,
+    ];
+
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Oversize => "oversize",
+            Refusal::Malformed => "malformed",
+            Refusal::BadId => "bad_id",
+            Refusal::Unverified => "unverified",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::Delete => "delete",
+            Refusal::SelfState => "self_state",
+            Refusal::KeyCap => "key_cap",
+            Refusal::MemberCap => "member_cap",
+            Refusal::UnknownMember => "unknown_member",
+        }
+    }
+
+    fn index(self) -> usize {
+        Refusal::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Refusal counters, by reason.
+#[derive(Debug, Default)]
+pub struct GuardStats {
+    counts: [AtomicU64; 10],
+    /// Signatures checked.
+    pub verified: AtomicU64,
+    /// Nanoseconds spent checking signatures and certificates.
+    pub verify_nanos: AtomicU64,
+}
+
+impl GuardStats {
+    /// How many were refused for `reason`.
+    pub fn count(&self, reason: Refusal) -> u64 {
+        self.counts[reason.index()].load(Ordering::Relaxed)
+    }
+
+    fn add(&self, reason: Refusal) {
+        self.counts[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether `name` may be a node name in gossip.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The bytes a node signs for one key-value.
+pub fn signing_payload(id: &NodeId, key: &str, version: u64, value: &str) -> Vec<u8> {
+    let addr = id.addr.to_string();
+    let mut out = Vec::with_capacity(64 + key.len() + value.len());
+    out.extend_from_slice(b"shoal-gossip-kv-v1\0");
+    for part in [id.name.as_bytes(), addr.as_bytes(), key.as_bytes()] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(&id.generation.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(value.as_bytes());
+    out
+}
+
+/// Signs `value` for `key` at `version` as `id`: `<base64 signature>.<value>`.
+pub fn sign_value(signer: &Signer, id: &NodeId, key: &str, version: u64, value: &str) -> String {
+    let sig = signer.sign(&signing_payload(id, key, version, value));
+    format!("{}.{value}", B64.encode(sig))
+}
+
+/// Splits a signed value into its signature and value.
+pub fn split_signed(signed: &str) -> Option<(Vec<u8>, &str)> {
+    let (sig, value) = signed.split_once('.')?;
+    Some((B64.decode(sig).ok()?, value))
+}
+
+/// The value part of a signed value (what readers see).
+pub fn value_of(signed: &str) -> &str {
+    signed.split_once('.').map(|(_, v)| v).unwrap_or("")
+}
+
+fn entry_bytes(id: &NodeId) -> usize {
+    let addr = if id.addr.is_ipv4() { 7 } else { 19 };
+    2 + id.name.len() + 8 + addr + 24
+}
+
+struct Verified {
+    cert: CheckedCert,
+    /// Newest verified version of each key, with its value length.
+    keys: HashMap<String, (u64, usize)>,
+    bytes: usize,
+    since: Instant,
+}
+
+struct State {
+    verified: HashMap<NodeId, Verified>,
+    digest_bytes: usize,
+}
+
+/// The gossip guard of one node.
+pub struct Guard {
+    self_id: NodeId,
+    checker: CertChecker,
+    state: Mutex<State>,
+    /// Counters.
+    pub stats: GuardStats,
+}
+
+impl Guard {
+    /// A guard for the node `self_id`.
+    pub fn new(self_id: NodeId, checker: CertChecker) -> Self {
+        let digest_bytes = entry_bytes(&self_id);
+        Guard {
+            self_id,
+            checker,
+            state: Mutex::new(State {
+                verified: HashMap::new(),
+                digest_bytes,
+            }),
+            stats: GuardStats::default(),
+        }
+    }
+
+    /// Reads a message from a peer and returns the bytes chitchat may see,
+    /// or `None` to drop it.
+    pub fn filter(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let mut msg = match Message::decode(bytes) {
+            Ok(m) => m,
+            Err(WireError::Oversize(_)) => {
+                self.stats.add(Refusal::Oversize);
+                return None;
+            }
+            Err(_) => {
+                self.stats.add(Refusal::Malformed);
+                return None;
+            }
+        };
+        let mut cut = false;
+        let now = SystemTime::now();
+        if let Body::SynAck { delta, .. } | Body::Ack { delta } = &mut msg.body {
+            let before = delta.len();
+            delta.retain(|nd| self.admit_delta(nd, now));
+            cut |= delta.len() != before;
+        }
+        if let Body::Syn { digest, .. } | Body::SynAck { digest, .. } = &mut msg.body {
+            let before = digest.len();
+            digest.retain(|e| self.admit_entry(e, now));
+            cut |= digest.len() != before;
+        }
+        if cut {
+            Some(msg.encode())
+        } else {
+            Some(bytes.to_vec())
+        }
+    }
+
+    /// Whether `id`'s certificate was verified (and is still valid).
+    pub fn is_verified(&self, id: &NodeId) -> bool {
+        if *id == self.self_id {
+            return true;
+        }
+        let st = self.state.lock().unwrap();
+        st.verified
+            .get(id)
+            .is_some_and(|v| v.cert.valid_at(SystemTime::now()))
+    }
+
+    /// The services `id`'s certificate names, if verified.
+    pub fn services_of(&self, id: &NodeId) -> Option<Vec<String>> {
+        let st = self.state.lock().unwrap();
+        st.verified
+            .get(id)
+            .map(|v| v.cert.identity.services.clone())
+    }
+
+    /// Forgets verified nodes for which `keep` is false (nodes chitchat
+    /// forgot), except those verified in the last minute.
+    pub fn retain(&self, keep: impl Fn(&NodeId) -> bool) {
+        let mut st = self.state.lock().unwrap();
+        let mut freed = 0;
+        st.verified.retain(|id, v| {
+            let k = keep(id) || v.since.elapsed().as_secs() < 60;
+            if !k {
+                freed += entry_bytes(id);
+            }
+            k
+        });
+        st.digest_bytes = st.digest_bytes.saturating_sub(freed);
+    }
+
+    /// Number of verified members (ourselves excluded).
+    pub fn verified_count(&self) -> usize {
+        self.state.lock().unwrap().verified.len()
+    }
+
+    fn admit_entry(&self, e: &DigestEntry, now: SystemTime) -> bool {
+        if e.id == self.self_id {
+            return true;
+        }
+        let st = self.state.lock().unwrap();
+        match st.verified.get(&e.id) {
+            Some(v) if v.cert.valid_at(now) => true,
+            _ => {
+                self.stats.add(Refusal::UnknownMember);
+                false
+            }
+        }
+    }
+
+    fn admit_delta(&self, nd: &NodeDelta, now: SystemTime) -> bool {
+        match self.check_delta(nd, now) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.stats.add(reason);
+                if matches!(reason, Refusal::BadSignature | Refusal::Unverified) {
+                    tracing::debug!(node = %nd.id.name, reason = reason.as_str(), "refused gossip about a node");
+                }
+                false
+            }
+        }
+    }
+
+    fn check_delta(&self, nd: &NodeDelta, now: SystemTime) -> Result<(), Refusal> {
+        if nd.id == self.self_id {
+            return Err(Refusal::SelfState);
+        }
+        if !valid_name(&nd.id.name) {
+            return Err(Refusal::BadId);
+        }
+        if nd.last_gc_version != 0 || nd.set_max_version.is_some() {
+            return Err(Refusal::Delete);
+        }
+        let mut last = 0u64;
+        for kv in &nd.key_values {
+            if kv.status != KvStatus::Set {
+                return Err(Refusal::Delete);
+            }
+            if kv.key.len() > MAX_KEY_BYTES || kv.value.len() > MAX_VALUE_BYTES {
+                return Err(Refusal::KeyCap);
+            }
+            if kv.version <= last {
+                return Err(Refusal::Malformed);
+            }
+            last = kv.version;
+        }
+        let started = Instant::now();
+        let result = self.verify_delta(nd, now);
+        self.stats
+            .verify_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
+
+    fn verify_delta(&self, nd: &NodeDelta, now: SystemTime) -> Result<(), Refusal> {
+        let (mut cert, mut keys, mut bytes, known) = {
+            let st = self.state.lock().unwrap();
+            match st.verified.get(&nd.id) {
+                Some(v) => (Some(v.cert.clone()), v.keys.clone(), v.bytes, true),
+                None => (None, HashMap::new(), 0, false),
+            }
+        };
+        for kv in &nd.key_values {
+            if keys.get(&kv.key).map(|(v, _)| *v) == Some(kv.version) {
+                continue;
+            }
+            let (sig, value) = split_signed(&kv.value).ok_or(Refusal::BadSignature)?;
+            if kv.key == CERT_KEY {
+                let der = B64.decode(value).map_err(|_| Refusal::Unverified)?;
+                let checked = self
+                    .checker
+                    .check_node(&der, now)
+                    .map_err(|_| Refusal::Unverified)?;
+                if checked.identity.node != nd.id.name {
+                    return Err(Refusal::Unverified);
+                }
+                cert = Some(checked);
+            }
+            let c = cert.as_ref().ok_or(Refusal::Unverified)?;
+            if !c.valid_at(now) {
+                return Err(Refusal::Unverified);
+            }
+            let payload = signing_payload(&nd.id, &kv.key, kv.version, value);
+            self.stats.verified.fetch_add(1, Ordering::Relaxed);
+            c.verify(&payload, &sig)
+                .map_err(|_| Refusal::BadSignature)?;
+            let old = keys.get(&kv.key).copied();
+            if old.is_none_or(|(v, _)| v < kv.version) {
+                keys.insert(kv.key.clone(), (kv.version, kv.value.len()));
+                bytes = bytes + kv.value.len() - old.map(|(_, l)| l).unwrap_or(0);
+            }
+            if keys.len() > MAX_KEYS_PER_NODE || bytes > MAX_BYTES_PER_NODE {
+                return Err(Refusal::KeyCap);
+            }
+        }
+        let Some(cert) = cert else {
+            // Nothing but already-verified values, or nothing at all, about a
+            // node we have no certificate for.
+            return if nd.key_values.is_empty() && !known {
+                Err(Refusal::Unverified)
+            } else {
+                Ok(())
+            };
+        };
+        let mut st = self.state.lock().unwrap();
+        if !st.verified.contains_key(&nd.id) {
+            let need = entry_bytes(&nd.id);
+            if st.digest_bytes + need > MAX_DIGEST_BYTES {
+                return Err(Refusal::MemberCap);
+            }
+            st.digest_bytes += need;
+        }
+        let since = st
+            .verified
+            .get(&nd.id)
+            .map(|v| v.since)
+            .unwrap_or_else(Instant::now);
+        st.verified.insert(
+            nd.id.clone(),
+            Verified {
+                cert,
+                keys,
+                bytes,
+                since,
+            },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::KeyValue;
+    use transport::certs::{Ca, Validity};
+
+    fn signer(ca: &Ca, name: &str) -> Signer {
+        let c = ca.issue(name, &["web".into()], Validity::days(1)).unwrap();
+        Signer::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap()
+    }
+
+    fn id(name: &str, port: u16) -> NodeId {
+        NodeId {
+            name: name.into(),
+            generation: 1,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        }
+    }
+
+    fn kv(s: &Signer, id: &NodeId, key: &str, version: u64, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: sign_value(s, id, key, version, value),
+            version,
+            status: KvStatus::Set,
+        }
+    }
+
+    fn cert_kv(s: &Signer, id: &NodeId) -> KeyValue {
+        kv(s, id, CERT_KEY, 1, &B64.encode(s.cert_der().as_ref()))
+    }
+
+    fn ack(nd: NodeDelta) -> Vec<u8> {
+        Message {
+            version: 1,
+            body: Body::Ack { delta: vec![nd] },
+        }
+        .encode()
+    }
+
+    fn delta(id: &NodeId, kvs: Vec<KeyValue>) -> NodeDelta {
+        NodeDelta {
+            id: id.clone(),
+            last_gc_version: 0,
+            from_version_excluded: 0,
+            key_values: kvs,
+            set_max_version: None,
+        }
+    }
+
+    fn kept(guard: &Guard, bytes: &[u8]) -> usize {
+        let out = guard.filter(bytes).expect("readable");
+        match Message::decode(&out).unwrap().body {
+            Body::Ack { delta } => delta.len(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn only_the_owner_can_write_its_state() {
+        transport::install_crypto_provider();
+        let ca = Ca::generate("t.shoal", 1).unwrap();
+        let checker = CertChecker::new(ca.cert_pem().as_bytes(), "t.shoal").unwrap();
+        let guard = Guard::new(id("me", 1), checker);
+        let (n2, evil) = (signer(&ca, "n2"), signer(&ca, "evil"));
+        let n2_id = id("n2", 2);
+
+        // The genuine state is admitted.
+        let good = delta(
+            &n2_id,
+            vec![cert_kv(&n2, &n2_id), kv(&n2, &n2_id, "svc.web", 2, "ok")],
+        );
+        assert_eq!(kept(&guard, &ack(good)), 1);
+        assert!(guard.is_verified(&n2_id));
+
+        // A value for n2 signed by another certificate holder is not.
+        let forged = delta(&n2_id, vec![kv(&evil, &n2_id, "svc.web", 9, "unhealthy")]);
+        assert_eq!(kept(&guard, &ack(forged)), 0);
+        assert_eq!(guard.stats.count(Refusal::BadSignature), 1);
+
+        // n2's own signature replayed at a higher version does not verify.
+        let mut replay = kv(&n2, &n2_id, "svc.web", 2, "ok");
+        replay.version = 50;
+        assert_eq!(kept(&guard, &ack(delta(&n2_id, vec![replay]))), 0);
+
+        // Nor moved to another address (a ghost of n2 at the attacker's port).
+        let ghost = id("n2", 666);
+        let moved = delta(&ghost, vec![cert_kv(&n2, &n2_id)]);
+        assert_eq!(kept(&guard, &ack(moved)), 0);
+
+        // A certificate naming someone else cannot front a ghost.
+        let ghost = id("ghost", 7);
+        let g = delta(&ghost, vec![cert_kv(&evil, &ghost)]);
+        assert_eq!(kept(&guard, &ack(g)), 0);
+        assert_eq!(guard.stats.count(Refusal::Unverified), 1);
+        assert_eq!(guard.stats.count(Refusal::BadSignature), 3);
+    }
+
+    #[test]
+    fn digests_list_only_verified_members() {
+        transport::install_crypto_provider();
+        let ca = Ca::generate("t.shoal", 1).unwrap();
+        let checker = CertChecker::new(ca.cert_pem().as_bytes(), "t.shoal").unwrap();
+        let me = id("me", 1);
+        let guard = Guard::new(me.clone(), checker);
+        let entries: Vec<DigestEntry> = (0..600)
+            .map(|i| DigestEntry {
+                id: id(&format!("ghost-{i:0>50}"), 10 + i as u16),
+                heartbeat: 1,
+                last_gc_version: 0,
+                max_version: 1,
+            })
+            .chain(std::iter::once(DigestEntry {
+                id: me.clone(),
+                heartbeat: 1,
+                last_gc_version: 0,
+                max_version: 1,
+            }))
+            .collect();
+        let syn = Message {
+            version: 1,
+            body: Body::Syn {
+                cluster_id: "shoal".into(),
+                digest: entries,
+            },
+        };
+        let out = guard.filter(&syn.encode()).unwrap();
+        let back = Message::decode(&out).unwrap();
+        assert_eq!(back.digest().unwrap().len(), 1);
+        assert_eq!(guard.stats.count(Refusal::UnknownMember), 600);
+    }
+
+    #[test]
+    fn deletes_resets_and_garbage_are_refused() {
+        transport::install_crypto_provider();
+        let ca = Ca::generate("t.shoal", 1).unwrap();
+        let checker = CertChecker::new(ca.cert_pem().as_bytes(), "t.shoal").unwrap();
+        let guard = Guard::new(id("me", 1), checker);
+        let n2 = signer(&ca, "n2");
+        let n2_id = id("n2", 2);
+        let mut reset = delta(&n2_id, vec![cert_kv(&n2, &n2_id)]);
+        reset.last_gc_version = 1 << 40;
+        assert_eq!(kept(&guard, &ack(reset)), 0);
+        let mut del = delta(&n2_id, vec![cert_kv(&n2, &n2_id)]);
+        del.key_values[0].status = KvStatus::Delete;
+        assert_eq!(kept(&guard, &ack(del)), 0);
+        assert_eq!(guard.stats.count(Refusal::Delete), 2);
+        assert!(guard.filter(&[1, 2, 3]).is_none());
+        assert!(guard.filter(&vec![0u8; 70_000]).is_none());
+        assert_eq!(guard.stats.count(Refusal::Oversize), 1);
+    }
+}
