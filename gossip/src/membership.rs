@@ -186,6 +186,7 @@ struct Shared {
     guard: Arc<Guard>,
     signer: Arc<Signer>,
     failure: Mutex<Option<String>>,
+    duplicate: Mutex<Option<SocketAddr>>,
     stopping: AtomicBool,
     relays: Arc<Relays>,
     config: GossipConfig,
@@ -263,6 +264,7 @@ impl Gossip {
             guard,
             signer: trust.signer.clone(),
             failure: Mutex::new(None),
+            duplicate: Mutex::new(None),
             stopping: AtomicBool::new(false),
             relays,
             joined: AtomicBool::new(seeds.is_empty()),
@@ -315,25 +317,23 @@ impl Gossip {
         None
     }
 
+    /// Stops the gossip loop the way a crash inside it would (without
+    /// leaving): for tests of what a node does when gossip dies.
+    #[doc(hidden)]
+    pub fn break_loop_for_test(&self) {
+        let _ = self.shared.handle.initiate_shutdown();
+    }
+
     /// Gossip refusals by reason, and verification cost.
     pub fn guard_stats(&self) -> &GuardStats {
         &self.shared.guard.stats
     }
 
-    /// Another live incarnation of this node's name at another address
-    /// (someone started a second node with the same name and certificate).
-    pub async fn duplicate_of_self(&self) -> Option<SocketAddr> {
-        let chitchat = self.shared.handle.chitchat();
-        let c = chitchat.lock().await;
-        let self_id = &self.shared.self_id;
-        c.live_nodes()
-            .filter(|id| {
-                *id != self_id
-                    && id.node_id == self_id.node_id
-                    && id.gossip_advertise_addr != self_id.gossip_advertise_addr
-            })
-            .find(|id| self.shared.guard.is_verified(&node_id(id)))
-            .map(|id| id.gossip_advertise_addr)
+    /// Another incarnation of this node's name, alive at another address
+    /// (someone started a second node with the same name and certificate):
+    /// its heartbeat was seen advancing, so it is not a crashed predecessor.
+    pub fn duplicate_of_self(&self) -> Option<SocketAddr> {
+        *self.shared.duplicate.lock().unwrap()
     }
 
     /// This node's name.
@@ -590,12 +590,53 @@ fn latch_joined(shared: &Shared, list: &[Member]) -> bool {
     joined || shared.joined.load(Ordering::Relaxed)
 }
 
+/// Looks for another live incarnation of our own name at another address
+/// whose heartbeat advances (a crashed predecessor's does not).
+async fn check_twins(shared: &Shared, twins: &mut HashMap<ChitchatId, (chitchat::Heartbeat, u32)>) {
+    let chitchat = shared.handle.chitchat();
+    let c = chitchat.lock().await;
+    let me = &shared.self_id;
+    let live: Vec<ChitchatId> = c
+        .live_nodes()
+        .filter(|id| {
+            *id != me
+                && id.node_id == me.node_id
+                && id.gossip_advertise_addr != me.gossip_advertise_addr
+                && shared.guard.is_verified(&node_id(id))
+        })
+        .cloned()
+        .collect();
+    twins.retain(|id, _| live.contains(id));
+    for id in live {
+        let Some(hb) = c.node_state(&id).map(|st| st.heartbeat()) else {
+            continue;
+        };
+        let entry = twins.entry(id.clone()).or_insert((hb, 0));
+        if entry.0 != hb {
+            *entry = (hb, entry.1 + 1);
+        }
+        if entry.1 >= 2 {
+            let mut dup = shared.duplicate.lock().unwrap();
+            if dup.is_none() {
+                tracing::error!(
+                    name = %me.node_id,
+                    other = %id.gossip_advertise_addr,
+                    "another node with this node's name and certificate is alive at another address; this node is no longer ready"
+                );
+            }
+            *dup = Some(id.gossip_advertise_addr);
+        }
+    }
+}
+
 /// Emits [`MemberEvent`]s and latches `joined`.
 async fn watch_members(weak: std::sync::Weak<Shared>) {
     let mut known: HashMap<String, MemberState> = HashMap::new();
+    let mut twins: HashMap<ChitchatId, (chitchat::Heartbeat, u32)> = HashMap::new();
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let tick = shared.config.interval.min(Duration::from_millis(250));
+        check_twins(&shared, &mut twins).await;
         let list = members(&shared).await;
         latch_joined(&shared, &list);
         let mut seen = HashMap::new();

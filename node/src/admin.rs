@@ -69,9 +69,25 @@ async fn route(
         return crate::admin_policy::handle(req, peer, state).await;
     }
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/healthz") => match state.gossip.failure() {
+            Some(why) => text_owned(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("gossip stopped: {why}\n"),
+            ),
+            None => text(StatusCode::OK, "ok\n"),
+        },
         (&Method::GET, "/readyz") => {
-            if !state.gossip.joined().await {
+            if let Some(why) = state.gossip.failure() {
+                text_owned(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("gossip stopped: {why}\n"),
+                )
+            } else if let Some(other) = state.gossip.duplicate_of_self() {
+                text_owned(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("another node with this name is alive at {other}\n"),
+                )
+            } else if !state.gossip.joined().await {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not joined yet\n")
             } else if !state.proxy.routes_ready() {
                 text(
@@ -100,6 +116,14 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn text_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
 }
 
 pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

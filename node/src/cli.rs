@@ -285,7 +285,14 @@ async fn run_node(config: NodeConfig) -> i32 {
         node.quic_addr(),
         node.admin_addr()
     );
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        (code, why) = node.fatal() => {
+            eprintln!("shoal: node {name}: {why}");
+            node.kill().await;
+            return code;
+        }
+    }
     let signalled = std::time::Instant::now();
     tracing::info!("draining, then leaving the mesh");
     let cut = node.drain().await;

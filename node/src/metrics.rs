@@ -136,6 +136,39 @@ impl prometheus_client::collector::Collector for NodeCollector {
             "Gossip messages that could not be sent (peer unreachable)",
             ld(&g.send_failures),
         )?;
+        let gs = self.gossip.guard_stats();
+        let refused: Vec<(&str, u64)> = gossip::guard::Refusal::ALL
+            .iter()
+            .map(|r| (r.as_str(), gs.count(*r)))
+            .collect();
+        labelled_counters(
+            &mut enc,
+            "gossip_refused",
+            "Gossip refused before it reached chitchat, by reason (forged, replayed, ghost, oversize...)",
+            "reason",
+            &refused,
+        )?;
+        counter(
+            &mut enc,
+            "gossip_signatures_checked",
+            "Signatures on gossiped key-values checked",
+            ld(&gs.verified),
+        )?;
+        {
+            let c = ConstCounter::new(ld(&gs.verify_nanos) as f64 / 1e9);
+            c.encode(enc.encode_descriptor(
+                "gossip_verify_seconds",
+                "Time spent checking gossip certificates and signatures",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        gauge(
+            &mut enc,
+            "gossip_healthy",
+            "1 while the gossip loop runs, 0 once it stopped (the node then exits)",
+            i64::from(self.gossip.failure().is_none()),
+        )?;
         let s = self.endpoint.stats();
         gauge(
             &mut enc,

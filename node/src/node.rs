@@ -184,6 +184,35 @@ impl Node {
         })
     }
 
+    /// Resolves when the node must stop: gossip died (exit code 70: the
+    /// view of the mesh would be frozen), or another live node with this
+    /// node's name was found during start-up (exit code 78). A duplicate
+    /// found later only makes the node unready (see `/readyz`).
+    pub async fn fatal(&self) -> (i32, String) {
+        let started = std::time::Instant::now();
+        let window = (self.config.gossip_interval * 12).max(Duration::from_secs(10));
+        loop {
+            if let Some(why) = self.gossip.failure() {
+                return (
+                    70,
+                    format!("gossip stopped ({why}); exiting instead of serving a frozen view"),
+                );
+            }
+            if started.elapsed() < window {
+                if let Some(other) = self.gossip.duplicate_of_self() {
+                    return (
+                        78,
+                        format!(
+                            "another node named {} is alive at {other}; refusing to start",
+                            self.config.name
+                        ),
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Node name.
     pub fn name(&self) -> &str {
         &self.config.name
