@@ -28,6 +28,8 @@ pub struct Trust {
     pub signer: Arc<Signer>,
     /// The mesh CA.
     pub checker: CertChecker,
+    /// The certificate folder, watched for renewed certificates.
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Trust {
@@ -39,6 +41,7 @@ impl Trust {
         Ok(Trust {
             signer: Arc::new(signer),
             checker,
+            dir: Some(dir.to_path_buf()),
         })
     }
 }
@@ -184,7 +187,7 @@ pub struct MemberEvent {
 struct Shared {
     handle: ChitchatHandle,
     guard: Arc<Guard>,
-    signer: Arc<Signer>,
+    signer: Mutex<Arc<Signer>>,
     failure: Mutex<Option<String>>,
     duplicate: Mutex<Option<SocketAddr>>,
     stopping: AtomicBool,
@@ -262,7 +265,7 @@ impl Gossip {
         let shared = Arc::new(Shared {
             handle,
             guard,
-            signer: trust.signer.clone(),
+            signer: Mutex::new(trust.signer.clone()),
             failure: Mutex::new(None),
             duplicate: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -302,6 +305,11 @@ impl Gossip {
             .lock()
             .unwrap()
             .extend([watcher, sentinel]);
+        if let Some(dir) = trust.dir.clone() {
+            let g = gossip.clone();
+            let t = tokio::spawn(async move { g.watch_certificate(dir).await });
+            gossip.shared.tasks.lock().unwrap().push(t);
+        }
         Ok(gossip)
     }
 
@@ -384,14 +392,65 @@ impl Gossip {
             return;
         }
         let version = st.max_version() + 1;
-        let signed = sign_value(
-            &self.shared.signer,
-            &node_id(&self.shared.self_id),
-            key,
-            version,
-            value,
-        );
+        let signer = self.shared.signer.lock().unwrap().clone();
+        let signed = sign_value(&signer, &node_id(&self.shared.self_id), key, version, value);
         st.set(key, signed);
+    }
+
+    /// Re-reads the certificate folder every 2 s; when the node's certificate
+    /// was renewed (same node name), publishes the new certificate and signs
+    /// every key again with the new key, so readers that meet this node for
+    /// the first time can verify all of it.
+    async fn watch_certificate(&self, dir: std::path::PathBuf) {
+        let stamp = |d: &std::path::Path| {
+            ["node.pem", "node.key"]
+                .iter()
+                .filter_map(|f| std::fs::metadata(d.join(f)).and_then(|m| m.modified()).ok())
+                .max()
+        };
+        let mut seen = stamp(&dir);
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = stamp(&dir);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let signer = match Signer::from_files(&dir.join("node.pem"), &dir.join("node.key")) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewed certificate not readable; gossip keeps signing with the old key");
+                    continue;
+                }
+            };
+            let name = transport::Identity::from_der(signer.cert_der()).map(|i| i.node);
+            if name.as_deref().ok() != Some(self.name()) {
+                tracing::error!(found = ?name, expected = self.name(), "renewed certificate names another node; gossip keeps the old one");
+                continue;
+            }
+            self.rotate_signer(Arc::new(signer)).await;
+            tracing::info!("gossip now signs with the renewed certificate");
+        }
+    }
+
+    /// Switches to a new signing key and republishes everything under it.
+    pub async fn rotate_signer(&self, signer: Arc<Signer>) {
+        *self.shared.signer.lock().unwrap() = signer.clone();
+        let cert = base64::engine::general_purpose::STANDARD.encode(signer.cert_der().as_ref());
+        let chitchat = self.shared.handle.chitchat();
+        let mut c = chitchat.lock().await;
+        let st = c.self_node_state();
+        let mut kvs: Vec<(String, String)> = st
+            .key_values()
+            .filter(|(k, _)| *k != CERT_KEY)
+            .map(|(k, v)| (k.to_string(), value_of(v).to_string()))
+            .collect();
+        kvs.insert(0, (CERT_KEY.to_string(), cert));
+        let me = node_id(&self.shared.self_id);
+        for (k, v) in kvs {
+            let version = st.max_version() + 1;
+            st.set(&k, sign_value(&signer, &me, &k, version, &v));
+        }
     }
 
     /// Withdraws `key` from this node's state (publishes it empty: Shoal

@@ -320,3 +320,35 @@ async fn a_node_whose_gossip_dies_reports_unhealthy_and_exits() {
     assert_eq!(code, 70);
     n1.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_republished_and_newcomers_verify_it() {
+    let mut mesh = Mesh::new();
+    let n1 = mesh.start(mesh.config("n1", &["web"], &[])).await;
+    let n2 = mesh.start(mesh.config("n2", &["web"], &[])).await;
+    eventually("n1 sees n2", WAIT, || async {
+        (tests::alive(&n1).await.len() == 2).then_some(())
+    })
+    .await;
+    let before = n1
+        .gossip()
+        .key_of("n2", "cert")
+        .await
+        .expect("n2 publishes its cert");
+    mesh.pki
+        .issue_into("n2", "n2", &["web"], node::certs::Validity::days(2));
+    eventually("n1 sees n2's renewed certificate", WAIT, || async {
+        let now = n1.gossip().key_of("n2", "cert").await?;
+        (now != before).then_some(())
+    })
+    .await;
+    // A node that meets n2 only now verifies all of n2's state.
+    let n3 = mesh.start(mesh.config("n3", &["web"], &[])).await;
+    eventually("n3 sees all three", WAIT, || async {
+        (tests::alive(&n3).await.len() == 3).then_some(())
+    })
+    .await;
+    n3.shutdown().await;
+    n2.shutdown().await;
+    n1.shutdown().await;
+}
