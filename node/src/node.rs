@@ -198,16 +198,16 @@ impl Node {
                     format!("gossip stopped ({why}); exiting instead of serving a frozen view"),
                 );
             }
-            if started.elapsed() < window {
-                if let Some(other) = self.gossip.duplicate_of_self() {
-                    return (
-                        78,
-                        format!(
-                            "another node named {} is alive at {other}; refusing to start",
-                            self.config.name
-                        ),
-                    );
-                }
+            if let Some(other) = self.gossip.duplicate_of_self()
+                && started.elapsed() < window
+            {
+                return (
+                    78,
+                    format!(
+                        "another node named {} is alive at {other}; refusing to start",
+                        self.config.name
+                    ),
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
