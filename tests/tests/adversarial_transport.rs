@@ -1,0 +1,382 @@
+//! A rogue peer holding a valid mesh certificate abuses the QUIC message
+//! channels: unfinished uni streams by the thousand, oversize messages.
+//! Checked from outside: what the rogue manages to open and send, what the
+//! victim counts and holds in memory, and whether honest peers still get
+//! their messages (and gossip) through during the attack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tests::{Cluster, Pki, admin_get, eventually};
+use tokio::task::JoinHandle;
+use transport::{Connected, Endpoint, EndpointConfig, TlsFiles};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+/// The channel policy bodies travel on (1 MiB-class messages are legitimate).
+const POLICY: u8 = 3;
+/// The gossip channel (messages of at most 64 KiB).
+const GOSSIP: u8 = 1;
+
+fn endpoint(dir: &std::path::Path) -> Endpoint {
+    transport::install_crypto_provider();
+    Endpoint::bind(EndpointConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        TlsFiles::new(dir),
+    ))
+    .unwrap()
+}
+
+/// What the rogue saw of its own attack.
+struct Attack {
+    /// Uni streams the victim let the rogue open.
+    opened: AtomicUsize,
+    /// Streams the victim stopped (STOP_SENDING seen by the writer).
+    stopped: AtomicU64,
+    /// Set to let go of stopped streams, as a stock QUIC stack does (quinn
+    /// resets a stopped stream when it is dropped); until then the rogue
+    /// holds them, which no stock stack would.
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// Opens up to `streams` uni streams on `conn`, one after another (each
+/// `open_uni` waits for the victim's stream credit), and on each writes the
+/// channel tag and `body` without ever finishing.
+fn unfinished_streams(
+    conn: Connected,
+    channel: u8,
+    body: Bytes,
+    streams: usize,
+) -> (Arc<Attack>, JoinHandle<()>) {
+    let attack = Arc::new(Attack {
+        opened: AtomicUsize::new(0),
+        stopped: AtomicU64::new(0),
+        release: tokio::sync::watch::channel(false).0,
+    });
+    let a = attack.clone();
+    let task = tokio::spawn(async move {
+        let mut writers = Vec::new();
+        for _ in 0..streams {
+            let Ok(mut s) = conn.conn.open_uni().await else {
+                break;
+            };
+            a.opened.fetch_add(1, Ordering::SeqCst);
+            let (a, body) = (a.clone(), body.clone());
+            writers.push(tokio::spawn(async move {
+                let r = async {
+                    s.write_all(&[channel]).await?;
+                    s.write_chunk(body).await
+                }
+                .await;
+                let r = match r {
+                    Ok(()) => s.stopped().await.map_err(|_| ()),
+                    Err(quinn::WriteError::Stopped(code)) => Ok(Some(code)),
+                    Err(_) => Err(()),
+                };
+                if let Ok(Some(_)) = r {
+                    a.stopped.fetch_add(1, Ordering::SeqCst);
+                }
+                // Never finish; hold the stream until released.
+                let _ = a.release.subscribe().wait_for(|r| *r).await;
+                drop(s);
+                std::future::pending::<()>().await;
+            }));
+        }
+        std::future::pending::<()>().await;
+        drop(writers);
+    });
+    (attack, task)
+}
+
+/// Sends `count` messages of `size` bytes from `from` to `to` on `channel`.
+async fn send_many(from: &Endpoint, to: std::net::SocketAddr, channel: u8, size: usize, count: u8) {
+    for i in 0..count {
+        let mut payload = vec![i; size];
+        payload[0] = i;
+        from.send_message(to, channel, &payload).await.unwrap();
+    }
+}
+
+/// Receives `count` messages from `node` on `rx` within the deadline,
+/// skipping other senders' messages, and returns their sizes.
+async fn receive_from(
+    rx: &mut tokio::sync::mpsc::Receiver<transport::Message>,
+    node: &str,
+    count: usize,
+) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    while sizes.len() < count {
+        let left = end.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} messages from {node}", sizes.len()))
+            .unwrap();
+        if m.from.peer.node == node {
+            sizes.push(m.payload.len());
+        }
+    }
+    sizes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_unfinished_streams_are_capped_stopped_and_do_not_block_honest_peers() {
+    let pki = Pki::new("test.shoal");
+    let victim = endpoint(&pki.issue("victim", &[]));
+    let rogue = endpoint(&pki.issue("rogue", &["other"]));
+    let honest = endpoint(&pki.issue("honest", &[]));
+    let mut policy_rx = victim.subscribe(POLICY, 1024);
+    let to = victim.local_addr();
+
+    let conn = rogue.connect(to).await.unwrap();
+    let started = Instant::now();
+    let one_mb = Bytes::from(vec![0xAB; 1_000_000]);
+    let (attack, task) = unfinished_streams(conn.clone(), POLICY, one_mb, 1000);
+
+    // The victim grants the rogue 32 streams; until it stops the first
+    // stalled one, no more open, however hard the rogue tries.
+    eventually("the rogue opens its first streams", DEADLINE, || async {
+        (attack.opened.load(Ordering::SeqCst) >= 32).then_some(())
+    })
+    .await;
+
+    // While the rogue's streams sit unfinished, an honest peer's messages
+    // (datagrams and 60 KB / 1 MB streams) get through.
+    send_many(&honest, to, POLICY, 100, 20).await;
+    send_many(&honest, to, POLICY, 60_000, 20).await;
+    send_many(&honest, to, POLICY, 1_000_000, 2).await;
+    let sizes = receive_from(&mut policy_rx, "honest", 42).await;
+    assert_eq!(sizes.iter().filter(|s| **s == 1_000_000).count(), 2);
+    let honest_done = started.elapsed();
+
+    // Until the first stop, the rogue is held to 32 open streams, and
+    // flow control stops its bytes: a few MB at most, not 1,000 × 1 MB.
+    let mut peak_reading = 0i64;
+    let mut last_tx = 0u64;
+    let mut quiet_since = Instant::now();
+    let blocked_tx = loop {
+        let opened = attack.opened.load(Ordering::SeqCst);
+        let stalled = victim.stats().stalled_streams.load(Ordering::SeqCst);
+        let tx = conn.conn.stats().udp_tx.bytes;
+        peak_reading = peak_reading.max(victim.stats().message_bytes_reading.load(Ordering::SeqCst));
+        if stalled > 0 {
+            panic!("a stream was stopped before the rogue's bytes settled");
+        }
+        assert_eq!(opened, 32, "streams beyond the cap were opened");
+        if tx > last_tx + 64 * 1024 {
+            last_tx = tx;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > Duration::from_millis(500) {
+            break tx;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        blocked_tx < 16 << 20,
+        "the rogue sent {blocked_tx} bytes before flow control blocked it"
+    );
+    assert!(
+        peak_reading < 6 << 20,
+        "the victim held {peak_reading} bytes of unfinished messages"
+    );
+
+    // After the 5 s message deadline the victim stops the stalled streams
+    // (the rogue sees them stopped), which lets the next 32 open.
+    eventually("stalled streams stopped and counted", DEADLINE, || async {
+        (victim.stats().stalled_streams.load(Ordering::SeqCst) >= 32
+            && attack.stopped.load(Ordering::SeqCst) >= 32)
+            .then_some(())
+    })
+    .await;
+    let first_wave = started.elapsed();
+    assert!(first_wave >= Duration::from_secs(4), "stopped after {first_wave:?}");
+
+    // A rogue that holds its stopped streams (never resetting them) only
+    // shuts itself out: its stream credit is not returned. Honest traffic
+    // flows meanwhile.
+    send_many(&honest, to, POLICY, 60_000, 5).await;
+    receive_from(&mut policy_rx, "honest", 5).await;
+    assert_eq!(attack.opened.load(Ordering::SeqCst), 32);
+
+    // Once it lets them go, the next wave opens, and is held to 32 more.
+    attack.release.send_replace(true);
+    eventually("the next wave opens", DEADLINE, || async {
+        (attack.opened.load(Ordering::SeqCst) >= 64).then_some(())
+    })
+    .await;
+    let opened = attack.opened.load(Ordering::SeqCst);
+    let stalled = victim.stats().stalled_streams.load(Ordering::SeqCst) as usize;
+    assert!(
+        opened <= stalled + 32,
+        "{opened} streams opened but only {stalled} stopped"
+    );
+    send_many(&honest, to, POLICY, 60_000, 5).await;
+    receive_from(&mut policy_rx, "honest", 5).await;
+    // Nothing the rogue sent was delivered.
+    while let Ok(m) = policy_rx.try_recv() {
+        assert_ne!(m.from.peer.node, "rogue");
+    }
+
+    // When the rogue gives up, the memory its streams held is released.
+    task.abort();
+    rogue.close();
+    eventually("unfinished messages released", DEADLINE, || async {
+        (victim.stats().message_bytes_reading.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    eprintln!(
+        "rogue: {opened} streams opened, {blocked_tx} bytes sent before blocked; \
+         victim: peak {peak_reading} bytes held for unfinished messages, \
+         {stalled} stalled streams stopped (first after {first_wave:?}); \
+         honest 42 messages delivered in {honest_done:?}"
+    );
+    for e in [victim, honest] {
+        e.close();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_messages_are_stopped_at_the_cap_and_counted() {
+    let pki = Pki::new("test.shoal");
+    let victim = endpoint(&pki.issue("victim", &[]));
+    let rogue = endpoint(&pki.issue("rogue", &["other"]));
+    let honest = endpoint(&pki.issue("honest", &[]));
+    let mut policy_rx = victim.subscribe(POLICY, 64);
+    let mut gossip_rx = victim.subscribe(GOSSIP, 64);
+    victim.limit_channel(GOSSIP, 64 << 10);
+    let to = victim.local_addr();
+    let conn = rogue.connect(to).await.unwrap();
+
+    // 10 MiB on the policy channel, 70 KB on the 64 KiB gossip channel, and
+    // one byte past the global cap: each stream is stopped by the victim.
+    let cases = [
+        (POLICY, 10 << 20),
+        (GOSSIP, 70_000),
+        (POLICY, transport::MAX_MESSAGE_BYTES + 1),
+    ];
+    for (i, (channel, size)) in cases.into_iter().enumerate() {
+        let mut s = conn.conn.open_uni().await.unwrap();
+        let mut body = vec![channel];
+        body.extend(std::iter::repeat_n(0x5A, size));
+        let r = async {
+            s.write_all(&body).await?;
+            s.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+            s.stopped().await.map_err(|_| quinn::WriteError::ClosedStream)
+        }
+        .await;
+        match r {
+            Err(quinn::WriteError::Stopped(code)) | Ok(Some(code)) => {
+                assert_eq!(code.into_inner(), 2, "case {i}: stop code")
+            }
+            // All of a message smaller than the stream window may be
+            // acknowledged before the victim's reader reaches the cap.
+            Ok(None) if size < transport::STREAM_RECEIVE_WINDOW as usize => {}
+            other => panic!("case {i}: the victim did not stop the stream: {other:?}"),
+        }
+        eventually("oversize counted", DEADLINE, || async {
+            (victim.stats().oversize_messages.load(Ordering::SeqCst) == i as u64 + 1)
+                .then_some(())
+        })
+        .await;
+    }
+    // The rogue's connection is still usable (a refused message is not a
+    // reason to drop the peer), and the largest legitimate message passes.
+    let ok = vec![7u8; transport::MAX_MESSAGE_BYTES];
+    rogue.send_message(to, POLICY, &ok).await.unwrap();
+    let got = tokio::time::timeout(DEADLINE, policy_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.payload.len(), transport::MAX_MESSAGE_BYTES);
+    drop(got);
+    // A sender refuses to build a message past the cap.
+    let too_big = vec![0u8; transport::MAX_MESSAGE_BYTES + 1];
+    assert!(rogue.send_message(to, POLICY, &too_big).await.is_err());
+
+    // Honest gossip-sized messages still arrive.
+    send_many(&honest, to, GOSSIP, 60_000, 3).await;
+    assert_eq!(receive_from(&mut gossip_rx, "honest", 3).await, vec![60_000; 3]);
+    assert!(gossip_rx.try_recv().is_err(), "an oversize message was delivered");
+    eventually("no message bytes held", DEADLINE, || async {
+        (victim.stats().message_bytes_reading.load(Ordering::SeqCst) == 0
+            && victim.stats().message_bytes_queued.load(Ordering::SeqCst) == 0)
+            .then_some(())
+    })
+    .await;
+    for e in [victim, rogue, honest] {
+        e.close();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_keeps_flowing_while_a_rogue_floods_a_node() {
+    let mut cluster = Cluster::start(2).await;
+    cluster.converged(&["n1", "n2"], DEADLINE).await;
+    let target = cluster.nodes[0].quic_addr();
+    let admin = cluster.nodes[0].admin_addr();
+
+    // A rogue with a valid certificate (not a gossip member) opens two
+    // connections' worth of unfinished streams on the gossip and policy
+    // channels, and sends a 10 MiB message.
+    let rogue_a = endpoint(&cluster.pki.issue("rogue", &["other"]));
+    let rogue_b = endpoint(&cluster.pki.issue_into(
+        "rogue-b",
+        "rogue",
+        &["other"],
+        transport::certs::Validity::days(1),
+    ));
+    let a = rogue_a.connect(target).await.unwrap();
+    let b = rogue_b.connect(target).await.unwrap();
+    let (gossip_attack, t1) = unfinished_streams(a.clone(), GOSSIP, Bytes::from(vec![0; 60_000]), 1000);
+    let (policy_attack, t2) = unfinished_streams(b, POLICY, Bytes::from(vec![0; 1_000_000]), 1000);
+    // On the gossip connection: its streams need no large-message slot, so
+    // this one reaches the cap instead of waiting for a slot.
+    let mut big = a.conn.open_uni().await.unwrap();
+    let oversize = tokio::spawn(async move {
+        let mut body = vec![POLICY];
+        body.resize(10 << 20, 0);
+        let _ = big.write_all(&body).await;
+    });
+    eventually("the rogue holds its streams", DEADLINE, || async {
+        (gossip_attack.opened.load(Ordering::SeqCst) >= 31
+            && policy_attack.opened.load(Ordering::SeqCst) >= 32)
+            .then_some(())
+    })
+    .await;
+
+    // A new node joins through the flooded node and everyone converges.
+    let n3 = node::Node::start(cluster.pki.node_config("n3", &[target.to_string()]))
+        .await
+        .unwrap();
+    cluster.nodes.push(n3);
+    cluster.converged(&["n1", "n2", "n3"], DEADLINE).await;
+
+    // The flooded node's metrics show the refusals.
+    eventually("refusals exported", DEADLINE, || async {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        let stalled = metric(&m, "shoal_quic_messages_refused_total{reason=\"stalled\"}");
+        let oversize = metric(&m, "shoal_quic_messages_refused_total{reason=\"oversize\"}");
+        (stalled >= 32.0 && oversize >= 1.0).then_some(())
+    })
+    .await;
+    let (_, m) = admin_get(admin, "/metrics").await;
+    let held = metric(&m, "shoal_quic_message_bytes_buffered");
+    assert!(held < 12.0 * 1024.0 * 1024.0, "n1 holds {held} bytes of messages");
+    // Gossip still flows after the first wave was stopped.
+    cluster.converged(&["n1", "n2", "n3"], DEADLINE).await;
+
+    for t in [t1, t2, oversize] {
+        t.abort();
+    }
+    rogue_a.close();
+    rogue_b.close();
+    cluster.shutdown().await;
+}
+
+/// Reads one sample's value from Prometheus text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
