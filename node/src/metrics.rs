@@ -151,6 +151,12 @@ impl prometheus_client::collector::Collector for NodeCollector {
         )?;
         counter(
             &mut enc,
+            "quic_connections_superseded",
+            "QUIC connections closed because their peer identity opened too many",
+            ld(&s.connections_superseded),
+        )?;
+        counter(
+            &mut enc,
             "quic_handshake_failures",
             "QUIC handshakes that failed for any reason",
             ld(&s.handshake_failures),

@@ -159,7 +159,8 @@ async fn a_thousand_unfinished_streams_are_capped_stopped_and_do_not_block_hones
         let opened = attack.opened.load(Ordering::SeqCst);
         let stalled = victim.stats().stalled_streams.load(Ordering::SeqCst);
         let tx = conn.conn.stats().udp_tx.bytes;
-        peak_reading = peak_reading.max(victim.stats().message_bytes_reading.load(Ordering::SeqCst));
+        peak_reading =
+            peak_reading.max(victim.stats().message_bytes_reading.load(Ordering::SeqCst));
         if stalled > 0 {
             panic!("a stream was stopped before the rogue's bytes settled");
         }
@@ -190,7 +191,10 @@ async fn a_thousand_unfinished_streams_are_capped_stopped_and_do_not_block_hones
     })
     .await;
     let first_wave = started.elapsed();
-    assert!(first_wave >= Duration::from_secs(4), "stopped after {first_wave:?}");
+    assert!(
+        first_wave >= Duration::from_secs(4),
+        "stopped after {first_wave:?}"
+    );
 
     // A rogue that holds its stopped streams (never resetting them) only
     // shuts itself out: its stream credit is not returned. Honest traffic
@@ -262,7 +266,9 @@ async fn oversize_messages_are_stopped_at_the_cap_and_counted() {
         let r = async {
             s.write_all(&body).await?;
             s.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
-            s.stopped().await.map_err(|_| quinn::WriteError::ClosedStream)
+            s.stopped()
+                .await
+                .map_err(|_| quinn::WriteError::ClosedStream)
         }
         .await;
         match r {
@@ -275,8 +281,7 @@ async fn oversize_messages_are_stopped_at_the_cap_and_counted() {
             other => panic!("case {i}: the victim did not stop the stream: {other:?}"),
         }
         eventually("oversize counted", DEADLINE, || async {
-            (victim.stats().oversize_messages.load(Ordering::SeqCst) == i as u64 + 1)
-                .then_some(())
+            (victim.stats().oversize_messages.load(Ordering::SeqCst) == i as u64 + 1).then_some(())
         })
         .await;
     }
@@ -296,8 +301,14 @@ async fn oversize_messages_are_stopped_at_the_cap_and_counted() {
 
     // Honest gossip-sized messages still arrive.
     send_many(&honest, to, GOSSIP, 60_000, 3).await;
-    assert_eq!(receive_from(&mut gossip_rx, "honest", 3).await, vec![60_000; 3]);
-    assert!(gossip_rx.try_recv().is_err(), "an oversize message was delivered");
+    assert_eq!(
+        receive_from(&mut gossip_rx, "honest", 3).await,
+        vec![60_000; 3]
+    );
+    assert!(
+        gossip_rx.try_recv().is_err(),
+        "an oversize message was delivered"
+    );
     eventually("no message bytes held", DEADLINE, || async {
         (victim.stats().message_bytes_reading.load(Ordering::SeqCst) == 0
             && victim.stats().message_bytes_queued.load(Ordering::SeqCst) == 0)
@@ -328,7 +339,8 @@ async fn gossip_keeps_flowing_while_a_rogue_floods_a_node() {
     ));
     let a = rogue_a.connect(target).await.unwrap();
     let b = rogue_b.connect(target).await.unwrap();
-    let (gossip_attack, t1) = unfinished_streams(a.clone(), GOSSIP, Bytes::from(vec![0; 60_000]), 1000);
+    let (gossip_attack, t1) =
+        unfinished_streams(a.clone(), GOSSIP, Bytes::from(vec![0; 60_000]), 1000);
     let (policy_attack, t2) = unfinished_streams(b, POLICY, Bytes::from(vec![0; 1_000_000]), 1000);
     // On the gossip connection: its streams need no large-message slot, so
     // this one reaches the cap instead of waiting for a slot.
@@ -362,7 +374,10 @@ async fn gossip_keeps_flowing_while_a_rogue_floods_a_node() {
     .await;
     let (_, m) = admin_get(admin, "/metrics").await;
     let held = metric(&m, "shoal_quic_message_bytes_buffered");
-    assert!(held < 12.0 * 1024.0 * 1024.0, "n1 holds {held} bytes of messages");
+    assert!(
+        held < 12.0 * 1024.0 * 1024.0,
+        "n1 holds {held} bytes of messages"
+    );
     // Gossip still flows after the first wave was stopped.
     cluster.converged(&["n1", "n2", "n3"], DEADLINE).await;
 
@@ -379,4 +394,47 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holds_a_bounded_number_of_connections() {
+    let pki = Pki::new("test.shoal");
+    let victim = endpoint(&pki.issue("victim", &[]));
+    let rogue_dir = pki.issue("rogue", &["other"]);
+    let to = victim.local_addr();
+    let mut rogues = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let r = endpoint(&rogue_dir);
+        conns.push(r.connect(to).await.unwrap());
+        rogues.push(r);
+    }
+    // The victim keeps the newest four and closes the rest.
+    eventually("oldest rogue connections closed", DEADLINE, || async {
+        (conns
+            .iter()
+            .filter(|c| c.conn.close_reason().is_some())
+            .count()
+            == 6)
+            .then_some(())
+    })
+    .await;
+    assert!(conns[6..].iter().all(|c| c.conn.close_reason().is_none()));
+    assert_eq!(
+        victim.stats().connections_superseded.load(Ordering::SeqCst),
+        6
+    );
+    eventually("victim holds four", DEADLINE, || async {
+        (victim.stats().connections_open.load(Ordering::SeqCst) == 4).then_some(())
+    })
+    .await;
+    // Another identity is not affected.
+    let honest = endpoint(&pki.issue("honest", &[]));
+    let mut rx = victim.subscribe(POLICY, 8);
+    send_many(&honest, to, POLICY, 60_000, 1).await;
+    receive_from(&mut rx, "honest", 1).await;
+    assert!(conns[6..].iter().all(|c| c.conn.close_reason().is_none()));
+    for e in rogues.into_iter().chain([victim, honest]) {
+        e.close();
+    }
 }

@@ -134,9 +134,13 @@ async fn another_nodes_certificate_on_disk_is_refused_and_the_old_identity_kept(
     let a = endpoint_as(&a_dir, Some("a")).unwrap();
 
     swap_in(&b_dir, &a_dir);
-    eventually("wrong identity refused", Duration::from_secs(10), || async {
-        (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) >= 1).then_some(())
-    })
+    eventually(
+        "wrong identity refused",
+        Duration::from_secs(10),
+        || async {
+            (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) >= 1).then_some(())
+        },
+    )
     .await;
     assert_eq!(a.stats().cert_reloads.load(Ordering::Relaxed), 0);
     assert_eq!(a.identity().node, "a");
@@ -157,26 +161,38 @@ async fn another_nodes_certificate_on_disk_is_refused_and_the_old_identity_kept(
     // The same name from another trust domain (another CA) is refused too.
     let foreign = Pki::new("other.shoal");
     swap_in(&foreign.issue("a", &["web"]), &a_dir);
-    eventually("foreign trust domain refused", Duration::from_secs(10), || async {
-        (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) > refused).then_some(())
-    })
+    eventually(
+        "foreign trust domain refused",
+        Duration::from_secs(10),
+        || async {
+            (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) > refused).then_some(())
+        },
+    )
     .await;
     assert_eq!(a.identity().trust_domain, "test.shoal");
     assert_eq!(presented(&pki, a.local_addr()).await.node, "a");
 
     // A correct certificate is taken again; the refusal above was counted
     // once for that change of the files, not once per poll.
-    let cert = pki.ca().issue("a", &["web".into(), "api".into()], Validity::days(1)).unwrap();
+    let cert = pki
+        .ca()
+        .issue("a", &["web".into(), "api".into()], Validity::days(1))
+        .unwrap();
     write_node_dir(&a_dir, &pki.ca().cert_pem(), &cert, true).unwrap();
-    eventually("a's own certificate reloads", Duration::from_secs(10), || async {
-        (a.stats().cert_reloads.load(Ordering::Relaxed) >= 1).then_some(())
-    })
+    eventually(
+        "a's own certificate reloads",
+        Duration::from_secs(10),
+        || async { (a.stats().cert_reloads.load(Ordering::Relaxed) >= 1).then_some(()) },
+    )
     .await;
     assert_eq!(
         a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed),
         refused + 1
     );
-    assert_eq!(presented(&pki, a.local_addr()).await.services, vec!["web", "api"]);
+    assert_eq!(
+        presented(&pki, a.local_addr()).await.services,
+        vec!["web", "api"]
+    );
     a.close();
 }
 
@@ -186,9 +202,13 @@ async fn without_a_configured_name_a_reload_must_keep_the_node_name() {
     let a_dir = pki.issue("a", &["web"]);
     let a = endpoint(&a_dir);
     swap_in(&pki.issue("b", &[]), &a_dir);
-    eventually("wrong identity refused", Duration::from_secs(10), || async {
-        (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) >= 1).then_some(())
-    })
+    eventually(
+        "wrong identity refused",
+        Duration::from_secs(10),
+        || async {
+            (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) >= 1).then_some(())
+        },
+    )
     .await;
     assert_eq!(presented(&pki, a.local_addr()).await.node, "a");
     a.close();
@@ -221,7 +241,10 @@ async fn a_node_refuses_another_nodes_certificate_and_exports_the_refusal() {
     })
     .await;
     let (_, m) = admin_get(admin, "/metrics").await;
-    assert!(m.contains("shoal_cert_reloads_total{result=\"ok\"} 0"), "{m}");
+    assert!(
+        m.contains("shoal_cert_reloads_total{result=\"ok\"} 0"),
+        "{m}"
+    );
     let seen = presented(&cluster.pki, n1.quic_addr()).await;
     assert_eq!(seen.node, "n1");
     assert_eq!(n1.endpoint().identity().node, "n1");

@@ -52,6 +52,12 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1_310_720;
 /// what we have read: what quinn buffers per connection, however many streams
 /// (including data-plane streams that never send their head) sit unread.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+/// Live connections kept per peer identity (both directions together). A
+/// newer connection from the same certificate name closes the oldest, so one
+/// certificate holds at most this many connections' worth of buffers; two
+/// suffice for honest peers (one per direction when both dial at once), the
+/// rest cover restarts before the old connection idles out.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// Payload bytes waiting in one channel's subscriber queue, all peers
 /// together; a message arriving at a full queue is dropped and counted.
 pub const CHANNEL_QUEUE_BYTES: usize = 16 << 20;
@@ -254,6 +260,9 @@ pub struct EndpointStats {
     pub messages_dropped: AtomicU64,
     /// Peer-opened bidi streams dropped because nobody took them in time.
     pub bi_streams_dropped: AtomicU64,
+    /// Connections closed because their peer identity opened more than
+    /// [`MAX_CONNECTIONS_PER_PEER`].
+    pub connections_superseded: AtomicU64,
     /// Gauge: bytes of partly read uni-stream messages, all connections.
     pub message_bytes_reading: AtomicI64,
     /// Gauge: payload bytes of received messages waiting in subscriber queues.
@@ -277,6 +286,7 @@ struct Inner {
     next_dial: AtomicU64,
     subscribers: Mutex<HashMap<u8, Subscriber>>,
     limits: Mutex<HashMap<u8, usize>>,
+    by_peer: Mutex<HashMap<String, Vec<quinn::Connection>>>,
     bi_tx: mpsc::Sender<BiStream>,
     bi_rx: Mutex<Option<mpsc::Receiver<BiStream>>>,
     refusals: Arc<Refusals>,
@@ -350,6 +360,7 @@ impl Endpoint {
             next_dial: AtomicU64::new(0),
             subscribers: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
+            by_peer: Mutex::new(HashMap::new()),
             bi_tx,
             bi_rx: Mutex::new(Some(bi_rx)),
             refusals,
@@ -720,6 +731,25 @@ fn spawn_driver(inner: &Arc<Inner>, c: Connected) {
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
     tracing::debug!(peer = %c.peer, addr = %c.addr(), "connection up");
+    let peer_key = c.peer.node_id();
+    let superseded = {
+        let mut by_peer = inner.by_peer.lock().unwrap();
+        let list = by_peer.entry(peer_key.clone()).or_default();
+        list.push(c.conn.clone());
+        if list.len() > MAX_CONNECTIONS_PER_PEER {
+            Some(list.remove(0))
+        } else {
+            None
+        }
+    };
+    if let Some(old) = superseded {
+        inner
+            .stats
+            .connections_superseded
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = %c.peer, addr = %old.remote_address(), "closing a peer's oldest connection");
+        old.close(VarInt::from_u32(0), b"superseded");
+    }
     let weak = Arc::downgrade(inner);
     let large = Arc::new(Semaphore::new(LARGE_MESSAGE_SLOTS));
     tokio::spawn(async move {
@@ -760,6 +790,13 @@ fn spawn_driver(inner: &Arc<Inner>, c: Connected) {
         if let Some(inner) = weak.upgrade() {
             inner.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
             forget(&inner, c.addr(), &c);
+            let mut by_peer = inner.by_peer.lock().unwrap();
+            if let Some(list) = by_peer.get_mut(&peer_key) {
+                list.retain(|x| x.stable_id() != c.conn.stable_id());
+                if list.is_empty() {
+                    by_peer.remove(&peer_key);
+                }
+            }
         }
     });
 }
@@ -814,7 +851,9 @@ async fn read_uni(
             stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(peer = %c.peer, channel, "message on a channel nobody reads");
         }
-        Ok(Read::Failed(e)) => tracing::debug!(peer = %c.peer, error = %e, "dropped message stream"),
+        Ok(Read::Failed(e)) => {
+            tracing::debug!(peer = %c.peer, error = %e, "dropped message stream")
+        }
         Err(_) => {
             stop(STOP_STALLED);
             stats.stalled_streams.fetch_add(1, Ordering::Relaxed);

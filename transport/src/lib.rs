@@ -15,8 +15,8 @@ mod tls;
 
 pub use endpoint::{
     BiStream, CHANNEL_QUEUE_BYTES, CONNECTION_RECEIVE_WINDOW, Connected, Endpoint, EndpointConfig,
-    EndpointError, EndpointStats, LARGE_MESSAGE_SLOTS, MAX_BIDI_STREAMS, MAX_MESSAGE_BYTES,
-    MAX_UNI_STREAMS, Message, SMALL_MESSAGE_BYTES, STREAM_RECEIVE_WINDOW,
+    EndpointError, EndpointStats, LARGE_MESSAGE_SLOTS, MAX_BIDI_STREAMS, MAX_CONNECTIONS_PER_PEER,
+    MAX_MESSAGE_BYTES, MAX_UNI_STREAMS, Message, SMALL_MESSAGE_BYTES, STREAM_RECEIVE_WINDOW,
 };
 pub use identity::{Identity, IdentityError};
 pub use tls::{RefusalReason, Refusals, TlsError, TlsFiles};
