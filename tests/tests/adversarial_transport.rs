@@ -4,6 +4,10 @@
 //! victim counts and holds in memory, and whether honest peers still get
 //! their messages (and gossip) through during the attack.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -437,4 +441,173 @@ async fn one_certificate_holds_a_bounded_number_of_connections() {
     for e in rogues.into_iter().chain([victim, honest]) {
         e.close();
     }
+}
+
+/// The `shoal` binary: `SHOAL_BIN`, or this workspace's debug build,
+/// brought up to date with `cargo build -p node --bin shoal`.
+fn shoal_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SHOAL_BIN") {
+        return bin.into();
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "-q", "-p", "node", "--bin", "shoal"])
+        .current_dir(workspace)
+        .status()
+        .expect("running cargo build -p node");
+    assert!(status.success(), "cargo build -p node --bin shoal failed");
+    target.join("debug").join("shoal")
+}
+
+/// A `shoal node` process, killed on drop.
+struct Proc {
+    child: Child,
+    quic: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn start(bin: &Path, certs: &Path, name: &str, seed: Option<SocketAddr>) -> Proc {
+        let mut cmd = Command::new(bin);
+        cmd.args(["node", "--name", name, "--listen", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0", "--gossip-interval", "100ms"])
+            .arg("--certs")
+            .arg(certs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(s) = seed {
+            cmd.args(["--seed", &s.to_string()]);
+        }
+        let mut child = cmd.spawn().expect("start shoal node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "shoal node NAME ready quic=ADDR admin=ADDR"
+        let field = |k: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        let (quic, admin) = (field("quic="), field("admin="));
+        Proc { child, quic, admin }
+    }
+
+    /// Resident set size, from /proc.
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kb * 1024
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_node_process_keeps_its_memory_bounded_under_unfinished_streams() {
+    let bin = shoal_binary();
+    let pki = Pki::new("test.shoal");
+    let n1 = Proc::start(&bin, &pki.issue("n1", &["web"]), "n1", None);
+    let n2 = Proc::start(&bin, &pki.issue("n2", &["web"]), "n2", Some(n1.quic));
+    let members_alive = |admin: SocketAddr| async move {
+        let (_, body) = admin_get(admin, "/v1/members").await;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        list.iter().filter(|m| m["state"] == "alive").count()
+    };
+    eventually("n1 and n2 converge", DEADLINE, || async {
+        (members_alive(n1.admin).await == 2).then_some(())
+    })
+    .await;
+    let before = n1.rss_bytes();
+
+    // Four connections (the most one certificate may hold), each trying
+    // 1,000 unfinished 1 MB streams on the policy channel.
+    let rogue_dir = pki.issue("rogue", &["other"]);
+    let mut rogues = Vec::new();
+    let mut attacks = Vec::new();
+    let body = Bytes::from(vec![0x42; 1_000_000]);
+    for _ in 0..4 {
+        let r = endpoint(&rogue_dir);
+        let c = r.connect(n1.quic).await.unwrap();
+        attacks.push(unfinished_streams(c, POLICY, body.clone(), 1000));
+        rogues.push(r);
+    }
+    let opened = |attacks: &[(Arc<Attack>, JoinHandle<()>)]| {
+        attacks
+            .iter()
+            .map(|(a, _)| a.opened.load(Ordering::SeqCst))
+            .sum::<usize>()
+    };
+    let mut peak = before;
+    // Two waves: held until stopped, then let go so the next 128 open.
+    for wave in 1..=2u64 {
+        eventually("a wave of streams stopped", DEADLINE, || {
+            peak = peak.max(n1.rss_bytes());
+            let admin = n1.admin;
+            async move {
+                let (_, m) = admin_get(admin, "/metrics").await;
+                let stalled = metric(&m, "shoal_quic_messages_refused_total{reason=\"stalled\"}");
+                (stalled >= 128.0 * wave as f64).then_some(())
+            }
+        })
+        .await;
+        for (a, _) in &attacks {
+            a.release.send_replace(true);
+        }
+        // Gossip through n1 still works: a third node joins during the attack.
+        if wave == 1 {
+            assert!(opened(&attacks) >= 128);
+        }
+    }
+    let n3 = Proc::start(&bin, &pki.issue("n3", &["web"]), "n3", Some(n1.quic));
+    eventually("n3 joins through the attacked node", DEADLINE, || {
+        peak = peak.max(n1.rss_bytes());
+        async {
+            (members_alive(n1.admin).await == 3 && members_alive(n3.admin).await == 3).then_some(())
+        }
+    })
+    .await;
+    let total_opened = opened(&attacks);
+    for (_, t) in attacks {
+        t.abort();
+    }
+    for r in rogues {
+        r.close();
+    }
+    eventually("n1 drops the rogue's connections", DEADLINE, || async {
+        let (_, m) = admin_get(n1.admin, "/metrics").await;
+        (metric(&m, "shoal_quic_message_bytes_buffered") == 0.0).then_some(())
+    })
+    .await;
+    let after = n1.rss_bytes();
+    peak = peak.max(after);
+    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "n1 RSS: {:.1} MiB before, {:.1} MiB peak, {:.1} MiB after; rogue opened {total_opened} \
+         streams of 1 MB on 4 connections",
+        mb(before),
+        mb(peak),
+        mb(after)
+    );
+    // Unbounded buffering would be ~1 MB per stream opened (hundreds of MB);
+    // the limits allow 4 × (8 MiB window + 4.3 MiB of messages) ≈ 50 MiB.
+    assert!(
+        peak < before + (80 << 20),
+        "n1 grew from {before} to {peak} bytes"
+    );
+    drop((n2, n3));
 }
