@@ -184,6 +184,12 @@ impl prometheus_client::collector::Collector for NodeCollector {
         )?;
         counter(
             &mut enc,
+            "quic_connections_superseded",
+            "QUIC connections closed because their peer identity opened too many",
+            ld(&s.connections_superseded),
+        )?;
+        counter(
+            &mut enc,
             "quic_handshake_failures",
             "QUIC handshakes that failed for any reason",
             ld(&s.handshake_failures),
@@ -207,7 +213,26 @@ impl prometheus_client::collector::Collector for NodeCollector {
             &[
                 ("ok", ld(&s.cert_reloads)),
                 ("error", ld(&s.cert_reload_errors)),
+                ("wrong_identity", ld(&s.cert_reload_wrong_identity)),
             ],
+        )?;
+        labelled_counters(
+            &mut enc,
+            "quic_messages_refused",
+            "Messages from peers refused on arrival, by reason",
+            "reason",
+            &[
+                ("oversize", ld(&s.oversize_messages)),
+                ("stalled", ld(&s.stalled_streams)),
+                ("dropped", ld(&s.messages_dropped)),
+            ],
+        )?;
+        gauge(
+            &mut enc,
+            "quic_message_bytes_buffered",
+            "Bytes of received messages held in memory: partly read streams and subscriber queues",
+            s.message_bytes_reading.load(Ordering::Relaxed)
+                + s.message_bytes_queued.load(Ordering::Relaxed),
         )?;
         {
             let mut family = enc.encode_descriptor(

@@ -80,7 +80,10 @@ impl Node {
         }
         let mut ep_config = EndpointConfig::new(config.listen, TlsFiles::new(&config.certs));
         ep_config.socket_layer = config.socket_layer.clone();
+        ep_config.expected_node = Some(config.name.clone());
         let endpoint = Endpoint::bind(ep_config)?;
+        // A chitchat message is one UDP datagram: at most 64 KiB.
+        endpoint.limit_channel(gossip::GOSSIP_CHANNEL, 64 << 10);
         let identity = endpoint.identity();
         if identity.node != config.name {
             endpoint.close();

@@ -1,18 +1,42 @@
 //! The QUIC endpoint on its own: dial merging, reconnects, certificate
-//! reload without dropping established connections.
+//! reload without dropping established connections, and reloads refused
+//! when the new certificate names someone else.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tests::{Pki, eventually};
+use tests::{Cluster, Pki, admin_get, eventually};
 use transport::certs::{Validity, write_node_dir};
-use transport::{Endpoint, EndpointConfig, TlsFiles};
+use transport::{Endpoint, EndpointConfig, EndpointError, TlsFiles};
 
 fn endpoint(dir: &std::path::Path) -> Endpoint {
+    endpoint_as(dir, None).unwrap()
+}
+
+fn endpoint_as(dir: &std::path::Path, name: Option<&str>) -> Result<Endpoint, EndpointError> {
     transport::install_crypto_provider();
     let mut config = EndpointConfig::new("127.0.0.1:0".parse().unwrap(), TlsFiles::new(dir));
     config.reload_interval = Duration::from_millis(50);
-    Endpoint::bind(config).unwrap()
+    config.expected_node = name.map(str::to_string);
+    Endpoint::bind(config)
+}
+
+/// Copies another certificate folder's files over `dir`, as an operator's
+/// mistaken `cp` would.
+fn swap_in(from: &std::path::Path, dir: &std::path::Path) {
+    for f in ["ca.pem", "node.pem", "node.key"] {
+        std::fs::copy(from.join(f), dir.join(f)).unwrap();
+    }
+}
+
+/// The identity a fresh client sees when it dials `addr`.
+async fn presented(pki: &Pki, addr: std::net::SocketAddr) -> transport::Identity {
+    let folder = format!("probe-{}", addr.port());
+    let probe = endpoint(&pki.issue_into(&folder, "probe", &[], Validity::days(1)));
+    let c = probe.connect(addr).await.unwrap();
+    let id = (*c.peer).clone();
+    probe.close();
+    id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,6 +124,131 @@ async fn broken_files_on_disk_keep_the_old_certificate() {
     assert_eq!(c.peer.node, "a");
     a.close();
     b.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_nodes_certificate_on_disk_is_refused_and_the_old_identity_kept() {
+    let pki = Pki::new("test.shoal");
+    let a_dir = pki.issue("a", &["web"]);
+    let b_dir = pki.issue("b", &["api"]);
+    let a = endpoint_as(&a_dir, Some("a")).unwrap();
+
+    swap_in(&b_dir, &a_dir);
+    eventually(
+        "wrong identity refused",
+        Duration::from_secs(10),
+        || async {
+            (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) >= 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(a.stats().cert_reloads.load(Ordering::Relaxed), 0);
+    assert_eq!(a.identity().node, "a");
+    // A new handshake still meets a, not b.
+    let seen = presented(&pki, a.local_addr()).await;
+    assert_eq!(seen.node, "a");
+    assert_eq!(seen.services, vec!["web"]);
+    // Asked directly, the reload says why.
+    match a.reload_certificates() {
+        Err(EndpointError::WrongIdentity { expected, found }) => {
+            assert_eq!(expected, "spiffe://test.shoal/node/a");
+            assert_eq!(found, "spiffe://test.shoal/node/b");
+        }
+        other => panic!("reload of b's certificate: {other:?}"),
+    }
+    let refused = a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed);
+
+    // The same name from another trust domain (another CA) is refused too.
+    let foreign = Pki::new("other.shoal");
+    swap_in(&foreign.issue("a", &["web"]), &a_dir);
+    eventually(
+        "foreign trust domain refused",
+        Duration::from_secs(10),
+        || async {
+            (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) > refused).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(a.identity().trust_domain, "test.shoal");
+    assert_eq!(presented(&pki, a.local_addr()).await.node, "a");
+
+    // A correct certificate is taken again; the refusal above was counted
+    // once for that change of the files, not once per poll.
+    let cert = pki
+        .ca()
+        .issue("a", &["web".into(), "api".into()], Validity::days(1))
+        .unwrap();
+    write_node_dir(&a_dir, &pki.ca().cert_pem(), &cert, true).unwrap();
+    eventually(
+        "a's own certificate reloads",
+        Duration::from_secs(10),
+        || async { (a.stats().cert_reloads.load(Ordering::Relaxed) >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed),
+        refused + 1
+    );
+    assert_eq!(
+        presented(&pki, a.local_addr()).await.services,
+        vec!["web", "api"]
+    );
+    a.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_configured_name_a_reload_must_keep_the_node_name() {
+    let pki = Pki::new("test.shoal");
+    let a_dir = pki.issue("a", &["web"]);
+    let a = endpoint(&a_dir);
+    swap_in(&pki.issue("b", &[]), &a_dir);
+    eventually(
+        "wrong identity refused",
+        Duration::from_secs(10),
+        || async {
+            (a.stats().cert_reload_wrong_identity.load(Ordering::Relaxed) >= 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(presented(&pki, a.local_addr()).await.node, "a");
+    a.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_with_another_nodes_certificate_fails() {
+    let pki = Pki::new("test.shoal");
+    match endpoint_as(&pki.issue("b", &[]), Some("a")) {
+        Err(EndpointError::WrongIdentity { expected, found }) => {
+            assert!(expected.contains("\"a\""), "{expected}");
+            assert!(found.contains("\"b\""), "{found}");
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("bound with another node's certificate"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_another_nodes_certificate_and_exports_the_refusal() {
+    let cluster = Cluster::start(2).await;
+    let n1 = &cluster.nodes[0];
+    let n1_dir = cluster.pki.path().join("n1");
+    swap_in(&cluster.pki.path().join("n2"), &n1_dir);
+    let admin = n1.admin_addr();
+    eventually("refusal exported", Duration::from_secs(15), || async {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        m.contains("shoal_cert_reloads_total{result=\"wrong_identity\"} 1")
+            .then_some(())
+    })
+    .await;
+    let (_, m) = admin_get(admin, "/metrics").await;
+    assert!(
+        m.contains("shoal_cert_reloads_total{result=\"ok\"} 0"),
+        "{m}"
+    );
+    let seen = presented(&cluster.pki, n1.quic_addr()).await;
+    assert_eq!(seen.node, "n1");
+    assert_eq!(n1.endpoint().identity().node, "n1");
+    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

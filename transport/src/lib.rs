@@ -15,7 +15,9 @@ pub mod socket;
 mod tls;
 
 pub use endpoint::{
-    BiStream, Connected, Endpoint, EndpointConfig, EndpointError, EndpointStats, Message,
+    BiStream, CHANNEL_QUEUE_BYTES, CONNECTION_RECEIVE_WINDOW, Connected, Endpoint, EndpointConfig,
+    EndpointError, EndpointStats, LARGE_MESSAGE_SLOTS, MAX_BIDI_STREAMS, MAX_CONNECTIONS_PER_PEER,
+    MAX_MESSAGE_BYTES, MAX_UNI_STREAMS, Message, SMALL_MESSAGE_BYTES, STREAM_RECEIVE_WINDOW,
 };
 pub use identity::{Identity, IdentityError};
 pub use tls::{RefusalReason, Refusals, TlsError, TlsFiles};

@@ -121,6 +121,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("CA certificate rejected: {0}")]
     Verifier(String),
+    #[error("{cert} is not signed by the CA in {ca}")]
+    NotSignedByCa { cert: PathBuf, ca: PathBuf },
 }
 
 /// A node's certificate folder: `ca.pem`, `node.pem`, `node.key`.
@@ -176,6 +178,18 @@ impl TlsFiles {
         let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        // Our own certificate must come from the folder's CA: a mixed set
+        // of files (another mesh's CA, or a copy caught half way) is refused
+        // rather than used. Validity is not checked here; peers refuse an
+        // expired certificate and count it.
+        if let Err(e) = webpki.verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            && RefusalReason::of_rustls(&e) == RefusalReason::UnknownCa
+        {
+            return Err(TlsError::NotSignedByCa {
+                cert: cert_path,
+                ca: ca_path,
+            });
+        }
         let verifier = Arc::new(MeshVerifier {
             webpki,
             trust_domain: identity.trust_domain.clone(),
