@@ -34,10 +34,10 @@ async fn send_get(out: std::net::SocketAddr, n: usize) -> usize {
     let client = http1();
     let mut ok = 0;
     for _ in 0..n {
-        if let Ok(r) = client.request(get(out, "web", "/")).await {
-            if r.status().is_success() {
-                ok += 1;
-            }
+        if let Ok(r) = client.request(get(out, "web", "/")).await
+            && r.status().is_success()
+        {
+            ok += 1;
         }
     }
     ok
