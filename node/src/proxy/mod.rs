@@ -242,6 +242,15 @@ impl Shared {
         *table = Arc::new(t);
     }
 
+    /// Whether some endpoint of `service` is refused as `peer-not-serving`.
+    pub fn has_refused(&self, service: &str) -> bool {
+        self.refused
+            .lock()
+            .unwrap()
+            .keys()
+            .any(|(s, _)| s == service)
+    }
+
     /// Whether `(service, node)` at `addr` is still refused; forgets a
     /// refusal that no longer applies (another address, another identity at
     /// that address, or no connection for [`REFUSAL_HOLD`]).

@@ -391,6 +391,12 @@ async fn route(
             Ok(x) => x,
             Err(why) => {
                 return last.unwrap_or_else(|| match why {
+                    // Gossip offers endpoints, but none this node would trust.
+                    NoEndpoint::NoHealthy if shared.has_refused(&service) => error(
+                        StatusCode::BAD_GATEWAY,
+                        "peer-not-serving",
+                        "the peers gossip names for this service hold certificates that do not name it",
+                    ),
                     NoEndpoint::NoHealthy => error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "no-healthy-endpoint",
