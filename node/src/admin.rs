@@ -13,6 +13,11 @@
 //! | GET    | `/v1/policies/{kind}/{name}` | the document (JSON; YAML with `?format=yaml` or `Accept: application/yaml`) |
 //! | PUT    | `/v1/policies/{kind}/{name}` | create or replace (token; `If-Match`; `?wait=all`) |
 //! | DELETE | `/v1/policies/{kind}/{name}` | delete, leaving a tombstone (token; `If-Match`; `?wait=all`) |
+//!
+//! The listener shares the proxy's accept loop (`proxy::listen`): a
+//! connection cap (`--admin-max-connections`, default 256), the header-read
+//! and idle timeouts, and backoff on accept errors, so an fd-exhausting flood
+//! neither spins the loop nor keeps the API unreachable once it ends.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

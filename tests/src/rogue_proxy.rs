@@ -181,12 +181,13 @@ pub fn shoal_binary() -> PathBuf {
         .max();
     if built.is_none() || newest.is_some_and(|n| Some(n) > built) {
         let target = dir.parent().expect("target dir");
-        let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
-            .args(["build", "-p", "node", "--bin", "shoal"])
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build");
+        let status =
+            std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+                .args(["build", "-p", "node", "--bin", "shoal"])
+                .env("CARGO_TARGET_DIR", target)
+                .current_dir(&workspace)
+                .status()
+                .expect("run cargo build");
         assert!(status.success(), "cargo build -p node --bin shoal failed");
     }
     bin

@@ -123,31 +123,25 @@ async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() 
     let mut admin_silent = silent_connections(n1.admin_addr(), 50).await;
     // A slow client: a partial request head, one more byte every 200 ms.
     let mut slow = tokio::net::TcpStream::connect(out).await.unwrap();
-    let trickle = tokio::spawn({
-        async move {
-            use tokio::io::AsyncWriteExt;
-            let _ = slow.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n").await;
-            let mut sent = 0;
-            let closed = loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if slow.write_all(b"x").await.is_err() {
-                    break true;
-                }
-                sent += 1;
-                // Stop once the server has closed the connection.
-                let mut b = [0u8; 64];
-                if let Ok(Ok(0)) =
-                    tokio::time::timeout(Duration::from_millis(1), tokio::io::AsyncReadExt::read(&mut slow, &mut b))
-                        .await
-                {
-                    break true;
-                }
-                if sent > 100 {
-                    break false;
-                }
-            };
-            closed
+    // Resolves with how long the slow client kept the connection, `None`
+    // if it was never cut off (30 s of trickling).
+    let trickle = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let opened = Instant::now();
+        let _ = slow.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n").await;
+        for _ in 0..150 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"x").await.is_err() {
+                return Some(opened.elapsed());
+            }
+            let mut b = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), slow.read(&mut b)).await
+            {
+                return Some(opened.elapsed());
+            }
         }
+        None
     });
 
     let deadline = Duration::from_secs(15);
@@ -163,7 +157,12 @@ async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() 
         all_closed >= timeout,
         "closed before the header-read timeout"
     );
-    assert!(trickle.await.unwrap(), "the slow client was never cut off");
+    let cut = trickle
+        .await
+        .unwrap()
+        .expect("the slow client was never cut off");
+    eprintln!("a client trickling its request head was cut off after {cut:?}");
+    assert!(cut >= timeout);
 
     let m = metrics(&n1).await;
     let outbound = sample(
@@ -189,7 +188,10 @@ async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() 
     closed_within(&mut idle, deadline)
         .await
         .expect("an idle keep-alive connection stayed open");
-    eprintln!("idle keep-alive connection closed after {:?}", idle_started.elapsed());
+    eprintln!(
+        "idle keep-alive connection closed after {:?}",
+        idle_started.elapsed()
+    );
     let resp = http1()
         .request(get(out, "nothing-here", "/"))
         .await
@@ -307,9 +309,7 @@ async fn at_the_fd_limit_the_accept_loops_back_off_and_recover() {
     // Observation window: the listeners keep failing to accept meanwhile.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let lines = child.log_lines() - base_lines;
-    eprintln!(
-        "at the fd limit ({limit}, {base_fds} in use before): {lines} log lines in 3 s"
-    );
+    eprintln!("at the fd limit ({limit}, {base_fds} in use before): {lines} log lines in 3 s");
     assert!(
         lines < 100,
         "the accept loops flooded the log:\n{}",
@@ -334,8 +334,11 @@ async fn at_the_fd_limit_the_accept_loops_back_off_and_recover() {
         started.elapsed()
     );
     let m = admin_get(child.admin, "/metrics").await.1;
-    let errors = sample(&m, "shoal_listener_accept_errors_total{listener=\"outbound\"}")
-        .unwrap_or(0.0)
+    let errors = sample(
+        &m,
+        "shoal_listener_accept_errors_total{listener=\"outbound\"}",
+    )
+    .unwrap_or(0.0)
         + sample(&m, "shoal_listener_accept_errors_total{listener=\"admin\"}").unwrap_or(0.0);
     eprintln!("accept errors counted: {errors}");
     assert!(errors >= 1.0, "{m}");

@@ -332,7 +332,11 @@ impl ProxyConfig {
             c.http_idle_timeout = positive("--http-idle-timeout", d)?;
         }
         for (flag, value, field) in [
-            ("--max-connections", args.max_connections, &mut c.max_connections),
+            (
+                "--max-connections",
+                args.max_connections,
+                &mut c.max_connections,
+            ),
             (
                 "--admin-max-connections",
                 args.admin_max_connections,

@@ -261,7 +261,10 @@ impl Activity {
                 ms(self.last_io.load(Ordering::Relaxed)) + limits.idle_timeout,
                 "idle_timeout",
             )),
-            since => Some((ms(since) + limits.header_read_timeout, "header_read_timeout")),
+            since => Some((
+                ms(since) + limits.header_read_timeout,
+                "header_read_timeout",
+            )),
         }
     }
 
@@ -383,7 +386,11 @@ pub async fn accept_loop<F, Fut>(
                 x
             }
             Err(e) => {
-                guard.metrics.accept_errors.get_or_create(&guard.labels()).inc();
+                guard
+                    .metrics
+                    .accept_errors
+                    .get_or_create(&guard.labels())
+                    .inc();
                 if let Some(held) = guard.error_log.allow() {
                     tracing::warn!(
                         listener = guard.name,

@@ -40,8 +40,8 @@ use crate::proxy::frame::{
     ResponseHead, STREAM_KIND_HTTP,
 };
 use crate::proxy::inbound::{self, Decrement, empty, error};
-use crate::proxy::stats::{Direction, Edge};
 use crate::proxy::listen;
+use crate::proxy::stats::{Direction, Edge};
 use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
