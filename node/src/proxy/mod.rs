@@ -659,3 +659,39 @@ impl Drop for Proxy {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(uris: &[&str]) -> Identity {
+        let uris: Vec<String> = uris.iter().map(|s| s.to_string()).collect();
+        Identity::from_uris(&uris).unwrap()
+    }
+
+    fn target(node: &str, service: &str) -> Target {
+        Target {
+            service: service.into(),
+            node: node.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            zone: "default".into(),
+            weight: 100,
+            is_self: false,
+            gossip_ewma_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_peer_serves_only_what_its_certificate_names_as_the_node_gossip_named() {
+        let n2 = identity(&["spiffe://t/node/n2", "spiffe://t/svc/web"]);
+        assert!(peer_serves(&n2, &target("n2", "web")));
+        assert!(!peer_serves(&n2, &target("n2", "api")), "service not named");
+        assert!(
+            !peer_serves(&n2, &target("ghost", "web")),
+            "a member claiming an address whose certificate names another node"
+        );
+        let rogue = identity(&["spiffe://t/node/rogue", "spiffe://t/svc/other"]);
+        assert!(!peer_serves(&rogue, &target("rogue", "web")));
+        assert!(!peer_serves(&rogue, &target("rogue", "webx")));
+    }
+}
