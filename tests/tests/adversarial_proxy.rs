@@ -114,13 +114,19 @@ async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() 
         .client("n1", |c| {
             c.proxy.header_read_timeout = timeout;
             c.proxy.http_idle_timeout = Duration::from_secs(3);
+            c.proxy.upstreams.push(node::proxy::UpstreamListener {
+                service: "web".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+            });
         })
         .await;
     let out = n1.outbound_addr().unwrap();
+    let upstream = n1.proxy().upstream_addr("web").unwrap();
 
     let started = Instant::now();
     let mut silent = silent_connections(out, 500).await;
     let mut admin_silent = silent_connections(n1.admin_addr(), 50).await;
+    let mut upstream_silent = silent_connections(upstream, 20).await;
     // A slow client: a partial request head, one more byte every 200 ms.
     let mut slow = tokio::net::TcpStream::connect(out).await.unwrap();
     // Resolves with how long the slow client kept the connection, `None`
@@ -145,14 +151,18 @@ async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() 
     });
 
     let deadline = Duration::from_secs(15);
-    for s in silent.iter_mut().chain(admin_silent.iter_mut()) {
+    for s in silent
+        .iter_mut()
+        .chain(admin_silent.iter_mut())
+        .chain(upstream_silent.iter_mut())
+    {
         let got = closed_within(s, deadline)
             .await
             .expect("a silent connection stayed open");
         assert!(got.is_empty(), "a silent connection got an answer");
     }
     let all_closed = started.elapsed();
-    eprintln!("550 silent connections closed {all_closed:?} after opening (timeout {timeout:?})");
+    eprintln!("570 silent connections closed {all_closed:?} after opening (timeout {timeout:?})");
     assert!(
         all_closed >= timeout,
         "closed before the header-read timeout"
@@ -175,9 +185,17 @@ async fn silent_and_slow_connections_are_closed_after_the_header_read_timeout() 
         "shoal_listener_closed_total{listener=\"admin\",reason=\"header_read_timeout\"}",
     )
     .unwrap_or(0.0);
-    eprintln!("closed for header_read_timeout: outbound {outbound}, admin {admin}");
+    let upstream = sample(
+        &m,
+        "shoal_listener_closed_total{listener=\"upstream\",reason=\"header_read_timeout\"}",
+    )
+    .unwrap_or(0.0);
+    eprintln!(
+        "closed for header_read_timeout: outbound {outbound}, admin {admin}, upstream {upstream}"
+    );
     assert!(outbound >= 501.0, "{m}");
     assert!(admin >= 50.0, "{m}");
+    assert!(upstream >= 20.0, "{m}");
 
     // A keep-alive connection that finished a request and went quiet is
     // closed after the idle timeout; the node keeps answering new ones.

@@ -428,6 +428,58 @@ mod tests {
     }
 
     #[test]
+    fn listener_limit_flags() {
+        let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(60));
+        assert_eq!((c.max_connections, c.admin_max_connections), (10_000, 256));
+        let args = ProxyArgs {
+            header_read_timeout: Some("2s".into()),
+            http_idle_timeout: Some("90s".into()),
+            max_connections: Some(500),
+            admin_max_connections: Some(8),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(args, ProxyFile::default()).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(90));
+        assert_eq!((c.max_connections, c.admin_max_connections), (500, 8));
+        for (args, field) in [
+            (
+                ProxyArgs {
+                    header_read_timeout: Some("0s".into()),
+                    ..Default::default()
+                },
+                "--header-read-timeout",
+            ),
+            (
+                ProxyArgs {
+                    http_idle_timeout: Some("soon".into()),
+                    ..Default::default()
+                },
+                "--http-idle-timeout",
+            ),
+            (
+                ProxyArgs {
+                    max_connections: Some(0),
+                    ..Default::default()
+                },
+                "--max-connections",
+            ),
+            (
+                ProxyArgs {
+                    admin_max_connections: Some(0),
+                    ..Default::default()
+                },
+                "--admin-max-connections",
+            ),
+        ] {
+            let err = ProxyConfig::resolve(args, ProxyFile::default()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
     fn file_services_and_duplicates() {
         let file = ProxyFile {
             service: vec![ServiceFile {
