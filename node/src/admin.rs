@@ -13,6 +13,11 @@
 //! | GET    | `/v1/policies/{kind}/{name}` | the document (JSON; YAML with `?format=yaml` or `Accept: application/yaml`) |
 //! | PUT    | `/v1/policies/{kind}/{name}` | create or replace (token; `If-Match`; `?wait=all`) |
 //! | DELETE | `/v1/policies/{kind}/{name}` | delete, leaving a tombstone (token; `If-Match`; `?wait=all`) |
+//!
+//! The listener shares the proxy's accept loop (`proxy::listen`): a
+//! connection cap (`--admin-max-connections`, default 256), the header-read
+//! and idle timeouts, and backoff on accept errors, so an fd-exhausting flood
+//! neither spins the loop nor keeps the API unreachable once it ends.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,35 +33,34 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::node::NodeState;
+use crate::proxy::listen::accept_loop;
 
-/// Serves the admin API on `listener` until `shutdown` flips to true.
+/// Serves the admin API on `listener` until `shutdown` flips to true, under
+/// the admin connection cap and the header-read and idle timeouts.
 pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<NodeState>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+    let guard = state.proxy.admin_guard();
+    accept_loop(guard, listener, shutdown, move |io, peer, activity| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, peer, &state).await) }
+                let request = activity.begin(false);
+                async move {
+                    let resp = route(req, peer, &state).await;
+                    drop(request);
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn route(

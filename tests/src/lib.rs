@@ -4,6 +4,7 @@
 
 pub mod danger;
 pub mod rogue;
+pub mod rogue_proxy;
 pub mod traffic;
 
 use std::future::Future;

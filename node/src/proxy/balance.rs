@@ -20,6 +20,12 @@ use crate::proxy::config::{ProxyConfig, RetryConfig};
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Peak-EWMA decay time.
 const DECAY: Duration = Duration::from_secs(10);
+/// Longest time a connect or reset failure keeps an endpoint out.
+pub const DOWN_MAX: Duration = Duration::from_secs(10);
+/// While every endpoint of a service is down, one request per endpoint is let
+/// through as a trial this often (so a recovered peer routes again within
+/// this plus one round trip).
+pub const TRIAL_EVERY: Duration = Duration::from_millis(500);
 
 /// One instance of a service, as gossip describes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +63,8 @@ struct Failures {
     downs: u32,
     ejected_until: Option<Instant>,
     ejections: u32,
+    /// Earliest time the next trial request may go to it while it is down.
+    next_trial: Option<Instant>,
 }
 
 /// Live state of one endpoint as this node sees it.
@@ -131,6 +139,16 @@ impl EndpointState {
         (down, ejected)
     }
 
+    /// Takes the trial slot of a down endpoint if it is free.
+    fn take_trial(&self, now: Instant) -> bool {
+        let mut f = self.failures.lock().unwrap();
+        if f.next_trial.is_some_and(|t| t > now) {
+            return false;
+        }
+        f.next_trial = Some(now + TRIAL_EVERY);
+        true
+    }
+
     /// Whether it is marked down or ejected now.
     pub fn status(&self) -> &'static str {
         match self.usable(Instant::now()) {
@@ -187,8 +205,10 @@ pub struct EndpointView {
 
 impl Balancer {
     /// A balancer for a node in `zone`. `down_base` is how long a connect or
-    /// reset failure keeps an endpoint out (doubling on repeats, up to 16×);
-    /// choose it longer than gossip takes to declare a node dead.
+    /// reset failure keeps an endpoint out (doubling on repeats, capped at
+    /// [`DOWN_MAX`]); choose it longer than gossip takes to declare a node
+    /// dead. While all of a service's endpoints are down, trial requests go
+    /// through (see [`TRIAL_EVERY`]).
     pub fn new(zone: String, config: &ProxyConfig, down_base: Duration) -> Self {
         Balancer {
             zone,
@@ -232,6 +252,7 @@ impl Balancer {
         let mut usable: Vec<(&Target, Arc<EndpointState>)> = Vec::with_capacity(targets.len());
         let mut ejected: Vec<(&Target, Arc<EndpointState>)> = Vec::new();
         let mut saturated = false;
+        let mut down_ones: Vec<(&Target, Arc<EndpointState>)> = Vec::new();
         for t in targets {
             if exclude.contains(&t.node) {
                 continue;
@@ -239,6 +260,9 @@ impl Balancer {
             let s = self.state(&t.service, &t.node);
             let (down, is_ejected) = s.usable(now);
             if down {
+                if s.in_flight() < self.max_in_flight {
+                    down_ones.push((t, s));
+                }
                 continue;
             }
             if s.in_flight() >= self.max_in_flight {
@@ -255,6 +279,15 @@ impl Balancer {
         // come back into the choice.
         if ejected.len() * 2 > targets.len() || usable.is_empty() && !ejected.is_empty() {
             usable.extend(ejected);
+        }
+        if usable.is_empty() && !saturated {
+            // Every endpoint gossip calls healthy is down here: let one
+            // request through to one of them as a trial, at most every
+            // TRIAL_EVERY per endpoint, so a recovered peer is found.
+            if let Some((t, s)) = down_ones.into_iter().find(|(_, s)| s.take_trial(now)) {
+                tracing::debug!(service = %t.service, node = %t.node, "every endpoint is down; sending a trial request");
+                return Ok((t.clone(), s));
+            }
         }
         if usable.is_empty() {
             return Err(if saturated {
@@ -291,16 +324,26 @@ impl Balancer {
         let mut f = state.failures.lock().unwrap();
         f.consecutive = 0;
         f.downs = 0;
+        f.down_until = None;
+        f.next_trial = None;
         f.ejections = f.ejections.saturating_sub(1);
     }
 
-    /// Reports a connect or reset failure: the endpoint is out at once.
+    /// Reports a connect or reset failure: the endpoint is out at once, for
+    /// `down_base` doubling per repeat, never longer than [`DOWN_MAX`].
+    /// Failures reported while it is already down (requests that were in
+    /// flight together, failed trials) do not lengthen the penalty.
     pub fn down(&self, state: &EndpointState) {
+        let now = Instant::now();
         let mut f = state.failures.lock().unwrap();
-        let factor = 1u32 << f.downs.min(4);
-        f.down_until = Some(Instant::now() + self.down_base * factor);
-        f.downs += 1;
         f.consecutive += 1;
+        if f.down_until.is_some_and(|t| t > now) {
+            return;
+        }
+        let factor = 1u32 << f.downs.min(4);
+        f.down_until = Some(now + self.down_base.saturating_mul(factor).min(DOWN_MAX));
+        f.downs = f.downs.saturating_add(1);
+        f.next_trial = Some(now + TRIAL_EVERY);
     }
 
     /// Reports a failed response (5xx from the instance, far-side error):
@@ -458,6 +501,38 @@ mod tests {
             b.pick(&ts, &["b".into()]).unwrap_err(),
             NoEndpoint::NoHealthy
         );
+    }
+
+    #[test]
+    fn down_penalty_is_capped_and_all_down_services_get_trials() {
+        let b = Balancer::new("z".into(), &ProxyConfig::default(), Duration::from_secs(8));
+        let ts = [target("a", "z")];
+        let a = b.state("web", "a");
+        // A burst of failures while it is down counts once.
+        for _ in 0..20 {
+            b.down(&a);
+        }
+        let until = a.failures.lock().unwrap().down_until.unwrap();
+        assert!(until <= Instant::now() + DOWN_MAX);
+        assert_eq!(a.failures.lock().unwrap().downs, 1);
+        // Repeated downs never exceed the cap.
+        for _ in 0..10 {
+            a.failures.lock().unwrap().down_until = None;
+            b.down(&a);
+        }
+        let until = a.failures.lock().unwrap().down_until.unwrap();
+        assert!(until <= Instant::now() + DOWN_MAX);
+        // No trial before TRIAL_EVERY has passed since it went down ...
+        assert_eq!(b.pick(&ts, &[]).unwrap_err(), NoEndpoint::NoHealthy);
+        // ... then one trial per TRIAL_EVERY.
+        a.failures.lock().unwrap().next_trial = Some(Instant::now());
+        assert_eq!(b.pick(&ts, &[]).unwrap().0.node, "a");
+        assert_eq!(b.pick(&ts, &[]).unwrap_err(), NoEndpoint::NoHealthy);
+        // A successful trial brings it back for every request.
+        b.success(&a, Duration::from_millis(1));
+        for _ in 0..5 {
+            assert_eq!(b.pick(&ts, &[]).unwrap().0.node, "a");
+        }
     }
 
     #[test]

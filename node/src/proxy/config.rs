@@ -180,6 +180,16 @@ pub struct ProxyConfig {
     pub eject_base: Duration,
     /// Longest ejection. Default 30 s.
     pub eject_max: Duration,
+    /// Time a connection to the outbound, upstream or admin listener has to
+    /// deliver a complete request head. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection to those listeners may stay idle. Default 60 s.
+    pub http_idle_timeout: Duration,
+    /// Connections open at once on the outbound and upstream listeners
+    /// together; past it new ones are refused. Default 10000.
+    pub max_connections: usize,
+    /// Connections open at once on the admin listener. Default 256.
+    pub admin_max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -196,6 +206,10 @@ impl Default for ProxyConfig {
             eject_after: 5,
             eject_base: Duration::from_secs(1),
             eject_max: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            admin_max_connections: 256,
         }
     }
 }
@@ -220,6 +234,21 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long to wait for in-flight requests [default: 30s].
     #[arg(long, env = "SHOAL_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
+    /// Time an outbound, upstream or admin connection has to send a complete
+    /// request head before it is closed [default: 10s].
+    #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<String>,
+    /// Idle keep-alive connections to the outbound, upstream and admin
+    /// listeners are closed after this long [default: 60s].
+    #[arg(long, env = "SHOAL_HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: Option<String>,
+    /// Open connections the outbound and upstream listeners accept together;
+    /// past it new ones get 503 and are closed [default: 10000].
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections the admin listener accepts [default: 256].
+    #[arg(long, env = "SHOAL_ADMIN_MAX_CONNECTIONS")]
+    pub admin_max_connections: Option<usize>,
 }
 
 /// The proxy keys of the config file.
@@ -286,6 +315,39 @@ impl ProxyConfig {
         if let Some(t) = args.drain_timeout.or(file.drain_timeout) {
             c.drain_timeout =
                 parse_duration(&t).map_err(|m| ConfigError::new("--drain-timeout", m))?;
+        }
+        let positive = |flag: &'static str, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError::new(flag, "must be more than 0"))
+            } else {
+                Ok(d)
+            }
+        };
+        if let Some(t) = args.header_read_timeout {
+            let d = parse_duration(&t).map_err(|m| ConfigError::new("--header-read-timeout", m))?;
+            c.header_read_timeout = positive("--header-read-timeout", d)?;
+        }
+        if let Some(t) = args.http_idle_timeout {
+            let d = parse_duration(&t).map_err(|m| ConfigError::new("--http-idle-timeout", m))?;
+            c.http_idle_timeout = positive("--http-idle-timeout", d)?;
+        }
+        for (flag, value, field) in [
+            (
+                "--max-connections",
+                args.max_connections,
+                &mut c.max_connections,
+            ),
+            (
+                "--admin-max-connections",
+                args.admin_max_connections,
+                &mut c.admin_max_connections,
+            ),
+        ] {
+            match value {
+                Some(0) => return Err(ConfigError::new(flag, "must be at least 1")),
+                Some(n) => *field = n,
+                None => {}
+            }
         }
         Ok(c)
     }
@@ -363,6 +425,58 @@ mod tests {
         assert_eq!(u.service, "web");
         assert_eq!(u.listen, "127.0.0.1:4141".parse().unwrap());
         assert!(UpstreamListener::parse_flag("127.0.0.1:4141").is_err());
+    }
+
+    #[test]
+    fn listener_limit_flags() {
+        let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(60));
+        assert_eq!((c.max_connections, c.admin_max_connections), (10_000, 256));
+        let args = ProxyArgs {
+            header_read_timeout: Some("2s".into()),
+            http_idle_timeout: Some("90s".into()),
+            max_connections: Some(500),
+            admin_max_connections: Some(8),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(args, ProxyFile::default()).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(90));
+        assert_eq!((c.max_connections, c.admin_max_connections), (500, 8));
+        for (args, field) in [
+            (
+                ProxyArgs {
+                    header_read_timeout: Some("0s".into()),
+                    ..Default::default()
+                },
+                "--header-read-timeout",
+            ),
+            (
+                ProxyArgs {
+                    http_idle_timeout: Some("soon".into()),
+                    ..Default::default()
+                },
+                "--http-idle-timeout",
+            ),
+            (
+                ProxyArgs {
+                    max_connections: Some(0),
+                    ..Default::default()
+                },
+                "--max-connections",
+            ),
+            (
+                ProxyArgs {
+                    admin_max_connections: Some(0),
+                    ..Default::default()
+                },
+                "--admin-max-connections",
+            ),
+        ] {
+            let err = ProxyConfig::resolve(args, ProxyFile::default()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
     }
 
     #[test]

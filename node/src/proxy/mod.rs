@@ -14,6 +14,7 @@ pub mod demo;
 pub mod frame;
 mod health;
 mod inbound;
+pub mod listen;
 mod outbound;
 pub mod stats;
 
@@ -30,7 +31,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use transport::Endpoint;
+use transport::{Endpoint, Identity};
 
 pub use balance::{Balancer, EndpointView, RetryBudget, Target};
 pub use config::{
@@ -105,6 +106,10 @@ pub struct EndpointInfo {
     pub serving: ServingState,
     /// Whether this node would route to it now (healthy, alive, serving).
     pub routable: bool,
+    /// Why this node refuses the endpoint although gossip offers it:
+    /// `peer-not-serving` (the peer's certificate does not name the service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<&'static str>,
     /// What the node published.
     #[serde(flatten)]
     pub record: ServiceRecord,
@@ -121,7 +126,7 @@ pub struct ServiceInfo {
     pub endpoints: Vec<EndpointInfo>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Table {
     /// Every published endpoint, routable or not.
     all: BTreeMap<String, Vec<EndpointInfo>>,
@@ -148,6 +153,29 @@ pub(crate) struct Shared {
     pub policy: PolicyPlane,
     table: RwLock<Arc<Table>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    /// Endpoints refused because the peer's certificate does not name the
+    /// service, by (service, node).
+    refused: Mutex<HashMap<(String, String), Refusal>>,
+}
+
+/// An endpoint dropped from a service's table: gossip offered it, but the
+/// QUIC peer at its address holds a certificate that does not name the
+/// service (or names another node).
+struct Refusal {
+    addr: SocketAddr,
+    peer: Arc<Identity>,
+    at: Instant,
+}
+
+/// How long a refusal holds once no connection to the refused peer is
+/// cached (while one is, it holds as long as that peer's identity is the one
+/// refused).
+const REFUSAL_HOLD: Duration = Duration::from_secs(60);
+
+/// Whether the peer behind `target` may serve it: its certificate names
+/// `target`'s node and service.
+pub(crate) fn peer_serves(peer: &Identity, target: &Target) -> bool {
+    peer.node == target.node && peer.may_serve(&target.service)
 }
 
 impl Shared {
@@ -163,6 +191,89 @@ impl Shared {
                 .cloned()
                 .unwrap_or_else(|| Arc::new([])),
         )
+    }
+
+    /// Refuses `target` because the QUIC peer at its address holds `peer`'s
+    /// certificate, which does not name the service (or the node): counts it,
+    /// logs it, and drops the endpoint from the service's table while that
+    /// peer identity stays at that address.
+    pub fn refuse(&self, target: &Target, peer: &Arc<Identity>) {
+        self.stats.peer_not_serving(&target.service);
+        let key = (target.service.clone(), target.node.clone());
+        let new = self
+            .refused
+            .lock()
+            .unwrap()
+            .insert(
+                key,
+                Refusal {
+                    addr: target.addr,
+                    peer: peer.clone(),
+                    at: Instant::now(),
+                },
+            )
+            .is_none();
+        if new {
+            tracing::warn!(
+                service = %target.service,
+                node = %target.node,
+                addr = %target.addr,
+                peer = %peer,
+                peer_services = ?peer.services,
+                "gossip says this endpoint serves the service but the peer's certificate does not name it; refused and dropped from the routing table"
+            );
+        }
+        let mut table = self.table.write().unwrap();
+        let mut t = Table::clone(&table);
+        if let Some(list) = t.targets.get_mut(&target.service) {
+            let kept: Vec<Target> = list
+                .iter()
+                .filter(|x| x.node != target.node)
+                .cloned()
+                .collect();
+            *list = kept.into();
+        }
+        for e in t.all.get_mut(&target.service).into_iter().flatten() {
+            if e.node == target.node {
+                e.routable = false;
+                e.refused = Some("peer-not-serving");
+            }
+        }
+        *table = Arc::new(t);
+    }
+
+    /// Whether some endpoint of `service` is refused as `peer-not-serving`.
+    pub fn has_refused(&self, service: &str) -> bool {
+        self.refused
+            .lock()
+            .unwrap()
+            .keys()
+            .any(|(s, _)| s == service)
+    }
+
+    /// Whether `(service, node)` at `addr` is still refused; forgets a
+    /// refusal that no longer applies (another address, another identity at
+    /// that address, or no connection for [`REFUSAL_HOLD`]).
+    fn still_refused(
+        &self,
+        refused: &mut HashMap<(String, String), Refusal>,
+        service: &str,
+        node: &str,
+        addr: SocketAddr,
+    ) -> bool {
+        let key = (service.to_string(), node.to_string());
+        let Some(r) = refused.get(&key) else {
+            return false;
+        };
+        let holds = r.addr == addr
+            && match self.endpoint.cached(addr) {
+                Some(c) => *c.peer == *r.peer,
+                None => r.at.elapsed() < REFUSAL_HOLD,
+            };
+        if !holds {
+            refused.remove(&key);
+        }
+        holds
     }
 
     /// The retry budget of `service`.
@@ -234,6 +345,7 @@ impl Shared {
             members.iter().map(|m| (m.name.as_str(), m)).collect();
         let mut table = Table::default();
         let published = self.gossip.scan_all(keys::SERVICE_PREFIX).await;
+        let mut refused_now = self.refused.lock().unwrap();
         for (node, key, value) in published
             .into_iter()
             .flat_map(|p| p.keys.into_iter().map(move |(k, v)| (p.node.clone(), k, v)))
@@ -243,9 +355,14 @@ impl Shared {
             };
             let service = key[keys::SERVICE_PREFIX.len()..].to_string();
             let record: ServiceRecord = serde_json::from_str(&value).unwrap_or_default();
+            let refused = (!m.is_self
+                && !refused_now.is_empty()
+                && self.still_refused(&mut refused_now, &service, &node, m.addr))
+            .then_some("peer-not-serving");
             let routable = record.health == Health::Healthy
                 && m.state == MemberState::Alive
-                && m.serving == ServingState::Serving;
+                && m.serving == ServingState::Serving
+                && refused.is_none();
             if routable {
                 let t = Target {
                     service: service.clone(),
@@ -267,10 +384,12 @@ impl Shared {
                 state: m.state,
                 serving: m.serving,
                 routable,
+                refused,
                 record,
                 from_here: None,
             });
         }
+        drop(refused_now);
         *self.table.write().unwrap() = Arc::new(table);
         if joined {
             self.routes_ready.store(true, Ordering::Relaxed);
@@ -292,6 +411,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     outbound_addr: Option<SocketAddr>,
     upstream_addrs: Vec<(String, SocketAddr)>,
+    admin_guard: Arc<listen::Guard>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -328,7 +448,7 @@ impl Proxy {
             );
         }
         let detection = gossip.config().detection_window();
-        let down_base = (detection * 3).clamp(Duration::from_secs(1), Duration::from_secs(15));
+        let down_base = (detection * 3).clamp(Duration::from_secs(1), balance::DOWN_MAX);
         let listener = match config.outbound {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -353,6 +473,28 @@ impl Proxy {
             .iter()
             .map(|(s, a, _)| (s.clone(), *a))
             .collect();
+        let listener_metrics = listen::ListenerMetrics::new(registry);
+        let limits = |max_connections| listen::Limits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.http_idle_timeout,
+            max_connections,
+        };
+        let outbound_guard = listen::Guard::new(
+            "outbound",
+            limits(config.max_connections),
+            listener_metrics.clone(),
+        );
+        let upstream_guard = listen::Guard::sharing(
+            "upstream",
+            limits(config.max_connections),
+            listener_metrics.clone(),
+            outbound_guard.slots(),
+        );
+        let admin_guard = listen::Guard::new(
+            "admin",
+            limits(config.admin_max_connections),
+            listener_metrics,
+        );
         let shared = Arc::new(Shared {
             node: node.name.clone(),
             zone: node.zone.clone(),
@@ -366,6 +508,7 @@ impl Proxy {
             routes_ready: AtomicBool::new(false),
             table: RwLock::new(Arc::new(Table::default())),
             budgets: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
             config,
             endpoint: endpoint.clone(),
             gossip: gossip.clone(),
@@ -401,6 +544,7 @@ impl Proxy {
                 shared.clone(),
                 l,
                 None,
+                outbound_guard,
                 shutdown_rx.clone(),
             )));
         }
@@ -409,6 +553,7 @@ impl Proxy {
                 shared.clone(),
                 l,
                 Some(service.into()),
+                upstream_guard.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -416,6 +561,7 @@ impl Proxy {
             shared,
             outbound_addr,
             upstream_addrs,
+            admin_guard,
             shutdown,
             tasks: Mutex::new(tasks),
         })
@@ -425,6 +571,12 @@ impl Proxy {
     /// joined (what `/readyz` waits for besides joining).
     pub fn routes_ready(&self) -> bool {
         self.shared.routes_ready.load(Ordering::Relaxed)
+    }
+
+    /// The admin listener's limits and accounting (`--admin-max-connections`,
+    /// `--header-read-timeout`, `--http-idle-timeout`).
+    pub(crate) fn admin_guard(&self) -> Arc<listen::Guard> {
+        self.admin_guard.clone()
     }
 
     /// The bound outbound listener address, if any.
@@ -505,5 +657,41 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(uris: &[&str]) -> Identity {
+        let uris: Vec<String> = uris.iter().map(|s| s.to_string()).collect();
+        Identity::from_uris(&uris).unwrap()
+    }
+
+    fn target(node: &str, service: &str) -> Target {
+        Target {
+            service: service.into(),
+            node: node.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            zone: "default".into(),
+            weight: 100,
+            is_self: false,
+            gossip_ewma_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_peer_serves_only_what_its_certificate_names_as_the_node_gossip_named() {
+        let n2 = identity(&["spiffe://t/node/n2", "spiffe://t/svc/web"]);
+        assert!(peer_serves(&n2, &target("n2", "web")));
+        assert!(!peer_serves(&n2, &target("n2", "api")), "service not named");
+        assert!(
+            !peer_serves(&n2, &target("ghost", "web")),
+            "a member claiming an address whose certificate names another node"
+        );
+        let rogue = identity(&["spiffe://t/node/rogue", "spiffe://t/svc/other"]);
+        assert!(!peer_serves(&rogue, &target("rogue", "web")));
+        assert!(!peer_serves(&rogue, &target("rogue", "webx")));
     }
 }

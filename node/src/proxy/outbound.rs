@@ -4,8 +4,16 @@
 //! when it is behind this node), and applies timeouts and retries.
 //!
 //! Errors the node answers itself carry `shoal-error`: `unknown-service`,
-//! `no-healthy-endpoint`, `overloaded` (503), `timeout` (504) and
-//! `upstream-reset` (502, the serving node went away mid-request).
+//! `no-healthy-endpoint`, `overloaded` (503), `timeout` (504),
+//! `upstream-reset` (502, the serving node went away mid-request) and
+//! `peer-not-serving` (502: the only endpoints gossip offers are held by
+//! peers whose certificates do not name the service).
+//!
+//! Before the first byte of a request goes to a peer, the peer's certificate
+//! (from the QUIC handshake) must name the node gossip put at that address
+//! and the service; otherwise the endpoint is refused, counted
+//! (`shoal_peer_not_serving_total{service}`), logged, dropped from the
+//! service's table, and the request goes to another endpoint.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -32,44 +40,41 @@ use crate::proxy::frame::{
     ResponseHead, STREAM_KIND_HTTP,
 };
 use crate::proxy::inbound::{self, Decrement, empty, error};
+use crate::proxy::listen;
 use crate::proxy::stats::{Direction, Edge};
-use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER};
+use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
 /// per-upstream listener: every request goes to that service, whatever it
-/// addresses, and the instance sees the service name as its Host.
+/// addresses, and the instance sees the service name as its Host. `guard`
+/// holds the connection cap and the header-read and idle timeouts.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
     fixed: Option<Arc<str>>,
-    mut shutdown: watch::Receiver<bool>,
+    guard: Arc<listen::Guard>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
+    listen::accept_loop(guard, listener, shutdown, move |io, _peer, activity| {
         let shared = shared.clone();
         let builder = builder.clone();
         let fixed = fixed.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 let fixed = fixed.clone();
-                async move { Ok::<_, Infallible>(handle(shared, fixed, req).await) }
+                // In flight until the response body is done.
+                let request = activity.begin(req.version() == Version::HTTP_2);
+                async move {
+                    let resp = handle(shared, fixed, req).await;
+                    Ok::<_, Infallible>(resp.map(|b| guarded(b, vec![Box::new(request)])))
+                }
             });
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
+            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+        }
+    })
+    .await;
 }
 
 /// The service a request addresses: the absolute-form URI's host, else the
@@ -133,6 +138,9 @@ enum Failed {
     Connect(String),
     /// The exchange broke after the head was sent: outcome unknown.
     Reset(String),
+    /// The QUIC peer's certificate does not name the service (or the node
+    /// gossip put at that address): nothing was sent.
+    NotServing(Arc<transport::Identity>),
 }
 
 async fn handle(
@@ -383,6 +391,12 @@ async fn route(
             Ok(x) => x,
             Err(why) => {
                 return last.unwrap_or_else(|| match why {
+                    // Gossip offers endpoints, but none this node would trust.
+                    NoEndpoint::NoHealthy if shared.has_refused(&service) => error(
+                        StatusCode::BAD_GATEWAY,
+                        "peer-not-serving",
+                        "the peers gossip names for this service hold certificates that do not name it",
+                    ),
                     NoEndpoint::NoHealthy => error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "no-healthy-endpoint",
@@ -409,6 +423,20 @@ async fn route(
         // Decide: done, or retry elsewhere.
         let retry_safe;
         match result {
+            Ok(Err(Failed::NotServing(peer))) => {
+                // Nothing was sent: go on to another endpoint without
+                // spending an attempt or the retry budget.
+                shared.refuse(&target, &peer);
+                exclude.push(target.node.clone());
+                last = last.or_else(|| {
+                    Some(error(
+                        StatusCode::BAD_GATEWAY,
+                        "peer-not-serving",
+                        "the peer gossip names for this service holds a certificate that does not name it",
+                    ))
+                });
+                continue;
+            }
             Err(_) if attempt_deadline < deadline => {
                 // Only this attempt's backendRequest timeout: try elsewhere.
                 shared.balancer.failure(&service, &state);
@@ -539,11 +567,27 @@ async fn attempt(
         return Ok((resp.map(|b| guarded(b, vec![guard])), rtt));
     }
     let connect = |e: String| Failed::Connect(e);
-    let (_conn, send, recv) = shared
+    // Who answers at that address? Only a peer whose certificate names the
+    // service (and the node) gets the request: no stream is opened otherwise.
+    let conn = shared
+        .endpoint
+        .connect(target.addr)
+        .await
+        .map_err(|e| connect(e.to_string()))?;
+    if !peer_serves(&conn.peer, target) {
+        return Err(Failed::NotServing(conn.peer));
+    }
+    let (conn, mut send, recv) = shared
         .endpoint
         .open_bi(target.addr)
         .await
         .map_err(|e| connect(e.to_string()))?;
+    // The cached connection may have been replaced since: check again
+    // before the first byte.
+    if !peer_serves(&conn.peer, target) {
+        let _ = send.reset(RESET_CANCEL.into());
+        return Err(Failed::NotServing(conn.peer));
+    }
     let mut writer = FrameWriter::new(send);
     writer.kind(STREAM_KIND_HTTP);
     let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;

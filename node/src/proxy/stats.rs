@@ -59,6 +59,11 @@ struct ClassLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     peer: String,
 }
@@ -111,6 +116,7 @@ pub struct Stats {
     retries: Family<EdgeLabels, Counter>,
     in_flight: Family<EdgeLabels, Gauge>,
     peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    peer_not_serving: Family<ServiceLabels, Counter>,
     windows: Mutex<HashMap<Edge, Vec<Second>>>,
 }
 
@@ -147,6 +153,7 @@ impl Stats {
             retries: Family::default(),
             in_flight: Family::default(),
             peer_rtt: Family::default(),
+            peer_not_serving: Family::default(),
             windows: Mutex::new(HashMap::new()),
         };
         registry.register(
@@ -174,7 +181,22 @@ impl Stats {
             "QUIC round-trip time to each connected peer, seconds",
             s.peer_rtt.clone(),
         );
+        registry.register(
+            "peer_not_serving",
+            "Attempts refused before sending because the peer's certificate does not name the service gossip says it serves",
+            s.peer_not_serving.clone(),
+        );
         Arc::new(s)
+    }
+
+    /// Counts an endpoint refused because its peer's certificate does not
+    /// name `service`.
+    pub fn peer_not_serving(&self, service: &str) {
+        self.peer_not_serving
+            .get_or_create(&ServiceLabels {
+                service: service.into(),
+            })
+            .inc();
     }
 
     /// Records a finished request.
