@@ -237,6 +237,12 @@ fn fault_spans(trace: &Trace) -> Vec<(f64, f64, bool, String)> {
                     spans.push((s, rec.effective, p, l));
                 }
             }
+            Action::Byzantine(b) => spans.push((
+                rec.effective,
+                (rec.effective + b.window.as_secs_f64()).min(trace.ended),
+                false,
+                rec.text.clone(),
+            )),
             _ => {}
         }
     }
