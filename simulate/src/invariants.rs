@@ -453,7 +453,9 @@ fn no_false_dead(grace: Duration, truth: &Truth, trace: &Trace) -> Verdict {
                 continue;
             }
             checked += 1;
-            for m in &v.dead {
+            // Only cluster nodes can be falsely dead; a member outside the
+            // cluster (a rogue that joined) is another invariant's business.
+            for m in v.dead.iter().filter(|m| truth.nodes.contains(m)) {
                 if truth.healthy(m, s.t) && !truth.excused(m, s.t, g) {
                     sightings += 1;
                     pairs.insert((v.observer.clone(), m.clone()));
@@ -1100,7 +1102,8 @@ fn judge_assert(check: &Check, within: Duration, at: f64, truth: &Truth, trace: 
 
 /// Nothing reached a rogue: it counted no data-plane stream, every 2xx was
 /// served by a node the scenario puts the service on, and no node listed a
-/// member outside the cluster (a ghost) at any sample.
+/// member outside the cluster (a ghost, or a rogue that joined) at any
+/// sample.
 fn no_rogue_traffic(truth: &Truth, trace: &Trace) -> Verdict {
     let streams: u64 = trace.rogues.iter().map(|r| r.streams).sum();
     let foreign: Vec<&RequestRecord> = trace
@@ -1114,14 +1117,14 @@ fn no_rogue_traffic(truth: &Truth, trace: &Trace) -> Verdict {
         })
         .collect();
     let cluster: BTreeSet<&str> = trace.nodes.iter().map(String::as_str).collect();
-    let mut ghost_sightings = 0usize;
-    let mut first_ghost = None;
+    let mut outsiders = 0usize;
+    let mut first_outsider = None;
     for s in &trace.samples {
         for v in &s.views {
             for m in v.alive.iter().chain(&v.dead).chain(&v.left) {
                 if !cluster.contains(m.as_str()) {
-                    ghost_sightings += 1;
-                    first_ghost
+                    outsiders += 1;
+                    first_outsider
                         .get_or_insert_with(|| format!("{} listed {m} at {:.1}s", v.observer, s.t));
                 }
             }
@@ -1129,7 +1132,7 @@ fn no_rogue_traffic(truth: &Truth, trace: &Trace) -> Verdict {
     }
     let served = trace.requests.iter().filter(|r| r.ok()).count();
     let mut detail = vec![format!(
-        "{streams} data-plane streams reached {} rogue(s); {} of {served} answers from a node          not serving the service; {ghost_sightings} views listed a member outside the cluster",
+        "{streams} data-plane streams reached {} rogue(s); {} of {served} answers from a node          not serving the service; {outsiders} times a node listed a member outside the cluster",
         trace.rogues.len(),
         foreign.len()
     )];
@@ -1157,14 +1160,14 @@ fn no_rogue_traffic(truth: &Truth, trace: &Trace) -> Verdict {
             r.served_by.as_deref().unwrap_or("?")
         ));
     }
-    if let Some(g) = first_ghost {
-        detail.push(format!("first ghost: {g}"));
+    if let Some(g) = first_outsider {
+        detail.push(format!("first outsider: {g}"));
     }
     Verdict {
         name: String::new(),
-        passed: streams == 0 && foreign.is_empty() && ghost_sightings == 0,
+        passed: streams == 0 && foreign.is_empty() && outsiders == 0,
         figure: format!(
-            "{streams} streams, {} foreign answers, {ghost_sightings} ghost sightings",
+            "{streams} streams, {} foreign answers, {outsiders} outsiders listed",
             foreign.len()
         ),
         bound: "0".into(),
@@ -1400,5 +1403,117 @@ mod tests {
         let dead = Check::Dead { node: "n3".into() };
         assert!(judge_assert(&dead, Duration::from_secs(2), 1.0, &truth, &t).passed);
         assert!(!judge_assert(&dead, Duration::from_millis(500), 1.0, &truth, &t).passed);
+    }
+
+    fn policy_view(observer: &str, policies: &[(&str, &str)]) -> View {
+        View {
+            observer: observer.into(),
+            alive: names(ALL),
+            policies: policies
+                .iter()
+                .map(|(p, v)| (p.to_string(), v.to_string()))
+                .collect(),
+            ..View::default()
+        }
+    }
+
+    const HUGE: &str = "18446744073709551615.4294967295@n1";
+
+    #[test]
+    fn only_acknowledged_policy_versions_may_run() {
+        let mut t = trace(
+            vec![],
+            vec![Sample {
+                t: 1.0,
+                views: vec![
+                    policy_view("n1", &[("AuthorizationPolicy/web-allow", "5.0@n1")]),
+                    policy_view(
+                        "n2",
+                        &[("AuthorizationPolicy/web-allow", "5.0@n1 (deleted)")],
+                    ),
+                ],
+            }],
+        );
+        t.acks.push(crate::runner::Ack {
+            t: 0.5,
+            node: "n1".into(),
+            policy: "AuthorizationPolicy/web-allow".into(),
+            version: "5.0@n1".into(),
+        });
+        let v = no_forged_policy(&t);
+        assert!(v.passed, "{v:?}");
+        assert_eq!(v.figure, "0 nodes ran one");
+
+        t.rogues.push(crate::byzantine::RogueRecord {
+            forged_policies: vec![("AuthorizationPolicy/forged-deny-web".into(), HUGE.into())],
+            ..Default::default()
+        });
+        t.samples.push(Sample {
+            t: 2.0,
+            views: vec![
+                policy_view("n1", &[("AuthorizationPolicy/forged-deny-web", HUGE)]),
+                policy_view("n3", &[("RateLimit/other", "7.0@n2")]),
+            ],
+        });
+        let v = no_forged_policy(&t);
+        assert!(!v.passed);
+        assert_eq!(v.figure, "2 nodes ran one", "{v:?}");
+        assert!(
+            v.detail.contains(&format!(
+                "n1 ran AuthorizationPolicy/forged-deny-web {HUGE} at 2.0s (a rogue's forgery)"
+            )),
+            "{v:?}"
+        );
+    }
+
+    fn served(by: &str) -> RequestRecord {
+        RequestRecord {
+            t: 1.0,
+            client: "n1".into(),
+            denied: false,
+            method: "GET".into(),
+            idempotent: true,
+            status: Some(200),
+            error: None,
+            latency: 0.01,
+            served_by: Some(by.into()),
+        }
+    }
+
+    #[test]
+    fn a_stream_to_a_rogue_a_foreign_answer_or_an_outsider_fails_no_rogue_traffic() {
+        let base = || {
+            let mut t = trace(vec![], vec![sample(1.0, &[("n1", ALL, &[])])]);
+            t.requests.push(served("n2"));
+            t.rogues.push(crate::byzantine::RogueRecord {
+                identity: "evil".into(),
+                ..Default::default()
+            });
+            t
+        };
+        let mut truth = Truth::new(&base());
+        truth.servers = names(&["n2", "n3"]);
+        let v = no_rogue_traffic(&truth, &base());
+        assert!(v.passed, "{v:?}");
+        assert_eq!(v.figure, "0 streams, 0 foreign answers, 0 outsiders listed");
+
+        let mut t = base();
+        t.rogues[0].streams = 1;
+        let v = no_rogue_traffic(&truth, &t);
+        assert!(!v.passed && v.figure.starts_with("1 streams"), "{v:?}");
+
+        let mut t = base();
+        t.requests.push(served("n1"));
+        let v = no_rogue_traffic(&truth, &t);
+        assert!(!v.passed && v.detail.contains("served by n1"), "{v:?}");
+
+        let mut t = base();
+        t.samples.push(sample(
+            2.0,
+            &[("n1", &["n1", "n2", "n3", "ghost-web"], &[])],
+        ));
+        let v = no_rogue_traffic(&truth, &t);
+        assert!(!v.passed, "{v:?}");
+        assert!(v.detail.contains("n1 listed ghost-web at 2.0s"), "{v:?}");
     }
 }

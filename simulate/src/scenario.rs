@@ -1708,4 +1708,68 @@ mod tests {
         };
         assert_eq!(every.pairs(&all).len(), 6);
     }
+
+    const BYZ: &str = r#"
+        duration = "10s"
+        [cluster]
+        nodes = 4
+        [cluster.services]
+        web = ["n2", "n3"]
+        [workload]
+        rps = 10
+        clients = ["n1"]
+        service = "web"
+        [[step]]
+        at = "1s"
+        do = "byzantine"
+        [[invariant]]
+        kind = "no-rogue-traffic"
+        [[invariant]]
+        kind = "no-forged-policy"
+    "#;
+
+    #[test]
+    fn byzantine_steps_default_to_an_outsider_forging_everything() {
+        let s = Scenario::parse(BYZ, "b").unwrap();
+        let Action::Byzantine(b) = &s.steps[0].action else {
+            panic!("{:?}", s.steps[0])
+        };
+        assert_eq!(b.identity, "evil");
+        assert_eq!(b.cert_services, ["other"]);
+        assert_eq!(b.target, "web");
+        assert_eq!(b.forge.len(), 4);
+        assert_eq!(b.policy_kind, "AuthorizationPolicy");
+        assert_eq!(b.policy_name, "forged-deny-web");
+        assert!(!b.join);
+        assert!(!s.steps[0].action.changes_membership());
+        assert!(s.steps[0].action.to_string().starts_with(
+            "byzantine: a rogue with a valid certificate (evil serving {other}) forges health, \
+             ghost, policy, flood against web"
+        ));
+    }
+
+    #[test]
+    fn byzantine_steps_refuse_bad_options() {
+        let with = |extra: &str| {
+            Scenario::parse(
+                &BYZ.replace(
+                    "do = \"byzantine\"",
+                    &format!("do = \"byzantine\"\n{extra}"),
+                ),
+                "b",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(with("identity = \"n2\"").contains("is a cluster node"));
+        assert!(with("forge = [\"lies\"]").contains("unknown forgery \"lies\""));
+        assert!(with("target = \"db\"").contains("not in [cluster.services]"));
+        assert!(with("flood = 5000").contains("flood: 1 to 600"));
+        assert!(with("node = \"n1\"").contains("`node` does not apply to byzantine"));
+        assert!(with("policy = \"kind: Nope\"").contains("the forged policy is invalid"));
+        let e = Scenario::parse(&BYZ.replace("do = \"byzantine\"", "do = \"heal\""), "b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a byzantine step"), "{e}");
+    }
 }
