@@ -1297,6 +1297,7 @@ mod tests {
             faults: FaultCounts::default(),
             formed_in: 0.0,
             rogues: Vec::new(),
+            refusals: BTreeMap::new(),
         }
     }
 

@@ -99,6 +99,10 @@ pub struct Trace {
     pub formed_in: f64,
     /// What each `byzantine` step's rogue did.
     pub rogues: Vec<RogueRecord>,
+    /// When a rogue ran: every `/metrics` series whose name says `refused`,
+    /// summed over the nodes running at the end (what the nodes counted as
+    /// refused; reported, never judged).
+    pub refusals: BTreeMap<String, f64>,
 }
 
 /// A step as it happened.
@@ -271,6 +275,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         faults: FaultCounts::default(),
         formed_in: formed_in.as_secs_f64(),
         rogues: Vec::new(),
+        refusals: BTreeMap::new(),
     };
     let horizon = crate::invariants::horizon(scenario);
     let mut pending = scenario.steps.iter().peekable();
@@ -356,6 +361,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
     trace.requests = reqs;
     trace.faults = cluster.net.counts();
     trace.rogues = cluster.rogues.iter().map(Rogue::record).collect();
+    if !cluster.rogues.is_empty() {
+        trace.refusals = cluster.refusals().await;
+    }
     emit(RunEvent::Finished { at: trace.ended });
     cluster.stop().await;
     result.map(|()| trace)
@@ -960,6 +968,38 @@ impl SimCluster {
             Action::Assert { .. } => {}
         }
         Ok(applied)
+    }
+
+    /// Sums every `*refused*` series of the running nodes' `/metrics`.
+    async fn refusals(&self) -> BTreeMap<String, f64> {
+        let admins: Vec<SocketAddr> = self
+            .live
+            .lock()
+            .unwrap()
+            .values()
+            .map(|i| i.admin_addr())
+            .collect();
+        let mut out = BTreeMap::new();
+        for a in admins {
+            let Ok(body) = node::cli::get(&a.to_string(), "/metrics").await else {
+                continue;
+            };
+            for line in String::from_utf8_lossy(&body).lines() {
+                if line.starts_with('#') {
+                    continue;
+                }
+                let Some((series, value)) = line.rsplit_once(' ') else {
+                    continue;
+                };
+                let name = series.split('{').next().unwrap_or(series);
+                if let (true, Ok(v)) = (name.contains("refused"), value.parse::<f64>())
+                    && v > 0.0
+                {
+                    *out.entry(series.to_string()).or_insert(0.0) += v;
+                }
+            }
+        }
+        out
     }
 
     /// Issues the rogue's certificate from the mesh CA, aims it at every
