@@ -17,10 +17,11 @@
 //! It counts every data-plane stream it receives until the run ends: any
 //! count above zero means a caller's request reached a node that does not
 //! serve the service. The bytes are written with the gossip crate's own
-//! wire writer ([`node::gossip::wire`]); the policy record is the same
-//! bincode shape as `node::policy::store::Record`, encoded here so the rogue
-//! sends exactly what an unmodified peer's answer looks like, minus anything
-//! an operator would have to sign.
+//! wire writer ([`node::gossip::wire`]); the policy record is a
+//! `node::policy::store::Record` filled from kind, name, version, hash and
+//! body (any optional field the node's type has beyond those stays empty:
+//! the rogue has no operator key to fill it with), bincode-encoded as a
+//! peer's answer to a pull is.
 //!
 //! This module only plays the attacker and counts; judging is in
 //! [`crate::invariants`].
@@ -105,8 +106,8 @@ pub struct Rogue {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// The same fields, in the same order, as `node::policy::store::Record`
-/// (the body a peer sends back when asked for a policy).
+/// The fields of `node::policy::store::Record` (the body a peer sends back
+/// when asked for a policy), in its order.
 #[derive(Serialize)]
 struct WireRecord<'a> {
     kind: &'a str,
@@ -114,6 +115,19 @@ struct WireRecord<'a> {
     version: &'a str,
     hash: &'a str,
     body: Option<&'a str>,
+}
+
+/// The record as the node's own `Record` type would put it on the wire,
+/// when that type can be filled from these five fields (any field it adds
+/// that is an `Option` stays `None`: the rogue has nothing to sign it
+/// with); else in today's five-field shape.
+fn encode_record(r: &WireRecord<'_>) -> Result<Vec<u8>, bincode::error::EncodeError> {
+    let config = bincode::config::standard();
+    let as_json = serde_json::to_value(r).unwrap_or_default();
+    match serde_json::from_value::<node::policy::store::Record>(as_json) {
+        Ok(record) => bincode::serde::encode_to_vec(&record, config),
+        Err(_) => bincode::serde::encode_to_vec(r, config),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -316,10 +330,7 @@ impl Rogue {
                 hash: &hash,
                 body: Some(&doc.canonical),
             };
-            records.push(
-                bincode::serde::encode_to_vec(&r, bincode::config::standard())
-                    .context("encoding the forged record")?,
-            );
+            records.push(encode_record(&r).context("encoding the forged record")?);
         }
         let ghost = NodeId {
             name: format!("ghost-{}", spec.target),
