@@ -566,8 +566,9 @@ struct SimCluster {
     links: BTreeMap<(String, String), LinkFaults>,
     paused: BTreeSet<String>,
     drain_within: Duration,
-    /// The mesh CA (byzantine rogues get their certificates from it).
-    ca: Ca,
+    /// The mesh CA, once the nodes have their certificates (byzantine
+    /// rogues get theirs from it).
+    ca: Option<Ca>,
     /// Service → the nodes that front it.
     services: BTreeMap<String, Vec<String>>,
     gossip_interval: Duration,
@@ -622,7 +623,7 @@ impl SimCluster {
             links: BTreeMap::new(),
             paused: BTreeSet::new(),
             drain_within: scenario.node.drain_timeout + Duration::from_secs(5),
-            ca,
+            ca: None,
             services: spec.services.clone(),
             gossip_interval: spec.gossip_interval,
             phi_threshold: spec.phi_threshold,
@@ -654,12 +655,10 @@ impl SimCluster {
             let mut cert_services = fronts.clone();
             cert_services.push(identity.to_string());
             let certs: PathBuf = dir.path().join(name);
-            let cert = cluster
-                .ca
+            let cert = ca
                 .issue(name, &cert_services, Validity::days(1))
                 .context("node certificate")?;
-            write_node_dir(&certs, &cluster.ca.cert_pem(), &cert, false)
-                .context("writing certs")?;
+            write_node_dir(&certs, &ca.cert_pem(), &cert, false).context("writing certs")?;
             let mut config = NodeConfig::local(name, &certs);
             config.zone = zone.clone();
             config.data_dir = Some(dir.path().join(name).join("data"));
@@ -721,6 +720,7 @@ impl SimCluster {
         }
         cluster._dir = dir;
         cluster._upstreams = upstreams;
+        cluster.ca = Some(ca);
         Ok(cluster)
     }
 
@@ -1009,11 +1009,11 @@ impl SimCluster {
             ._dir
             .path()
             .join(format!("rogue-{}-{}", b.identity, self.rogues.len()));
-        let cert = self
-            .ca
+        let ca = self.ca.as_ref().context("the mesh CA")?;
+        let cert = ca
             .issue(&b.identity, &b.cert_services, Validity::days(1))
             .context("the rogue's certificate")?;
-        write_node_dir(&dir, &self.ca.cert_pem(), &cert, false).context("writing certs")?;
+        write_node_dir(&dir, &ca.cert_pem(), &cert, false).context("writing certs")?;
         let running: Vec<(String, Arc<Instance>)> = self
             .live
             .lock()
