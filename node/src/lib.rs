@@ -21,3 +21,6 @@ pub use node::{Node, NodeError};
 /// Certificate tooling and the UDP socket seam, for harnesses such as
 /// `simulate` that run nodes in process and wrap their sockets.
 pub use transport::{Identity, certs, socket};
+/// The gossip and transport crates, for harnesses that play a peer speaking
+/// raw gossip and policy bytes (the `simulate` byzantine scenario).
+pub use {gossip, transport};

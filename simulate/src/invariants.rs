@@ -67,12 +67,16 @@ pub fn horizon(scenario: &Scenario) -> Duration {
             | InvariantSpec::RequestSuccess { .. }
             | InvariantSpec::NoTrafficToDead { .. }
             | InvariantSpec::NoAckLost
-            | InvariantSpec::Authz => {}
+            | InvariantSpec::Authz
+            | InvariantSpec::NoRogueTraffic
+            | InvariantSpec::NoForgedPolicy => {}
         }
     }
     for s in &scenario.steps {
-        if let Action::Assert { within, .. } = &s.action {
-            end = end.max(s.at + *within);
+        match &s.action {
+            Action::Assert { within, .. } => end = end.max(s.at + *within),
+            Action::Byzantine(b) => end = end.max(s.at + b.window),
+            _ => {}
         }
     }
     end + Duration::from_secs(1)
@@ -82,6 +86,12 @@ pub fn horizon(scenario: &Scenario) -> Duration {
 pub fn judge(scenario: &Scenario, trace: &Trace) -> Vec<Verdict> {
     let mut truth = Truth::new(trace);
     truth.callers = callers(scenario);
+    truth.servers = scenario
+        .workload
+        .as_ref()
+        .and_then(|w| scenario.cluster.services.get(&w.service))
+        .map(|n| n.iter().cloned().collect())
+        .unwrap_or_default();
     let mut out: Vec<Verdict> = scenario
         .invariants
         .iter()
@@ -112,6 +122,8 @@ pub fn judge_one(inv: &InvariantSpec, truth: &Truth, trace: &Trace) -> Verdict {
         InvariantSpec::PolicyConverges { within } => policy_converges(*within, truth, trace),
         InvariantSpec::NoAckLost => no_ack_lost(truth, trace),
         InvariantSpec::Authz => authz(truth, trace),
+        InvariantSpec::NoRogueTraffic => no_rogue_traffic(truth, trace),
+        InvariantSpec::NoForgedPolicy => no_forged_policy(trace),
     }
     .named(inv.to_string())
 }
@@ -144,6 +156,8 @@ pub struct Truth {
     /// Per node, the certificate identity its requests are judged as (the
     /// source service the proxy sends).
     pub callers: BTreeMap<String, String>,
+    /// The nodes the scenario puts the workload's service on.
+    pub servers: BTreeSet<String>,
 }
 
 /// The source service each node's requests carry: the first service it
@@ -192,6 +206,7 @@ impl Truth {
             leaving: Vec::new(),
             faults: Vec::new(),
             callers: BTreeMap::new(),
+            servers: BTreeSet::new(),
         };
         let mut open_fault: Vec<(f64, String)> = Vec::new();
         let mut open_node_fault: BTreeMap<String, (f64, String)> = BTreeMap::new();
@@ -232,6 +247,12 @@ impl Truth {
                     for (s, what) in open_fault.drain(..) {
                         t.faults.push((s, at, what));
                     }
+                }
+                // A rogue's window is a fault window: requests sent while it
+                // forges are judged by the `during` floor.
+                Action::Byzantine(b) => {
+                    t.faults
+                        .push((rec.at, at + b.window.as_secs_f64(), rec.text.clone()));
                 }
                 Action::RollingRestart { .. } => {
                     t.faults.push((rec.at, at, rec.text.clone()));
@@ -432,7 +453,9 @@ fn no_false_dead(grace: Duration, truth: &Truth, trace: &Trace) -> Verdict {
                 continue;
             }
             checked += 1;
-            for m in &v.dead {
+            // Only cluster nodes can be falsely dead; a member outside the
+            // cluster (a rogue that joined) is another invariant's business.
+            for m in v.dead.iter().filter(|m| truth.nodes.contains(m)) {
                 if truth.healthy(m, s.t) && !truth.excused(m, s.t, g) {
                     sightings += 1;
                     pairs.insert((v.observer.clone(), m.clone()));
@@ -1077,6 +1100,148 @@ fn judge_assert(check: &Check, within: Duration, at: f64, truth: &Truth, trace: 
     }
 }
 
+/// Nothing reached a rogue: it counted no data-plane stream, every 2xx was
+/// served by a node the scenario puts the service on, and no node listed a
+/// member outside the cluster (a ghost, or a rogue that joined) at any
+/// sample.
+fn no_rogue_traffic(truth: &Truth, trace: &Trace) -> Verdict {
+    let streams: u64 = trace.rogues.iter().map(|r| r.streams).sum();
+    let foreign: Vec<&RequestRecord> = trace
+        .requests
+        .iter()
+        .filter(|r| r.ok())
+        .filter(|r| {
+            r.served_by
+                .as_ref()
+                .is_some_and(|s| !truth.servers.contains(s))
+        })
+        .collect();
+    let cluster: BTreeSet<&str> = trace.nodes.iter().map(String::as_str).collect();
+    let mut outsiders = 0usize;
+    let mut first_outsider = None;
+    for s in &trace.samples {
+        for v in &s.views {
+            for m in v.alive.iter().chain(&v.dead).chain(&v.left) {
+                if !cluster.contains(m.as_str()) {
+                    outsiders += 1;
+                    first_outsider
+                        .get_or_insert_with(|| format!("{} listed {m} at {:.1}s", v.observer, s.t));
+                }
+            }
+        }
+    }
+    let served = trace.requests.iter().filter(|r| r.ok()).count();
+    let mut detail = vec![format!(
+        "{streams} data-plane streams reached {} rogue(s); {} of {served} answers from a node          not serving the service; {outsiders} times a node listed a member outside the cluster",
+        trace.rogues.len(),
+        foreign.len()
+    )];
+    for r in &trace.rogues {
+        let sent: Vec<String> = r.sent.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        detail.push(format!(
+            "rogue {} ({}) played {} rounds {:.1}-{:.1}s, sent {}, {} send errors",
+            r.identity,
+            r.addr,
+            r.rounds,
+            r.started,
+            r.window_end,
+            if sent.is_empty() {
+                "nothing".into()
+            } else {
+                sent.join(", ")
+            },
+            r.send_errors
+        ));
+    }
+    if let Some(r) = foreign.first() {
+        detail.push(format!(
+            "first foreign answer: {} served by {}",
+            describe(r),
+            r.served_by.as_deref().unwrap_or("?")
+        ));
+    }
+    if let Some(g) = first_outsider {
+        detail.push(format!("first outsider: {g}"));
+    }
+    Verdict {
+        name: String::new(),
+        passed: streams == 0 && foreign.is_empty() && outsiders == 0,
+        figure: format!(
+            "{streams} streams, {} foreign answers, {outsiders} outsiders listed",
+            foreign.len()
+        ),
+        bound: "0".into(),
+        seconds: None,
+        detail: detail.join("; "),
+    }
+}
+
+/// No node ran a policy version the scenario did not push and have
+/// acknowledged: every (policy, version) in every view must be one of the
+/// trace's acknowledgements.
+fn no_forged_policy(trace: &Trace) -> Verdict {
+    let acked: BTreeSet<(&str, &str)> = trace
+        .acks
+        .iter()
+        .map(|a| (a.policy.as_str(), a.version.as_str()))
+        .collect();
+    let forged: BTreeSet<(&str, &str)> = trace
+        .rogues
+        .iter()
+        .flat_map(|r| r.forged_policies.iter())
+        .map(|(p, v)| (p.as_str(), v.as_str()))
+        .collect();
+    let mut views = 0usize;
+    let mut bad_views = 0usize;
+    let mut nodes: BTreeSet<&str> = BTreeSet::new();
+    let mut first = None;
+    for s in &trace.samples {
+        for v in &s.views {
+            views += 1;
+            let mut bad = false;
+            for (p, ver) in &v.policies {
+                let version = ver.split(' ').next().unwrap_or(ver);
+                if acked.contains(&(p.as_str(), version)) {
+                    continue;
+                }
+                bad = true;
+                nodes.insert(v.observer.as_str());
+                first.get_or_insert_with(|| {
+                    let whose = if forged.contains(&(p.as_str(), version)) {
+                        "a rogue's forgery"
+                    } else {
+                        "never acknowledged"
+                    };
+                    format!("{} ran {p} {ver} at {:.1}s ({whose})", v.observer, s.t)
+                });
+            }
+            if bad {
+                bad_views += 1;
+            }
+        }
+    }
+    let n_nodes = nodes.len();
+    let mut detail = format!(
+        "{bad_views} of {views} views ran an unacknowledged policy version; {} forged versions          sent, {} acknowledged writes",
+        forged.len(),
+        acked.len()
+    );
+    if let Some(f) = first {
+        detail.push_str(&format!(
+            "; on {{{}}}; first: {f}",
+            nodes.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Verdict {
+        name: String::new(),
+        passed: bad_views == 0,
+        figure: format!("{n_nodes} nodes ran one"),
+        bound: "0".into(),
+        seconds: None,
+        detail,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1131,6 +1296,8 @@ mod tests {
             duration: 10.0,
             faults: FaultCounts::default(),
             formed_in: 0.0,
+            rogues: Vec::new(),
+            refusals: BTreeMap::new(),
         }
     }
 
@@ -1237,5 +1404,117 @@ mod tests {
         let dead = Check::Dead { node: "n3".into() };
         assert!(judge_assert(&dead, Duration::from_secs(2), 1.0, &truth, &t).passed);
         assert!(!judge_assert(&dead, Duration::from_millis(500), 1.0, &truth, &t).passed);
+    }
+
+    fn policy_view(observer: &str, policies: &[(&str, &str)]) -> View {
+        View {
+            observer: observer.into(),
+            alive: names(ALL),
+            policies: policies
+                .iter()
+                .map(|(p, v)| (p.to_string(), v.to_string()))
+                .collect(),
+            ..View::default()
+        }
+    }
+
+    const HUGE: &str = "18446744073709551615.4294967295@n1";
+
+    #[test]
+    fn only_acknowledged_policy_versions_may_run() {
+        let mut t = trace(
+            vec![],
+            vec![Sample {
+                t: 1.0,
+                views: vec![
+                    policy_view("n1", &[("AuthorizationPolicy/web-allow", "5.0@n1")]),
+                    policy_view(
+                        "n2",
+                        &[("AuthorizationPolicy/web-allow", "5.0@n1 (deleted)")],
+                    ),
+                ],
+            }],
+        );
+        t.acks.push(crate::runner::Ack {
+            t: 0.5,
+            node: "n1".into(),
+            policy: "AuthorizationPolicy/web-allow".into(),
+            version: "5.0@n1".into(),
+        });
+        let v = no_forged_policy(&t);
+        assert!(v.passed, "{v:?}");
+        assert_eq!(v.figure, "0 nodes ran one");
+
+        t.rogues.push(crate::byzantine::RogueRecord {
+            forged_policies: vec![("AuthorizationPolicy/forged-deny-web".into(), HUGE.into())],
+            ..Default::default()
+        });
+        t.samples.push(Sample {
+            t: 2.0,
+            views: vec![
+                policy_view("n1", &[("AuthorizationPolicy/forged-deny-web", HUGE)]),
+                policy_view("n3", &[("RateLimit/other", "7.0@n2")]),
+            ],
+        });
+        let v = no_forged_policy(&t);
+        assert!(!v.passed);
+        assert_eq!(v.figure, "2 nodes ran one", "{v:?}");
+        assert!(
+            v.detail.contains(&format!(
+                "n1 ran AuthorizationPolicy/forged-deny-web {HUGE} at 2.0s (a rogue's forgery)"
+            )),
+            "{v:?}"
+        );
+    }
+
+    fn served(by: &str) -> RequestRecord {
+        RequestRecord {
+            t: 1.0,
+            client: "n1".into(),
+            denied: false,
+            method: "GET".into(),
+            idempotent: true,
+            status: Some(200),
+            error: None,
+            latency: 0.01,
+            served_by: Some(by.into()),
+        }
+    }
+
+    #[test]
+    fn a_stream_to_a_rogue_a_foreign_answer_or_an_outsider_fails_no_rogue_traffic() {
+        let base = || {
+            let mut t = trace(vec![], vec![sample(1.0, &[("n1", ALL, &[])])]);
+            t.requests.push(served("n2"));
+            t.rogues.push(crate::byzantine::RogueRecord {
+                identity: "evil".into(),
+                ..Default::default()
+            });
+            t
+        };
+        let mut truth = Truth::new(&base());
+        truth.servers = names(&["n2", "n3"]);
+        let v = no_rogue_traffic(&truth, &base());
+        assert!(v.passed, "{v:?}");
+        assert_eq!(v.figure, "0 streams, 0 foreign answers, 0 outsiders listed");
+
+        let mut t = base();
+        t.rogues[0].streams = 1;
+        let v = no_rogue_traffic(&truth, &t);
+        assert!(!v.passed && v.figure.starts_with("1 streams"), "{v:?}");
+
+        let mut t = base();
+        t.requests.push(served("n1"));
+        let v = no_rogue_traffic(&truth, &t);
+        assert!(!v.passed && v.detail.contains("served by n1"), "{v:?}");
+
+        let mut t = base();
+        t.samples.push(sample(
+            2.0,
+            &[("n1", &["n1", "n2", "n3", "ghost-web"], &[])],
+        ));
+        let v = no_rogue_traffic(&truth, &t);
+        assert!(!v.passed, "{v:?}");
+        assert!(v.detail.contains("n1 listed ghost-web at 2.0s"), "{v:?}");
     }
 }

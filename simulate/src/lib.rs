@@ -7,6 +7,7 @@
 //! - [`report`]: the stdout table, `report.json`, `timeline.svg`.
 //! - [`model`]: the gossip layer alone at large N in virtual time.
 //! - [`workload`]: open-loop requests through the mesh, and the upstreams.
+//! - [`byzantine`]: the rogue certificate holder a `byzantine` step starts.
 //! - [`process`]: `--processes` mode, real `shoal node` processes.
 //!
 //! `main.rs` only calls [`cli::main`]. `simulate` uses nodes only through
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod byzantine;
 pub mod cli;
 pub mod faults;
 pub mod invariants;

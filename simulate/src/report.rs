@@ -182,6 +182,31 @@ impl Report {
                 self.trace.mode
             );
         }
+        for r in &self.trace.rogues {
+            let sent: Vec<String> = r.sent.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(
+                out,
+                "rogue {} ({}): {} rounds, messages sent: {}; {} data-plane streams received",
+                r.identity,
+                r.addr,
+                r.rounds,
+                if sent.is_empty() {
+                    "none".into()
+                } else {
+                    sent.join(", ")
+                },
+                r.streams
+            );
+        }
+        if !self.trace.refusals.is_empty() {
+            let counted: Vec<String> = self
+                .trace
+                .refusals
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(out, "the nodes counted as refused: {}", counted.join(", "));
+        }
         let f = &self.trace.faults;
         let _ = writeln!(
             out,
@@ -237,6 +262,12 @@ fn fault_spans(trace: &Trace) -> Vec<(f64, f64, bool, String)> {
                     spans.push((s, rec.effective, p, l));
                 }
             }
+            Action::Byzantine(b) => spans.push((
+                rec.effective,
+                (rec.effective + b.window.as_secs_f64()).min(trace.ended),
+                false,
+                rec.text.clone(),
+            )),
             _ => {}
         }
     }

@@ -28,9 +28,10 @@ use node::{MemberState, Node, NodeConfig, ServingState};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::byzantine::{Aim, Rogue, RogueRecord};
 use crate::faults::{FaultCounts, FaultNet, LinkFaults};
 use crate::process::{NodeCommand, NodeProcess};
-use crate::scenario::{Action, CLIENT_IDENTITY, DENIED_IDENTITY, Scenario, Step};
+use crate::scenario::{Action, Byzantine, CLIENT_IDENTITY, DENIED_IDENTITY, Scenario, Step};
 use crate::workload::{Outbounds, RequestRecord, Upstream};
 
 /// How often every node is sampled.
@@ -96,6 +97,12 @@ pub struct Trace {
     pub faults: FaultCounts,
     /// How long the cluster took to form before the timeline started.
     pub formed_in: f64,
+    /// What each `byzantine` step's rogue did.
+    pub rogues: Vec<RogueRecord>,
+    /// When a rogue ran: every `/metrics` series whose name says `refused`,
+    /// summed over the nodes running at the end (what the nodes counted as
+    /// refused; reported, never judged).
+    pub refusals: BTreeMap<String, f64>,
 }
 
 /// A step as it happened.
@@ -267,6 +274,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         ended: 0.0,
         faults: FaultCounts::default(),
         formed_in: formed_in.as_secs_f64(),
+        rogues: Vec::new(),
+        refusals: BTreeMap::new(),
     };
     let horizon = crate::invariants::horizon(scenario);
     let mut pending = scenario.steps.iter().peekable();
@@ -321,6 +330,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
             if pending.peek().is_none() && elapsed >= scenario.duration {
                 trace.samples = samples.lock().unwrap().clone();
                 trace.requests = requests.lock().unwrap().clone();
+                trace.rogues = cluster.rogues.iter().map(Rogue::record).collect();
                 let done = elapsed >= horizon
                     || crate::invariants::judge(scenario, &trace)
                         .iter()
@@ -350,6 +360,10 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
     reqs.sort_by(|a, b| a.t.total_cmp(&b.t));
     trace.requests = reqs;
     trace.faults = cluster.net.counts();
+    trace.rogues = cluster.rogues.iter().map(Rogue::record).collect();
+    if !cluster.rogues.is_empty() {
+        trace.refusals = cluster.refusals().await;
+    }
     emit(RunEvent::Finished { at: trace.ended });
     cluster.stop().await;
     result.map(|()| trace)
@@ -466,6 +480,36 @@ impl Instance {
         Some(view)
     }
 
+    /// (name, generation, gossip address) of every member this node lists.
+    async fn member_ids(&self) -> Vec<(String, u64, SocketAddr)> {
+        match self {
+            Instance::Local(n) => n
+                .members()
+                .await
+                .into_iter()
+                .map(|m| (m.name, m.generation, m.addr))
+                .collect(),
+            Instance::Process(p) => {
+                let Ok(body) = node::cli::get(&p.command.admin.to_string(), "/v1/members").await
+                else {
+                    return Vec::new();
+                };
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| {
+                        Some((
+                            m["name"].as_str()?.to_string(),
+                            m["generation"].as_u64()?,
+                            m["addr"].as_str()?.parse().ok()?,
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+
     async fn kill(self) {
         match self {
             Instance::Local(n) => (*n).kill().await,
@@ -522,6 +566,15 @@ struct SimCluster {
     links: BTreeMap<(String, String), LinkFaults>,
     paused: BTreeSet<String>,
     drain_within: Duration,
+    /// The mesh CA, once the nodes have their certificates (byzantine
+    /// rogues get theirs from it).
+    ca: Option<Ca>,
+    /// Service → the nodes that front it.
+    services: BTreeMap<String, Vec<String>>,
+    gossip_interval: Duration,
+    phi_threshold: f64,
+    /// Rogues started by `byzantine` steps.
+    rogues: Vec<Rogue>,
 }
 
 /// Puts the fault layer over an extra layer.
@@ -570,6 +623,11 @@ impl SimCluster {
             links: BTreeMap::new(),
             paused: BTreeSet::new(),
             drain_within: scenario.node.drain_timeout + Duration::from_secs(5),
+            ca: None,
+            services: spec.services.clone(),
+            gossip_interval: spec.gossip_interval,
+            phi_threshold: spec.phi_threshold,
+            rogues: Vec::new(),
         };
         // Process mode fixes every port up front so seeds and restarts know them.
         let ports: Vec<(SocketAddr, SocketAddr, SocketAddr)> = if options.processes.is_some() {
@@ -662,6 +720,7 @@ impl SimCluster {
         }
         cluster._dir = dir;
         cluster._upstreams = upstreams;
+        cluster.ca = Some(ca);
         Ok(cluster)
     }
 
@@ -902,9 +961,99 @@ impl SimCluster {
                 }
                 self.push_links();
             }
+            Action::Byzantine(b) => {
+                let at = (Instant::now() - start).as_secs_f64();
+                applied.note = Some(self.start_rogue(b, at).await?);
+            }
             Action::Assert { .. } => {}
         }
         Ok(applied)
+    }
+
+    /// Sums every `*refused*` series of the running nodes' `/metrics`.
+    async fn refusals(&self) -> BTreeMap<String, f64> {
+        let admins: Vec<SocketAddr> = self
+            .live
+            .lock()
+            .unwrap()
+            .values()
+            .map(|i| i.admin_addr())
+            .collect();
+        let mut out = BTreeMap::new();
+        for a in admins {
+            let Ok(body) = node::cli::get(&a.to_string(), "/metrics").await else {
+                continue;
+            };
+            for line in String::from_utf8_lossy(&body).lines() {
+                if line.starts_with('#') {
+                    continue;
+                }
+                let Some((series, value)) = line.rsplit_once(' ') else {
+                    continue;
+                };
+                let name = series.split('{').next().unwrap_or(series);
+                if let (true, Ok(v)) = (name.contains("refused"), value.parse::<f64>())
+                    && v > 0.0
+                {
+                    *out.entry(series.to_string()).or_insert(0.0) += v;
+                }
+            }
+        }
+        out
+    }
+
+    /// Issues the rogue's certificate from the mesh CA, aims it at every
+    /// running node and the genuine instances of its target, and starts it.
+    async fn start_rogue(&mut self, b: &Byzantine, at: f64) -> anyhow::Result<String> {
+        let dir = self
+            ._dir
+            .path()
+            .join(format!("rogue-{}-{}", b.identity, self.rogues.len()));
+        let ca = self.ca.as_ref().context("the mesh CA")?;
+        let cert = ca
+            .issue(&b.identity, &b.cert_services, Validity::days(1))
+            .context("the rogue's certificate")?;
+        write_node_dir(&dir, &ca.cert_pem(), &cert, false).context("writing certs")?;
+        let running: Vec<(String, Arc<Instance>)> = self
+            .live
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let fronts = self.services.get(&b.target).cloned().unwrap_or_default();
+        let mut targets = Vec::new();
+        for (_, inst) in running.iter().take(1) {
+            for (name, generation, addr) in inst.member_ids().await {
+                if fronts.contains(&name) {
+                    targets.push(node::gossip::wire::NodeId {
+                        name,
+                        generation,
+                        addr,
+                    });
+                }
+            }
+        }
+        let aim = Aim {
+            nodes: running.iter().map(|(_, i)| i.quic_addr()).collect(),
+            targets,
+            claim: self
+                .nodes
+                .first()
+                .map(|n| n.name.clone())
+                .unwrap_or_default(),
+            gossip_interval: self.gossip_interval,
+            phi_threshold: self.phi_threshold,
+        };
+        let rogue = Rogue::start(b, &dir, aim, at).await?;
+        let r = rogue.record();
+        self.rogues.push(rogue);
+        Ok(format!(
+            "rogue {} at {}; forging the health of {{{}}}",
+            r.identity,
+            r.addr,
+            r.targets.join(", ")
+        ))
     }
 
     /// PUTs each step's policy to its node's admin API, all at once; records
@@ -1129,7 +1278,10 @@ impl SimCluster {
         }
     }
 
-    async fn stop(self) {
+    async fn stop(mut self) {
+        for r in std::mem::take(&mut self.rogues) {
+            r.stop().await;
+        }
         let names: Vec<String> = self.live.lock().unwrap().keys().cloned().collect();
         for name in names {
             if let Some(i) = self.take(&name).await {

@@ -179,6 +179,77 @@ pub enum Action {
     /// Each node in turn: drain, restart with the same name and data
     /// folder, wait until every running node sees it alive.
     RollingRestart { nodes: Vec<String> },
+    /// Start a rogue peer holding a valid certificate from the scenario's CA
+    /// that, for a window, forges gossip and policy (see
+    /// [`crate::byzantine`]).
+    Byzantine(Box<Byzantine>),
+}
+
+/// What a `byzantine` rogue forges each round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forgery {
+    /// Deltas saying the genuine instances of the target are unhealthy,
+    /// signed with the rogue's own key and unsigned.
+    Health,
+    /// A ghost member serving the target at the rogue's own QUIC address.
+    Ghost,
+    /// Unsolicited policy records on the policy response channel, one with a
+    /// wrapped-looking version (`u64::MAX.u32::MAX@n1`), one stamped now.
+    Policy,
+    /// A digest full of ghost members (`flood` entries, once a second).
+    Flood,
+}
+
+impl Forgery {
+    /// Every forgery, in order.
+    pub const ALL: [Forgery; 4] = [
+        Forgery::Health,
+        Forgery::Ghost,
+        Forgery::Policy,
+        Forgery::Flood,
+    ];
+
+    /// Lower-case name, as written in scenario files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forgery::Health => "health",
+            Forgery::Ghost => "ghost",
+            Forgery::Policy => "policy",
+            Forgery::Flood => "flood",
+        }
+    }
+}
+
+/// A `byzantine` step: who the rogue is and what it forges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Byzantine {
+    /// The node name its certificate carries (not a cluster node).
+    pub identity: String,
+    /// The services its certificate names.
+    pub cert_services: Vec<String>,
+    /// The service it attacks.
+    pub target: String,
+    /// What it forges.
+    pub forge: BTreeSet<Forgery>,
+    /// How long it keeps forging.
+    pub window: Duration,
+    /// Time between rounds.
+    pub every: Duration,
+    /// Digest entries per ghost-flood message.
+    pub flood: usize,
+    /// The forged policy document (valid, so only its signature and
+    /// provenance can keep it out).
+    pub policy: String,
+    /// Kind of the forged policy.
+    pub policy_kind: String,
+    /// Name of the forged policy.
+    pub policy_name: String,
+    /// Also join gossip honestly as itself, publishing its certificate's
+    /// services as healthy (a weakened setup: with a certificate naming the
+    /// target, the rogue is then a genuine instance as far as the mesh can
+    /// tell, and traffic reaches it).
+    pub join: bool,
 }
 
 /// A set of directed links between two groups of nodes.
@@ -229,9 +300,8 @@ pub enum Check {
 
 /// A property the whole run is judged by.
 ///
-/// Membership only for now; request-success, no-traffic-to-dead-nodes,
-/// authorization and policy-convergence invariants join this list when the
-/// data plane and policy store exist.
+/// Over membership, requests, policy versions and (with a `byzantine`
+/// step) what a rogue certificate holder got through.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InvariantSpec {
     /// Every healthy node sees exactly the healthy set alive within `within`
@@ -270,6 +340,13 @@ pub enum InvariantSpec {
     NoAckLost,
     /// No caller gets a 2xx from a node whose policy in force denies it.
     Authz,
+    /// No data-plane stream reaches a byzantine rogue, every 2xx comes from
+    /// a node the scenario says serves the service, and no node lists a
+    /// member outside the cluster.
+    NoRogueTraffic,
+    /// No node ever runs a policy version the scenario did not push and
+    /// have acknowledged (a rogue's forged records included).
+    NoForgedPolicy,
 }
 
 /// Why a scenario file could not be used.
@@ -360,11 +437,15 @@ impl Scenario {
 
 impl Action {
     /// Whether the step changes nodes or the network (not an assert, a
-    /// policy push or a clock skew).
+    /// policy push, a clock skew or a byzantine rogue, which must change
+    /// nothing).
     pub fn changes_membership(&self) -> bool {
         !matches!(
             self,
-            Action::Assert { .. } | Action::PushPolicy { .. } | Action::Skew { .. }
+            Action::Assert { .. }
+                | Action::PushPolicy { .. }
+                | Action::Skew { .. }
+                | Action::Byzantine(_)
         )
     }
 }
@@ -485,6 +566,24 @@ impl fmt::Display for Action {
                  data folder, and is seen alive by all before the next",
                 nodes.join(", ")
             ),
+            Action::Byzantine(b) => {
+                let forge: Vec<&str> = b.forge.iter().map(|f| f.as_str()).collect();
+                write!(
+                    f,
+                    "byzantine: a rogue with a valid certificate ({} serving {{{}}}) forges {} \
+                     against {} every {} for {}",
+                    b.identity,
+                    b.cert_services.join(", "),
+                    forge.join(", "),
+                    b.target,
+                    ms(b.every),
+                    ms(b.window)
+                )?;
+                if b.join {
+                    f.write_str(", and joins gossip as itself")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -521,6 +620,8 @@ impl InvariantSpec {
             InvariantSpec::PolicyConverges { .. } => "policy-converges",
             InvariantSpec::NoAckLost => "no-ack-lost",
             InvariantSpec::Authz => "authz",
+            InvariantSpec::NoRogueTraffic => "no-rogue-traffic",
+            InvariantSpec::NoForgedPolicy => "no-forged-policy",
         }
     }
 }
@@ -576,6 +677,12 @@ impl fmt::Display for InvariantSpec {
             InvariantSpec::NoAckLost => f.write_str("no acknowledged policy write is lost"),
             InvariantSpec::Authz => {
                 f.write_str("no caller gets a 2xx from a node whose policy in force denies it")
+            }
+            InvariantSpec::NoRogueTraffic => f.write_str(
+                "no request reaches a rogue or is answered by a node not serving the service",
+            ),
+            InvariantSpec::NoForgedPolicy => {
+                f.write_str("no node runs a policy version the scenario did not push")
             }
         }
     }
@@ -659,6 +766,14 @@ struct RawStep {
     policy: Option<String>,
     offset: Option<String>,
     nodes: Option<Vec<String>>,
+    identity: Option<String>,
+    cert_services: Option<Vec<String>>,
+    target: Option<String>,
+    forge: Option<Vec<String>>,
+    window: Option<String>,
+    every: Option<String>,
+    flood: Option<usize>,
+    join: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -763,6 +878,7 @@ impl RawScenario {
             nodes: &nodes,
             zones: &zones,
             groups: &self.groups,
+            services: &services,
         };
         for (g, members) in &self.groups {
             if nodes.contains(g) || g == "all" || g.starts_with("zone:") {
@@ -893,11 +1009,20 @@ impl RawScenario {
                 },
                 "no-ack-lost" => InvariantSpec::NoAckLost,
                 "authz" => InvariantSpec::Authz,
+                "no-rogue-traffic" | "no-forged-policy"
+                    if !steps
+                        .iter()
+                        .any(|s| matches!(s.action, Action::Byzantine(_))) =>
+                {
+                    return invalid(field("needs a byzantine step to measure"));
+                }
+                "no-rogue-traffic" => InvariantSpec::NoRogueTraffic,
+                "no-forged-policy" => InvariantSpec::NoForgedPolicy,
                 other => {
                     return invalid(field(&format!(
                         "unknown kind {other:?} (converges, no-false-dead, dead-detected, \
                          left-detected, request-success, no-traffic-to-dead, policy-converges, \
-                         no-ack-lost, authz)"
+                         no-ack-lost, authz, no-rogue-traffic, no-forged-policy)"
                     )));
                 }
             };
@@ -1078,6 +1203,7 @@ struct Resolver<'a> {
     nodes: &'a [String],
     zones: &'a [String],
     groups: &'a BTreeMap<String, Vec<String>>,
+    services: &'a BTreeMap<String, Vec<String>>,
 }
 
 impl Resolver<'_> {
@@ -1307,13 +1433,124 @@ impl RawStep {
                 };
                 Action::Assert { check, within }
             }
+            "byzantine" => {
+                allow(&[
+                    "identity",
+                    "cert_services",
+                    "target",
+                    "forge",
+                    "window",
+                    "every",
+                    "flood",
+                    "join",
+                    "file",
+                    "policy",
+                ])?;
+                Action::Byzantine(Box::new(self.byzantine(r, base)?))
+            }
             other => {
                 return Err(format!(
                     "unknown step {other:?} (crash, restart, pause, resume, drain, \
                      rolling-restart, partition, heal, loss, delay, duplicate, reorder, skew, \
-                     push-policy, assert)"
+                     push-policy, byzantine, assert)"
                 ));
             }
+        })
+    }
+
+    fn byzantine(&self, r: &Resolver<'_>, base: &Path) -> Result<Byzantine, String> {
+        let identity = self.identity.clone().unwrap_or_else(|| "evil".into());
+        if !node::gossip::guard::valid_name(&identity) {
+            return Err(format!(
+                "identity: {identity:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            ));
+        }
+        if r.nodes.contains(&identity) {
+            return Err(format!(
+                "identity: {identity} is a cluster node; the rogue is an outsider"
+            ));
+        }
+        let cert_services = self
+            .cert_services
+            .clone()
+            .unwrap_or_else(|| vec!["other".into()]);
+        for svc in &cert_services {
+            if node::proxy::ServiceSpec::parse_flag(&format!("{svc}=127.0.0.1:1")).is_err() {
+                return Err(format!(
+                    "cert_services: {svc:?}: use lower-case letters, digits and '-'"
+                ));
+            }
+        }
+        let target = match &self.target {
+            Some(t) => t.clone(),
+            None => r
+                .services
+                .keys()
+                .next()
+                .cloned()
+                .ok_or("`target` is required when [cluster.services] is empty")?,
+        };
+        if !r.services.contains_key(&target) {
+            return Err(format!("target: {target:?} is not in [cluster.services]"));
+        }
+        let forge = match &self.forge {
+            None => Forgery::ALL.into_iter().collect(),
+            Some(list) => {
+                let mut out = BTreeSet::new();
+                for f in list {
+                    let Some(x) = Forgery::ALL.into_iter().find(|x| x.as_str() == f) else {
+                        return Err(format!(
+                            "forge: unknown forgery {f:?} (health, ghost, policy, flood)"
+                        ));
+                    };
+                    out.insert(x);
+                }
+                if out.is_empty() && !self.join.unwrap_or(false) {
+                    return Err("forge: the rogue forges nothing and does not join".into());
+                }
+                out
+            }
+        };
+        let window = opt_dur("window", &self.window, Duration::from_secs(5))?;
+        if window.is_zero() {
+            return Err("window: must be above 0".into());
+        }
+        let every = opt_dur("every", &self.every, Duration::from_millis(100))?;
+        if every < Duration::from_millis(10) || every > window {
+            return Err("every: must be at least 10ms and at most the window".into());
+        }
+        let flood = self.flood.unwrap_or(500);
+        if !(1..=600).contains(&flood) {
+            return Err("flood: 1 to 600 digest entries (one message must fit)".into());
+        }
+        let policy = match (&self.file, &self.policy) {
+            (Some(f), None) => {
+                let path = base.join(f);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("file: {}: {e}", path.display()))?
+            }
+            (None, Some(p)) => p.clone(),
+            (None, None) => format!(
+                "apiVersion: shoal.dev/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: forged-deny-{target}}}\n\
+                 spec:\n  target: {target}\n  rules:\n  - from: [{identity}]\n"
+            ),
+            _ => return Err("give at most one of `file` and `policy`".into()),
+        };
+        let doc = node::policy::Document::parse(&policy)
+            .map_err(|p| format!("the forged policy is invalid: {p}"))?;
+        Ok(Byzantine {
+            identity,
+            cert_services,
+            target,
+            forge,
+            window,
+            every,
+            flood,
+            policy_kind: doc.kind.to_string(),
+            policy_name: doc.name.clone(),
+            policy,
+            join: self.join.unwrap_or(false),
         })
     }
 
@@ -1338,6 +1575,14 @@ impl RawStep {
         add(self.policy.is_some(), "policy");
         add(self.offset.is_some(), "offset");
         add(self.nodes.is_some(), "nodes");
+        add(self.identity.is_some(), "identity");
+        add(self.cert_services.is_some(), "cert_services");
+        add(self.target.is_some(), "target");
+        add(self.forge.is_some(), "forge");
+        add(self.window.is_some(), "window");
+        add(self.every.is_some(), "every");
+        add(self.flood.is_some(), "flood");
+        add(self.join.is_some(), "join");
         v
     }
 }
@@ -1462,5 +1707,69 @@ mod tests {
             one_way: false,
         };
         assert_eq!(every.pairs(&all).len(), 6);
+    }
+
+    const BYZ: &str = r#"
+        duration = "10s"
+        [cluster]
+        nodes = 4
+        [cluster.services]
+        web = ["n2", "n3"]
+        [workload]
+        rps = 10
+        clients = ["n1"]
+        service = "web"
+        [[step]]
+        at = "1s"
+        do = "byzantine"
+        [[invariant]]
+        kind = "no-rogue-traffic"
+        [[invariant]]
+        kind = "no-forged-policy"
+    "#;
+
+    #[test]
+    fn byzantine_steps_default_to_an_outsider_forging_everything() {
+        let s = Scenario::parse(BYZ, "b").unwrap();
+        let Action::Byzantine(b) = &s.steps[0].action else {
+            panic!("{:?}", s.steps[0])
+        };
+        assert_eq!(b.identity, "evil");
+        assert_eq!(b.cert_services, ["other"]);
+        assert_eq!(b.target, "web");
+        assert_eq!(b.forge.len(), 4);
+        assert_eq!(b.policy_kind, "AuthorizationPolicy");
+        assert_eq!(b.policy_name, "forged-deny-web");
+        assert!(!b.join);
+        assert!(!s.steps[0].action.changes_membership());
+        assert!(s.steps[0].action.to_string().starts_with(
+            "byzantine: a rogue with a valid certificate (evil serving {other}) forges health, \
+             ghost, policy, flood against web"
+        ));
+    }
+
+    #[test]
+    fn byzantine_steps_refuse_bad_options() {
+        let with = |extra: &str| {
+            Scenario::parse(
+                &BYZ.replace(
+                    "do = \"byzantine\"",
+                    &format!("do = \"byzantine\"\n{extra}"),
+                ),
+                "b",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(with("identity = \"n2\"").contains("is a cluster node"));
+        assert!(with("forge = [\"lies\"]").contains("unknown forgery \"lies\""));
+        assert!(with("target = \"db\"").contains("not in [cluster.services]"));
+        assert!(with("flood = 5000").contains("flood: 1 to 600"));
+        assert!(with("node = \"n1\"").contains("`node` does not apply to byzantine"));
+        assert!(with("policy = \"kind: Nope\"").contains("the forged policy is invalid"));
+        let e = Scenario::parse(&BYZ.replace("do = \"byzantine\"", "do = \"heal\""), "b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a byzantine step"), "{e}");
     }
 }
