@@ -371,6 +371,7 @@ impl Rogue {
                         .context("the rogue's key")?,
                 ),
                 checker: CertChecker::from_dir(certs).context("the mesh CA")?,
+                dir: None,
             };
             let g = Gossip::start(
                 endpoint.clone(),
