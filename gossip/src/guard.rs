@@ -72,11 +72,14 @@ pub enum Refusal {
     MemberCap,
     /// A digest entry for a node whose certificate was not verified yet.
     UnknownMember,
+    /// A relayed heartbeat further ahead than the node itself could be
+    /// (lowered to what is plausible).
+    HeartbeatAhead,
 }
 
 impl Refusal {
     /// Every reason, for metrics.
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::Oversize,
         Refusal::Malformed,
         Refusal::BadId,
@@ -87,6 +90,7 @@ impl Refusal {
         Refusal::KeyCap,
         Refusal::MemberCap,
         Refusal::UnknownMember,
+        Refusal::HeartbeatAhead,
     ];
 
     /// Metric label.
@@ -102,6 +106,7 @@ impl Refusal {
             Refusal::KeyCap => "key_cap",
             Refusal::MemberCap => "member_cap",
             Refusal::UnknownMember => "unknown_member",
+            Refusal::HeartbeatAhead => "heartbeat_ahead",
         }
     }
 
@@ -113,7 +118,7 @@ impl Refusal {
 /// Refusal counters, by reason.
 #[derive(Debug, Default)]
 pub struct GuardStats {
-    counts: [AtomicU64; 10],
+    counts: [AtomicU64; 11],
     /// Signatures checked.
     pub verified: AtomicU64,
     /// Nanoseconds spent checking signatures and certificates.
@@ -177,7 +182,76 @@ fn entry_bytes(id: &NodeId) -> usize {
     2 + id.name.len() + 8 + addr + 24
 }
 
+/// What we know of a member's heartbeat, to bound what relays may claim.
+///
+/// Heartbeats are not signed (chitchat builds digests itself), and chitchat
+/// keeps the highest heartbeat it has seen: one relayed entry far ahead of
+/// the truth would make every genuine heartbeat after it look old, and the
+/// member dead. So a heartbeat is taken as told only from the member itself
+/// (the sender's certificate names it); a relayed one is lowered to the last
+/// heartbeat the member told us plus what it could have gained since at its
+/// measured rate. Before the member has told us anything, relayed entries
+/// carry a small synthetic heartbeat that advances at most every 100 ms: the
+/// member is known and alive, and its first own heartbeat replaces it.
+#[derive(Debug, Clone)]
+struct Beat {
+    /// The member's own last heartbeat and when we got it.
+    anchor: Option<(u64, Instant)>,
+    /// Its heartbeat rate, per second (exponentially weighted).
+    rate: f64,
+    /// Synthetic heartbeat before any anchor.
+    synthetic: (u64, Instant),
+}
+
+/// Room a relayed heartbeat gets above the member's own last one plus its
+/// predicted gain: small, because a relayed heartbeat ahead of the truth
+/// hides the member's genuine heartbeats until they catch up.
+const BEAT_SLACK: u64 = 2;
+
+impl Beat {
+    fn new() -> Self {
+        Beat {
+            anchor: None,
+            rate: 20.0,
+            synthetic: (0, Instant::now()),
+        }
+    }
+
+    /// The heartbeat to pass on for an entry claiming `hb`.
+    fn admit(&mut self, hb: u64, direct: bool, now: Instant) -> u64 {
+        if direct {
+            if let Some((last, at)) = self.anchor {
+                let dt = now.duration_since(at).as_secs_f64();
+                if hb > last && dt > 0.05 {
+                    let r = ((hb - last) as f64 / dt).min(10_000.0);
+                    self.rate = 0.7 * self.rate + 0.3 * r;
+                }
+                if hb < last || dt > 0.05 {
+                    self.anchor = Some((hb, now));
+                }
+            } else {
+                self.anchor = Some((hb, now));
+            }
+            return hb;
+        }
+        match self.anchor {
+            Some((last, at)) => {
+                let dt = now.duration_since(at).as_secs_f64();
+                let room = BEAT_SLACK + (self.rate * dt) as u64;
+                hb.min(last.saturating_add(room))
+            }
+            None => {
+                if now.duration_since(self.synthetic.1).as_millis() >= 100 {
+                    self.synthetic = (self.synthetic.0 + 1, now);
+                }
+                hb.min(self.synthetic.0.max(1))
+            }
+        }
+    }
+}
+
 struct Verified {
+    beat: Beat,
     cert: CheckedCert,
     /// Newest verified version of each key, with its value length.
     keys: HashMap<String, (u64, usize)>,
@@ -188,6 +262,20 @@ struct Verified {
 struct State {
     verified: HashMap<NodeId, Verified>,
     digest_bytes: usize,
+    /// Certificates already checked, by a hash of their DER: the result
+    /// (the checked certificate, or refused), so a peer repeating one bad or
+    /// good certificate costs one chain check, not one per message.
+    certs: HashMap<u64, Option<CheckedCert>>,
+}
+
+/// The most certificate check results kept (then the cache starts over).
+const CERT_CACHE: usize = 1024;
+
+fn der_key(der: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    der.hash(&mut h);
+    h.finish()
 }
 
 /// The gossip guard of one node.
@@ -209,14 +297,15 @@ impl Guard {
             state: Mutex::new(State {
                 verified: HashMap::new(),
                 digest_bytes,
+                certs: HashMap::new(),
             }),
             stats: GuardStats::default(),
         }
     }
 
-    /// Reads a message from a peer and returns the bytes chitchat may see,
-    /// or `None` to drop it.
-    pub fn filter(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+    /// Reads a message from the peer whose certificate names node `sender`
+    /// and returns the bytes chitchat may see, or `None` to drop it.
+    pub fn filter(&self, sender: &str, bytes: &[u8]) -> Option<Vec<u8>> {
         let mut msg = match Message::decode(bytes) {
             Ok(m) => m,
             Err(WireError::Oversize(_)) => {
@@ -237,8 +326,16 @@ impl Guard {
         }
         if let Body::Syn { digest, .. } | Body::SynAck { digest, .. } = &mut msg.body {
             let before = digest.len();
-            digest.retain(|e| self.admit_entry(e, now));
-            cut |= digest.len() != before;
+            let mut lowered = false;
+            digest.retain_mut(|e| match self.admit_entry(e, sender, now) {
+                Some(hb) => {
+                    lowered |= hb != e.heartbeat;
+                    e.heartbeat = hb;
+                    true
+                }
+                None => false,
+            });
+            cut |= lowered || digest.len() != before;
         }
         if cut {
             Some(msg.encode())
@@ -286,16 +383,24 @@ impl Guard {
         self.state.lock().unwrap().verified.len()
     }
 
-    fn admit_entry(&self, e: &DigestEntry, now: SystemTime) -> bool {
+    fn admit_entry(&self, e: &DigestEntry, sender: &str, now: SystemTime) -> Option<u64> {
         if e.id == self.self_id {
-            return true;
+            return Some(e.heartbeat);
         }
-        let st = self.state.lock().unwrap();
-        match st.verified.get(&e.id) {
-            Some(v) if v.cert.valid_at(now) => true,
+        let mut st = self.state.lock().unwrap();
+        match st.verified.get_mut(&e.id) {
+            Some(v) if v.cert.valid_at(now) => {
+                let hb = v
+                    .beat
+                    .admit(e.heartbeat, sender == e.id.name, Instant::now());
+                if hb != e.heartbeat {
+                    self.stats.add(Refusal::HeartbeatAhead);
+                }
+                Some(hb)
+            }
             _ => {
                 self.stats.add(Refusal::UnknownMember);
-                false
+                None
             }
         }
     }
@@ -344,6 +449,20 @@ impl Guard {
         result
     }
 
+    fn check_cert(&self, der: &[u8], now: SystemTime) -> Option<CheckedCert> {
+        let key = der_key(der);
+        if let Some(cached) = self.state.lock().unwrap().certs.get(&key) {
+            return cached.clone().filter(|c| c.valid_at(now));
+        }
+        let checked = self.checker.check_node(der, now).ok();
+        let mut st = self.state.lock().unwrap();
+        if st.certs.len() >= CERT_CACHE {
+            st.certs.clear();
+        }
+        st.certs.insert(key, checked.clone());
+        checked
+    }
+
     fn verify_delta(&self, nd: &NodeDelta, now: SystemTime) -> Result<(), Refusal> {
         let (mut cert, mut keys, mut bytes, known) = {
             let st = self.state.lock().unwrap();
@@ -359,10 +478,7 @@ impl Guard {
             let (sig, value) = split_signed(&kv.value).ok_or(Refusal::BadSignature)?;
             if kv.key == CERT_KEY {
                 let der = B64.decode(value).map_err(|_| Refusal::Unverified)?;
-                let checked = self
-                    .checker
-                    .check_node(&der, now)
-                    .map_err(|_| Refusal::Unverified)?;
+                let checked = self.check_cert(&der, now).ok_or(Refusal::Unverified)?;
                 if checked.identity.node != nd.id.name {
                     return Err(Refusal::Unverified);
                 }
@@ -402,14 +518,15 @@ impl Guard {
             }
             st.digest_bytes += need;
         }
-        let since = st
+        let (since, beat) = st
             .verified
             .get(&nd.id)
-            .map(|v| v.since)
-            .unwrap_or_else(Instant::now);
+            .map(|v| (v.since, v.beat.clone()))
+            .unwrap_or_else(|| (Instant::now(), Beat::new()));
         st.verified.insert(
             nd.id.clone(),
             Verified {
+                beat,
                 cert,
                 keys,
                 bytes,
@@ -471,7 +588,7 @@ mod tests {
     }
 
     fn kept(guard: &Guard, bytes: &[u8]) -> usize {
-        let out = guard.filter(bytes).expect("readable");
+        let out = guard.filter("peer", bytes).expect("readable");
         match Message::decode(&out).unwrap().body {
             Body::Ack { delta } => delta.len(),
             _ => unreachable!(),
@@ -546,7 +663,7 @@ mod tests {
                 digest: entries,
             },
         };
-        let out = guard.filter(&syn.encode()).unwrap();
+        let out = guard.filter("peer", &syn.encode()).unwrap();
         let back = Message::decode(&out).unwrap();
         assert_eq!(back.digest().unwrap().len(), 1);
         assert_eq!(guard.stats.count(Refusal::UnknownMember), 600);
@@ -567,8 +684,8 @@ mod tests {
         del.key_values[0].status = KvStatus::Delete;
         assert_eq!(kept(&guard, &ack(del)), 0);
         assert_eq!(guard.stats.count(Refusal::Delete), 2);
-        assert!(guard.filter(&[1, 2, 3]).is_none());
-        assert!(guard.filter(&vec![0u8; 70_000]).is_none());
+        assert!(guard.filter("peer", &[1, 2, 3]).is_none());
+        assert!(guard.filter("peer", &vec![0u8; 70_000]).is_none());
         assert_eq!(guard.stats.count(Refusal::Oversize), 1);
     }
 }

@@ -104,8 +104,9 @@ impl Relays {
                     .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
                 let guard = guard.clone();
                 let payload = msg.payload;
+                let sender = msg.from.peer.node.clone();
                 let Ok(Some(bytes)) =
-                    tokio::task::spawn_blocking(move || guard.filter(&payload)).await
+                    tokio::task::spawn_blocking(move || guard.filter(&sender, &payload)).await
                 else {
                     continue;
                 };
