@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod danger;
+pub mod operator;
 pub mod traffic;
 
 use std::future::Future;
