@@ -214,7 +214,7 @@ pub struct NodeVersion {
     /// Advertised version, if any.
     pub version: Option<String>,
     /// `alive`, or `suspected` when its heartbeat has been still for three
-    /// gossip intervals (at least 1 s) but it is not yet declared dead.
+    /// gossip intervals but it is not yet declared dead.
     pub state: String,
 }
 
@@ -306,7 +306,7 @@ impl PolicySync {
                 (p.node, v)
             })
             .collect();
-        let quiet = (self.gossip.config().interval * 3).max(Duration::from_secs(1));
+        let quiet = self.gossip.config().interval * 3;
         let mut out: Vec<NodeVersion> = self
             .gossip
             .members()
@@ -506,22 +506,25 @@ impl PolicySync {
             let now_ms = self.store.clock().physical_ms();
             let checked = self
                 .parse_off_thread(move || {
-                    let body = record.body.clone();
-                    let sig = record.signature.clone();
+                    // Signature first: only an operator's bytes get parsed.
+                    let version: Version = record
+                        .version
+                        .parse()
+                        .map_err(|e: String| ("malformed", e))?;
+                    let operator = trust
+                        .verify_record(
+                            kind,
+                            &record.name,
+                            record.body.as_deref(),
+                            &version,
+                            record.signature.as_ref(),
+                            now_ms,
+                        )
+                        .map_err(|r: Refusal| (r.reason(), r.to_string()))?;
                     let entry = record.into_entry().map_err(|e| match e {
                         StoreError::HashMismatch => ("hash_mismatch", e.to_string()),
                         other => ("invalid_document", other.to_string()),
                     })?;
-                    let operator = trust
-                        .verify_record(
-                            entry.kind,
-                            &entry.name,
-                            body.as_deref(),
-                            &entry.version,
-                            sig.as_ref(),
-                            now_ms,
-                        )
-                        .map_err(|r: Refusal| (r.reason(), r.to_string()))?;
                     Ok::<_, (&'static str, String)>((entry, operator))
                 })
                 .await;
