@@ -177,6 +177,7 @@ fn record(name: &str, version: &str, body: Option<&str>, sig: Option<Signature>)
         body: body.map(str::to_string),
         prev: None,
         signature: sig,
+        operator: None,
     }
 }
 
@@ -490,6 +491,7 @@ async fn nested_documents_get_400_while_traffic_through_the_node_flows() {
         body: Some(doc.clone()),
         prev: None,
         signature: Some(sig),
+        operator: None,
     };
     rogue
         .advertise("deep", &format!("{} {}", rec.version, rec.hash), &rec)

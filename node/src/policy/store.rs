@@ -91,6 +91,7 @@ impl Entry {
             },
             prev: p.and_then(|p| p.prev.as_ref()).map(|v| v.to_string()),
             signature: p.and_then(|p| p.signature.clone()),
+            operator: p.and_then(|p| p.operator.clone()),
         }
     }
 }
@@ -115,6 +116,10 @@ pub struct Record {
     /// The operator's signature.
     #[serde(default)]
     pub signature: Option<Signature>,
+    /// The operator the signature was verified as (informational: a
+    /// receiver verifies the signature itself and replaces this).
+    #[serde(default)]
+    pub operator: Option<String>,
 }
 
 impl Record {
@@ -150,7 +155,7 @@ impl Record {
             Arc::new(Provenance {
                 source: self.body.clone(),
                 signature: self.signature.clone(),
-                operator: None,
+                operator: self.operator.clone(),
                 prev,
             })
         });

@@ -504,6 +504,8 @@ impl PolicySync {
             };
             let trust = self.trust.clone();
             let now_ms = self.store.clock().physical_ms();
+            let mut record = record;
+            record.operator = None;
             let checked = self
                 .parse_off_thread(move || {
                     // Signature first: only an operator's bytes get parsed.
