@@ -630,6 +630,33 @@ async fn wait_all_counts_a_silent_member_as_pending_until_it_is_declared_dead() 
     cluster.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_certificate_is_refused_as_a_quic_peer() {
+    let pki = Pki::new("test.shoal");
+    let n1 = Node::start(pki.node_config("n1", &[])).await.unwrap();
+    let op = pki.operator("mallory");
+    // Present the operator certificate and key as if they were a node's.
+    let dir = pki.path().join("operator-as-node");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(op.dir.join("operator.pem"), dir.join("node.pem")).unwrap();
+    std::fs::copy(op.dir.join("operator.key"), dir.join("node.key")).unwrap();
+    let result = tests::danger::dial_without_verifying(&dir, n1.quic_addr()).await;
+    assert!(result.is_err(), "an operator certificate was accepted as a peer");
+    let refusals = metric(
+        n1.admin_addr(),
+        "shoal_quic_handshake_refusals_total",
+        &[("reason", "no_node_san")],
+    )
+    .await;
+    assert_eq!(refusals, 1.0);
+    assert_eq!(tests::alive(&n1).await, vec!["n1".to_string()]);
+    // Nor can a node be started on it.
+    let mut config = pki.node_config("mallory", &[]);
+    config.certs = dir;
+    assert!(Node::start(config).await.is_err());
+    n1.shutdown().await;
+}
+
 /// The response headers of a GET, lower-cased names.
 async fn get_headers(
     addr: SocketAddr,
