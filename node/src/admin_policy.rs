@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::admin::{json, text};
 use crate::node::NodeState;
 use crate::policy::doc::MAX_DOCUMENT;
-use crate::policy::store::Written;
+use crate::policy::store::{SignedWrite, Written};
 use crate::policy::trust::{self, MAX_HTTP_SKEW, Refusal};
 use crate::policy::{Document, Entry, Kind, Signature, StoreError};
 
@@ -195,10 +195,17 @@ async fn put(
     }
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let source = Some(text_body.to_string());
-    match state
-        .store
-        .put_signed(kind, name, Some(doc), source, sig, operator, if_match)
-    {
+    match state.store.put_signed(
+        kind,
+        name,
+        SignedWrite {
+            doc: Some(doc),
+            source,
+            signature: sig,
+            operator,
+        },
+        if_match,
+    ) {
         Ok(w) => {
             let status = if w.existed || w.unchanged {
                 StatusCode::OK
@@ -258,10 +265,17 @@ async fn delete(
         Err(resp) => return *resp,
     };
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    match state
-        .store
-        .put_signed(kind, name, None, None, sig, operator, if_match)
-    {
+    match state.store.put_signed(
+        kind,
+        name,
+        SignedWrite {
+            doc: None,
+            source: None,
+            signature: sig,
+            operator,
+        },
+        if_match,
+    ) {
         Ok(w) => accepted(state, w, StatusCode::OK, query).await,
         Err(e) => store_error(state, e),
     }
@@ -385,10 +399,8 @@ fn get(
         r.headers_mut().insert("shoal-operator", v);
     }
     if let Some(c) = state.store.conflict(kind, name)
-        && let Ok(v) = http::HeaderValue::from_str(&format!(
-            "{} won over concurrent {}",
-            c.winner, c.loser
-        ))
+        && let Ok(v) =
+            http::HeaderValue::from_str(&format!("{} won over concurrent {}", c.winner, c.loser))
     {
         r.headers_mut().insert("shoal-conflict", v);
     }

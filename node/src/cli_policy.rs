@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use crate::cli::{PolicyCommand, render_table, request};
 use crate::config::EXIT_USAGE;
+use crate::policy::Kind;
 use crate::policy::trust::{self, OperatorKey};
-use crate::policy::{Conflict, Kind};
 
 pub(crate) async fn run(
     admin: &str,
@@ -124,10 +124,11 @@ async fn go(
             {
                 let rows: Vec<Value> = serde_json::from_slice(&list).unwrap_or_default();
                 for r in rows {
-                    if r["kind"] == kind.as_str() && r["name"] == name.as_str() {
-                        if let Some(line) = conflict_line(&r) {
-                            eprintln!("{line}");
-                        }
+                    if r["kind"] == kind.as_str()
+                        && r["name"] == name.as_str()
+                        && let Some(line) = conflict_line(&r)
+                    {
+                        eprintln!("{line}");
                     }
                 }
             }
@@ -221,17 +222,14 @@ async fn rows_conflicts(admin: &str) -> Vec<String> {
 }
 
 fn conflict_line(row: &Value) -> Option<String> {
-    let c: Conflict = Conflict {
-        winner: row["conflict"]["winner"].as_str()?.to_string(),
-        loser: row["conflict"]["loser"].as_str()?.to_string(),
-        loser_entry: None,
-    };
+    let winner = row["conflict"]["winner"].as_str()?;
+    let loser = row["conflict"]["loser"].as_str()?;
     Some(format!(
         "CONFLICT {}/{}: version {} won over {}, written concurrently (neither writer saw the other); the loser was discarded; apply again to resolve",
         row["kind"].as_str().unwrap_or("-"),
         row["name"].as_str().unwrap_or("-"),
-        c.winner,
-        c.loser
+        winner,
+        loser
     ))
 }
 

@@ -522,7 +522,14 @@ fn policy_commands_round_trip_through_a_node() {
 
     let out = Command::new(SHOAL)
         .args(["policy", "--admin", admin.as_str()])
-        .args(["--token-file", "token", "apply", "-f", "canary.yaml", "--wait"])
+        .args([
+            "--token-file",
+            "token",
+            "apply",
+            "-f",
+            "canary.yaml",
+            "--wait",
+        ])
         .env("SHOAL_OPERATOR", "alice")
         .current_dir(dir.path())
         .output()

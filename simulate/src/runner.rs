@@ -557,9 +557,8 @@ impl SimCluster {
             &ca.issue_operator("sim", Validity::days(1))?,
             false,
         )?;
-        let operator = Arc::new(
-            node::policy::OperatorKey::load(&operator_dir).map_err(anyhow::Error::msg)?,
-        );
+        let operator =
+            Arc::new(node::policy::OperatorKey::load(&operator_dir).map_err(anyhow::Error::msg)?);
         let net = FaultNet::new(options.seed);
         let layer = match &options.extra_layer {
             Some(extra) => Arc::new(Stacked {

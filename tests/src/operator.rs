@@ -59,7 +59,12 @@ impl Operator {
     }
 
     /// The signature headers for a write, signed now.
-    pub fn headers(&self, kind: Kind, name: &str, body: Option<&str>) -> Vec<(&'static str, String)> {
+    pub fn headers(
+        &self,
+        kind: Kind,
+        name: &str,
+        body: Option<&str>,
+    ) -> Vec<(&'static str, String)> {
         trust::to_headers(&self.key.sign(kind, name, body))
     }
 
@@ -76,7 +81,10 @@ impl Operator {
         let k: Kind = kind.parse().unwrap_or(Kind::RateLimit);
         let signed = self.headers(k, name, Some(body));
         let mut headers: Vec<(&str, &str)> = Vec::new();
-        if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        if !extra
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             headers.push(("content-type", "application/yaml"));
         }
         headers.extend(signed.iter().map(|(k, v)| (*k, v.as_str())));

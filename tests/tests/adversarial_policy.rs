@@ -70,11 +70,8 @@ async fn all_refuse(nodes: &[&Node], reason: &str, n: f64) {
 
 /// `(status, body)` of GET /v1/policies/RateLimit/<name> as JSON.
 async fn rate_limit_on(node: &Node, name: &str) -> (u16, serde_json::Value) {
-    let (status, body) = admin_get(
-        node.admin_addr(),
-        &format!("/v1/policies/RateLimit/{name}"),
-    )
-    .await;
+    let (status, body) =
+        admin_get(node.admin_addr(), &format!("/v1/policies/RateLimit/{name}")).await;
     (status, serde_json::from_str(&body).unwrap_or_default())
 }
 
@@ -120,7 +117,9 @@ impl Rogue {
         config.seeds = vec![seed];
         config.interval = TEST_GOSSIP;
         let record = NodeRecord::new("z", "127.0.0.1:1", vec!["other".into()]);
-        let gossip = Gossip::start(endpoint.clone(), config, record).await.unwrap();
+        let gossip = Gossip::start(endpoint.clone(), config, record)
+            .await
+            .unwrap();
         let answer: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let asked: Arc<Mutex<Vec<String>>> = Arc::default();
         let mut requests = endpoint.subscribe(2, 64);
@@ -191,7 +190,14 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
     // Two signed versions: `old` is then superseded by `new`.
     let old = rate_limit("web-rl", 1000);
     let (status, body) = op
-        .put(nodes[0].admin_addr(), "RateLimit", "web-rl", &old, "?wait=all", &[])
+        .put(
+            nodes[0].admin_addr(),
+            "RateLimit",
+            "web-rl",
+            &old,
+            "?wait=all",
+            &[],
+        )
         .await;
     assert_eq!(status, 201, "{body}");
     let old_version: node::policy::Version = serde_json::from_str::<serde_json::Value>(&body)
@@ -202,7 +208,14 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
         .unwrap();
     let new = rate_limit("web-rl", 2000);
     let (status, body) = op
-        .put(nodes[1].admin_addr(), "RateLimit", "web-rl", &new, "?wait=all", &[])
+        .put(
+            nodes[1].admin_addr(),
+            "RateLimit",
+            "web-rl",
+            &new,
+            "?wait=all",
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let in_force: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -218,7 +231,12 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
     let body_a = rate_limit("injected", 1);
     let t = now_ms();
     let signed = op.sign_at(Kind::RateLimit, "injected", Some(&body_a), t);
-    let valid = record("injected", &format!("{t}.0@n1"), Some(&body_a), Some(signed));
+    let valid = record(
+        "injected",
+        &format!("{t}.0@n1"),
+        Some(&body_a),
+        Some(signed),
+    );
     let unsigned = record("injected", &format!("{t}.0@n1"), Some(&body_a), None);
     // (b) The wrapped version, in both formats.
     let wrapped = record("web-rl", WRAPPED, Some(&rate_limit("web-rl", 1)), None);
@@ -249,7 +267,12 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
     // (c) Roll back: the old signed body re-advertised at a higher version.
     let high = now_ms() + 60_000;
     let old_sig = op.sign_at(Kind::RateLimit, "web-rl", Some(&old), old_version.wall_ms);
-    let rollback = record("web-rl", &format!("{high}.0@rogue"), Some(&old), Some(old_sig));
+    let rollback = record(
+        "web-rl",
+        &format!("{high}.0@rogue"),
+        Some(&old),
+        Some(old_sig),
+    );
     rogue
         .advertise(
             "web-rl",
@@ -313,10 +336,14 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
         .await;
     assert_eq!(status, 200, "{body}");
     for n in &nodes {
-        eventually(&format!("{} runs 3000", n.name()), DEADLINE, || async move {
-            let (_, doc) = rate_limit_on(n, "web-rl").await;
-            (doc["spec"]["requestsPerSecond"] == 3000).then_some(())
-        })
+        eventually(
+            &format!("{} runs 3000", n.name()),
+            DEADLINE,
+            || async move {
+                let (_, doc) = rate_limit_on(n, "web-rl").await;
+                (doc["spec"]["requestsPerSecond"] == 3000).then_some(())
+            },
+        )
         .await;
     }
     let (status, body) = op
@@ -348,8 +375,14 @@ async fn http_writes_need_a_valid_operator_signature_of_this_mesh() {
     };
 
     // Unsigned PUT and DELETE.
-    let (status, body) =
-        admin_request(admin, "PUT", path, &[("content-type", "application/yaml")], &doc).await;
+    let (status, body) = admin_request(
+        admin,
+        "PUT",
+        path,
+        &[("content-type", "application/yaml")],
+        &doc,
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
     assert!(errors(&body).contains("not signed"), "{body}");
     let (status, _) = admin_request(admin, "DELETE", path, &[], "").await;
@@ -359,26 +392,43 @@ async fn http_writes_need_a_valid_operator_signature_of_this_mesh() {
     let foreign = Pki::new("test.shoal").operator("alice");
     let (status, body) = foreign.put(admin, "RateLimit", "rl", &doc, "", &[]).await;
     assert_eq!(status, 403, "{body}");
-    assert!(errors(&body).contains("not signed by this mesh's CA"), "{body}");
+    assert!(
+        errors(&body).contains("not signed by this mesh's CA"),
+        "{body}"
+    );
 
     // Signed with a node certificate of this mesh.
     let n2 = pki.issue("n2", &["web"]);
-    let node_signer =
-        Operator::from_pem_files(&pki.path().join("n2-signer"), &n2.join("node.pem"), &n2.join("node.key"));
-    let (status, body) = node_signer.put(admin, "RateLimit", "rl", &doc, "", &[]).await;
+    let node_signer = Operator::from_pem_files(
+        &pki.path().join("n2-signer"),
+        &n2.join("node.pem"),
+        &n2.join("node.key"),
+    );
+    let (status, body) = node_signer
+        .put(admin, "RateLimit", "rl", &doc, "", &[])
+        .await;
     assert_eq!(status, 403, "{body}");
-    assert!(errors(&body).contains("not an operator certificate"), "{body}");
+    assert!(
+        errors(&body).contains("not an operator certificate"),
+        "{body}"
+    );
 
     // Tampered: the signature is over another body.
     let sig = alice.headers(Kind::RateLimit, "rl", Some(&doc));
     let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/yaml")];
     headers.extend(sig.iter().map(|(k, v)| (*k, v.as_str())));
-    let (status, body) =
-        admin_request(admin, "PUT", path, &headers, &rate_limit("rl", 5000)).await;
+    let (status, body) = admin_request(admin, "PUT", path, &headers, &rate_limit("rl", 5000)).await;
     assert_eq!(status, 403, "{body}");
     assert!(errors(&body).contains("does not verify"), "{body}");
     // ... or for another policy name.
-    let (status, _) = admin_request(admin, "PUT", "/v1/policies/RateLimit/rl2", &headers, &rate_limit("rl2", 5)).await;
+    let (status, _) = admin_request(
+        admin,
+        "PUT",
+        "/v1/policies/RateLimit/rl2",
+        &headers,
+        &rate_limit("rl2", 5),
+    )
+    .await;
     assert_eq!(status, 403);
 
     // Signed eleven minutes ahead, and eleven minutes ago.
@@ -436,7 +486,9 @@ fn nested(name: &str) -> String {
 async fn nested_documents_get_400_while_traffic_through_the_node_flows() {
     let up = Upstream::start(ok("v1")).await;
     let mut mesh = Mesh::new();
-    let server = mesh.start(mesh.config("s1", &["web"], &[("web", up.addr)])).await;
+    let server = mesh
+        .start(mesh.config("s1", &["web"], &[("web", up.addr)]))
+        .await;
     let client = mesh.client("c1", |_| {}).await;
     routable(&client, "web", 1).await;
     let alice = mesh.pki.operator("alice");
@@ -500,8 +552,14 @@ async fn nested_documents_get_400_while_traffic_through_the_node_flows() {
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
-    eprintln!("{ok} requests through c1 during the attack, {} failed", failed.len());
-    assert!(failed.is_empty(), "requests failed during the attack: {failed:?}");
+    eprintln!(
+        "{ok} requests through c1 during the attack, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the attack: {failed:?}"
+    );
     assert!(ok >= 50);
     for n in [&client, &server] {
         assert!(list(n).await.is_empty(), "{} stored something", n.name());
@@ -522,11 +580,25 @@ async fn concurrent_writes_on_two_sides_show_a_conflict_until_written_again() {
     c2.data_dir = Some(pki.path().join("data-n2"));
     let n2 = Node::start(c2.clone()).await.unwrap();
     let (s1, b1) = alice
-        .put(n1.admin_addr(), "RateLimit", "race", &rate_limit("race", 1), "", &[])
+        .put(
+            n1.admin_addr(),
+            "RateLimit",
+            "race",
+            &rate_limit("race", 1),
+            "",
+            &[],
+        )
         .await;
     assert_eq!(s1, 201, "{b1}");
     let (s2, b2) = bob
-        .put(n2.admin_addr(), "RateLimit", "race", &rate_limit("race", 2), "", &[])
+        .put(
+            n2.admin_addr(),
+            "RateLimit",
+            "race",
+            &rate_limit("race", 2),
+            "",
+            &[],
+        )
         .await;
     assert_eq!(s2, 201, "{b2}");
     let v1 = serde_json::from_str::<serde_json::Value>(&b1).unwrap()["version"].clone();
@@ -538,12 +610,16 @@ async fn concurrent_writes_on_two_sides_show_a_conflict_until_written_again() {
 
     // Last writer (bob, signed later) wins everywhere; both sides show the conflict.
     for n in [&n1, &n2] {
-        let row = eventually(&format!("{} shows the conflict", n.name()), DEADLINE, || async move {
-            list(n)
-                .await
-                .into_iter()
-                .find(|r| r["name"] == "race" && r["conflict"].is_object())
-        })
+        let row = eventually(
+            &format!("{} shows the conflict", n.name()),
+            DEADLINE,
+            || async move {
+                list(n)
+                    .await
+                    .into_iter()
+                    .find(|r| r["name"] == "race" && r["conflict"].is_object())
+            },
+        )
         .await;
         assert_eq!(row["version"], v2, "{}: {row}", n.name());
         assert_eq!(row["conflict"]["winner"], v2);
@@ -559,7 +635,9 @@ async fn concurrent_writes_on_two_sides_show_a_conflict_until_written_again() {
         );
         let headers = get_headers(n.admin_addr(), "/v1/policies/RateLimit/race").await;
         assert!(
-            headers.get("shoal-conflict").is_some_and(|h| h.contains(v1.as_str().unwrap())),
+            headers
+                .get("shoal-conflict")
+                .is_some_and(|h| h.contains(v1.as_str().unwrap())),
             "{}: {headers:?}",
             n.name()
         );
@@ -574,7 +652,14 @@ async fn concurrent_writes_on_two_sides_show_a_conflict_until_written_again() {
 
     // The operator writes again, having seen the winner: resolved everywhere.
     let (status, body) = alice
-        .put(n1.admin_addr(), "RateLimit", "race", &rate_limit("race", 3), "?wait=all", &[])
+        .put(
+            n1.admin_addr(),
+            "RateLimit",
+            "race",
+            &rate_limit("race", 3),
+            "?wait=all",
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     for n in [&n1, &n2] {
@@ -602,7 +687,14 @@ async fn wait_all_counts_a_silent_member_as_pending_until_it_is_declared_dead() 
     // Right after the crash n3 is not yet declared dead: it must not count
     // as applied, and it is listed as pending.
     let (status, body) = op
-        .put(admin, "RateLimit", "w", &rate_limit("w", 1), "?wait=all&timeout=200ms", &[])
+        .put(
+            admin,
+            "RateLimit",
+            "w",
+            &rate_limit("w", 1),
+            "?wait=all&timeout=200ms",
+            &[],
+        )
         .await;
     assert_eq!(status, 202, "{body}");
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -621,7 +713,14 @@ async fn wait_all_counts_a_silent_member_as_pending_until_it_is_declared_dead() 
     })
     .await;
     let (status, body) = op
-        .put(admin, "RateLimit", "w", &rate_limit("w", 2), "?wait=all", &[])
+        .put(
+            admin,
+            "RateLimit",
+            "w",
+            &rate_limit("w", 2),
+            "?wait=all",
+            &[],
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -641,7 +740,10 @@ async fn an_operator_certificate_is_refused_as_a_quic_peer() {
     std::fs::copy(op.dir.join("operator.pem"), dir.join("node.pem")).unwrap();
     std::fs::copy(op.dir.join("operator.key"), dir.join("node.key")).unwrap();
     let result = tests::danger::dial_without_verifying(&dir, n1.quic_addr()).await;
-    assert!(result.is_err(), "an operator certificate was accepted as a peer");
+    assert!(
+        result.is_err(),
+        "an operator certificate was accepted as a peer"
+    );
     let refusals = metric(
         n1.admin_addr(),
         "shoal_quic_handshake_refusals_total",
@@ -658,10 +760,7 @@ async fn an_operator_certificate_is_refused_as_a_quic_peer() {
 }
 
 /// The response headers of a GET, lower-cased names.
-async fn get_headers(
-    addr: SocketAddr,
-    path: &str,
-) -> std::collections::HashMap<String, String> {
+async fn get_headers(addr: SocketAddr, path: &str) -> std::collections::HashMap<String, String> {
     use http_body_util::Empty;
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =

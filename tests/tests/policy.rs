@@ -25,9 +25,7 @@ async fn put(
     body: &str,
     extra: &[(&str, &str)],
 ) -> (u16, serde_json::Value) {
-    let (status, body) = op
-        .put(node.admin_addr(), kind, name, body, "", extra)
-        .await;
+    let (status, body) = op.put(node.admin_addr(), kind, name, body, "", extra).await;
     (
         status,
         serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
@@ -258,9 +256,25 @@ async fn deletes_propagate_and_losing_the_origin_loses_nothing() {
     let op = cluster.pki.operator("alice");
     cluster.converged(&["n1", "n2", "n3"], DEADLINE).await;
     let origin = cluster.nodes.pop().unwrap();
-    let (status, _) = put(&op, &origin, "RateLimit", "keep", &rate_limit("keep", 5), &[]).await;
+    let (status, _) = put(
+        &op,
+        &origin,
+        "RateLimit",
+        "keep",
+        &rate_limit("keep", 5),
+        &[],
+    )
+    .await;
     assert_eq!(status, 201);
-    let (status, _) = put(&op, &origin, "RateLimit", "gone", &rate_limit("gone", 5), &[]).await;
+    let (status, _) = put(
+        &op,
+        &origin,
+        "RateLimit",
+        "gone",
+        &rate_limit("gone", 5),
+        &[],
+    )
+    .await;
     assert_eq!(status, 201);
     for n in &cluster.nodes {
         eventually("both applied", DEADLINE, || async {
@@ -306,7 +320,15 @@ async fn accepted_writes_survive_a_restart_and_concurrent_writes_converge() {
     let mut c1 = pki.node_config("n1", &[]);
     c1.data_dir = Some(data.clone());
     let n1 = Node::start(c1.clone()).await.unwrap();
-    let (status, _) = put(&op, &n1, "RateLimit", "durable", &rate_limit("durable", 5), &[]).await;
+    let (status, _) = put(
+        &op,
+        &n1,
+        "RateLimit",
+        "durable",
+        &rate_limit("durable", 5),
+        &[],
+    )
+    .await;
     assert_eq!(status, 201);
     n1.kill().await;
     let n1 = Node::start(c1).await.unwrap();

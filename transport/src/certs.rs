@@ -354,7 +354,9 @@ pub enum OperatorCertError {
     #[error("operator certificate refused: {0}")]
     Invalid(String),
     /// No `spiffe://<td>/operator/<name>` SAN (e.g. a node certificate).
-    #[error("certificate has no spiffe://<trust-domain>/operator/<name> URI SAN (not an operator certificate)")]
+    #[error(
+        "certificate has no spiffe://<trust-domain>/operator/<name> URI SAN (not an operator certificate)"
+    )]
     NotOperator,
     /// An operator SAN of another trust domain.
     #[error("operator certificate belongs to trust domain {found:?}, expected {expected:?}")]
@@ -436,11 +438,11 @@ impl OperatorVerifier {
         use rustls::CertificateError as CE;
         use x509_parser::extensions::GeneralName;
         use x509_parser::prelude::{FromDer, X509Certificate};
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|_| OperatorCertError::Malformed)?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|_| OperatorCertError::Malformed)?;
         let end = rustls_pki_types::CertificateDer::from(der);
         let unix = rustls_pki_types::UnixTime::since_unix_epoch(
-            now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+            now.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
         );
         if let Err(e) = self.webpki.verify_client_cert(&end, &[], unix) {
             return Err(match e {
@@ -460,7 +462,9 @@ impl OperatorVerifier {
         let mut other_identity = false;
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
-                let GeneralName::URI(uri) = name else { continue };
+                let GeneralName::URI(uri) = name else {
+                    continue;
+                };
                 let Some((domain, path)) = uri
                     .strip_prefix("spiffe://")
                     .and_then(|r| r.split_once('/'))

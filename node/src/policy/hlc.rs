@@ -64,7 +64,9 @@ pub enum ClockError {
         wall_ms: u64,
     },
     /// A version too far in the future.
-    #[error("version {version} is {ahead_ms} ms ahead of this node's clock (the bound is {MAX_AHEAD_MS} ms)")]
+    #[error(
+        "version {version} is {ahead_ms} ms ahead of this node's clock (the bound is {MAX_AHEAD_MS} ms)"
+    )]
     Ahead {
         /// The version.
         version: String,
@@ -138,12 +140,11 @@ impl Hlc {
     ) -> Result<Version, ClockError> {
         self.check_ahead(signed_at_ms, 0)?;
         let logical = match replaces {
-            Some(r) if r.wall_ms == signed_at_ms => r
-                .logical
-                .checked_add(1)
-                .ok_or(ClockError::Saturated {
+            Some(r) if r.wall_ms == signed_at_ms => {
+                r.logical.checked_add(1).ok_or(ClockError::Saturated {
                     wall_ms: signed_at_ms,
-                })?,
+                })?
+            }
             _ => 0,
         };
         let v = Version {

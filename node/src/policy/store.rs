@@ -241,6 +241,19 @@ pub enum Offered {
     Kept { conflict: Option<Conflict> },
 }
 
+/// A write an operator signed, its signature already verified.
+#[derive(Debug)]
+pub struct SignedWrite {
+    /// The document, or `None` for a delete.
+    pub doc: Option<Document>,
+    /// The text exactly as signed (`None` for a delete).
+    pub source: Option<String>,
+    /// The signature.
+    pub signature: Signature,
+    /// The verified operator's SPIFFE ID.
+    pub operator: String,
+}
+
 /// What a signed local write did.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -430,12 +443,15 @@ impl PolicyStore {
         &self,
         kind: Kind,
         name: &str,
-        doc: Option<Document>,
-        source: Option<String>,
-        signature: Signature,
-        operator: String,
+        write: SignedWrite,
         if_match: Option<&str>,
     ) -> Result<Written, StoreError> {
+        let SignedWrite {
+            doc,
+            source,
+            signature,
+            operator,
+        } = write;
         let key = (kind, name.to_string());
         let mut entries = self.entries.lock().unwrap();
         check_if_match(&entries, &key, if_match)?;
@@ -677,15 +693,13 @@ mod tests {
     fn signed_put(store: &PolicyStore, rps: u32, t: u64) -> Result<Written, StoreError> {
         let d = doc("s", rps);
         let src = d.canonical.clone();
-        store.put_signed(
-            Kind::RateLimit,
-            "s",
-            Some(d),
-            Some(src),
-            sig(t),
-            "op".into(),
-            None,
-        )
+        let write = SignedWrite {
+            doc: Some(d),
+            source: Some(src),
+            signature: sig(t),
+            operator: "op".into(),
+        };
+        store.put_signed(Kind::RateLimit, "s", write, None)
     }
 
     #[test]
@@ -707,7 +721,10 @@ mod tests {
             signed_put(&store, 3, now - 1),
             Err(StoreError::Stale { .. })
         ));
-        assert_eq!(store.entry(Kind::RateLimit, "s").unwrap().version, b.entry.version);
+        assert_eq!(
+            store.entry(Kind::RateLimit, "s").unwrap().version,
+            b.entry.version
+        );
         // Far future: refused.
         assert!(matches!(
             signed_put(&store, 3, now + 11 * 60_000),
@@ -715,7 +732,17 @@ mod tests {
         ));
         // A delete is a signed tombstone.
         let del = store
-            .put_signed(Kind::RateLimit, "s", None, None, sig(now + 5), "op".into(), None)
+            .put_signed(
+                Kind::RateLimit,
+                "s",
+                SignedWrite {
+                    doc: None,
+                    source: None,
+                    signature: sig(now + 5),
+                    operator: "op".into(),
+                },
+                None,
+            )
             .unwrap();
         assert!(del.entry.is_tombstone());
         assert_eq!(del.entry.prev(), Some(&b.entry.version));
@@ -733,7 +760,10 @@ mod tests {
         let r = signed_put(&right, 3, now + 20).unwrap().entry;
         match left.offer(r.to_record().into_entry().unwrap()).unwrap() {
             Offered::Applied { conflict: Some(c) } => {
-                assert_eq!((c.winner, c.loser), (r.version.to_string(), l.version.to_string()))
+                assert_eq!(
+                    (c.winner, c.loser),
+                    (r.version.to_string(), l.version.to_string())
+                )
             }
             other => panic!("{other:?}"),
         }

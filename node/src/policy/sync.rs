@@ -206,6 +206,9 @@ struct Asked {
 
 type AskKey = (Kind, String, String);
 
+/// The newest advertised version of one policy, its hash, and who has it.
+type Wanted = (Version, String, Vec<(std::net::SocketAddr, String)>);
+
 /// Which version of one policy each member advertises.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeVersion {
@@ -465,7 +468,12 @@ impl PolicySync {
         while let Some(msg) = rx.recv().await {
             let from = msg.from.peer.node.clone();
             if msg.payload.len() > MAX_RECORD {
-                self.refuse(None, "too_large", &format!("{} bytes", msg.payload.len()), &from);
+                self.refuse(
+                    None,
+                    "too_large",
+                    &format!("{} bytes", msg.payload.len()),
+                    &from,
+                );
                 continue;
             }
             let Ok((record, _)) =
@@ -603,8 +611,7 @@ impl PolicySync {
         loop {
             tokio::time::sleep(interval).await;
             let now_ms = self.store.clock().physical_ms();
-            let mut wanted: HashMap<(Kind, String), (Version, String, Vec<(std::net::SocketAddr, String)>)> =
-                HashMap::new();
+            let mut wanted: HashMap<(Kind, String), Wanted> = HashMap::new();
             let mut probes: Vec<(AskKey, String, std::net::SocketAddr, String)> = Vec::new();
             {
                 let mut refused = self.refused.lock().unwrap();
@@ -675,8 +682,7 @@ impl PolicySync {
                     if recent {
                         continue;
                     }
-                    let Some((addr, node)) = peers.choose(&mut rand::thread_rng()).cloned()
-                    else {
+                    let Some((addr, node)) = peers.choose(&mut rand::thread_rng()).cloned() else {
                         continue;
                     };
                     asked.insert(

@@ -73,7 +73,9 @@ pub enum Refusal {
         ahead_ms: u64,
     },
     /// An HTTP write signed too long ago (a replayed request).
-    #[error("signed-at: {behind_ms} ms behind this node's clock (the bound is {MAX_AHEAD_MS} ms); sign again")]
+    #[error(
+        "signed-at: {behind_ms} ms behind this node's clock (the bound is {MAX_AHEAD_MS} ms); sign again"
+    )]
     TooOld {
         /// By how much.
         behind_ms: u64,
@@ -202,7 +204,9 @@ pub fn from_headers(headers: &http::HeaderMap) -> Result<Option<Signature>, Refu
     let cert = unhex(need(cert, HEADER_CERT)?)
         .ok_or_else(|| Refusal::Malformed(format!("{HEADER_CERT}: not hex")))?;
     let signed_at_ms = need(at, HEADER_SIGNED_AT)?.parse::<u64>().map_err(|_| {
-        Refusal::Malformed(format!("{HEADER_SIGNED_AT}: not milliseconds since the epoch"))
+        Refusal::Malformed(format!(
+            "{HEADER_SIGNED_AT}: not milliseconds since the epoch"
+        ))
     })?;
     let sig = unhex(need(sig, HEADER_SIGNATURE)?)
         .ok_or_else(|| Refusal::Malformed(format!("{HEADER_SIGNATURE}: not hex")))?;
@@ -223,7 +227,7 @@ pub fn to_headers(sig: &Signature) -> Vec<(&'static str, String)> {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 16 * 1024 {
+    if !s.len().is_multiple_of(2) || s.len() > 16 * 1024 {
         return None;
     }
     (0..s.len())
@@ -394,13 +398,25 @@ mod tests {
         );
         // Another body, name, kind, time, or a delete: refused.
         let bad = Err(Refusal::BadSignature);
-        assert_eq!(trust.verify(Kind::RateLimit, "a", Some("x"), &sig, now), bad);
-        assert_eq!(trust.verify(Kind::RateLimit, "b", Some(body), &sig, now), bad);
-        assert_eq!(trust.verify(Kind::HttpRoute, "a", Some(body), &sig, now), bad);
+        assert_eq!(
+            trust.verify(Kind::RateLimit, "a", Some("x"), &sig, now),
+            bad
+        );
+        assert_eq!(
+            trust.verify(Kind::RateLimit, "b", Some(body), &sig, now),
+            bad
+        );
+        assert_eq!(
+            trust.verify(Kind::HttpRoute, "a", Some(body), &sig, now),
+            bad
+        );
         assert_eq!(trust.verify(Kind::RateLimit, "a", None, &sig, now), bad);
         let mut later = sig.clone();
         later.signed_at_ms += 1;
-        assert_eq!(trust.verify(Kind::RateLimit, "a", Some(body), &later, now), bad);
+        assert_eq!(
+            trust.verify(Kind::RateLimit, "a", Some(body), &later, now),
+            bad
+        );
         // A foreign CA's operator.
         let other = Ca::generate("t.shoal", 1).unwrap();
         let mallory = operator(&other, "alice");
