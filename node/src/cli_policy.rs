@@ -148,11 +148,11 @@ async fn go(
             }
             let rows: Vec<Value> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
             let mut table = vec![
-                ["KIND", "NAME", "VERSION", "ORIGIN", "APPLIED ON"]
+                ["KIND", "NAME", "VERSION", "ORIGIN", "OPERATOR", "APPLIED ON"]
                     .map(String::from)
                     .to_vec(),
             ];
-            for r in rows {
+            for r in &rows {
                 let deleted = r["deleted"].as_bool() == Some(true);
                 table.push(vec![
                     r["kind"].as_str().unwrap_or("-").into(),
@@ -163,6 +163,11 @@ async fn go(
                     ),
                     r["version"].as_str().unwrap_or("-").into(),
                     r["origin"].as_str().unwrap_or("-").into(),
+                    r["operator"]
+                        .as_str()
+                        .and_then(|o| o.rsplit('/').next())
+                        .unwrap_or("-")
+                        .into(),
                     format!("{}/{}", r["applied_on"], r["live_nodes"]),
                 ]);
             }
