@@ -148,9 +148,16 @@ async fn go(
             }
             let rows: Vec<Value> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
             let mut table = vec![
-                ["KIND", "NAME", "VERSION", "ORIGIN", "OPERATOR", "APPLIED ON"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "KIND",
+                    "NAME",
+                    "VERSION",
+                    "ORIGIN",
+                    "OPERATOR",
+                    "APPLIED ON",
+                ]
+                .map(String::from)
+                .to_vec(),
             ];
             for r in &rows {
                 let deleted = r["deleted"].as_bool() == Some(true);

@@ -306,6 +306,24 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
         .await;
     all_refuse(&nodes, "not_operator", 1.0).await;
 
+    // (e) The write in force relabelled with a maximal tie-breaker.
+    let current: node::policy::Version = in_force["version"].as_str().unwrap().parse().unwrap();
+    let same = op.sign_at(Kind::RateLimit, "web-rl", Some(&new), current.wall_ms);
+    let relabel = record(
+        "web-rl",
+        &format!("{}.{}@zzz", current.wall_ms, u32::MAX),
+        Some(&new),
+        Some(same),
+    );
+    rogue
+        .advertise(
+            "web-rl",
+            &format!("{} {}", relabel.version, relabel.hash),
+            &relabel,
+        )
+        .await;
+    all_refuse(&nodes, "relabeled", 1.0).await;
+
     // Nothing of it applied anywhere: the operator's version is in force.
     for n in &nodes {
         let (status, doc) = rate_limit_on(n, "web-rl").await;

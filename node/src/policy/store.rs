@@ -239,6 +239,9 @@ pub enum Offered {
     Applied { conflict: Option<Conflict> },
     /// Not newer than ours; `conflict` when ours was written without seeing it.
     Kept { conflict: Option<Conflict> },
+    /// The write in force, signed at the same time with the same body, under
+    /// another version label: not applied.
+    Relabeled,
 }
 
 /// A write an operator signed, its signature already verified.
@@ -518,6 +521,16 @@ impl PolicyStore {
         let mut entries = self.entries.lock().unwrap();
         let key = (entry.kind, entry.name.clone());
         let current = entries.get(&key).cloned();
+        // The write in force under another version label (the tie-breaking
+        // parts are not signed): the same write, nothing to apply or report.
+        if let Some(c) = &current
+            && c.version != entry.version
+            && c.hash == entry.hash
+            && c.signed_at_ms().is_some()
+            && c.signed_at_ms() == entry.signed_at_ms()
+        {
+            return Ok(Offered::Relabeled);
+        }
         if let Some(c) = &current
             && c.version >= entry.version
         {

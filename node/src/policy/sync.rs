@@ -580,6 +580,12 @@ impl PolicySync {
                         self.conflict_seen(&id, &c.winner, &c.loser);
                     }
                 }
+                Ok(Offered::Relabeled) => self.refuse(
+                    Some(key),
+                    "relabeled",
+                    &format!("{id}: the write in force under another version ({version})"),
+                    &from,
+                ),
                 Err(StoreError::Clock(e)) => {
                     self.refuse(Some(key), "clock", &format!("{id}: {e}"), &from)
                 }
