@@ -263,6 +263,18 @@ async fn a_rogue_node_cannot_inject_wrap_roll_back_or_delete_policy() {
     rogue
         .advertise("web-rl", &format!("{WRAPPED} {}", wrapped.hash), &wrapped)
         .await;
+    for n in &nodes {
+        let admin = n.admin_addr();
+        eventually(
+            &format!("{} sees the wrapped advert", n.name()),
+            DEADLINE,
+            || async move {
+                let (_, body) = admin_get(admin, "/v1/policies/status").await;
+                body.contains(WRAPPED).then_some(())
+            },
+        )
+        .await;
+    }
 
     // (c) Roll back: the old signed body re-advertised at a higher version.
     let high = now_ms() + 60_000;
@@ -696,7 +708,21 @@ async fn concurrent_writes_on_two_sides_show_a_conflict_until_written_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_all_counts_a_silent_member_as_pending_until_it_is_declared_dead() {
-    let mut cluster = Cluster::start(3).await;
+    // A slow failure detector (about 3 s), so the crashed member stays
+    // undeclared for a while whatever the machine's load.
+    let pki = Pki::new("test.shoal");
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 1..=3 {
+        let seeds: Vec<String> = nodes
+            .first()
+            .map(|n| n.quic_addr().to_string())
+            .into_iter()
+            .collect();
+        let mut c = pki.node_config(&format!("n{i}"), &seeds);
+        c.phi_threshold = 30.0;
+        nodes.push(Node::start(c).await.unwrap());
+    }
+    let mut cluster = Cluster { pki, nodes };
     cluster.converged(&["n1", "n2", "n3"], DEADLINE).await;
     let op = cluster.pki.operator("alice");
     let n3 = cluster.nodes.pop().unwrap();
