@@ -501,7 +501,7 @@ impl PolicySync {
                     _ => None,
                 }
             };
-            let Some(asked) = asked else {
+            if asked.is_none() {
                 self.refuse(
                     None,
                     "unsolicited",
@@ -509,7 +509,7 @@ impl PolicySync {
                     &from,
                 );
                 continue;
-            };
+            }
             let trust = self.trust.clone();
             let now_ms = self.store.clock().physical_ms();
             let mut record = record;
@@ -554,9 +554,8 @@ impl PolicySync {
             }
             let (kind, wall_ms) = (entry.kind, entry.version.wall_ms);
             let version = entry.version.to_string();
-            // A probe fetched a conflict's losing write to verify the
-            // conflict: offering it records the conflict and applies nothing.
-            drop(asked);
+            // (A probe for a conflict's losing write lands here too: offering
+            // it records the conflict, verified, and applies nothing.)
             match self.store.offer(entry) {
                 Ok(Offered::Applied { conflict }) => {
                     let now = self.store.clock().physical_ms();
