@@ -12,7 +12,9 @@ use serde_json::json;
 use crate::admin::{json, text};
 use crate::node::NodeState;
 use crate::policy::doc::MAX_DOCUMENT;
-use crate::policy::{Document, Entry, Kind, StoreError};
+use crate::policy::store::{SignedWrite, Written};
+use crate::policy::trust::{self, MAX_HTTP_SKEW, Refusal};
+use crate::policy::{Document, Entry, Kind, Signature, StoreError};
 
 /// How long `?wait=all` waits by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
@@ -151,9 +153,29 @@ async fn put(
     let Ok(text_body) = std::str::from_utf8(&body) else {
         return problem(StatusCode::BAD_REQUEST, &["document: not UTF-8".into()]);
     };
-    let doc = match Document::parse(text_body) {
-        Ok(d) => d,
-        Err(p) => return problem(StatusCode::BAD_REQUEST, &p.0),
+    // The signature covers the bytes as sent: check it before any parsing,
+    // so nobody without an operator key makes this node parse anything.
+    let (sig, operator) = match signed(state, &headers, kind, name, Some(text_body)) {
+        Ok(v) => v,
+        Err(resp) => return *resp,
+    };
+    let text = text_body.to_string();
+    let doc = match state
+        .sync
+        .parse_off_thread(move || Document::parse(&text))
+        .await
+    {
+        Some(Ok(d)) => d,
+        Some(Err(p)) => {
+            state.policy_metrics.refused("http", "invalid_document");
+            return problem(StatusCode::BAD_REQUEST, &p.0);
+        }
+        None => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &["document: parser unavailable".into()],
+            );
+        }
     };
     let mut mismatch = Vec::new();
     if doc.kind != kind {
@@ -171,23 +193,64 @@ async fn put(
     if !mismatch.is_empty() {
         return problem(StatusCode::BAD_REQUEST, &mismatch);
     }
-    let existed = state
-        .store
-        .entry(kind, name)
-        .is_some_and(|e| !e.is_tombstone());
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    match state.store.put(doc, if_match) {
-        Ok(entry) => {
-            state.policy_metrics.local_write(kind);
-            let created = if existed {
+    let source = Some(text_body.to_string());
+    match state.store.put_signed(
+        kind,
+        name,
+        SignedWrite {
+            doc: Some(doc),
+            source,
+            signature: sig,
+            operator,
+        },
+        if_match,
+    ) {
+        Ok(w) => {
+            let status = if w.existed || w.unchanged {
                 StatusCode::OK
             } else {
                 StatusCode::CREATED
             };
-            written(state, entry, created, query).await
+            accepted(state, w, status, query).await
         }
-        Err(e) => store_error(e),
+        Err(e) => store_error(state, e),
     }
+}
+
+/// Reads and verifies the operator signature on a write; the error is the
+/// reply (401 unsigned, 400 malformed or out of the time window, 403 not an
+/// operator of this mesh or not matching), counted by reason.
+fn signed(
+    state: &NodeState,
+    headers: &HeaderMap,
+    kind: Kind,
+    name: &str,
+    body: Option<&str>,
+) -> Result<(Signature, String), Box<Response<Full<Bytes>>>> {
+    let now_ms = state.store.clock().physical_ms();
+    let result = trust::from_headers(headers)
+        .and_then(|s| s.ok_or(Refusal::Unsigned))
+        .and_then(|sig| {
+            let op = state.sync.trust().verify(kind, name, body, &sig, now_ms)?;
+            let behind = now_ms.saturating_sub(sig.signed_at_ms);
+            if behind > MAX_HTTP_SKEW.as_millis() as u64 {
+                return Err(Refusal::TooOld { behind_ms: behind });
+            }
+            Ok((sig, op))
+        });
+    result.map_err(|r| {
+        state.policy_metrics.refused("http", r.reason());
+        tracing::warn!(policy = %format!("{kind}/{name}"), reason = r.reason(), error = %r, "refused unsigned or badly signed policy write");
+        let status = match r {
+            Refusal::Unsigned => StatusCode::UNAUTHORIZED,
+            Refusal::Malformed(_) | Refusal::ClockAhead { .. } | Refusal::TooOld { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::FORBIDDEN,
+        };
+        Box::new(problem(status, &[r.to_string()]))
+    })
 }
 
 async fn delete(
@@ -197,14 +260,37 @@ async fn delete(
     name: &str,
     query: &str,
 ) -> Response<Full<Bytes>> {
+    let (sig, operator) = match signed(state, headers, kind, name, None) {
+        Ok(v) => v,
+        Err(resp) => return *resp,
+    };
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    match state.store.delete(kind, name, if_match) {
-        Ok(entry) => {
-            state.policy_metrics.local_write(kind);
-            written(state, entry, StatusCode::OK, query).await
-        }
-        Err(e) => store_error(e),
+    match state.store.put_signed(
+        kind,
+        name,
+        SignedWrite {
+            doc: None,
+            source: None,
+            signature: sig,
+            operator,
+        },
+        if_match,
+    ) {
+        Ok(w) => accepted(state, w, StatusCode::OK, query).await,
+        Err(e) => store_error(state, e),
     }
+}
+
+async fn accepted(
+    state: &NodeState,
+    w: Written,
+    status: StatusCode,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    if !w.unchanged {
+        state.policy_metrics.local_write(w.entry.kind);
+    }
+    written(state, w.entry, status, query).await
 }
 
 /// The reply to an accepted write; with `?wait=all`, held until every live
@@ -234,9 +320,21 @@ async fn written(
             .sync
             .wait_applied(entry.kind, &entry.name, &entry.version, timeout)
             .await;
-        body["applied_everywhere"] = json!(all);
-        body["nodes"] = json!(state.sync.status_of(entry.kind, &entry.name).await);
-        if !all {
+        let nodes = state.sync.status_of(entry.kind, &entry.name).await;
+        let pending: Vec<serde_json::Value> = nodes
+            .iter()
+            .filter(|n| {
+                n.version
+                    .as_deref()
+                    .and_then(|v| v.parse::<crate::policy::Version>().ok())
+                    .is_none_or(|v| v < entry.version)
+            })
+            .map(|n| json!({ "node": n.node, "state": n.state, "version": n.version }))
+            .collect();
+        body["applied_everywhere"] = json!(all && pending.is_empty());
+        body["nodes"] = json!(nodes);
+        body["pending"] = json!(pending);
+        if body["applied_everywhere"] != json!(true) {
             status = StatusCode::ACCEPTED;
         }
     }
@@ -296,6 +394,16 @@ fn get(
     if let Ok(v) = http::HeaderValue::from_str(&format!("\"{}\"", entry.version)) {
         r.headers_mut().insert(header::ETAG, v);
     }
+    let operator = entry.provenance.as_ref().and_then(|p| p.operator.clone());
+    if let Some(v) = operator.and_then(|o| http::HeaderValue::from_str(&o).ok()) {
+        r.headers_mut().insert("shoal-operator", v);
+    }
+    if let Some(c) = state.store.conflict(kind, name)
+        && let Ok(v) =
+            http::HeaderValue::from_str(&format!("{} won over concurrent {}", c.winner, c.loser))
+    {
+        r.headers_mut().insert("shoal-conflict", v);
+    }
     r
 }
 
@@ -326,6 +434,9 @@ async fn list(state: &NodeState) -> Response<Full<Bytes>> {
                 "deleted": e.is_tombstone(),
                 "applied_on": applied_on,
                 "live_nodes": live,
+                "operator": e.provenance.as_ref().and_then(|p| p.operator.clone()),
+                "signed_at_ms": e.signed_at_ms(),
+                "conflict": state.store.conflict(e.kind, &e.name),
             })
         })
         .collect();
@@ -342,8 +453,16 @@ async fn status(state: &NodeState) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn store_error(e: StoreError) -> Response<Full<Bytes>> {
+fn store_error(state: &NodeState, e: StoreError) -> Response<Full<Bytes>> {
     match e {
+        StoreError::Stale { .. } => {
+            state.policy_metrics.refused("http", "stale");
+            problem(StatusCode::CONFLICT, &[format!("signed-at: {e}")])
+        }
+        StoreError::Clock(c) => {
+            state.policy_metrics.refused("http", "clock");
+            problem(StatusCode::BAD_REQUEST, &[format!("version: {c}")])
+        }
         StoreError::PreconditionFailed { .. } => {
             problem(StatusCode::PRECONDITION_FAILED, &[format!("if-match: {e}")])
         }

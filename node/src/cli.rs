@@ -23,7 +23,7 @@ pub struct Cli {
 enum Command {
     /// Run a mesh node.
     Node(Box<NodeArgs>),
-    /// Make the mesh CA and node certificates.
+    /// Make the mesh CA, node certificates and operator certificates.
     #[command(subcommand)]
     Cert(CertCommand),
     /// Print the member list of a running node as a table.
@@ -61,6 +61,10 @@ struct PolicyArgs {
     /// File holding the node's admin bearer token.
     #[arg(long, global = true, env = "SHOAL_ADMIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Operator certificate folder (operator.pem, operator.key from
+    /// `shoal cert issue-operator`); apply and delete are signed with it.
+    #[arg(long, global = true, env = "SHOAL_OPERATOR")]
+    operator_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: PolicyCommand,
 }
@@ -146,6 +150,27 @@ enum CertCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue an operator certificate, the one that signs policy writes:
+    /// OUT/{ca.pem,operator.pem,operator.key} (key mode 0600). URI SAN:
+    /// spiffe://<td>/operator/<name> only (not usable as a node).
+    /// Key: ECDSA P-256 with SHA-256. Validity: --days, default 90.
+    IssueOperator {
+        /// Folder holding the CA (ca.pem, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Operator name.
+        #[arg(long)]
+        name: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::DEFAULT_OPERATOR_DAYS)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Parses the command line, runs the command, returns the exit code.
@@ -186,6 +211,7 @@ pub fn main() -> i32 {
         Command::Policy(args) => runtime().block_on(crate::cli_policy::run(
             &args.admin,
             args.token_file.as_deref(),
+            args.operator_cert.as_deref(),
             args.command,
         )),
         Command::Stat { admin } => runtime().block_on(crate::proxy::stats::stat_command(&admin)),
@@ -257,6 +283,18 @@ fn cert(c: CertCommand) -> i32 {
                 )
             })
         }
+        CertCommand::IssueOperator {
+            ca,
+            name,
+            out,
+            days,
+            force,
+        } => certs::issue_operator(&ca, &name, &out, Validity::days(days), force).map(|_| {
+            println!(
+                "wrote {0}/ca.pem, {0}/operator.pem and {0}/operator.key for operator {name}",
+                out.display()
+            )
+        }),
     };
     match result {
         Ok(()) => 0,

@@ -129,11 +129,14 @@ impl Node {
         let store = Arc::new(PolicyStore::open(&config.name, config.data_dir.as_deref())?);
         let mut metrics = Metrics::new(endpoint.clone(), gossip.clone());
         let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
+        let trust = crate::policy::Trust::from_cert_dir(&config.certs, &identity.trust_domain)
+            .map_err(|e| NodeError::Certificate(format!("CA for operator signatures: {e}")))?;
         let sync = PolicySync::new(
             store.clone(),
             gossip.clone(),
             endpoint.clone(),
             policy_metrics.clone(),
+            Arc::new(trust),
         );
         let mut tasks = sync.spawn();
         let proxy = Arc::new(

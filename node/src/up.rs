@@ -15,7 +15,7 @@ pub async fn run(n: usize) -> i32 {
     match start(n, Duration::from_millis(300)).await {
         Ok((dir, nodes)) => {
             println!(
-                "shoal up: {n} nodes, certificates in {}",
+                "shoal up: {n} nodes, certificates in {0}; sign policy with --operator-cert {0}/operator",
                 dir.path().display()
             );
             for node in &nodes {
@@ -72,6 +72,13 @@ pub async fn start(
 ) -> anyhow::Result<(tempfile::TempDir, Vec<Node>)> {
     let dir = tempfile::Builder::new().prefix("shoal-up-").tempdir()?;
     let ca = Ca::generate("local.shoal", 1)?;
+    let operator = ca.issue_operator("local", Validity::days(1))?;
+    transport::certs::write_operator_dir(
+        &dir.path().join("operator"),
+        &ca.cert_pem(),
+        &operator,
+        false,
+    )?;
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
     for i in 1..=n {
         let name = format!("n{i}");

@@ -344,6 +344,67 @@ fn certificate_commands_refuse_to_overwrite_and_protect_keys() {
 }
 
 #[test]
+fn issue_operator_writes_an_operator_certificate_that_is_no_node_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), &[]);
+    let issue = |force: bool| {
+        let mut args = vec![
+            "cert",
+            "issue-operator",
+            "--ca",
+            "certs",
+            "--name",
+            "alice",
+            "--out",
+            "ops/alice",
+        ];
+        if force {
+            args.push("--force");
+        }
+        shoal(&args, dir.path())
+    };
+    let out = issue(false);
+    assert!(out.status.success(), "{out:?}");
+    let key = dir.path().join("ops/alice/operator.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let pem = std::fs::read_to_string(dir.path().join("ops/alice/operator.pem")).unwrap();
+    assert!(pem.contains("BEGIN CERTIFICATE"));
+    assert!(dir.path().join("ops/alice/ca.pem").is_file());
+    let out = issue(false);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert!(issue(true).status.success());
+    // A node cannot run on it: it names no node.
+    std::fs::copy(
+        dir.path().join("ops/alice/operator.pem"),
+        dir.path().join("ops/alice/node.pem"),
+    )
+    .unwrap();
+    std::fs::copy(&key, dir.path().join("ops/alice/node.key")).unwrap();
+    let out = shoal(
+        &[
+            "node",
+            "--name",
+            "alice",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--certs",
+            "ops/alice",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node/<name>"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn policy_commands_round_trip_through_a_node() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path(), &["n1", "n2"]);
@@ -403,22 +464,76 @@ fn policy_commands_round_trip_through_a_node() {
         all.extend_from_slice(args);
         shoal(&all, dir.path())
     };
+    let out = shoal(
+        &[
+            "cert",
+            "issue-operator",
+            "--ca",
+            "certs",
+            "--name",
+            "alice",
+            "--out",
+            "alice",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
     // Without the token the write is refused.
-    let out = policy(&["apply", "-f", "canary.yaml"]);
+    let out = policy(&["--operator-cert", "alice", "apply", "-f", "canary.yaml"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("401"),
         "{out:?}"
     );
-
+    // Without an operator certificate it is not even sent: one line, usage.
+    let out = policy(&["--token-file", "token", "apply", "-f", "canary.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--operator-cert"), "{stderr}");
+    // Signed with a node's key instead of an operator's: one clear line.
+    std::fs::create_dir_all(dir.path().join("fake-op")).unwrap();
+    std::fs::copy(
+        dir.path().join("certs/n2/node.pem"),
+        dir.path().join("fake-op/operator.pem"),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.path().join("certs/n2/node.key"),
+        dir.path().join("fake-op/operator.key"),
+    )
+    .unwrap();
     let out = policy(&[
         "--token-file",
         "token",
+        "--operator-cert",
+        "fake-op",
         "apply",
         "-f",
         "canary.yaml",
-        "--wait",
     ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("403") && stderr.contains("not an operator certificate"),
+        "{stderr}"
+    );
+
+    let out = Command::new(SHOAL)
+        .args(["policy", "--admin", admin.as_str()])
+        .args([
+            "--token-file",
+            "token",
+            "apply",
+            "-f",
+            "canary.yaml",
+            "--wait",
+        ])
+        .env("SHOAL_OPERATOR", "alice")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -447,7 +562,15 @@ fn policy_commands_round_trip_through_a_node() {
 
     // Invalid documents come back with every problem.
     std::fs::write(dir.path().join("bad.yaml"), "apiVersion: shoal.dev/v1\nkind: RateLimit\nmetadata: {name: r}\nspec: {target: web, requestsPerSecond: -1, colour: red}\n").unwrap();
-    let out = policy(&["--token-file", "token", "apply", "-f", "bad.yaml"]);
+    let out = policy(&[
+        "--token-file",
+        "token",
+        "--operator-cert",
+        "alice",
+        "apply",
+        "-f",
+        "bad.yaml",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -458,6 +581,8 @@ fn policy_commands_round_trip_through_a_node() {
     let out = policy(&[
         "--token-file",
         "token",
+        "--operator-cert",
+        "alice",
         "delete",
         "HTTPRoute",
         "web-canary",

@@ -972,6 +972,7 @@ fn set_of(v: &View, trace: &Trace) -> PolicySet {
                 version: ver_s.parse().ok()?,
                 hash: node::policy::store::content_hash(&parsed.canonical),
                 doc: Some(Arc::new(parsed)),
+                provenance: None,
             })
         })
         .collect();

@@ -575,6 +575,8 @@ struct SimCluster {
     phi_threshold: f64,
     /// Rogues started by `byzantine` steps.
     rogues: Vec<Rogue>,
+    /// Signs pushed policies, as an operator's `shoal policy apply` would.
+    operator: Arc<node::policy::OperatorKey>,
 }
 
 /// Puts the fault layer over an extra layer.
@@ -601,6 +603,15 @@ impl SimCluster {
             .tempdir()
             .context("temporary folder")?;
         let ca = Ca::generate("sim.shoal", 1).context("mesh CA")?;
+        let operator_dir = dir.path().join("operator");
+        node::certs::write_operator_dir(
+            &operator_dir,
+            &ca.cert_pem(),
+            &ca.issue_operator("sim", Validity::days(1))?,
+            false,
+        )?;
+        let operator =
+            Arc::new(node::policy::OperatorKey::load(&operator_dir).map_err(anyhow::Error::msg)?);
         let net = FaultNet::new(options.seed);
         let layer = match &options.extra_layer {
             Some(extra) => Arc::new(Stacked {
@@ -628,6 +639,7 @@ impl SimCluster {
             gossip_interval: spec.gossip_interval,
             phi_threshold: spec.phi_threshold,
             rogues: Vec::new(),
+            operator,
         };
         // Process mode fixes every port up front so seeds and restarts know them.
         let ports: Vec<(SocketAddr, SocketAddr, SocketAddr)> = if options.processes.is_some() {
@@ -1071,6 +1083,9 @@ impl SimCluster {
                 unreachable!("push_many takes push-policy steps");
             };
             let admin = self.running(node).map(|i| i.admin_addr());
+            let signed = kind
+                .parse::<node::policy::Kind>()
+                .map(|k| self.operator.sign(k, name, Some(document)));
             async move {
                 let Some(admin) = admin else {
                     return (
@@ -1081,11 +1096,15 @@ impl SimCluster {
                         Err("the node is not running".into()),
                     );
                 };
+                let mut headers = vec![("content-type", "application/yaml".to_string())];
+                if let Ok(sig) = &signed {
+                    headers.extend(node::policy::trust::to_headers(sig));
+                }
                 let r = node::cli::request(
                     &admin.to_string(),
                     http::Method::PUT,
                     &format!("/v1/policies/{kind}/{name}"),
-                    &[("content-type", "application/yaml".to_string())],
+                    &headers,
                     bytes::Bytes::from(document.clone()),
                 )
                 .await;

@@ -5,6 +5,7 @@
 pub mod danger;
 pub mod rogue;
 pub mod rogue_proxy;
+pub mod operator;
 pub mod traffic;
 
 use std::future::Future;

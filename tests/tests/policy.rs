@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use node::Node;
 use node::policy::Kind;
-use tests::{Cluster, admin_get, admin_request, eventually};
+use tests::operator::Operator;
+use tests::{Cluster, admin_get, eventually};
 
 const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -17,22 +18,14 @@ fn rate_limit(name: &str, rps: u32) -> String {
 }
 
 async fn put(
+    op: &Operator,
     node: &Node,
     kind: &str,
     name: &str,
     body: &str,
     extra: &[(&str, &str)],
 ) -> (u16, serde_json::Value) {
-    let mut headers = vec![("content-type", "application/yaml")];
-    headers.extend_from_slice(extra);
-    let (status, body) = admin_request(
-        node.admin_addr(),
-        "PUT",
-        &format!("/v1/policies/{kind}/{name}"),
-        &headers,
-        body,
-    )
-    .await;
+    let (status, body) = op.put(node.admin_addr(), kind, name, body, "", extra).await;
     (
         status,
         serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
@@ -49,11 +42,13 @@ fn version_on(node: &Node, name: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_to_one_of_five_reaches_all_and_wait_all_confirms() {
     let cluster = Cluster::start(5).await;
+    let op = cluster.pki.operator("alice");
     cluster
         .converged(&["n1", "n2", "n3", "n4", "n5"], DEADLINE)
         .await;
 
     let (status, reply) = put(
+        &op,
         &cluster.nodes[3],
         "RateLimit",
         "web-rl",
@@ -77,6 +72,7 @@ async fn push_to_one_of_five_reaches_all_and_wait_all_confirms() {
 
     // ?wait=all on another node: the reply comes once all five run it.
     let (status, reply) = put(
+        &op,
         &cluster.nodes[1],
         "RateLimit",
         "web-rl",
@@ -86,6 +82,7 @@ async fn push_to_one_of_five_reaches_all_and_wait_all_confirms() {
     .await;
     assert_eq!(status, 200, "{reply}");
     let (status, reply) = put(
+        &op,
         &cluster.nodes[0],
         "RateLimit",
         "web-rl2",
@@ -94,14 +91,16 @@ async fn push_to_one_of_five_reaches_all_and_wait_all_confirms() {
     )
     .await;
     assert_eq!(status, 201, "{reply}");
-    let (status, body) = admin_request(
-        cluster.nodes[2].admin_addr(),
-        "PUT",
-        "/v1/policies/RateLimit/web-rl3?wait=all",
-        &[("content-type", "application/yaml")],
-        &rate_limit("web-rl3", 10),
-    )
-    .await;
+    let (status, body) = op
+        .put(
+            cluster.nodes[2].admin_addr(),
+            "RateLimit",
+            "web-rl3",
+            &rate_limit("web-rl3", 10),
+            "?wait=all",
+            &[],
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["applied_everywhere"], true, "{reply}");
@@ -132,11 +131,12 @@ async fn push_to_one_of_five_reaches_all_and_wait_all_confirms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors_and_changes_nothing() {
     let cluster = Cluster::start(2).await;
+    let op = cluster.pki.operator("alice");
     cluster.converged(&["n1", "n2"], DEADLINE).await;
     let n1 = &cluster.nodes[0];
 
     let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: web}]\n  bogus: 1\n  rules:\n  - backendRefs: [{name: a, weight: 0}]\n    retry: {attempts: 50}\n    timeouts: {request: soon}\n";
-    let (status, reply) = put(n1, "HTTPRoute", "r", bad, &[]).await;
+    let (status, reply) = put(&op, n1, "HTTPRoute", "r", bad, &[]).await;
     assert_eq!(status, 400);
     let errors: Vec<String> = serde_json::from_value(reply["errors"].clone()).unwrap();
     assert_eq!(errors.len(), 4, "{errors:?}");
@@ -153,27 +153,30 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         "{errors:?}"
     );
 
-    let (status, _) = put(n1, "RateLimit", "other-name", &rate_limit("x", 1), &[]).await;
+    let (status, _) = put(&op, n1, "RateLimit", "other-name", &rate_limit("x", 1), &[]).await;
     assert_eq!(status, 400);
-    let (status, _) = put(n1, "Gizmo", "x", &rate_limit("x", 1), &[]).await;
+    let (status, _) = put(&op, n1, "Gizmo", "x", &rate_limit("x", 1), &[]).await;
     assert_eq!(status, 404);
     let huge = format!("{}# {}\n", rate_limit("big", 1), "x".repeat(1 << 20));
-    let (status, _) = put(n1, "RateLimit", "big", &huge, &[]).await;
+    let (status, _) = put(&op, n1, "RateLimit", "big", &huge, &[]).await;
     assert_eq!(status, 413);
-    let (status, body) = admin_request(
-        n1.admin_addr(),
-        "PUT",
-        "/v1/policies/RateLimit/x",
-        &[("content-type", "image/png")],
-        &rate_limit("x", 1),
-    )
-    .await;
+    let (status, body) = op
+        .put(
+            n1.admin_addr(),
+            "RateLimit",
+            "x",
+            &rate_limit("x", 1),
+            "",
+            &[("content-type", "image/png")],
+        )
+        .await;
     assert_eq!(status, 415, "{body}");
 
     // Compare-and-set.
-    let (status, first) = put(n1, "RateLimit", "cas", &rate_limit("cas", 1), &[]).await;
+    let (status, first) = put(&op, n1, "RateLimit", "cas", &rate_limit("cas", 1), &[]).await;
     assert_eq!(status, 201);
     let (status, _) = put(
+        &op,
         n1,
         "RateLimit",
         "cas",
@@ -184,6 +187,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(status, 412);
     let v = format!("\"{}\"", first["version"].as_str().unwrap());
     let (status, _) = put(
+        &op,
         n1,
         "RateLimit",
         "cas",
@@ -209,15 +213,17 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_need_the_token_when_one_is_set() {
     let pki = tests::Pki::new("test.shoal");
+    let op = pki.operator("alice");
     let token = pki.path().join("token");
     std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
     let mut config = pki.node_config("n1", &[]);
     config.admin_token_file = Some(token);
     let n1 = Node::start(config).await.unwrap();
     let doc = rate_limit("t", 1);
-    let (status, _) = put(&n1, "RateLimit", "t", &doc, &[]).await;
+    let (status, _) = put(&op, &n1, "RateLimit", "t", &doc, &[]).await;
     assert_eq!(status, 401);
     let (status, _) = put(
+        &op,
         &n1,
         "RateLimit",
         "t",
@@ -228,6 +234,7 @@ async fn writes_need_the_token_when_one_is_set() {
     assert_eq!(status, 403);
     assert!(n1.policies().entries().is_empty());
     let (status, _) = put(
+        &op,
         &n1,
         "RateLimit",
         "t",
@@ -246,11 +253,28 @@ async fn writes_need_the_token_when_one_is_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_propagate_and_losing_the_origin_loses_nothing() {
     let mut cluster = Cluster::start(3).await;
+    let op = cluster.pki.operator("alice");
     cluster.converged(&["n1", "n2", "n3"], DEADLINE).await;
     let origin = cluster.nodes.pop().unwrap();
-    let (status, _) = put(&origin, "RateLimit", "keep", &rate_limit("keep", 5), &[]).await;
+    let (status, _) = put(
+        &op,
+        &origin,
+        "RateLimit",
+        "keep",
+        &rate_limit("keep", 5),
+        &[],
+    )
+    .await;
     assert_eq!(status, 201);
-    let (status, _) = put(&origin, "RateLimit", "gone", &rate_limit("gone", 5), &[]).await;
+    let (status, _) = put(
+        &op,
+        &origin,
+        "RateLimit",
+        "gone",
+        &rate_limit("gone", 5),
+        &[],
+    )
+    .await;
     assert_eq!(status, 201);
     for n in &cluster.nodes {
         eventually("both applied", DEADLINE, || async {
@@ -258,14 +282,9 @@ async fn deletes_propagate_and_losing_the_origin_loses_nothing() {
         })
         .await;
     }
-    let (status, _) = admin_request(
-        origin.admin_addr(),
-        "DELETE",
-        "/v1/policies/RateLimit/gone?wait=all",
-        &[],
-        "",
-    )
-    .await;
+    let (status, _) = op
+        .delete(origin.admin_addr(), "RateLimit", "gone", "?wait=all")
+        .await;
     assert_eq!(status, 200);
     for n in &cluster.nodes {
         assert!(version_on(n, "gone").is_none());
@@ -296,11 +315,20 @@ async fn deletes_propagate_and_losing_the_origin_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_writes_survive_a_restart_and_concurrent_writes_converge() {
     let pki = tests::Pki::new("test.shoal");
+    let op = pki.operator("alice");
     let data = pki.path().join("data-n1");
     let mut c1 = pki.node_config("n1", &[]);
     c1.data_dir = Some(data.clone());
     let n1 = Node::start(c1.clone()).await.unwrap();
-    let (status, _) = put(&n1, "RateLimit", "durable", &rate_limit("durable", 5), &[]).await;
+    let (status, _) = put(
+        &op,
+        &n1,
+        "RateLimit",
+        "durable",
+        &rate_limit("durable", 5),
+        &[],
+    )
+    .await;
     assert_eq!(status, 201);
     n1.kill().await;
     let n1 = Node::start(c1).await.unwrap();
@@ -312,8 +340,8 @@ async fn accepted_writes_survive_a_restart_and_concurrent_writes_converge() {
         .unwrap();
     let (d1, d2) = (rate_limit("race", 1), rate_limit("race", 2));
     let (a, b) = tokio::join!(
-        put(&n1, "RateLimit", "race", &d1, &[]),
-        put(&n2, "RateLimit", "race", &d2, &[]),
+        put(&op, &n1, "RateLimit", "race", &d1, &[]),
+        put(&op, &n2, "RateLimit", "race", &d2, &[]),
     );
     assert!(a.0 == 201 && b.0 == 201);
     let va: node::policy::Version = a.1["version"].as_str().unwrap().parse().unwrap();

@@ -6,17 +6,15 @@ use std::time::{Duration, Instant};
 use hyper::StatusCode;
 use node::Node;
 use tests::traffic::*;
-use tests::{admin_get, admin_request, eventually};
+use tests::{admin_get, eventually};
 
-async fn push(node: &Node, kind: &str, name: &str, doc: &str) {
-    let (status, body) = admin_request(
-        node.admin_addr(),
-        "PUT",
-        &format!("/v1/policies/{kind}/{name}"),
-        &[("content-type", "application/yaml")],
-        doc,
-    )
-    .await;
+/// PUTs `doc` to `node`, signed by an operator of `mesh`'s CA.
+async fn push(mesh: &Mesh, node: &Node, kind: &str, name: &str, doc: &str) {
+    let (status, body) = mesh
+        .pki
+        .operator("alice")
+        .put(node.admin_addr(), kind, name, doc, "", &[])
+        .await;
     assert!(status == 200 || status == 201, "{status} {body}");
 }
 
@@ -68,7 +66,7 @@ async fn push_to_one_of_five_is_enforced_by_every_node() {
         assert_eq!(call(c, "web", &[]).await.1, "v1");
     }
     let pushed = Instant::now();
-    push(&clients[1], "HTTPRoute", "web-cutover", ALL_TO_V2).await;
+    push(&mesh, &clients[1], "HTTPRoute", "web-cutover", ALL_TO_V2).await;
     for c in &clients {
         eventually(&format!("{} sends web to v2", c.name()), WAIT, || async {
             (call(c, "web", &[]).await.1 == "v2").then_some(())
@@ -101,7 +99,7 @@ async fn weighted_split_is_about_ninety_ten_and_a_header_match_overrides_it() {
     routable(&client, "web", 1).await;
     routable(&client, "web-v2", 1).await;
     let split = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-canary}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - matches: [{headers: [{name: x-canary, value: \"true\"}]}]\n    backendRefs: [{name: web-v2}]\n    filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-route, value: canary}]}\n  - backendRefs: [{name: web, weight: 90}, {name: web-v2, weight: 10}]\n";
-    push(&client, "HTTPRoute", "web-canary", split).await;
+    push(&mesh, &client, "HTTPRoute", "web-canary", split).await;
     assert!(client.policies().entries().len() == 1);
 
     let mut v2_count = 0;
@@ -156,7 +154,7 @@ async fn authorization_allows_the_named_caller_and_the_mesh_default_switches() {
     }
 
     let authz = "apiVersion: shoal.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-from-api}\nspec:\n  target: web\n  rules:\n  - from: [api]\n";
-    push(&batch, "AuthorizationPolicy", "web-from-api", authz).await;
+    push(&mesh, &batch, "AuthorizationPolicy", "web-from-api", authz).await;
     eventually("batch is refused", WAIT, || async {
         let (status, _, err) = call(&batch, "web", &[]).await;
         (status == 403 && err.as_deref() == Some("forbidden")).then_some(())
@@ -169,7 +167,7 @@ async fn authorization_allows_the_named_caller_and_the_mesh_default_switches() {
     // Services no policy names follow the mesh default: allow, then deny.
     assert_eq!(call(&batch, "other", &[]).await.0, 200);
     let deny = "apiVersion: shoal.dev/v1\nkind: MeshConfig\nmetadata: {name: default}\nspec: {defaultAuthorization: deny}\n";
-    push(&api, "MeshConfig", "default", deny).await;
+    push(&mesh, &api, "MeshConfig", "default", deny).await;
     eventually("default deny reaches the server", WAIT, || async {
         (call(&batch, "other", &[]).await.0 == 403).then_some(())
     })
@@ -209,7 +207,7 @@ async fn rate_limit_answers_429_past_the_rate_and_faults_abort_about_their_share
     routable(&client, "flaky", 1).await;
 
     let limit = "apiVersion: shoal.dev/v1\nkind: RateLimit\nmetadata: {name: web-rl}\nspec: {target: web, requestsPerSecond: 20, burst: 5}\n";
-    push(&client, "RateLimit", "web-rl", limit).await;
+    push(&mesh, &client, "RateLimit", "web-rl", limit).await;
     eventually("the limit bites", WAIT, || async {
         (call(&client, "web", &[]).await.0 == 429).then_some(())
     })
@@ -244,7 +242,7 @@ async fn rate_limit_answers_429_past_the_rate_and_faults_abort_about_their_share
     assert!(ok_count >= 5, "{ok_count}");
 
     let fault = "apiVersion: shoal.dev/v1\nkind: FaultInjection\nmetadata: {name: flaky}\nspec: {target: flaky, abort: {percent: 30, status: 503}}\n";
-    push(&client, "FaultInjection", "flaky", fault).await;
+    push(&mesh, &client, "FaultInjection", "flaky", fault).await;
     eventually("faults start", WAIT, || async {
         let mut hit = false;
         for _ in 0..20 {

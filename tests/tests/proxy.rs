@@ -12,7 +12,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tests::traffic::*;
-use tests::{TEST_GOSSIP, admin_get, admin_request, eventually};
+use tests::{TEST_GOSSIP, admin_get, eventually};
 
 // === tests ===
 
@@ -628,14 +628,11 @@ async fn upstream_listener_sends_everything_to_its_service_through_policy() {
     // Policies apply as on the shared outbound listener: a route sending
     // `web` to `web-v2` takes this listener's traffic too.
     let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-cutover}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - backendRefs: [{name: web-v2, port: 80}]\n";
-    let (status, body) = admin_request(
-        n1.admin_addr(),
-        "PUT",
-        "/v1/policies/HTTPRoute/web-cutover",
-        &[("content-type", "application/yaml")],
-        route,
-    )
-    .await;
+    let (status, body) = mesh
+        .pki
+        .operator("alice")
+        .put(n1.admin_addr(), "HTTPRoute", "web-cutover", route, "", &[])
+        .await;
     assert!(status == 200 || status == 201, "{status} {body}");
     eventually(
         "the route takes the upstream listener's traffic",

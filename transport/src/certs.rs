@@ -1,4 +1,11 @@
-//! The mesh CA and node certificates (`shoal cert init` / `shoal cert issue`).
+//! The mesh CA, node certificates and operator certificates (`shoal cert
+//! init` / `shoal cert issue` / `shoal cert issue-operator`).
+//!
+//! An operator certificate names `spiffe://<td>/operator/<name>` and nothing
+//! else: it carries no node SAN, so the mesh's TLS verifier refuses it as a
+//! QUIC peer, and only the clientAuth usage, so it cannot serve either. Its
+//! key signs policy writes; [`OperatorVerifier`] checks such a certificate
+//! against the mesh CA.
 //!
 //! Keys are ECDSA P-256 signing with SHA-256. A CA is valid for
 //! [`DEFAULT_CA_DAYS`] days and a node certificate for [`DEFAULT_NODE_DAYS`]
@@ -28,6 +35,12 @@ pub const CA_KEY: &str = "ca.key";
 pub const NODE_CERT: &str = "node.pem";
 /// Node private key file name inside a node folder.
 pub const NODE_KEY: &str = "node.key";
+/// Operator certificate file name inside an operator folder.
+pub const OPERATOR_CERT: &str = "operator.pem";
+/// Operator private key file name inside an operator folder.
+pub const OPERATOR_KEY: &str = "operator.key";
+/// Default operator certificate validity, in days.
+pub const DEFAULT_OPERATOR_DAYS: u32 = 90;
 
 /// Errors from certificate tooling.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +198,33 @@ impl Ca {
         })
     }
 
+    /// Issues an operator certificate naming `spiffe://<td>/operator/<name>`:
+    /// clientAuth only, no node or service SAN.
+    pub fn issue_operator(&self, name: &str, validity: Validity) -> Result<NodeCert, CertError> {
+        check_name(name)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("operator {name}"));
+        dn.push(DnType::OrganizationName, "Shoal");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.subject_alt_names = vec![uri_san(&format!(
+            "spiffe://{}/operator/{name}",
+            self.trust_domain
+        ))?];
+        params.not_before = validity.not_before;
+        params.not_after = validity.not_after;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Writes `ca.pem` and `ca.key` into `dir`.
     pub fn write(&self, dir: &Path, force: bool) -> Result<(), CertError> {
         let cert_path = dir.join(CA_CERT);
@@ -237,6 +277,226 @@ pub fn write_node_dir(
     // also finds its key.
     write_file(&files[2], cert.key_pem.as_bytes(), 0o600)?;
     write_file(&files[1], cert.cert_pem.as_bytes(), 0o644)
+}
+
+/// `shoal cert issue-operator`: issues an operator certificate from the CA in
+/// `ca_dir` into `out/{ca.pem,operator.pem,operator.key}` (key 0600).
+pub fn issue_operator(
+    ca_dir: &Path,
+    name: &str,
+    out: &Path,
+    validity: Validity,
+    force: bool,
+) -> Result<(), CertError> {
+    let ca_pem = read(&ca_dir.join(CA_CERT))?;
+    let ca = Ca::load(ca_dir)?;
+    let files = [
+        out.join(CA_CERT),
+        out.join(OPERATOR_CERT),
+        out.join(OPERATOR_KEY),
+    ];
+    refuse_existing(&files.iter().collect::<Vec<_>>(), force)?;
+    let cert = ca.issue_operator(name, validity)?;
+    write_operator_dir(out, &ca_pem, &cert, force)
+}
+
+/// Writes an operator folder: `ca.pem`, `operator.pem`, `operator.key` (0600).
+pub fn write_operator_dir(
+    out: &Path,
+    ca_pem: &str,
+    cert: &NodeCert,
+    force: bool,
+) -> Result<(), CertError> {
+    let files = [
+        out.join(CA_CERT),
+        out.join(OPERATOR_CERT),
+        out.join(OPERATOR_KEY),
+    ];
+    refuse_existing(&files.iter().collect::<Vec<_>>(), force)?;
+    mkdir(out)?;
+    write_file(&files[0], ca_pem.as_bytes(), 0o644)?;
+    write_file(&files[2], cert.key_pem.as_bytes(), 0o600)?;
+    write_file(&files[1], cert.cert_pem.as_bytes(), 0o644)
+}
+
+/// An operator as a verified certificate names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Operator name (`spiffe://<td>/operator/<name>`).
+    pub name: String,
+    /// The certificate's public key: an uncompressed P-256 point (SEC 1),
+    /// what `ring`'s ECDSA verification takes.
+    pub public_key: Vec<u8>,
+}
+
+impl Operator {
+    /// `spiffe://<td>/operator/<name>`.
+    pub fn id(&self) -> String {
+        format!("spiffe://{}/operator/{}", self.trust_domain, self.name)
+    }
+}
+
+/// Why an operator certificate was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorCertError {
+    /// Not valid DER X.509.
+    #[error("operator certificate is not valid DER X.509")]
+    Malformed,
+    /// Does not chain to the mesh CA.
+    #[error("operator certificate is not signed by this mesh's CA")]
+    UnknownCa,
+    /// Outside its validity window.
+    #[error("operator certificate is expired or not yet valid")]
+    Expired,
+    /// Chains, but fails another WebPKI check (key usage...).
+    #[error("operator certificate refused: {0}")]
+    Invalid(String),
+    /// No `spiffe://<td>/operator/<name>` SAN (e.g. a node certificate).
+    #[error(
+        "certificate has no spiffe://<trust-domain>/operator/<name> URI SAN (not an operator certificate)"
+    )]
+    NotOperator,
+    /// An operator SAN of another trust domain.
+    #[error("operator certificate belongs to trust domain {found:?}, expected {expected:?}")]
+    ForeignTrustDomain {
+        /// Ours.
+        expected: String,
+        /// Theirs.
+        found: String,
+    },
+}
+
+impl OperatorCertError {
+    /// Stable label value for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OperatorCertError::Malformed => "malformed_cert",
+            OperatorCertError::UnknownCa => "unknown_ca",
+            OperatorCertError::Expired => "cert_expired",
+            OperatorCertError::Invalid(_) => "invalid_cert",
+            OperatorCertError::NotOperator => "not_operator",
+            OperatorCertError::ForeignTrustDomain { .. } => "foreign_trust_domain",
+        }
+    }
+}
+
+/// Checks operator certificates against the mesh CA and trust domain.
+pub struct OperatorVerifier {
+    webpki: std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for OperatorVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
+impl OperatorVerifier {
+    /// A verifier trusting the CA certificates in `ca_pem` for `trust_domain`.
+    pub fn new(ca_pem: &[u8], trust_domain: &str) -> Result<Self, CertError> {
+        let bad = |e: String| CertError::Io {
+            path: PathBuf::from(CA_CERT),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &ca_pem[..]).filter_map(Result::ok) {
+            roots.add(c).map_err(|e| bad(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("no CA certificate".into()));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider,
+        )
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(OperatorVerifier {
+            webpki,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// The trust domain operators must belong to.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Verifies `der` at `now`: chains to the CA, is within validity, and
+    /// names exactly one operator in our trust domain.
+    pub fn verify(
+        &self,
+        der: &[u8],
+        now: std::time::SystemTime,
+    ) -> Result<Operator, OperatorCertError> {
+        use rustls::CertificateError as CE;
+        use x509_parser::extensions::GeneralName;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).map_err(|_| OperatorCertError::Malformed)?;
+        let end = rustls_pki_types::CertificateDer::from(der);
+        let unix = rustls_pki_types::UnixTime::since_unix_epoch(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        if let Err(e) = self.webpki.verify_client_cert(&end, &[], unix) {
+            return Err(match e {
+                rustls::Error::InvalidCertificate(CE::UnknownIssuer | CE::BadSignature) => {
+                    OperatorCertError::UnknownCa
+                }
+                rustls::Error::InvalidCertificate(
+                    CE::Expired
+                    | CE::ExpiredContext { .. }
+                    | CE::NotValidYet
+                    | CE::NotValidYetContext { .. },
+                ) => OperatorCertError::Expired,
+                other => OperatorCertError::Invalid(other.to_string()),
+            });
+        }
+        let mut operator: Option<(String, String)> = None;
+        let mut other_identity = false;
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                let GeneralName::URI(uri) = name else {
+                    continue;
+                };
+                let Some((domain, path)) = uri
+                    .strip_prefix("spiffe://")
+                    .and_then(|r| r.split_once('/'))
+                else {
+                    continue;
+                };
+                match path.strip_prefix("operator/") {
+                    Some(n) if operator.is_none() && !n.is_empty() && !n.contains('/') => {
+                        operator = Some((domain.to_string(), n.to_string()))
+                    }
+                    _ => other_identity = true,
+                }
+            }
+        }
+        // A certificate that is also a node or service is not an operator's.
+        let (domain, name) = match operator {
+            Some(o) if !other_identity => o,
+            _ => return Err(OperatorCertError::NotOperator),
+        };
+        if domain != self.trust_domain {
+            return Err(OperatorCertError::ForeignTrustDomain {
+                expected: self.trust_domain.clone(),
+                found: domain,
+            });
+        }
+        let public_key = cert.public_key().subject_public_key.data.to_vec();
+        Ok(Operator {
+            trust_domain: domain,
+            name,
+            public_key,
+        })
+    }
 }
 
 fn check_name(name: &str) -> Result<(), CertError> {
@@ -354,5 +614,70 @@ mod tests {
             ca.issue("a/b", &[], Validity::days(1)),
             Err(CertError::InvalidName(_))
         ));
+    }
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn operator_certificates_verify_only_against_their_ca_and_are_not_nodes() {
+        crate::install_crypto_provider();
+        let ca = Ca::generate("demo.shoal", 1).unwrap();
+        let v = OperatorVerifier::new(ca.cert_pem().as_bytes(), "demo.shoal").unwrap();
+        let now = std::time::SystemTime::now();
+        let alice = ca.issue_operator("alice", Validity::days(1)).unwrap();
+        let der = der_of(&alice.cert_pem);
+        let op = v.verify(&der, now).unwrap();
+        assert_eq!(op.id(), "spiffe://demo.shoal/operator/alice");
+        assert_eq!(op.public_key.len(), 65);
+        // Not usable as a node.
+        assert_eq!(
+            Identity::from_der(&der.clone().into()),
+            Err(crate::IdentityError::NoNodeSan)
+        );
+        // A node certificate is not an operator's.
+        let node = ca.issue("n1", &[], Validity::days(1)).unwrap();
+        assert_eq!(
+            v.verify(&der_of(&node.cert_pem), now),
+            Err(OperatorCertError::NotOperator)
+        );
+        // Another CA's operator, and an expired one.
+        let other = Ca::generate("demo.shoal", 1).unwrap();
+        let mallory = other.issue_operator("alice", Validity::days(1)).unwrap();
+        assert_eq!(
+            v.verify(&der_of(&mallory.cert_pem), now),
+            Err(OperatorCertError::UnknownCa)
+        );
+        let later = now + std::time::Duration::from_secs(3 * 86_400);
+        assert_eq!(v.verify(&der, later), Err(OperatorCertError::Expired));
+        let foreign = OperatorVerifier::new(ca.cert_pem().as_bytes(), "other.shoal").unwrap();
+        assert!(matches!(
+            foreign.verify(&der, now),
+            Err(OperatorCertError::ForeignTrustDomain { .. })
+        ));
+    }
+
+    #[test]
+    fn issue_operator_writes_a_private_key_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        init_ca(&ca_dir, "demo.shoal", 1, false).unwrap();
+        let out = dir.path().join("alice");
+        issue_operator(&ca_dir, "alice", &out, Validity::days(1), false).unwrap();
+        let mode = fs::metadata(out.join(OPERATOR_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            issue_operator(&ca_dir, "alice", &out, Validity::days(1), false),
+            Err(CertError::Exists(_))
+        ));
+        issue_operator(&ca_dir, "alice", &out, Validity::days(1), true).unwrap();
     }
 }

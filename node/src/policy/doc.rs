@@ -15,6 +15,9 @@ use serde_json::{Map, Value};
 
 /// Largest accepted document, in bytes.
 pub const MAX_DOCUMENT: usize = 1 << 20;
+/// Deepest nesting (maps and lists, flow or block style) a document may have.
+/// Checked by a linear scan before any parser runs.
+pub const MAX_DEPTH: usize = 64;
 
 /// The policy kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -282,6 +285,11 @@ impl Document {
                 "document: larger than {MAX_DOCUMENT} bytes"
             )]));
         }
+        if exceeds_depth(text, MAX_DEPTH) {
+            return Err(Problems(vec![format!(
+                "document: nested deeper than {MAX_DEPTH} levels"
+            )]));
+        }
         let value: Value = if text.trim_start().starts_with('{') {
             serde_json::from_str(text)
                 .map_err(|e| Problems(vec![format!("document: invalid JSON: {e}")]))?
@@ -311,6 +319,72 @@ impl Document {
     pub fn id(&self) -> String {
         format!("{}/{}", self.kind, self.name)
     }
+}
+
+/// Whether `text` nests deeper than `max`, by one linear scan that
+/// over-approximates YAML and JSON nesting: open brackets outside quotes and
+/// comments (flow style) plus the block-indentation levels and `- ` entries
+/// in force on each line. Legitimate policies nest a dozen levels at most.
+fn exceeds_depth(text: &str, max: usize) -> bool {
+    let mut flow = 0usize;
+    let mut indents: Vec<usize> = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start_matches([' ', '\t']);
+        if flow == 0 && !trimmed.is_empty() && !trimmed.starts_with('#') {
+            let indent = line.len() - trimmed.len();
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            // `- - - x` opens one sequence per dash on one line.
+            let mut rest = trimmed;
+            let mut dashes = 0;
+            while let Some(r) = rest.strip_prefix('-') {
+                if !(r.is_empty() || r.starts_with([' ', '\t'])) {
+                    break;
+                }
+                dashes += 1;
+                rest = r.trim_start_matches([' ', '\t']);
+            }
+            if indents.len() + dashes > max {
+                return true;
+            }
+        }
+        let mut quote: Option<char> = None;
+        let mut escaped = false;
+        // Quotes open a string only where a scalar can start (YAML plain
+        // scalars may contain `'`); `#` starts a comment only after a space.
+        let mut prev = ' ';
+        for c in trimmed.chars() {
+            let at_start = matches!(prev, ' ' | '\t' | '[' | '{' | ',' | ':');
+            let was = prev;
+            prev = c;
+            match quote {
+                Some(q) => {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' && q == '"' {
+                        escaped = true;
+                    } else if c == q {
+                        quote = None;
+                    }
+                }
+                None => match c {
+                    '"' | '\'' if at_start => quote = Some(c),
+                    '#' if matches!(was, ' ' | '\t') => break,
+                    '[' | '{' => {
+                        flow += 1;
+                        if flow + indents.len() > max {
+                            return true;
+                        }
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+        }
+    }
+    false
 }
 
 #[derive(Default)]
@@ -1093,6 +1167,26 @@ pub fn problem_fields(p: &Problems) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing_in_every_style() {
+        let flow = format!("{}{}", "[".repeat(60_000), "]".repeat(60_000));
+        let map = format!("a: {}1{}", "{a: ".repeat(70), "}".repeat(70));
+        let json = format!("{}1{}", "{\"a\":".repeat(70), "}".repeat(70));
+        let mut block = String::new();
+        for i in 0..70 {
+            block.push_str(&format!("{}a:\n", "  ".repeat(i)));
+        }
+        let dashes = format!("{}x\n", "- ".repeat(70));
+        let sneaky = format!("[a'b, {}]", "[".repeat(100));
+        for text in [&flow, &map, &json, &block, &dashes, &sneaky] {
+            let err = Document::parse(text).unwrap_err();
+            assert!(err.0[0].contains("nested deeper than 64"), "{err}");
+        }
+        // Quotes, comments and apostrophes do not count.
+        assert!(!exceeds_depth("a: \"[[[[\" # {{{{\nb: don't [ stop\n", 3));
+        assert!(!exceeds_depth(CANARY, 12));
+    }
 
     const CANARY: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1

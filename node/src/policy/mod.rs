@@ -1,18 +1,20 @@
 //! Policy: documents, versions, the durable store, the applied set the data
-//! plane reads, and propagation by gossip. Nothing here serves HTTP; the
-//! admin API (`admin.rs`) and the proxy call in.
+//! plane reads, operator signatures, and propagation by gossip. Nothing here
+//! serves HTTP; the admin API (`admin_policy.rs`) and the proxy call in.
 
 pub mod doc;
 pub mod hlc;
 pub mod set;
 pub mod store;
 pub mod sync;
+pub mod trust;
 
 pub use doc::{Document, Kind, Problems};
-pub use hlc::{Hlc, Version};
+pub use hlc::{ClockError, Hlc, Version};
 pub use set::{PolicySet, RateLimiter, RequestInfo, RouteDecision};
-pub use store::{Entry, PolicyStore, StoreError};
+pub use store::{Conflict, Entry, PolicyStore, Signature, StoreError};
 pub use sync::{PolicyMetrics, PolicySync};
+pub use trust::{OperatorKey, Refusal, Trust};
 
 use std::sync::Arc;
 
