@@ -3,9 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod danger;
+pub mod operator;
 pub mod rogue;
 pub mod rogue_proxy;
-pub mod operator;
 pub mod traffic;
 
 use std::future::Future;
