@@ -364,15 +364,15 @@ impl Shared {
                 && m.serving == ServingState::Serving
                 && refused.is_none();
             if routable {
-                let t = Target {
-                    service: service.clone(),
-                    node: node.clone(),
-                    addr: m.addr,
-                    zone: m.zone.clone(),
-                    weight: record.weight.max(1),
-                    is_self: m.is_self,
-                    gossip_ewma_ms: record.ewma_ms,
-                };
+                let t = self.balancer.target(
+                    &service,
+                    &node,
+                    m.addr,
+                    &m.zone,
+                    record.weight.max(1),
+                    m.is_self,
+                    record.ewma_ms,
+                );
                 let list = table.targets.entry(service.clone()).or_default();
                 let mut v: Vec<Target> = list.to_vec();
                 v.push(t);
@@ -678,6 +678,7 @@ mod tests {
             weight: 100,
             is_self: false,
             gossip_ewma_ms: 0.0,
+            state: Arc::default(),
         }
     }
 

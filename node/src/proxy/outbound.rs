@@ -387,8 +387,8 @@ async fn route(
     let mut last: Option<Response<ProxyBody>> = None;
     loop {
         let targets = shared.targets(&service).unwrap_or_else(|| Arc::new([]));
-        let (target, state) = match shared.balancer.pick(&targets, &exclude) {
-            Ok(x) => x,
+        let target = match shared.balancer.pick(&targets, &exclude) {
+            Ok(i) => &targets[i],
             Err(why) => {
                 return last.unwrap_or_else(|| match why {
                     // Gossip offers endpoints, but none this node would trust.
@@ -414,10 +414,11 @@ async fn route(
         let attempt_deadline = attempt_timeout.map_or(deadline, |t| deadline.min(now + t));
         let left = attempt_deadline.saturating_duration_since(now);
         head.deadline_ms = left.as_millis().max(1) as u64;
+        let state = target.state.clone();
         let guard = state.start();
         let result = tokio::time::timeout_at(
             attempt_deadline,
-            attempt(shared, &target, &head, &mut source, Box::new(guard)),
+            attempt(shared, target, &head, &mut source, Box::new(guard)),
         )
         .await;
         // Decide: done, or retry elsewhere.
@@ -426,7 +427,7 @@ async fn route(
             Ok(Err(Failed::NotServing(peer))) => {
                 // Nothing was sent: go on to another endpoint without
                 // spending an attempt or the retry budget.
-                shared.refuse(&target, &peer);
+                shared.refuse(target, &peer);
                 exclude.push(target.node.clone());
                 last = last.or_else(|| {
                     Some(error(
