@@ -11,8 +11,11 @@
 //! Latency estimates decay while an endpoint is idle (as Finagle's and
 //! linkerd's peak EWMA do): the estimate read at time `t` is the last one
 //! times `exp(-(t - last update) / DECAY)`. An endpoint measured slow once is
-//! therefore tried again within `DECAY × ln(slow / fast)`, and identical
-//! endpoints take turns instead of one keeping all the traffic.
+//! therefore tried again within `DECAY × ln(slow / fast / TOLERANCE)`, and
+//! identical endpoints take turns instead of one keeping all the traffic:
+//! costs within [`TOLERANCE`] of each other count as equal, and an
+//! endpoint's first sample (which paid for connection setup) enters the
+//! estimate one time constant old.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,7 +33,7 @@ use crate::proxy::config::{ProxyConfig, RetryConfig};
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Peak-EWMA time constant: how fast a lower sample pulls the estimate down,
 /// and how fast an idle endpoint's estimate decays toward zero.
-pub const DECAY: Duration = Duration::from_millis(500);
+pub const DECAY: Duration = Duration::from_millis(250);
 /// Two endpoints whose costs are within this factor of each other are
 /// treated as equal (the choice between them is a coin toss): differences
 /// that small are measurement noise, and following them would send
@@ -170,7 +173,15 @@ impl EndpointState {
         // Decay over the idle time, then a slower sample counts at once
         // (as Finagle's peak EWMA, whose every read decays the estimate).
         let next = match self.ewma_ns() {
-            None => sample,
+            // The first sample usually paid for connection setup (the QUIC
+            // handshake, the far node's first connection to its instance):
+            // it enters one time constant old, i.e. at 1/e of its weight.
+            None => {
+                self.ewma.store(sample.to_bits(), Ordering::Relaxed);
+                let aged = now.checked_sub(DECAY).unwrap_or(now);
+                self.ewma_at.store(stamp(aged), Ordering::Relaxed);
+                return;
+            }
             Some(v) => {
                 let at = self.ewma_at.load(Ordering::Relaxed);
                 let idle = t.saturating_sub(at) as f64 / 1e9;
@@ -650,8 +661,13 @@ mod tests {
         let ts = [target(&b, "fast", "z"), target(&b, "slow", "z")];
         let t0 = Instant::now();
         let mut rng = StdRng::seed_from_u64(1);
-        // `slow` paid 100 ms once; `fast` answers in 1 ms every 10 ms.
+        // `slow` paid 100 ms once (after a first, cold sample); `fast`
+        // answers in 1 ms every 10 ms.
+        ts[1]
+            .state
+            .observe_at(t0 - Duration::from_millis(10), Duration::from_millis(1));
         ts[1].state.observe_at(t0, Duration::from_millis(100));
+        assert_eq!(ts[1].state.ewma_at(t0), Some(100e6));
         let mut t = t0;
         let mut back_after = None;
         for i in 1..=1000u32 {
