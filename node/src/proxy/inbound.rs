@@ -35,7 +35,7 @@ use crate::proxy::frame::{
     self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead, ResponseHead,
     STREAM_KIND_HTTP,
 };
-use crate::proxy::stats::{Direction, Edge};
+use crate::proxy::stats::{self, Direction, Edge};
 use crate::proxy::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared};
 
 /// Pooled clients to local instances.
@@ -152,11 +152,14 @@ pub(crate) async fn handle(
         },
     };
     let _gauge = shared.stats.in_flight(&edge);
+    let grpc_call = head
+        .headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && stats::is_grpc_type(v));
     let resp = forward(shared, caller, head, body).await;
     shared
         .stats
-        .record(&edge, resp.status().as_u16(), start.elapsed());
-    resp
+        .record_response(&edge, grpc_call, resp, start.elapsed())
 }
 
 async fn forward(

@@ -41,7 +41,7 @@ use crate::proxy::frame::{
 };
 use crate::proxy::inbound::{self, Decrement, empty, error};
 use crate::proxy::listen;
-use crate::proxy::stats::{Direction, Edge};
+use crate::proxy::stats::{self, Direction, Edge};
 use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
@@ -149,6 +149,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
+    let grpc_call = stats::is_grpc(req.headers());
     let name = match &fixed {
         Some(service) => {
             // The app addressed the listener, not the service: forward as
@@ -228,13 +229,101 @@ async fn handle(
             }
         }
     };
+    if grpc_call && resp.headers().contains_key(ERROR_HEADER) {
+        let service = match edge.destination.as_str() {
+            "unknown" => name.as_deref().unwrap_or("-"),
+            d => d,
+        };
+        resp = grpc_failure(resp, service);
+    }
     if let Some(rule) = rule {
         apply_header_mods(resp.headers_mut(), &rule.response_headers);
     }
     shared
         .stats
-        .record(&edge, resp.status().as_u16(), start.elapsed());
-    resp
+        .record_response(&edge, grpc_call, resp, start.elapsed())
+}
+
+/// The gRPC status for a failure the mesh answered with `status` and
+/// `shoal-error: code`.
+pub(crate) fn grpc_code(status: StatusCode, code: &str) -> u32 {
+    match (status.as_u16(), code) {
+        (_, "timeout" | "deadline-exceeded") | (504, _) => 4, // DEADLINE_EXCEEDED
+        (_, "rate-limited") | (429, _) => 8,                  // RESOURCE_EXHAUSTED
+        (403, _) => 7,                                        // PERMISSION_DENIED
+        (401, _) => 16,                                       // UNAUTHENTICATED
+        (400, _) => 13,                                       // INTERNAL
+        (404, _) => 12,                                       // UNIMPLEMENTED
+        (502 | 503, _) => 14,                                 // UNAVAILABLE
+        _ => 2,                                               // UNKNOWN
+    }
+}
+
+/// What a `shoal-error` code means, for `grpc-message`.
+fn describe(code: &str) -> &'static str {
+    match code {
+        "no-host" => "the request names no service",
+        "unknown-service" => "no node in the mesh serves the service",
+        "no-healthy-endpoint" => "the service has no healthy endpoint",
+        "overloaded" => "the mesh is at its in-flight limit",
+        "peer-not-serving" => "the peers offered for the service hold certificates that do not name it",
+        "upstream-connect" => "could not reach the service's instance",
+        "upstream-reset" => "the service's instance failed mid-request",
+        "timeout" | "deadline-exceeded" => "no response before the deadline",
+        "forbidden" => "no AuthorizationPolicy allows this caller",
+        "unauthorized" => "the caller's certificate does not name its source service",
+        "not-served" => "the serving node's certificate does not name the service",
+        "rate-limited" => "the service's rate limit is exhausted",
+        "fault-injected" => "aborted by a FaultInjection policy",
+        "bad-request" => "the request could not be forwarded",
+        _ => "the mesh could not complete the call",
+    }
+}
+
+/// Rewrites a mesh failure for a gRPC caller as a trailers-only response:
+/// HTTP 200, `content-type: application/grpc`, `grpc-status` from
+/// [`grpc_code`] and a `grpc-message` naming the cause and the service. The
+/// `shoal-error` header (and `retry-after`) stay.
+fn grpc_failure(resp: Response<ProxyBody>, service: &str) -> Response<ProxyBody> {
+    let status = resp.status();
+    let mut headers = resp.headers().clone();
+    let code = headers
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let grpc = grpc_code(status, &code);
+    let message = format!(
+        "shoal {code} (HTTP {}): {} (service {service})",
+        status.as_u16(),
+        describe(&code)
+    );
+    headers.remove(http::header::CONTENT_LENGTH);
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", http::HeaderValue::from(grpc));
+    if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&message)) {
+        headers.insert("grpc-message", v);
+    }
+    let mut r = Response::new(empty());
+    *r.headers_mut() = headers;
+    r
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`,
+/// as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// FaultInjection on `service`: maybe wait, maybe answer with the abort
