@@ -36,7 +36,7 @@ use crate::proxy::frame::{
     STREAM_KIND_HTTP,
 };
 use crate::proxy::stats::{self, Direction, Edge};
-use crate::proxy::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared};
+use crate::proxy::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared, health};
 
 /// Pooled clients to local instances.
 pub(crate) struct Clients {
@@ -199,10 +199,18 @@ async fn forward(
             "the local instance fails its health checks",
         );
     }
-    let h2 = match svc.spec.protocol {
-        Protocol::H2c => true,
-        Protocol::Http1 => false,
-        Protocol::Auto => head.version == 2,
+    // `auto`: what the instance was found to speak (found out now if the
+    // health task has not yet); the caller's version if it cannot be
+    // reached to ask.
+    let h2 = match svc.h2() {
+        Some(h2) => h2,
+        None => match health::detect(svc.spec.addr, Duration::from_secs(1)).await {
+            Some(h2) => {
+                svc.set_detected(Some(h2));
+                h2
+            }
+            None => head.version == 2,
+        },
     };
     let uri = format!("http://{}{}", svc.spec.addr, head.uri);
     let mut headers = frame::from_wire(&head.headers);
@@ -269,13 +277,27 @@ async fn forward(
             svc.latency.observe(started.elapsed());
             resp.map(|b| b.map_err(frame::BoxError::from).boxed_unsync())
         }
-        Err(e) if e.is_connect() => error(
-            StatusCode::BAD_GATEWAY,
-            "upstream-connect",
-            "could not connect to the local instance",
-        ),
+        Err(e) if e.is_connect() => {
+            // It may come back speaking something else: ask again then.
+            if svc.spec.protocol == Protocol::Auto {
+                svc.set_detected(None);
+            }
+            error(
+                StatusCode::BAD_GATEWAY,
+                "upstream-connect",
+                "could not connect to the local instance",
+            )
+        }
         Err(e) => {
-            tracing::debug!(error = %e, service = %head.service, "local instance failed");
+            tracing::info!(error = %e, service = %head.service, h2, "local instance failed mid-request");
+            if svc.spec.protocol == Protocol::Auto {
+                // A restarted instance may speak another version now.
+                if let Some(now) = health::detect(svc.spec.addr, Duration::from_secs(1)).await
+                    && now != h2
+                {
+                    svc.set_detected(Some(now));
+                }
+            }
             error(
                 StatusCode::BAD_GATEWAY,
                 "upstream-reset",

@@ -69,6 +69,9 @@ pub enum ProxyError {
 pub(crate) struct LocalService {
     pub spec: ServiceSpec,
     health: AtomicU8,
+    /// With protocol `auto`, what the instance was found to speak: 0 not
+    /// known yet, 1 HTTP/1.1 only, 2 h2c (see [`health::detect`]).
+    detected: AtomicU8,
     pub in_flight: AtomicU64,
     pub latency: balance::EndpointState,
     published: Mutex<String>,
@@ -80,6 +83,32 @@ impl LocalService {
             1 => Health::Healthy,
             2 => Health::Unhealthy,
             _ => Health::Unknown,
+        }
+    }
+
+    /// Whether to speak h2c to the instance: pinned by its protocol, else
+    /// what detection found, else `None` (not known yet).
+    pub fn h2(&self) -> Option<bool> {
+        match self.spec.protocol {
+            Protocol::H2c => Some(true),
+            Protocol::Http1 => Some(false),
+            Protocol::Auto => match self.detected.load(Ordering::Relaxed) {
+                1 => Some(false),
+                2 => Some(true),
+                _ => None,
+            },
+        }
+    }
+
+    /// Remembers what detection found (`None`: forget, detect again).
+    pub fn set_detected(&self, h2: Option<bool>) {
+        let v = match h2 {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        if self.detected.swap(v, Ordering::Relaxed) != v && v != 0 {
+            tracing::info!(service = %self.spec.name, addr = %self.spec.addr, protocol = if v == 2 { "h2c" } else { "http1" }, "detected the local instance's protocol");
         }
     }
 
@@ -441,6 +470,7 @@ impl Proxy {
                 Arc::new(LocalService {
                     spec: spec.clone(),
                     health: AtomicU8::new(0),
+                    detected: AtomicU8::new(0),
                     in_flight: AtomicU64::new(0),
                     latency: balance::EndpointState::detached(),
                     published: Mutex::new(String::new()),

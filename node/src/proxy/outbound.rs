@@ -266,7 +266,9 @@ fn describe(code: &str) -> &'static str {
         "unknown-service" => "no node in the mesh serves the service",
         "no-healthy-endpoint" => "the service has no healthy endpoint",
         "overloaded" => "the mesh is at its in-flight limit",
-        "peer-not-serving" => "the peers offered for the service hold certificates that do not name it",
+        "peer-not-serving" => {
+            "the peers offered for the service hold certificates that do not name it"
+        }
         "upstream-connect" => "could not reach the service's instance",
         "upstream-reset" => "the service's instance failed mid-request",
         "timeout" | "deadline-exceeded" => "no response before the deadline",
