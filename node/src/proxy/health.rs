@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::proxy::frame::ProxyBody;
-use crate::proxy::{LocalService, Shared};
+use crate::proxy::{LocalService, Protocol, Shared};
 
 /// How often load figures are republished when nothing else changed.
 const LOAD_REFRESH: Duration = Duration::from_secs(1);
@@ -26,10 +26,11 @@ pub(crate) async fn run(shared: Arc<Shared>, svc: Arc<LocalService>) {
     let mut last_publish = Instant::now() - LOAD_REFRESH;
     loop {
         let started = Instant::now();
-        if svc.h2().is_none()
-            && let Some(h2) = detect(svc.spec.addr, timeout).await
+        if svc.spec.protocol == Protocol::Auto
+            && svc.detected().is_none()
+            && let Some(found) = detect(svc.spec.addr, timeout).await
         {
-            svc.set_detected(Some(h2));
+            svc.set_detected(Some(found));
         }
         let healthy = check(&shared, &svc, timeout).await;
         let h = if healthy {
@@ -64,7 +65,7 @@ async fn check(shared: &Shared, svc: &LocalService, timeout: Duration) -> bool {
                 .header("user-agent", "shoal-health")
                 .body(ProxyBody::new(Empty::new().map_err(|e| match e {})))
                 .expect("static request parts");
-            let client = if svc.h2() == Some(true) {
+            let client = if svc.h2_for(false) == Some(true) {
                 &shared.clients.h2
             } else {
                 &shared.clients.http1
@@ -84,23 +85,46 @@ async fn check(shared: &Shared, svc: &LocalService, timeout: Duration) -> bool {
 /// The HTTP/2 connection preface and an empty SETTINGS frame.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 
-/// Finds out whether the instance at `addr` speaks h2c with prior
-/// knowledge: sends the HTTP/2 preface and an empty SETTINGS frame and reads
-/// the first 9 bytes back. An h2c server answers with its SETTINGS frame
-/// (type 4, flags 0, stream 0); an HTTP/1.1 server with a status line, by
-/// closing, or not at all within `timeout`. `None`: no connection.
-pub(crate) async fn detect(addr: std::net::SocketAddr, timeout: Duration) -> Option<bool> {
+/// An HTTP/1.1 request every HTTP/1.1 server must refuse before any
+/// handler runs (an invalid `Content-Length` is an unrecoverable framing
+/// error): its 400 says the server speaks HTTP/1.1, and the app never sees
+/// a request.
+const H1_PROBE: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: shoal-probe\r\nContent-Length: x\r\nConnection: close\r\n\r\n";
+
+/// Finds out which HTTP versions the instance at `addr` speaks: (HTTP/1.1,
+/// h2c with prior knowledge). `None`: it cannot be reached now.
+///
+/// HTTP/1.1: the request above gets an `HTTP/1.x` status line back. h2c:
+/// the HTTP/2 preface and an empty SETTINGS frame get the server's SETTINGS
+/// frame back (type 4, not an ACK, stream 0). An answer of any other kind,
+/// a close or silence until `timeout` mean no.
+pub(crate) async fn detect(addr: std::net::SocketAddr, timeout: Duration) -> Option<(bool, bool)> {
+    let h1 = probe(addr, timeout, H1_PROBE, |b| b.starts_with(b"HTTP/1.")).await?;
+    let h2 = probe(addr, timeout, H2_PREFACE, |b| {
+        b[3] == 0x04 && b[4] & 0x01 == 0 && b[5..9] == [0, 0, 0, 0]
+    })
+    .await?;
+    Some((h1, h2))
+}
+
+/// Sends `hello` on a new connection and judges the first 9 bytes back.
+async fn probe(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    hello: &[u8],
+    judge: impl Fn(&[u8; 9]) -> bool,
+) -> Option<bool> {
     let mut s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
-    if s.write_all(H2_PREFACE).await.is_err() {
+    if s.write_all(hello).await.is_err() {
         return Some(false);
     }
     let mut head = [0u8; 9];
-    let h2 = matches!(
+    Some(matches!(
         tokio::time::timeout(timeout, s.read_exact(&mut head)).await,
-        Ok(Ok(_)) if head[3] == 0x04 && head[4] & 0x01 == 0 && head[5..9] == [0, 0, 0, 0]
-    );
-    Some(h2)
+        Ok(Ok(_)) if judge(&head)
+    ))
 }

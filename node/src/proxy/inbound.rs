@@ -199,17 +199,18 @@ async fn forward(
             "the local instance fails its health checks",
         );
     }
-    // `auto`: what the instance was found to speak (found out now if the
-    // health task has not yet); the caller's version if it cannot be
-    // reached to ask.
-    let h2 = match svc.h2() {
+    // `auto`: the caller's version if the instance speaks it, else the one
+    // it speaks (found out now if the health task has not yet); the
+    // caller's version if it cannot be reached to ask.
+    let caller_h2 = head.version == 2;
+    let h2 = match svc.h2_for(caller_h2) {
         Some(h2) => h2,
         None => match health::detect(svc.spec.addr, Duration::from_secs(1)).await {
-            Some(h2) => {
-                svc.set_detected(Some(h2));
-                h2
+            Some(found) => {
+                svc.set_detected(Some(found));
+                svc.h2_for(caller_h2).unwrap_or(caller_h2)
             }
-            None => head.version == 2,
+            None => caller_h2,
         },
     };
     let uri = format!("http://{}{}", svc.spec.addr, head.uri);
@@ -292,9 +293,7 @@ async fn forward(
             tracing::info!(error = %e, service = %head.service, h2, "local instance failed mid-request");
             if svc.spec.protocol == Protocol::Auto {
                 // A restarted instance may speak another version now.
-                if let Some(now) = health::detect(svc.spec.addr, Duration::from_secs(1)).await
-                    && now != h2
-                {
+                if let Some(now) = health::detect(svc.spec.addr, Duration::from_secs(1)).await {
                     svc.set_detected(Some(now));
                 }
             }

@@ -70,7 +70,7 @@ pub(crate) struct LocalService {
     pub spec: ServiceSpec,
     health: AtomicU8,
     /// With protocol `auto`, what the instance was found to speak: 0 not
-    /// known yet, 1 HTTP/1.1 only, 2 h2c (see [`health::detect`]).
+    /// known yet, else bit 1 HTTP/1.1 and bit 2 h2c (see [`health::detect`]).
     detected: AtomicU8,
     pub in_flight: AtomicU64,
     pub latency: balance::EndpointState,
@@ -86,29 +86,37 @@ impl LocalService {
         }
     }
 
-    /// Whether to speak h2c to the instance: pinned by its protocol, else
-    /// what detection found, else `None` (not known yet).
-    pub fn h2(&self) -> Option<bool> {
+    /// Whether to speak h2c to the instance for a caller that spoke h2c
+    /// (`caller_h2`) or HTTP/1.1: pinned by its protocol; with `auto`, the
+    /// caller's version if the instance was found to speak it, else the one
+    /// it speaks; `None` while that is not known.
+    pub fn h2_for(&self, caller_h2: bool) -> Option<bool> {
         match self.spec.protocol {
             Protocol::H2c => Some(true),
             Protocol::Http1 => Some(false),
-            Protocol::Auto => match self.detected.load(Ordering::Relaxed) {
-                1 => Some(false),
-                2 => Some(true),
-                _ => None,
-            },
+            Protocol::Auto => {
+                let (h1, h2) = self.detected()?;
+                Some(match (h1, h2) {
+                    (true, true) | (false, false) => caller_h2,
+                    (h1, _) => !h1,
+                })
+            }
         }
     }
 
+    /// What detection found: (speaks HTTP/1.1, speaks h2c).
+    pub fn detected(&self) -> Option<(bool, bool)> {
+        let v = self.detected.load(Ordering::Relaxed);
+        (v != 0).then_some((v & 2 != 0, v & 4 != 0))
+    }
+
     /// Remembers what detection found (`None`: forget, detect again).
-    pub fn set_detected(&self, h2: Option<bool>) {
-        let v = match h2 {
-            None => 0,
-            Some(false) => 1,
-            Some(true) => 2,
-        };
-        if self.detected.swap(v, Ordering::Relaxed) != v && v != 0 {
-            tracing::info!(service = %self.spec.name, addr = %self.spec.addr, protocol = if v == 2 { "h2c" } else { "http1" }, "detected the local instance's protocol");
+    pub fn set_detected(&self, found: Option<(bool, bool)>) {
+        let v = found.map_or(0, |(h1, h2)| 1 | u8::from(h1) << 1 | u8::from(h2) << 2);
+        if self.detected.swap(v, Ordering::Relaxed) != v
+            && let Some((http1, h2c)) = found
+        {
+            tracing::info!(service = %self.spec.name, addr = %self.spec.addr, http1, h2c, "detected the HTTP versions the local instance speaks");
         }
     }
 
