@@ -760,3 +760,54 @@ impl Body for Guarded {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_failures_map_to_grpc_statuses() {
+        let s = |n| StatusCode::from_u16(n).unwrap();
+        assert_eq!(grpc_code(s(503), "no-healthy-endpoint"), 14);
+        assert_eq!(grpc_code(s(503), "unknown-service"), 14);
+        assert_eq!(grpc_code(s(502), "upstream-connect"), 14);
+        assert_eq!(grpc_code(s(502), "peer-not-serving"), 14);
+        assert_eq!(grpc_code(s(504), "timeout"), 4);
+        assert_eq!(grpc_code(s(504), "deadline-exceeded"), 4);
+        assert_eq!(grpc_code(s(403), "forbidden"), 7);
+        assert_eq!(grpc_code(s(403), "unauthorized"), 7);
+        assert_eq!(grpc_code(s(429), "rate-limited"), 8);
+        assert_eq!(grpc_code(s(400), "no-host"), 13);
+        assert_eq!(grpc_code(s(418), "fault-injected"), 2);
+    }
+
+    #[test]
+    fn grpc_failure_is_trailers_only_and_names_cause_and_service() {
+        let mut e = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "the service's rate limit is exhausted",
+        );
+        e.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(2));
+        let r = grpc_failure(e, "api");
+        assert_eq!(r.status(), 200);
+        assert!(r.body().is_end_stream());
+        let h = r.headers();
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["grpc-status"], "8");
+        assert_eq!(h["shoal-error"], "rate-limited");
+        assert_eq!(h["retry-after"], "2");
+        let msg = h["grpc-message"].to_str().unwrap();
+        assert!(
+            msg.contains("rate-limited") && msg.contains("(service api)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("a b%c"), "a b%25c");
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
+    }
+}

@@ -607,6 +607,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn classification_counts_grpc_statuses_and_denials() {
+        use Classification::*;
+        assert_eq!(Classification::of(200, None), Success);
+        assert_eq!(Classification::of(404, None), Success);
+        assert_eq!(Classification::of(200, Some(0)), Success);
+        assert_eq!(Classification::of(200, Some(5)), Failure);
+        assert_eq!(Classification::of(200, Some(14)), Failure);
+        assert_eq!(Classification::of(503, None), Failure);
+        assert_eq!(Classification::of(403, None), Denied);
+        assert_eq!(Classification::of(200, Some(7)), Denied);
+        assert_eq!(Classification::of(429, None), RateLimited);
+        assert_eq!(Classification::of(200, Some(8)), RateLimited);
+        assert!(is_grpc_type(b"application/grpc"));
+        assert!(is_grpc_type(b"application/grpc+proto"));
+        assert!(is_grpc_type(b"Application/GRPC; charset=x"));
+        assert!(!is_grpc_type(b"application/grpc-web"));
+        assert!(!is_grpc_type(b"application/json"));
+    }
+
+    #[test]
     fn window_percentiles_and_success_rate() {
         let mut reg = Registry::default();
         let s = Stats::new(&mut reg);
@@ -619,10 +639,15 @@ mod tests {
             let status = if i < 10 { 503 } else { 200 };
             s.record(&e, status, None, Duration::from_millis(i + 1));
         }
+        for _ in 0..5 {
+            s.record(&e, 200, Some(5), Duration::from_millis(50));
+            s.record(&e, 403, None, Duration::from_millis(50));
+        }
         let w = s.window();
         assert_eq!(w.len(), 1);
-        assert_eq!(w[0].requests, 100);
-        assert!((w[0].success_rate - 0.9).abs() < 1e-9);
+        assert_eq!(w[0].requests, 110);
+        assert!((w[0].success_rate - 90.0 / 110.0).abs() < 1e-9);
+        assert_eq!((w[0].failed, w[0].denied, w[0].rate_limited), (15, 5, 0));
         assert!((45.0..=56.0).contains(&w[0].p50_ms), "{:?}", w[0]);
         assert!((94.0..=110.0).contains(&w[0].p99_ms), "{:?}", w[0]);
     }
