@@ -9,6 +9,11 @@
 //! `peer-not-serving` (502: the only endpoints gossip offers are held by
 //! peers whose certificates do not name the service).
 //!
+//! A gRPC caller (`content-type: application/grpc*`) gets these failures as
+//! a trailers-only gRPC response instead (HTTP 200, `grpc-status` 14, 4, 7,
+//! 8, ...; see [`grpc_code`]), with a `grpc-message` naming the cause and
+//! the service.
+//!
 //! Before the first byte of a request goes to a peer, the peer's certificate
 //! (from the QUIC handshake) must name the node gossip put at that address
 //! and the service; otherwise the endpoint is refused, counted
