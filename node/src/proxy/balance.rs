@@ -261,9 +261,9 @@ pub struct Balancer {
     eject_after: u32,
     eject_base: Duration,
     eject_max: Duration,
-    /// Every endpoint's state by (service, node): the routing table looks
+    /// Every endpoint's state by service and node: the routing table looks
     /// states up here when it is rebuilt, never when a request is routed.
-    states: Mutex<HashMap<(String, String), Arc<EndpointState>>>,
+    states: Mutex<HashMap<String, HashMap<String, Arc<EndpointState>>>>,
 }
 
 /// An endpoint's view for the admin API.
@@ -312,11 +312,13 @@ impl Balancer {
     /// calls this when it is rebuilt and keeps the state in its [`Target`]s.
     pub fn state(&self, service: &str, node: &str) -> Arc<EndpointState> {
         let mut states = self.states.lock().unwrap();
-        if let Some(s) = states.get(&(service.to_string(), node.to_string())) {
+        if let Some(s) = states.get(service).and_then(|m| m.get(node)) {
             return s.clone();
         }
         states
-            .entry((service.to_string(), node.to_string()))
+            .entry(service.to_string())
+            .or_default()
+            .entry(node.to_string())
             .or_default()
             .clone()
     }
@@ -524,12 +526,11 @@ impl Balancer {
         }
         let (total, ejected) = {
             let states = self.states.lock().unwrap();
-            states
-                .iter()
-                .filter(|((s, _), _)| s == service)
-                .fold((0, 0), |(n, e), (_, v)| {
+            states.get(service).map_or((0, 0), |m| {
+                m.values().fold((0, 0), |(n, e), v| {
                     (n + 1, e + usize::from(v.usable(now).1))
                 })
+            })
         };
         if (ejected + 1) * 2 > total {
             return;
