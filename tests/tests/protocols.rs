@@ -303,3 +303,139 @@ async fn grpc_error_statuses_in_trailers_count_as_failures() {
     n1.shutdown().await;
     n2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_callers_get_permission_denied_resource_exhausted_and_deadline_exceeded() {
+    // A gRPC app that answers OK, after 500 ms for `Slow`.
+    let grpc: Handler = Arc::new(|req: Request<Incoming>| {
+        Box::pin(async move {
+            if req.uri().path().ends_with("/Slow") {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            let _ = req.into_body().collect().await;
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let frames: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+                vec![Ok(Frame::trailers(trailers))];
+            Response::builder()
+                .header("content-type", "application/grpc")
+                .body(StreamBody::new(futures::stream::iter(frames)).boxed())
+                .unwrap()
+        })
+    });
+    let up = Upstream::speaking(Speaks::H2cOnly, grpc).await;
+    let mut mesh = Mesh::new();
+    let n1 = mesh.client("n1", |_| {}).await;
+    let n2 = mesh
+        .start(mesh.config(
+            "n2",
+            &["locked", "limited"],
+            &[("locked", up.addr), ("limited", up.addr)],
+        ))
+        .await;
+    routable(&n1, "locked", 1).await;
+    routable(&n1, "limited", 1).await;
+    let out = n1.outbound_addr().unwrap();
+    let sender = h2c(out).await;
+    let policies = [
+        (
+            "AuthorizationPolicy",
+            "locked-from-api",
+            "apiVersion: shoal.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: locked-from-api}\nspec:\n  target: locked\n  rules:\n  - from: [api]\n",
+        ),
+        (
+            "RateLimit",
+            "limited-rl",
+            "apiVersion: shoal.dev/v1\nkind: RateLimit\nmetadata: {name: limited-rl}\nspec: {target: limited, requestsPerSecond: 1, burst: 1}\n",
+        ),
+    ];
+    for (kind, name, doc) in policies {
+        let (status, body) = tests::admin_request(
+            n1.admin_addr(),
+            "PUT",
+            &format!("/v1/policies/{kind}/{name}"),
+            &[("content-type", "application/yaml")],
+            doc,
+        )
+        .await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    // Sends a call, answers (HTTP status, grpc-status, grpc-message).
+    async fn status_of(
+        mut sender: hyper::client::conn::http2::SendRequest<Body>,
+        req: Request<Body>,
+    ) -> (u16, String, String) {
+        let r = sender.send_request(req).await.unwrap();
+        let h = |k: &str| {
+            r.headers()
+                .get(k)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        let (grpc, msg) = (h("grpc-status"), h("grpc-message"));
+        let status = r.status().as_u16();
+        let c = r.into_body().collect().await.unwrap();
+        let grpc = if grpc.is_empty() {
+            c.trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        } else {
+            grpc
+        };
+        (status, grpc, msg)
+    }
+    let (status, _, msg) = eventually("locked answers PERMISSION_DENIED", WAIT, || {
+        let fut = status_of(sender.clone(), grpc_call("locked", "Get"));
+        async move {
+            let got = fut.await;
+            (got.1 == "7").then_some(got)
+        }
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert!(msg.contains("forbidden") && msg.contains("locked"), "{msg}");
+    let (_, grpc, msg) = eventually("limited answers RESOURCE_EXHAUSTED", WAIT, || {
+        let fut = status_of(sender.clone(), grpc_call("limited", "Get"));
+        async move {
+            let got = fut.await;
+            (got.1 == "8").then_some(got)
+        }
+    })
+    .await;
+    assert_eq!(grpc, "8");
+    assert!(
+        msg.contains("rate-limited") && msg.contains("limited"),
+        "{msg}"
+    );
+    // A 100 ms deadline on a 500 ms call (the rate limit lets one a
+    // second through).
+    let (status, grpc, msg) = eventually("Slow answers DEADLINE_EXCEEDED", WAIT, || {
+        let mut req = Request::post("http://limited/pkg.Svc/Slow")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("shoal-timeout", "100ms")
+            .body(full(&b"\0\0\0\0\x02yo"[..]))
+            .unwrap();
+        *req.version_mut() = Version::HTTP_2;
+        let fut = status_of(sender.clone(), req);
+        async move {
+            let got = fut.await;
+            (got.1 == "4").then_some(got)
+        }
+    })
+    .await;
+    assert_eq!((status, grpc.as_str()), (200, "4"));
+    assert!(msg.contains("timeout") && msg.contains("limited"), "{msg}");
+    let (_, metrics) = admin_get(n1.admin_addr(), "/metrics").await;
+    for class in ["denied", "rate_limited", "failure"] {
+        assert!(
+            metrics.lines().any(|l| l
+                .starts_with("shoal_proxy_responses_total{direction=\"outbound\"")
+                && l.contains(&format!("classification=\"{class}\""))),
+            "no {class} responses counted\n{metrics}"
+        );
+    }
+    n1.shutdown().await;
+    n2.shutdown().await;
+}
