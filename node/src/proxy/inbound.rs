@@ -291,11 +291,16 @@ async fn forward(
         }
         Err(e) => {
             tracing::info!(error = %e, service = %head.service, h2, "local instance failed mid-request");
-            if svc.spec.protocol == Protocol::Auto {
-                // A restarted instance may speak another version now.
-                if let Some(now) = health::detect(svc.spec.addr, Duration::from_secs(1)).await {
-                    svc.set_detected(Some(now));
-                }
+            if svc.spec.protocol == Protocol::Auto && !svc.reprobing.swap(true, Ordering::Relaxed) {
+                // A restarted instance may speak another version now: ask
+                // again in the background, one probe at a time.
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    if let Some(now) = health::detect(svc.spec.addr, Duration::from_secs(1)).await {
+                        svc.set_detected(Some(now));
+                    }
+                    svc.reprobing.store(false, Ordering::Relaxed);
+                });
             }
             error(
                 StatusCode::BAD_GATEWAY,

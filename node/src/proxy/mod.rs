@@ -72,6 +72,8 @@ pub(crate) struct LocalService {
     /// With protocol `auto`, what the instance was found to speak: 0 not
     /// known yet, else bit 1 HTTP/1.1 and bit 2 h2c (see [`health::detect`]).
     detected: AtomicU8,
+    /// A background re-detection is running.
+    reprobing: AtomicBool,
     pub in_flight: AtomicU64,
     pub latency: balance::EndpointState,
     published: Mutex<String>,
@@ -479,6 +481,7 @@ impl Proxy {
                     spec: spec.clone(),
                     health: AtomicU8::new(0),
                     detected: AtomicU8::new(0),
+                    reprobing: AtomicBool::new(false),
                     in_flight: AtomicU64::new(0),
                     latency: balance::EndpointState::detached(),
                     published: Mutex::new(String::new()),
