@@ -568,13 +568,16 @@ pub async fn stat_command(admin: &str) -> i32 {
 
 /// Renders `/v1/stats` JSON as a table.
 pub fn stat_table(edges: &[serde_json::Value]) -> String {
-    let mut rows: Vec<[String; 8]> = vec![
+    let mut rows: Vec<[String; 11]> = vec![
         [
             "DIRECTION",
             "SOURCE",
             "DESTINATION",
             "RPS",
             "SUCCESS",
+            "FAILED",
+            "DENIED",
+            "LIMITED",
             "P50",
             "P95",
             "P99",
@@ -584,12 +587,16 @@ pub fn stat_table(edges: &[serde_json::Value]) -> String {
     for e in edges {
         let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
         let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
+        let n = |k: &str| e[k].as_u64().unwrap_or(0).to_string();
         rows.push([
             s("direction"),
             s("source"),
             s("destination"),
             format!("{:.1}", f("rps")),
             format!("{:.2}%", f("success_rate") * 100.0),
+            n("failed"),
+            n("denied"),
+            n("rate_limited"),
             format!("{:.1}ms", f("p50_ms")),
             format!("{:.1}ms", f("p95_ms")),
             format!("{:.1}ms", f("p99_ms")),
@@ -650,5 +657,9 @@ mod tests {
         assert_eq!((w[0].failed, w[0].denied, w[0].rate_limited), (15, 5, 0));
         assert!((45.0..=56.0).contains(&w[0].p50_ms), "{:?}", w[0]);
         assert!((94.0..=110.0).contains(&w[0].p99_ms), "{:?}", w[0]);
+        let table = stat_table(&[serde_json::to_value(&w[0]).unwrap()]);
+        let row = table.lines().nth(1).unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[4..8], ["81.82%", "15", "5", "0"], "{table}");
     }
 }
