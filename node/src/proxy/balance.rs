@@ -355,7 +355,7 @@ impl Balancer {
             status: s.status_at(now),
             in_flight: s.in_flight(),
             attempts: s.attempts(),
-            ewma_ms: s.ewma_at(now).map(|n| n / 1e6),
+            ewma_ms: s.ewma_at(now).map(|n| (n / 1e3).round() / 1e3),
         }
     }
 

@@ -33,6 +33,11 @@ pub(crate) async fn run(shared: Arc<Shared>, svc: Arc<LocalService>) {
             svc.set_detected(Some(found));
         }
         let healthy = check(&shared, &svc, timeout).await;
+        if !healthy && svc.spec.protocol == Protocol::Auto {
+            // Down, or checked in the wrong version: find out again once it
+            // answers.
+            svc.set_detected(None);
+        }
         let h = if healthy {
             Health::Healthy
         } else {
