@@ -32,22 +32,27 @@ async fn two_instances(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_instances_share_200_sequential_requests() {
     let (ua, ub, n1, n2, n3) = two_instances(ok("a"), ok("b")).await;
-    // The scenario: a caller starts 1 s after both instances are routable.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let routable_at = Instant::now();
     let out = n1.outbound_addr().unwrap();
     let client = http1();
-    for _ in 0..200 {
-        let resp = client.request(get(out, "web", "/")).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        body_of(resp).await;
+    // The scenario: a caller sends 200 requests one after another, 1 s
+    // after both instances are routable, and again 3 s after.
+    for at in [Duration::from_secs(1), Duration::from_secs(3)] {
+        tokio::time::sleep(at.saturating_sub(routable_at.elapsed())).await;
+        let before = (ua.hits(), ub.hits());
+        for _ in 0..200 {
+            let resp = client.request(get(out, "web", "/")).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            body_of(resp).await;
+        }
+        let (a, b) = (ua.hits() - before.0, ub.hits() - before.1);
+        println!("split of 200 sequential requests {at:?} after routable: n2 {a}, n3 {b}");
+        assert_eq!(a + b, 200);
+        assert!(
+            (60..=140).contains(&a),
+            "each instance should get 30-70 %: n2 {a}, n3 {b}"
+        );
     }
-    let (a, b) = (ua.hits(), ub.hits());
-    println!("split of 200 sequential requests: n2 {a}, n3 {b}");
-    assert_eq!(a + b, 200);
-    assert!(
-        (60..=140).contains(&a),
-        "each instance should get 30-70 %: n2 {a}, n3 {b}"
-    );
     n1.shutdown().await;
     n2.shutdown().await;
     n3.shutdown().await;
