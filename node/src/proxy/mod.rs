@@ -317,9 +317,11 @@ impl Shared {
 
     /// The retry budget of `service`.
     pub fn budget(&self, service: &str) -> Arc<RetryBudget> {
-        self.budgets
-            .lock()
-            .unwrap()
+        let mut budgets = self.budgets.lock().unwrap();
+        if let Some(b) = budgets.get(service) {
+            return b.clone();
+        }
+        budgets
             .entry(service.to_string())
             .or_insert_with(|| Arc::new(RetryBudget::new(&self.config.retry)))
             .clone()
