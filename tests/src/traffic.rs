@@ -38,8 +38,24 @@ pub struct Upstream {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Which HTTP versions an [`Upstream`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    /// HTTP/1.1 and h2c with prior knowledge (hyper-util's auto builder).
+    Both,
+    /// HTTP/1.1 only: an h2c preface gets an error.
+    Http1Only,
+    /// h2c with prior knowledge only: an HTTP/1.1 request gets an error.
+    H2cOnly,
+}
+
 impl Upstream {
     pub async fn start(handler: Handler) -> Self {
+        Self::speaking(Speaks::Both, handler).await
+    }
+
+    /// A server speaking only `speaks`.
+    pub async fn speaking(speaks: Speaks, handler: Handler) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
@@ -56,7 +72,20 @@ impl Upstream {
                         let fut = handler(req);
                         async move { Ok::<_, Infallible>(fut.await) }
                     });
-                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    let io = TokioIo::new(stream);
+                    let _ = match speaks {
+                        Speaks::Both => builder.serve_connection(io, svc).await,
+                        Speaks::Http1Only => hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await
+                            .map_err(Into::into),
+                        Speaks::H2cOnly => {
+                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, svc)
+                                .await
+                                .map_err(Into::into)
+                        }
+                    };
                 });
             }
         });

@@ -3,11 +3,24 @@
 //! on connect/reset failures, outlier ejection, and the retry budget.
 //!
 //! This module holds no I/O: callers report outcomes, it answers choices.
+//! Choice ([`Balancer::choose`]) is a function of the targets' states, the
+//! time and a random source passed in: it takes no lock shared between
+//! endpoints and allocates nothing. Each endpoint's state is a handful of
+//! atomics, reached through the [`Target`] the routing table hands out.
+//!
+//! Latency estimates decay while an endpoint is idle (as Finagle's and
+//! linkerd's peak EWMA do): the estimate read at time `t` is the last one
+//! times `exp(-(t - last update) / DECAY)`. An endpoint measured slow once is
+//! therefore tried again within `DECAY × ln(slow / fast / TOLERANCE)`, and
+//! identical endpoints take turns instead of one keeping all the traffic:
+//! costs within [`TOLERANCE`] of each other count as equal, and an
+//! endpoint's first sample (which paid for connection setup) enters the
+//! estimate one time constant old.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -18,8 +31,15 @@ use crate::proxy::config::{ProxyConfig, RetryConfig};
 /// Latency assumed for an endpoint nobody has measured (and its node has not
 /// gossiped a figure for).
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
-/// Peak-EWMA decay time.
-const DECAY: Duration = Duration::from_secs(10);
+/// Peak-EWMA time constant: how fast a lower sample pulls the estimate down,
+/// and how fast an idle endpoint's estimate decays toward zero.
+pub const DECAY: Duration = Duration::from_millis(50);
+/// Between two endpoints whose costs are within this factor of each other
+/// the choice is a coin weighted by inverse cost (equal costs: even odds);
+/// beyond it, the cheaper one. Differences that small are mostly
+/// measurement noise (one scheduling hiccup), and following them strictly
+/// would send sequential traffic to whichever endpoint was luckier.
+pub const TOLERANCE: f64 = 2.0;
 /// Longest time a connect or reset failure keeps an endpoint out.
 pub const DOWN_MAX: Duration = Duration::from_secs(10);
 /// While every endpoint of a service is down, one request per endpoint is let
@@ -27,8 +47,20 @@ pub const DOWN_MAX: Duration = Duration::from_secs(10);
 /// this plus one round trip).
 pub const TRIAL_EVERY: Duration = Duration::from_millis(500);
 
-/// One instance of a service, as gossip describes it.
-#[derive(Debug, Clone, PartialEq)]
+/// The origin of the nanosecond timestamps endpoint states keep.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(|| Instant::now() - Duration::from_secs(1))
+}
+
+/// `t` as nanoseconds since [`epoch`] (at least 1: 0 means "never").
+fn stamp(t: Instant) -> u64 {
+    (t.saturating_duration_since(epoch()).as_nanos() as u64).max(1)
+}
+
+/// One instance of a service, as gossip describes it, with this node's live
+/// state of it.
+#[derive(Debug, Clone)]
 pub struct Target {
     /// Service name.
     pub service: String,
@@ -44,6 +76,9 @@ pub struct Target {
     pub is_self: bool,
     /// Latency the node gossiped, ms (seeds cold endpoints).
     pub gossip_ewma_ms: f64,
+    /// This node's state of the endpoint (shared by every table that lists
+    /// it; see [`Balancer::state`]).
+    pub state: Arc<EndpointState>,
 }
 
 /// Why no endpoint could be chosen.
@@ -55,40 +90,40 @@ pub enum NoEndpoint {
     Saturated,
 }
 
-/// Failure bookkeeping of one endpoint.
+/// Failure counters of one endpoint (written on outcomes only).
 #[derive(Debug, Default)]
 struct Failures {
     consecutive: u32,
-    down_until: Option<Instant>,
     downs: u32,
-    ejected_until: Option<Instant>,
     ejections: u32,
-    /// Earliest time the next trial request may go to it while it is down.
-    next_trial: Option<Instant>,
 }
 
-/// Live state of one endpoint as this node sees it.
-#[derive(Debug)]
+/// Live state of one endpoint as this node sees it. Everything choice reads
+/// is an atomic; the failure counters behind the mutex are touched only
+/// when an outcome is reported.
+#[derive(Debug, Default)]
 pub struct EndpointState {
     in_flight: AtomicU64,
     attempts: AtomicU64,
-    ewma: Mutex<Option<(f64, Instant)>>,
+    /// Peak-EWMA estimate, ns, as `f64` bits (0: not measured).
+    ewma: AtomicU64,
+    /// When `ewma` was last updated ([`stamp`]).
+    ewma_at: AtomicU64,
+    /// Marked down until ([`stamp`]; 0: not down).
+    down_until: AtomicU64,
+    /// Ejected until ([`stamp`]; 0: not ejected).
+    ejected_until: AtomicU64,
+    /// Earliest time of the next trial while down ([`stamp`]; 0: any time).
+    next_trial: AtomicU64,
+    /// Consecutive failures (mirrors `failures.consecutive` for views).
+    consecutive: AtomicU32,
     failures: Mutex<Failures>,
 }
 
 impl EndpointState {
     /// A fresh state not held by a balancer (latency tracking of a local instance).
     pub fn detached() -> Self {
-        Self::new()
-    }
-
-    fn new() -> Self {
-        EndpointState {
-            in_flight: AtomicU64::new(0),
-            attempts: AtomicU64::new(0),
-            ewma: Mutex::new(None),
-            failures: Mutex::new(Failures::default()),
-        }
+        Self::default()
     }
 
     /// Requests in flight to it.
@@ -101,9 +136,18 @@ impl EndpointState {
         self.attempts.load(Ordering::Relaxed)
     }
 
-    /// Peak-EWMA latency in nanoseconds, if measured.
+    /// The last peak-EWMA latency in nanoseconds, if measured (not decayed).
     pub fn ewma_ns(&self) -> Option<f64> {
-        self.ewma.lock().unwrap().map(|(v, _)| v)
+        let v = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        (v > 0.0).then_some(v)
+    }
+
+    /// The estimate as of `now`: the last one decayed by the idle time since.
+    pub fn ewma_at(&self, now: Instant) -> Option<f64> {
+        let v = self.ewma_ns()?;
+        let at = self.ewma_at.load(Ordering::Relaxed);
+        let idle = stamp(now).saturating_sub(at) as f64 / 1e9;
+        Some(v * (-idle / DECAY.as_secs_f64()).exp())
     }
 
     /// Counts an attempt in flight until the guard drops.
@@ -116,46 +160,76 @@ impl EndpointState {
         }
     }
 
-    /// Adds a latency sample (peak EWMA: a slower sample counts at once, a
-    /// faster one decays in).
+    /// Adds a latency sample now.
     pub fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
-        let sample = rtt.as_nanos() as f64;
-        let mut e = self.ewma.lock().unwrap();
-        *e = Some(match *e {
-            None => (sample, now),
-            Some((v, at)) if sample < v => {
-                let w = (-(now - at).as_secs_f64() / DECAY.as_secs_f64()).exp();
-                (v * w + sample * (1.0 - w), now)
-            }
-            Some(_) => (sample, now),
-        });
+        self.observe_at(Instant::now(), rtt);
     }
 
+    /// Adds a latency sample taken at `now` (peak EWMA: a slower sample
+    /// counts at once; the estimate decays toward zero with time constant
+    /// [`DECAY`] meanwhile, so a faster one takes over as it does).
+    pub fn observe_at(&self, now: Instant, rtt: Duration) {
+        let sample = (rtt.as_nanos() as f64).max(1.0);
+        let t = stamp(now);
+        // Decay over the idle time, then a slower sample counts at once
+        // (as Finagle's peak EWMA, whose every read decays the estimate).
+        let next = match self.ewma_ns() {
+            // The first sample usually paid for connection setup (the QUIC
+            // handshake, the far node's first connection to its instance):
+            // it enters one time constant old, i.e. at 1/e of its weight.
+            None => {
+                self.ewma.store(sample.to_bits(), Ordering::Relaxed);
+                let aged = now.checked_sub(DECAY).unwrap_or(now);
+                self.ewma_at.store(stamp(aged), Ordering::Relaxed);
+                return;
+            }
+            Some(v) => {
+                let at = self.ewma_at.load(Ordering::Relaxed);
+                let idle = t.saturating_sub(at) as f64 / 1e9;
+                sample.max(v * (-idle / DECAY.as_secs_f64()).exp())
+            }
+        };
+        self.ewma.store(next.to_bits(), Ordering::Relaxed);
+        self.ewma_at.store(t, Ordering::Relaxed);
+    }
+
+    /// Whether it is marked down, and whether it is ejected, at `now`.
     fn usable(&self, now: Instant) -> (bool, bool) {
-        let f = self.failures.lock().unwrap();
-        let down = f.down_until.is_some_and(|t| t > now);
-        let ejected = f.ejected_until.is_some_and(|t| t > now);
-        (down, ejected)
+        let t = stamp(now);
+        (
+            self.down_until.load(Ordering::Relaxed) > t,
+            self.ejected_until.load(Ordering::Relaxed) > t,
+        )
     }
 
     /// Takes the trial slot of a down endpoint if it is free.
     fn take_trial(&self, now: Instant) -> bool {
-        let mut f = self.failures.lock().unwrap();
-        if f.next_trial.is_some_and(|t| t > now) {
-            return false;
-        }
-        f.next_trial = Some(now + TRIAL_EVERY);
-        true
+        let t = stamp(now);
+        let next = self.next_trial.load(Ordering::Relaxed);
+        next <= t
+            && self
+                .next_trial
+                .compare_exchange(
+                    next,
+                    stamp(now + TRIAL_EVERY),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
-    /// Whether it is marked down or ejected now.
-    pub fn status(&self) -> &'static str {
-        match self.usable(Instant::now()) {
+    /// Whether it is marked down or ejected at `now`.
+    pub fn status_at(&self, now: Instant) -> &'static str {
+        match self.usable(now) {
             (true, _) => "down",
             (_, true) => "ejected",
             _ => "up",
         }
+    }
+
+    /// Whether it is marked down or ejected now.
+    pub fn status(&self) -> &'static str {
+        self.status_at(Instant::now())
     }
 }
 
@@ -187,7 +261,9 @@ pub struct Balancer {
     eject_after: u32,
     eject_base: Duration,
     eject_max: Duration,
-    states: Mutex<HashMap<(String, String), Arc<EndpointState>>>,
+    /// Every endpoint's state by service and node: the routing table looks
+    /// states up here when it is rebuilt, never when a request is routed.
+    states: Mutex<HashMap<String, HashMap<String, Arc<EndpointState>>>>,
 }
 
 /// An endpoint's view for the admin API.
@@ -199,8 +275,19 @@ pub struct EndpointView {
     pub in_flight: u64,
     /// Attempts from this node since start.
     pub attempts: u64,
-    /// Peak-EWMA latency measured from this node, ms.
+    /// Peak-EWMA latency measured from this node, ms, decayed to now.
     pub ewma_ms: Option<f64>,
+}
+
+/// How choice sees one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Excluded,
+    Saturated,
+    /// Down, with room for a trial.
+    Down,
+    Ejected,
+    Usable,
 }
 
 impl Balancer {
@@ -221,152 +308,229 @@ impl Balancer {
         }
     }
 
-    /// The state of `(service, node)`, made on first use.
+    /// The state of `(service, node)`, made on first use. The routing table
+    /// calls this when it is rebuilt and keeps the state in its [`Target`]s.
     pub fn state(&self, service: &str, node: &str) -> Arc<EndpointState> {
         let mut states = self.states.lock().unwrap();
+        if let Some(s) = states.get(service).and_then(|m| m.get(node)) {
+            return s.clone();
+        }
         states
-            .entry((service.to_string(), node.to_string()))
-            .or_insert_with(|| Arc::new(EndpointState::new()))
+            .entry(service.to_string())
+            .or_default()
+            .entry(node.to_string())
+            .or_default()
             .clone()
+    }
+
+    /// A target for `(service, node)` with this balancer's state of it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn target(
+        &self,
+        service: &str,
+        node: &str,
+        addr: SocketAddr,
+        zone: &str,
+        weight: u32,
+        is_self: bool,
+        gossip_ewma_ms: f64,
+    ) -> Target {
+        Target {
+            service: service.into(),
+            node: node.into(),
+            addr,
+            zone: zone.into(),
+            weight,
+            is_self,
+            gossip_ewma_ms,
+            state: self.state(service, node),
+        }
     }
 
     /// The admin view of `(service, node)`.
     pub fn view(&self, service: &str, node: &str) -> EndpointView {
         let s = self.state(service, node);
+        let now = Instant::now();
         EndpointView {
-            status: s.status(),
+            status: s.status_at(now),
             in_flight: s.in_flight(),
             attempts: s.attempts(),
-            ewma_ms: s.ewma_ns().map(|n| n / 1e6),
+            ewma_ms: s.ewma_at(now).map(|n| (n / 1e3).round() / 1e3),
+        }
+    }
+
+    /// [`choose`](Self::choose) now, with the thread's random source.
+    pub fn pick(&self, targets: &[Target], exclude: &[String]) -> Result<usize, NoEndpoint> {
+        self.choose(targets, exclude, Instant::now(), &mut rand::thread_rng())
+    }
+
+    fn class(&self, t: &Target, exclude: &[String], now: Instant) -> Class {
+        if exclude.contains(&t.node) {
+            return Class::Excluded;
+        }
+        let s = &t.state;
+        let (down, ejected) = s.usable(now);
+        let capped = s.in_flight() >= self.max_in_flight;
+        match (down, capped, ejected) {
+            (true, true, _) => Class::Excluded,
+            (true, false, _) => Class::Down,
+            (false, true, _) => Class::Saturated,
+            (false, false, true) => Class::Ejected,
+            (false, false, false) => Class::Usable,
         }
     }
 
     /// Chooses among `targets` (all of one service), never one of `exclude`
-    /// (node names). Prefers this node's zone while it has a usable endpoint.
-    pub fn pick(
+    /// (node names), as of `now`, drawing from `rng`; answers an index into
+    /// `targets`. Prefers this node's zone while it has a usable endpoint,
+    /// then the cheaper of two drawn at random (power of two choices), where
+    /// cost is the decayed peak-EWMA latency × (in flight + 1) / weight
+    /// (costs within [`TOLERANCE`] of each other: a coin weighted by inverse
+    /// cost).
+    ///
+    /// Reads only the targets' atomics: no lock, no allocation. The one
+    /// write is taking a down endpoint's trial slot when every endpoint is
+    /// down.
+    pub fn choose<R: Rng + ?Sized>(
         &self,
         targets: &[Target],
         exclude: &[String],
-    ) -> Result<(Target, Arc<EndpointState>), NoEndpoint> {
-        let now = Instant::now();
-        let mut usable: Vec<(&Target, Arc<EndpointState>)> = Vec::with_capacity(targets.len());
-        let mut ejected: Vec<(&Target, Arc<EndpointState>)> = Vec::new();
-        let mut saturated = false;
-        let mut down_ones: Vec<(&Target, Arc<EndpointState>)> = Vec::new();
+        now: Instant,
+        rng: &mut R,
+    ) -> Result<usize, NoEndpoint> {
+        let (mut usable, mut ejected, mut saturated) = (0usize, 0usize, false);
         for t in targets {
-            if exclude.contains(&t.node) {
-                continue;
-            }
-            let s = self.state(&t.service, &t.node);
-            let (down, is_ejected) = s.usable(now);
-            if down {
-                if s.in_flight() < self.max_in_flight {
-                    down_ones.push((t, s));
-                }
-                continue;
-            }
-            if s.in_flight() >= self.max_in_flight {
-                saturated = true;
-                continue;
-            }
-            if is_ejected {
-                ejected.push((t, s));
-            } else {
-                usable.push((t, s));
+            match self.class(t, exclude, now) {
+                Class::Usable => usable += 1,
+                Class::Ejected => ejected += 1,
+                Class::Saturated => saturated = true,
+                Class::Down | Class::Excluded => {}
             }
         }
         // At most half the endpoints stay ejected: beyond that, ejected ones
         // come back into the choice.
-        if ejected.len() * 2 > targets.len() || usable.is_empty() && !ejected.is_empty() {
-            usable.extend(ejected);
-        }
-        if usable.is_empty() && !saturated {
-            // Every endpoint gossip calls healthy is down here: let one
-            // request through to one of them as a trial, at most every
-            // TRIAL_EVERY per endpoint, so a recovered peer is found.
-            if let Some((t, s)) = down_ones.into_iter().find(|(_, s)| s.take_trial(now)) {
-                tracing::debug!(service = %t.service, node = %t.node, "every endpoint is down; sending a trial request");
-                return Ok((t.clone(), s));
+        let with_ejected = ejected * 2 > targets.len() || usable == 0 && ejected > 0;
+        let eligible = |c: Class| c == Class::Usable || with_ejected && c == Class::Ejected;
+        if usable == 0 && !with_ejected {
+            if !saturated {
+                // Every endpoint gossip calls healthy is down here: let one
+                // request through to one of them as a trial, at most every
+                // TRIAL_EVERY per endpoint, so a recovered peer is found.
+                for (i, t) in targets.iter().enumerate() {
+                    if self.class(t, exclude, now) == Class::Down && t.state.take_trial(now) {
+                        tracing::debug!(service = %t.service, node = %t.node, "every endpoint is down; sending a trial request");
+                        return Ok(i);
+                    }
+                }
             }
-        }
-        if usable.is_empty() {
             return Err(if saturated {
                 NoEndpoint::Saturated
             } else {
                 NoEndpoint::NoHealthy
             });
         }
-        if usable.iter().any(|(t, _)| t.zone == self.zone) {
-            usable.retain(|(t, _)| t.zone == self.zone);
-        }
-        let chosen = if usable.len() == 1 {
-            0
-        } else {
-            let mut rng = rand::thread_rng();
-            let a = rng.gen_range(0..usable.len());
-            let mut b = rng.gen_range(0..usable.len() - 1);
-            if b >= a {
-                b += 1;
-            }
-            if cost(usable[a].0, &usable[a].1) <= cost(usable[b].0, &usable[b].1) {
-                a
-            } else {
-                b
-            }
+        let in_zone = targets
+            .iter()
+            .any(|t| t.zone == self.zone && eligible(self.class(t, exclude, now)));
+        let candidate =
+            |t: &Target| (!in_zone || t.zone == self.zone) && eligible(self.class(t, exclude, now));
+        let n = targets.iter().filter(|t| candidate(t)).count();
+        // The `k`-th candidate's index in `targets`.
+        let nth = |k: usize| {
+            targets
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| candidate(t))
+                .nth(k)
+                .map(|(i, _)| i)
+                .expect("k < n")
         };
-        let (t, s) = usable.swap_remove(chosen);
-        Ok((t.clone(), s))
+        if n == 1 {
+            return Ok(nth(0));
+        }
+        let a = rng.gen_range(0..n);
+        let mut b = rng.gen_range(0..n - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (a, b) = (nth(a), nth(b));
+        let (ca, cb) = (cost(&targets[a], now), cost(&targets[b], now));
+        Ok(if ca <= cb * TOLERANCE && cb <= ca * TOLERANCE {
+            if rng.gen_bool(cb / (ca + cb)) { a } else { b }
+        } else if ca < cb {
+            a
+        } else {
+            b
+        })
     }
 
     /// Reports a successful attempt.
     pub fn success(&self, state: &EndpointState, rtt: Duration) {
-        state.observe(rtt);
+        self.success_at(state, rtt, Instant::now());
+    }
+
+    /// Reports a successful attempt that ended at `now`.
+    pub fn success_at(&self, state: &EndpointState, rtt: Duration, now: Instant) {
+        state.observe_at(now, rtt);
         let mut f = state.failures.lock().unwrap();
         f.consecutive = 0;
         f.downs = 0;
-        f.down_until = None;
-        f.next_trial = None;
         f.ejections = f.ejections.saturating_sub(1);
+        state.consecutive.store(0, Ordering::Relaxed);
+        state.down_until.store(0, Ordering::Relaxed);
+        state.next_trial.store(0, Ordering::Relaxed);
     }
 
-    /// Reports a connect or reset failure: the endpoint is out at once, for
-    /// `down_base` doubling per repeat, never longer than [`DOWN_MAX`].
-    /// Failures reported while it is already down (requests that were in
-    /// flight together, failed trials) do not lengthen the penalty.
+    /// Reports a connect or reset failure now.
     pub fn down(&self, state: &EndpointState) {
-        let now = Instant::now();
+        self.down_at(state, Instant::now());
+    }
+
+    /// Reports a connect or reset failure at `now`: the endpoint is out at
+    /// once, for `down_base` doubling per repeat, never longer than
+    /// [`DOWN_MAX`]. Failures reported while it is already down (requests
+    /// that were in flight together, failed trials) do not lengthen the
+    /// penalty.
+    pub fn down_at(&self, state: &EndpointState, now: Instant) {
         let mut f = state.failures.lock().unwrap();
         f.consecutive += 1;
-        if f.down_until.is_some_and(|t| t > now) {
+        state.consecutive.store(f.consecutive, Ordering::Relaxed);
+        if state.usable(now).0 {
             return;
         }
         let factor = 1u32 << f.downs.min(4);
-        f.down_until = Some(now + self.down_base.saturating_mul(factor).min(DOWN_MAX));
+        let until = now + self.down_base.saturating_mul(factor).min(DOWN_MAX);
+        state.down_until.store(stamp(until), Ordering::Relaxed);
         f.downs = f.downs.saturating_add(1);
-        f.next_trial = Some(now + TRIAL_EVERY);
+        state
+            .next_trial
+            .store(stamp(now + TRIAL_EVERY), Ordering::Relaxed);
     }
 
-    /// Reports a failed response (5xx from the instance, far-side error):
-    /// enough in a row eject the endpoint for a growing, capped time.
+    /// Reports a failed response now.
     pub fn failure(&self, service: &str, state: &EndpointState) {
+        self.failure_at(service, state, Instant::now());
+    }
+
+    /// Reports a failed response (5xx from the instance, far-side error) at
+    /// `now`: enough in a row eject the endpoint for a growing, capped time.
+    pub fn failure_at(&self, service: &str, state: &EndpointState, now: Instant) {
         let eject = {
             let mut f = state.failures.lock().unwrap();
             f.consecutive += 1;
+            state.consecutive.store(f.consecutive, Ordering::Relaxed);
             f.consecutive >= self.eject_after
         };
         if !eject {
             return;
         }
-        let now = Instant::now();
         let (total, ejected) = {
             let states = self.states.lock().unwrap();
-            let mine: Vec<&Arc<EndpointState>> = states
-                .iter()
-                .filter(|((s, _), _)| s == service)
-                .map(|(_, v)| v)
-                .collect();
-            let ejected = mine.iter().filter(|s| s.usable(now).1).count();
-            (mine.len(), ejected)
+            states.get(service).map_or((0, 0), |m| {
+                m.values().fold((0, 0), |(n, e), v| {
+                    (n + 1, e + usize::from(v.usable(now).1))
+                })
+            })
         };
         if (ejected + 1) * 2 > total {
             return;
@@ -376,15 +540,19 @@ impl Balancer {
             .eject_base
             .saturating_mul(1u32 << f.ejections.min(16))
             .min(self.eject_max);
-        f.ejected_until = Some(now + backoff);
+        state
+            .ejected_until
+            .store(stamp(now + backoff), Ordering::Relaxed);
         f.ejections += 1;
         f.consecutive = 0;
+        state.consecutive.store(0, Ordering::Relaxed);
         tracing::info!(%service, ?backoff, "endpoint ejected after consecutive failures");
     }
 }
 
-fn cost(t: &Target, s: &EndpointState) -> f64 {
-    let rtt = s.ewma_ns().unwrap_or_else(|| {
+fn cost(t: &Target, now: Instant) -> f64 {
+    let s = &t.state;
+    let rtt = s.ewma_at(now).unwrap_or_else(|| {
         if t.gossip_ewma_ms > 0.0 {
             t.gossip_ewma_ms * 1e6
         } else {
@@ -462,97 +630,222 @@ pub fn backoff(c: &RetryConfig, n: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
 
-    fn target(node: &str, zone: &str) -> Target {
-        Target {
-            service: "web".into(),
-            node: node.into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            zone: zone.into(),
-            weight: 100,
-            is_self: false,
-            gossip_ewma_ms: 0.0,
-        }
+    fn target(b: &Balancer, node: &str, zone: &str) -> Target {
+        b.target(
+            "web",
+            node,
+            "127.0.0.1:1".parse().unwrap(),
+            zone,
+            100,
+            false,
+            0.0,
+        )
+    }
+
+    fn balancer(zone: &str, cfg: &ProxyConfig, down_base: Duration) -> Balancer {
+        Balancer::new(zone.into(), cfg, down_base)
     }
 
     #[test]
     fn prefers_fast_and_idle_endpoints() {
-        let b = Balancer::new("z".into(), &ProxyConfig::default(), Duration::from_secs(1));
-        let ts = [target("a", "z"), target("b", "z")];
-        b.state("web", "a").observe(Duration::from_millis(50));
-        b.state("web", "b").observe(Duration::from_millis(1));
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(1));
+        let ts = [target(&b, "a", "z"), target(&b, "b", "z")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(7);
+        ts[0].state.observe_at(t0, Duration::from_millis(50));
+        ts[1].state.observe_at(t0, Duration::from_millis(1));
         for _ in 0..20 {
-            assert_eq!(b.pick(&ts, &[]).unwrap().0.node, "b");
+            assert_eq!(b.choose(&ts, &[], t0, &mut rng), Ok(1));
         }
+        // Busy: b with 200 in flight costs more than a idle.
+        let guards: Vec<InFlight> = (0..200).map(|_| ts[1].state.start()).collect();
+        assert_eq!(b.choose(&ts, &[], t0, &mut rng), Ok(0));
+        drop(guards);
     }
 
     #[test]
-    fn down_and_excluded_endpoints_are_skipped_and_zone_preferred() {
-        let b = Balancer::new("z1".into(), &ProxyConfig::default(), Duration::from_secs(5));
-        let ts = [target("a", "z1"), target("b", "z2"), target("c", "z2")];
-        assert_eq!(b.pick(&ts, &[]).unwrap().0.node, "a");
-        b.down(&b.state("web", "a"));
-        for _ in 0..20 {
-            let n = b.pick(&ts, &["b".into()]).unwrap().0.node;
-            assert_eq!(n, "c");
+    fn an_idle_estimate_decays_so_a_once_slow_endpoint_is_tried_again() {
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(1));
+        let ts = [target(&b, "fast", "z"), target(&b, "slow", "z")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        // `slow` paid 100 ms once (after a first, cold sample); `fast`
+        // answers in 1 ms every 10 ms.
+        ts[1]
+            .state
+            .observe_at(t0 - Duration::from_millis(10), Duration::from_millis(1));
+        ts[1].state.observe_at(t0, Duration::from_millis(100));
+        assert_eq!(ts[1].state.ewma_at(t0), Some(100e6));
+        let mut t = t0;
+        let mut back_after = None;
+        for i in 1..=1000u32 {
+            t = t0 + Duration::from_millis(10) * i;
+            let k = b.choose(&ts, &[], t, &mut rng).unwrap();
+            if k == 1 {
+                back_after = Some(t - t0);
+                break;
+            }
+            b.success_at(&ts[0].state, Duration::from_millis(1), t);
         }
-        b.down(&b.state("web", "c"));
-        assert_eq!(
-            b.pick(&ts, &["b".into()]).unwrap_err(),
-            NoEndpoint::NoHealthy
+        let back = back_after.expect("slow endpoint chosen again");
+        // Back once 100 ms × e^(-t/DECAY) is within TOLERANCE of 1 ms (a
+        // weighted coin from then on), at the latest when it is below 1 ms.
+        let earliest = DECAY.mul_f64((100.0 / TOLERANCE).ln()) - Duration::from_millis(10);
+        let latest = DECAY.mul_f64(100f64.ln()) + Duration::from_millis(20);
+        assert!(
+            back >= earliest && back <= latest,
+            "tried again after {back:?}, expected {earliest:?}..{latest:?}"
+        );
+        // The decayed estimate is what the admin view shows.
+        let decayed = ts[1].state.ewma_at(t).unwrap();
+        assert!(decayed <= 2.0e6, "{decayed}");
+        assert_eq!(ts[1].state.ewma_ns(), Some(100e6));
+    }
+
+    #[test]
+    fn identical_endpoints_share_sequential_load() {
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(1));
+        let ts = [target(&b, "a", "z"), target(&b, "b", "z")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(42);
+        let mut hits = [0u32; 2];
+        for i in 0..200u32 {
+            let t = t0 + Duration::from_millis(10) * i;
+            let k = b.choose(&ts, &[], t, &mut rng).unwrap();
+            hits[k] += 1;
+            // Same latency everywhere, with a little jitter; the very first
+            // request to each endpoint pays a handshake.
+            let first = ts[k].state.attempts() == 0;
+            let _ = ts[k].state.start();
+            let rtt = if first {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_micros(1500 + u64::from(i % 7) * 100)
+            };
+            b.success_at(&ts[k].state, rtt, t + rtt);
+        }
+        assert!(
+            (60..=140).contains(&hits[0]),
+            "split {hits:?} of 200 sequential requests"
         );
     }
 
     #[test]
+    fn choice_is_a_function_of_time_and_rng() {
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(1));
+        let ts: Vec<Target> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| target(&b, n, "z"))
+            .collect();
+        let t0 = Instant::now();
+        for (i, t) in ts.iter().enumerate() {
+            t.state
+                .observe_at(t0, Duration::from_millis(3u64.pow(i as u32)));
+        }
+        let run = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..50)
+                .map(|_| b.choose(&ts, &[], t0, &mut rng).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(3), run(3));
+        // Power of two choices never picks the slowest of four (3× the
+        // next one, beyond TOLERANCE).
+        assert!(run(3).iter().all(|&k| k != 3));
+    }
+
+    #[test]
+    fn down_and_excluded_endpoints_are_skipped_and_zone_preferred() {
+        let b = balancer("z1", &ProxyConfig::default(), Duration::from_secs(5));
+        let ts = [
+            target(&b, "a", "z1"),
+            target(&b, "b", "z2"),
+            target(&b, "c", "z2"),
+        ];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(5);
+        assert_eq!(b.choose(&ts, &[], t0, &mut rng), Ok(0));
+        b.down_at(&ts[0].state, t0);
+        for _ in 0..20 {
+            assert_eq!(b.choose(&ts, &["b".into()], t0, &mut rng), Ok(2));
+        }
+        b.down_at(&ts[2].state, t0);
+        assert_eq!(
+            b.choose(&ts, &["b".into()], t0, &mut rng),
+            Err(NoEndpoint::NoHealthy)
+        );
+        // After the penalty, back in the choice.
+        let later = t0 + Duration::from_secs(6);
+        assert_eq!(b.choose(&ts, &[], later, &mut rng), Ok(0));
+    }
+
+    #[test]
     fn down_penalty_is_capped_and_all_down_services_get_trials() {
-        let b = Balancer::new("z".into(), &ProxyConfig::default(), Duration::from_secs(8));
-        let ts = [target("a", "z")];
-        let a = b.state("web", "a");
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(8));
+        let ts = [target(&b, "a", "z")];
+        let a = &ts[0].state;
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(9);
         // A burst of failures while it is down counts once.
         for _ in 0..20 {
-            b.down(&a);
+            b.down_at(a, t0);
         }
-        let until = a.failures.lock().unwrap().down_until.unwrap();
-        assert!(until <= Instant::now() + DOWN_MAX);
         assert_eq!(a.failures.lock().unwrap().downs, 1);
-        // Repeated downs never exceed the cap.
+        assert_eq!(a.status_at(t0 + Duration::from_millis(7900)), "down");
+        assert_eq!(a.status_at(t0 + Duration::from_millis(8100)), "up");
+        // Repeated downs (each after the last expired) never exceed the cap.
+        let mut t = t0;
         for _ in 0..10 {
-            a.failures.lock().unwrap().down_until = None;
-            b.down(&a);
+            t += DOWN_MAX + Duration::from_millis(1);
+            b.down_at(a, t);
         }
-        let until = a.failures.lock().unwrap().down_until.unwrap();
-        assert!(until <= Instant::now() + DOWN_MAX);
+        assert_eq!(a.status_at(t + DOWN_MAX - Duration::from_millis(1)), "down");
+        assert_eq!(a.status_at(t + DOWN_MAX + Duration::from_millis(1)), "up");
         // No trial before TRIAL_EVERY has passed since it went down ...
-        assert_eq!(b.pick(&ts, &[]).unwrap_err(), NoEndpoint::NoHealthy);
+        assert_eq!(b.choose(&ts, &[], t, &mut rng), Err(NoEndpoint::NoHealthy));
         // ... then one trial per TRIAL_EVERY.
-        a.failures.lock().unwrap().next_trial = Some(Instant::now());
-        assert_eq!(b.pick(&ts, &[]).unwrap().0.node, "a");
-        assert_eq!(b.pick(&ts, &[]).unwrap_err(), NoEndpoint::NoHealthy);
+        let t = t + TRIAL_EVERY;
+        assert_eq!(b.choose(&ts, &[], t, &mut rng), Ok(0));
+        assert_eq!(b.choose(&ts, &[], t, &mut rng), Err(NoEndpoint::NoHealthy));
         // A successful trial brings it back for every request.
-        b.success(&a, Duration::from_millis(1));
+        b.success_at(a, Duration::from_millis(1), t);
         for _ in 0..5 {
-            assert_eq!(b.pick(&ts, &[]).unwrap().0.node, "a");
+            assert_eq!(b.choose(&ts, &[], t, &mut rng), Ok(0));
         }
     }
 
     #[test]
-    fn ejects_at_most_half() {
+    fn ejects_at_most_half_and_capped_endpoints_are_saturated() {
         let cfg = ProxyConfig {
             eject_after: 2,
+            max_in_flight_per_endpoint: 1,
             ..Default::default()
         };
-        let b = Balancer::new("z".into(), &cfg, Duration::from_secs(5));
-        for n in ["a", "b"] {
-            b.state("web", n);
+        let b = balancer("z", &cfg, Duration::from_secs(5));
+        let ts = [target(&b, "a", "z"), target(&b, "b", "z")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(11);
+        b.failure_at("web", &ts[0].state, t0);
+        b.failure_at("web", &ts[0].state, t0);
+        assert_eq!(ts[0].state.status_at(t0), "ejected");
+        for _ in 0..10 {
+            assert_eq!(b.choose(&ts, &[], t0, &mut rng), Ok(1));
         }
-        let a = b.state("web", "a");
-        b.failure("web", &a);
-        b.failure("web", &a);
-        assert_eq!(a.status(), "ejected");
-        let bb = b.state("web", "b");
-        b.failure("web", &bb);
-        b.failure("web", &bb);
-        assert_eq!(bb.status(), "up", "a second ejection would exceed half");
+        b.failure_at("web", &ts[1].state, t0);
+        b.failure_at("web", &ts[1].state, t0);
+        assert_eq!(
+            ts[1].state.status_at(t0),
+            "up",
+            "a second ejection would exceed half"
+        );
+        let _g = ts[1].state.start();
+        // b at its cap, a ejected: a comes back rather than nothing.
+        assert_eq!(b.choose(&ts, &[], t0, &mut rng), Ok(0));
+        let _h = ts[0].state.start();
+        assert_eq!(b.choose(&ts, &[], t0, &mut rng), Err(NoEndpoint::Saturated));
     }
 
     #[test]

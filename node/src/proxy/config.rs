@@ -14,7 +14,9 @@ use crate::config::{ConfigError, parse_duration};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// The version the caller used (gRPC reaches a gRPC server unconfigured).
+    /// Detected once per instance: the caller's version if the instance
+    /// speaks it (gRPC reaches a gRPC server unconfigured), else the one it
+    /// speaks.
     #[default]
     Auto,
     /// Always HTTP/1.1.

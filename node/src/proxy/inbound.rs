@@ -35,8 +35,8 @@ use crate::proxy::frame::{
     self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead, ResponseHead,
     STREAM_KIND_HTTP,
 };
-use crate::proxy::stats::{Direction, Edge};
-use crate::proxy::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared};
+use crate::proxy::stats::{self, Direction, Edge};
+use crate::proxy::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared, health};
 
 /// Pooled clients to local instances.
 pub(crate) struct Clients {
@@ -152,11 +152,14 @@ pub(crate) async fn handle(
         },
     };
     let _gauge = shared.stats.in_flight(&edge);
+    let grpc_call = head
+        .headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && stats::is_grpc_type(v));
     let resp = forward(shared, caller, head, body).await;
     shared
         .stats
-        .record(&edge, resp.status().as_u16(), start.elapsed());
-    resp
+        .record_response(&edge, grpc_call, resp, start.elapsed())
 }
 
 async fn forward(
@@ -196,10 +199,19 @@ async fn forward(
             "the local instance fails its health checks",
         );
     }
-    let h2 = match svc.spec.protocol {
-        Protocol::H2c => true,
-        Protocol::Http1 => false,
-        Protocol::Auto => head.version == 2,
+    // `auto`: the caller's version if the instance speaks it, else the one
+    // it speaks (found out now if the health task has not yet); the
+    // caller's version if it cannot be reached to ask.
+    let caller_h2 = head.version == 2;
+    let h2 = match svc.h2_for(caller_h2) {
+        Some(h2) => h2,
+        None => match health::detect(svc.spec.addr, Duration::from_secs(1)).await {
+            Some(found) => {
+                svc.set_detected(Some(found));
+                svc.h2_for(caller_h2).unwrap_or(caller_h2)
+            }
+            None => caller_h2,
+        },
     };
     let uri = format!("http://{}{}", svc.spec.addr, head.uri);
     let mut headers = frame::from_wire(&head.headers);
@@ -266,13 +278,30 @@ async fn forward(
             svc.latency.observe(started.elapsed());
             resp.map(|b| b.map_err(frame::BoxError::from).boxed_unsync())
         }
-        Err(e) if e.is_connect() => error(
-            StatusCode::BAD_GATEWAY,
-            "upstream-connect",
-            "could not connect to the local instance",
-        ),
+        Err(e) if e.is_connect() => {
+            // It may come back speaking something else: ask again then.
+            if svc.spec.protocol == Protocol::Auto {
+                svc.set_detected(None);
+            }
+            error(
+                StatusCode::BAD_GATEWAY,
+                "upstream-connect",
+                "could not connect to the local instance",
+            )
+        }
         Err(e) => {
-            tracing::debug!(error = %e, service = %head.service, "local instance failed");
+            tracing::info!(error = %e, service = %head.service, h2, "local instance failed mid-request");
+            if svc.spec.protocol == Protocol::Auto && !svc.reprobing.swap(true, Ordering::Relaxed) {
+                // A restarted instance may speak another version now: ask
+                // again in the background, one probe at a time.
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    if let Some(now) = health::detect(svc.spec.addr, Duration::from_secs(1)).await {
+                        svc.set_detected(Some(now));
+                    }
+                    svc.reprobing.store(false, Ordering::Relaxed);
+                });
+            }
             error(
                 StatusCode::BAD_GATEWAY,
                 "upstream-reset",

@@ -69,6 +69,11 @@ pub enum ProxyError {
 pub(crate) struct LocalService {
     pub spec: ServiceSpec,
     health: AtomicU8,
+    /// With protocol `auto`, what the instance was found to speak: 0 not
+    /// known yet, else bit 1 HTTP/1.1 and bit 2 h2c (see [`health::detect`]).
+    detected: AtomicU8,
+    /// A background re-detection is running.
+    reprobing: AtomicBool,
     pub in_flight: AtomicU64,
     pub latency: balance::EndpointState,
     published: Mutex<String>,
@@ -80,6 +85,40 @@ impl LocalService {
             1 => Health::Healthy,
             2 => Health::Unhealthy,
             _ => Health::Unknown,
+        }
+    }
+
+    /// Whether to speak h2c to the instance for a caller that spoke h2c
+    /// (`caller_h2`) or HTTP/1.1: pinned by its protocol; with `auto`, the
+    /// caller's version if the instance was found to speak it, else the one
+    /// it speaks; `None` while that is not known.
+    pub fn h2_for(&self, caller_h2: bool) -> Option<bool> {
+        match self.spec.protocol {
+            Protocol::H2c => Some(true),
+            Protocol::Http1 => Some(false),
+            Protocol::Auto => {
+                let (h1, h2) = self.detected()?;
+                Some(match (h1, h2) {
+                    (true, true) | (false, false) => caller_h2,
+                    (h1, _) => !h1,
+                })
+            }
+        }
+    }
+
+    /// What detection found: (speaks HTTP/1.1, speaks h2c).
+    pub fn detected(&self) -> Option<(bool, bool)> {
+        let v = self.detected.load(Ordering::Relaxed);
+        (v != 0).then_some((v & 2 != 0, v & 4 != 0))
+    }
+
+    /// Remembers what detection found (`None`: forget, detect again).
+    pub fn set_detected(&self, found: Option<(bool, bool)>) {
+        let v = found.map_or(0, |(h1, h2)| 1 | u8::from(h1) << 1 | u8::from(h2) << 2);
+        if self.detected.swap(v, Ordering::Relaxed) != v
+            && let Some((http1, h2c)) = found
+        {
+            tracing::info!(service = %self.spec.name, addr = %self.spec.addr, http1, h2c, "detected the HTTP versions the local instance speaks");
         }
     }
 
@@ -278,9 +317,11 @@ impl Shared {
 
     /// The retry budget of `service`.
     pub fn budget(&self, service: &str) -> Arc<RetryBudget> {
-        self.budgets
-            .lock()
-            .unwrap()
+        let mut budgets = self.budgets.lock().unwrap();
+        if let Some(b) = budgets.get(service) {
+            return b.clone();
+        }
+        budgets
             .entry(service.to_string())
             .or_insert_with(|| Arc::new(RetryBudget::new(&self.config.retry)))
             .clone()
@@ -364,15 +405,15 @@ impl Shared {
                 && m.serving == ServingState::Serving
                 && refused.is_none();
             if routable {
-                let t = Target {
-                    service: service.clone(),
-                    node: node.clone(),
-                    addr: m.addr,
-                    zone: m.zone.clone(),
-                    weight: record.weight.max(1),
-                    is_self: m.is_self,
-                    gossip_ewma_ms: record.ewma_ms,
-                };
+                let t = self.balancer.target(
+                    &service,
+                    &node,
+                    m.addr,
+                    &m.zone,
+                    record.weight.max(1),
+                    m.is_self,
+                    record.ewma_ms,
+                );
                 let list = table.targets.entry(service.clone()).or_default();
                 let mut v: Vec<Target> = list.to_vec();
                 v.push(t);
@@ -441,6 +482,8 @@ impl Proxy {
                 Arc::new(LocalService {
                     spec: spec.clone(),
                     health: AtomicU8::new(0),
+                    detected: AtomicU8::new(0),
+                    reprobing: AtomicBool::new(false),
                     in_flight: AtomicU64::new(0),
                     latency: balance::EndpointState::detached(),
                     published: Mutex::new(String::new()),
@@ -678,6 +721,7 @@ mod tests {
             weight: 100,
             is_self: false,
             gossip_ewma_ms: 0.0,
+            state: Arc::default(),
         }
     }
 

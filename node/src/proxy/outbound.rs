@@ -9,6 +9,11 @@
 //! `peer-not-serving` (502: the only endpoints gossip offers are held by
 //! peers whose certificates do not name the service).
 //!
+//! A gRPC caller (`content-type: application/grpc*`) gets these failures as
+//! a trailers-only gRPC response instead (HTTP 200, `grpc-status` 14, 4, 7,
+//! 8, ...; see [`grpc_code`]), with a `grpc-message` naming the cause and
+//! the service.
+//!
 //! Before the first byte of a request goes to a peer, the peer's certificate
 //! (from the QUIC handshake) must name the node gossip put at that address
 //! and the service; otherwise the endpoint is refused, counted
@@ -41,7 +46,7 @@ use crate::proxy::frame::{
 };
 use crate::proxy::inbound::{self, Decrement, empty, error};
 use crate::proxy::listen;
-use crate::proxy::stats::{Direction, Edge};
+use crate::proxy::stats::{self, Direction, Edge};
 use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
@@ -149,6 +154,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
+    let grpc_call = stats::is_grpc(req.headers());
     let name = match &fixed {
         Some(service) => {
             // The app addressed the listener, not the service: forward as
@@ -228,13 +234,103 @@ async fn handle(
             }
         }
     };
+    if grpc_call && resp.headers().contains_key(ERROR_HEADER) {
+        let service = match edge.destination.as_str() {
+            "unknown" => name.as_deref().unwrap_or("-"),
+            d => d,
+        };
+        resp = grpc_failure(resp, service);
+    }
     if let Some(rule) = rule {
         apply_header_mods(resp.headers_mut(), &rule.response_headers);
     }
     shared
         .stats
-        .record(&edge, resp.status().as_u16(), start.elapsed());
-    resp
+        .record_response(&edge, grpc_call, resp, start.elapsed())
+}
+
+/// The gRPC status for a failure the mesh answered with `status` and
+/// `shoal-error: code`.
+pub(crate) fn grpc_code(status: StatusCode, code: &str) -> u32 {
+    match (status.as_u16(), code) {
+        (_, "timeout" | "deadline-exceeded") | (504, _) => 4, // DEADLINE_EXCEEDED
+        (_, "rate-limited") | (429, _) => 8,                  // RESOURCE_EXHAUSTED
+        (403, _) => 7,                                        // PERMISSION_DENIED
+        (401, _) => 16,                                       // UNAUTHENTICATED
+        (400, _) => 13,                                       // INTERNAL
+        (404, _) => 12,                                       // UNIMPLEMENTED
+        (502 | 503, _) => 14,                                 // UNAVAILABLE
+        _ => 2,                                               // UNKNOWN
+    }
+}
+
+/// What a `shoal-error` code means, for `grpc-message`.
+fn describe(code: &str) -> &'static str {
+    match code {
+        "no-host" => "the request names no service",
+        "unknown-service" => "no node in the mesh serves the service",
+        "no-healthy-endpoint" => "the service has no healthy endpoint",
+        "overloaded" => "the mesh is at its in-flight limit",
+        "peer-not-serving" => {
+            "the peers offered for the service hold certificates that do not name it"
+        }
+        "upstream-connect" => "could not reach the service's instance",
+        "upstream-reset" => "the service's instance failed mid-request",
+        "timeout" | "deadline-exceeded" => "no response before the deadline",
+        "forbidden" => "no AuthorizationPolicy allows this caller",
+        "unauthorized" => "the caller's certificate does not name its source service",
+        "not-served" => "the serving node's certificate does not name the service",
+        "rate-limited" => "the service's rate limit is exhausted",
+        "fault-injected" => "aborted by a FaultInjection policy",
+        "bad-request" => "the request could not be forwarded",
+        _ => "the mesh could not complete the call",
+    }
+}
+
+/// Rewrites a mesh failure for a gRPC caller as a trailers-only response:
+/// HTTP 200, `content-type: application/grpc`, `grpc-status` from
+/// [`grpc_code`] and a `grpc-message` naming the cause and the service. The
+/// `shoal-error` header (and `retry-after`) stay.
+fn grpc_failure(resp: Response<ProxyBody>, service: &str) -> Response<ProxyBody> {
+    let status = resp.status();
+    let mut headers = resp.headers().clone();
+    let code = headers
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let grpc = grpc_code(status, &code);
+    let message = format!(
+        "shoal {code} (HTTP {}): {} (service {service})",
+        status.as_u16(),
+        describe(&code)
+    );
+    headers.remove(http::header::CONTENT_LENGTH);
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", http::HeaderValue::from(grpc));
+    if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&message)) {
+        headers.insert("grpc-message", v);
+    }
+    let mut r = Response::new(empty());
+    *r.headers_mut() = headers;
+    r
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`,
+/// as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// FaultInjection on `service`: maybe wait, maybe answer with the abort
@@ -387,8 +483,8 @@ async fn route(
     let mut last: Option<Response<ProxyBody>> = None;
     loop {
         let targets = shared.targets(&service).unwrap_or_else(|| Arc::new([]));
-        let (target, state) = match shared.balancer.pick(&targets, &exclude) {
-            Ok(x) => x,
+        let target = match shared.balancer.pick(&targets, &exclude) {
+            Ok(i) => &targets[i],
             Err(why) => {
                 return last.unwrap_or_else(|| match why {
                     // Gossip offers endpoints, but none this node would trust.
@@ -414,10 +510,11 @@ async fn route(
         let attempt_deadline = attempt_timeout.map_or(deadline, |t| deadline.min(now + t));
         let left = attempt_deadline.saturating_duration_since(now);
         head.deadline_ms = left.as_millis().max(1) as u64;
+        let state = target.state.clone();
         let guard = state.start();
         let result = tokio::time::timeout_at(
             attempt_deadline,
-            attempt(shared, &target, &head, &mut source, Box::new(guard)),
+            attempt(shared, target, &head, &mut source, Box::new(guard)),
         )
         .await;
         // Decide: done, or retry elsewhere.
@@ -426,7 +523,7 @@ async fn route(
             Ok(Err(Failed::NotServing(peer))) => {
                 // Nothing was sent: go on to another endpoint without
                 // spending an attempt or the retry budget.
-                shared.refuse(&target, &peer);
+                shared.refuse(target, &peer);
                 exclude.push(target.node.clone());
                 last = last.or_else(|| {
                     Some(error(
@@ -666,5 +763,56 @@ impl Body for Guarded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_failures_map_to_grpc_statuses() {
+        let s = |n| StatusCode::from_u16(n).unwrap();
+        assert_eq!(grpc_code(s(503), "no-healthy-endpoint"), 14);
+        assert_eq!(grpc_code(s(503), "unknown-service"), 14);
+        assert_eq!(grpc_code(s(502), "upstream-connect"), 14);
+        assert_eq!(grpc_code(s(502), "peer-not-serving"), 14);
+        assert_eq!(grpc_code(s(504), "timeout"), 4);
+        assert_eq!(grpc_code(s(504), "deadline-exceeded"), 4);
+        assert_eq!(grpc_code(s(403), "forbidden"), 7);
+        assert_eq!(grpc_code(s(403), "unauthorized"), 7);
+        assert_eq!(grpc_code(s(429), "rate-limited"), 8);
+        assert_eq!(grpc_code(s(400), "no-host"), 13);
+        assert_eq!(grpc_code(s(418), "fault-injected"), 2);
+    }
+
+    #[test]
+    fn grpc_failure_is_trailers_only_and_names_cause_and_service() {
+        let mut e = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "the service's rate limit is exhausted",
+        );
+        e.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(2));
+        let r = grpc_failure(e, "api");
+        assert_eq!(r.status(), 200);
+        assert!(r.body().is_end_stream());
+        let h = r.headers();
+        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["grpc-status"], "8");
+        assert_eq!(h["shoal-error"], "rate-limited");
+        assert_eq!(h["retry-after"], "2");
+        let msg = h["grpc-message"].to_str().unwrap();
+        assert!(
+            msg.contains("rate-limited") && msg.contains("(service api)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("a b%c"), "a b%25c");
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
     }
 }
