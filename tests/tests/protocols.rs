@@ -349,15 +349,9 @@ async fn grpc_callers_get_permission_denied_resource_exhausted_and_deadline_exce
             "apiVersion: shoal.dev/v1\nkind: RateLimit\nmetadata: {name: limited-rl}\nspec: {target: limited, requestsPerSecond: 1, burst: 1}\n",
         ),
     ];
+    let alice = mesh.pki.operator("alice");
     for (kind, name, doc) in policies {
-        let (status, body) = tests::admin_request(
-            n1.admin_addr(),
-            "PUT",
-            &format!("/v1/policies/{kind}/{name}"),
-            &[("content-type", "application/yaml")],
-            doc,
-        )
-        .await;
+        let (status, body) = alice.put(n1.admin_addr(), kind, name, doc, "", &[]).await;
         assert!(status == 200 || status == 201, "{status} {body}");
     }
     // Sends a call, answers (HTTP status, grpc-status, grpc-message).
