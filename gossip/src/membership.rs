@@ -402,11 +402,13 @@ impl Gossip {
     /// every key again with the new key, so readers that meet this node for
     /// the first time can verify all of it.
     async fn watch_certificate(&self, dir: std::path::PathBuf) {
+        // Contents, not only modification times: a coarse file-system clock
+        // can give a rewrite within the same tick the same time.
         let stamp = |d: &std::path::Path| {
             ["node.pem", "node.key"]
                 .iter()
-                .filter_map(|f| std::fs::metadata(d.join(f)).and_then(|m| m.modified()).ok())
-                .max()
+                .map(|f| std::fs::read(d.join(f)).ok())
+                .collect::<Vec<_>>()
         };
         let mut seen = stamp(&dir);
         loop {

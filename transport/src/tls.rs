@@ -7,7 +7,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -145,16 +144,26 @@ impl TlsFiles {
         TlsFiles { dir: dir.into() }
     }
 
-    /// Latest modification time among the three files, for change detection.
-    pub(crate) fn stamp(&self) -> Option<SystemTime> {
-        [CA_CERT, NODE_CERT, NODE_KEY]
-            .iter()
-            .filter_map(|f| {
-                fs::metadata(self.dir.join(f))
-                    .and_then(|m| m.modified())
-                    .ok()
-            })
-            .max()
+    /// A fingerprint of the three files (modification times, sizes and
+    /// contents), for change detection. Contents count because file systems
+    /// with coarse timestamps can give a file rewritten within the same tick
+    /// the same modification time; the files are a few kilobytes.
+    pub(crate) fn stamp(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut any = false;
+        for f in [CA_CERT, NODE_CERT, NODE_KEY] {
+            let path = self.dir.join(f);
+            if let Ok(m) = fs::metadata(&path) {
+                any = true;
+                m.modified().ok().hash(&mut h);
+                m.len().hash(&mut h);
+                if m.len() <= 1 << 20 {
+                    fs::read(&path).ok().hash(&mut h);
+                }
+            }
+        }
+        any.then(|| h.finish())
     }
 
     /// Reads and checks the files, and builds server and client configs.
