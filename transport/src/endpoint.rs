@@ -963,6 +963,14 @@ async fn reload_loop(weak: std::sync::Weak<Inner>) {
         let Some(inner) = weak.upgrade() else { return };
         let now = inner.config.tls.stamp();
         if now != stamp {
+            // Let a set of files being rewritten one by one settle: reload
+            // only once the fingerprint holds still for a moment.
+            drop(inner);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.config.tls.stamp() != now {
+                continue;
+            }
             // Remember the stamp once a reload succeeded, so a half written
             // set of files is retried on the next tick; and once a complete
             // set was refused for naming someone else, so that refusal is
