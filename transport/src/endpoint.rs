@@ -368,7 +368,10 @@ impl Endpoint {
             tasks: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(Arc::downgrade(&inner)));
-        let reload = tokio::spawn(reload_loop(Arc::downgrade(&inner)));
+        // Fingerprint the files now, not when the task first runs: a change
+        // made right after `bind` returns must be seen as a change.
+        let first = inner.config.tls.stamp();
+        let reload = tokio::spawn(reload_loop(Arc::downgrade(&inner), first));
         inner.tasks.lock().unwrap().extend([accept, reload]);
         Ok(Endpoint { inner })
     }
@@ -953,10 +956,10 @@ fn deliver(inner: &Inner, c: &Connected, channel: u8, payload: Bytes) {
     }
 }
 
-async fn reload_loop(weak: std::sync::Weak<Inner>) {
+async fn reload_loop(weak: std::sync::Weak<Inner>, first: Option<u64>) {
     let Some(inner) = weak.upgrade() else { return };
     let interval = inner.config.reload_interval;
-    let mut stamp = inner.config.tls.stamp();
+    let mut stamp = first;
     drop(inner);
     loop {
         tokio::time::sleep(interval).await;
