@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::node::NodeState;
-use crate::proxy::listen::accept_loop;
+use proxy::listen::accept_loop;
 
 /// Serves the admin API on `listener` until `shutdown` flips to true, under
 /// the admin connection cap and the header-read and idle timeouts.

@@ -11,10 +11,10 @@ use serde_json::json;
 
 use crate::admin::{json, text};
 use crate::node::NodeState;
-use crate::policy::doc::MAX_DOCUMENT;
-use crate::policy::store::{SignedWrite, Written};
-use crate::policy::trust::{self, MAX_HTTP_SKEW, Refusal};
-use crate::policy::{Document, Entry, Kind, Signature, StoreError};
+use policy::doc::MAX_DOCUMENT;
+use policy::store::{SignedWrite, Written};
+use policy::trust::{self, MAX_HTTP_SKEW, Refusal};
+use policy::{Document, Entry, Kind, Signature, StoreError};
 
 /// How long `?wait=all` waits by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
@@ -326,7 +326,7 @@ async fn written(
             .filter(|n| {
                 n.version
                     .as_deref()
-                    .and_then(|v| v.parse::<crate::policy::Version>().ok())
+                    .and_then(|v| v.parse::<policy::Version>().ok())
                     .is_none_or(|v| v < entry.version)
             })
             .map(|n| json!({ "node": n.node, "state": n.state, "version": n.version }))
@@ -421,7 +421,7 @@ async fn list(state: &NodeState) -> Response<Full<Bytes>> {
                 .filter(|(_, v)| {
                     v.get(&id)
                         .and_then(|s| s.split(' ').next())
-                        .and_then(|s| s.parse::<crate::policy::Version>().ok())
+                        .and_then(|s| s.parse::<policy::Version>().ok())
                         .is_some_and(|v| v >= e.version)
                 })
                 .count();

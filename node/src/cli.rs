@@ -214,7 +214,7 @@ pub fn main() -> i32 {
             args.operator_cert.as_deref(),
             args.command,
         )),
-        Command::Stat { admin } => runtime().block_on(crate::proxy::stats::stat_command(&admin)),
+        Command::Stat { admin } => runtime().block_on(crate::cli_stat::stat_command(&admin)),
         Command::Up { nodes } => {
             if nodes == 0 || nodes > 64 {
                 eprintln!("shoal: --nodes: must be between 1 and 64");

@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use crate::cli::{PolicyCommand, render_table, request};
 use crate::config::EXIT_USAGE;
-use crate::policy::Kind;
-use crate::policy::trust::{self, OperatorKey};
+use policy::Kind;
+use policy::trust::{self, OperatorKey};
 
 pub(crate) async fn run(
     admin: &str,

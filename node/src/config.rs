@@ -16,25 +16,7 @@ use serde::Deserialize;
 /// Exit code for bad usage or configuration (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
-/// A configuration problem, naming the field.
-#[derive(Debug, thiserror::Error)]
-#[error("{field}: {msg}")]
-pub struct ConfigError {
-    /// The flag or file key at fault.
-    pub field: String,
-    /// What is wrong with it.
-    pub msg: String,
-}
-
-impl ConfigError {
-    /// A problem with `field`.
-    pub fn new(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        ConfigError {
-            field: field.into(),
-            msg: msg.into(),
-        }
-    }
-}
+pub use proxy::config::{ConfigError, parse_duration};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -96,7 +78,7 @@ pub struct NodeArgs {
     pub config: Option<PathBuf>,
     /// Proxy flags (services, outbound listener, timeouts).
     #[command(flatten)]
-    pub proxy: crate::proxy::ProxyArgs,
+    pub proxy: proxy::ProxyArgs,
 }
 
 /// The `--config` file. Keys match the flags (with `_` for `-`).
@@ -117,10 +99,10 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     worker_threads: Option<usize>,
     #[serde(default)]
-    service: Vec<crate::proxy::config::ServiceFile>,
+    service: Vec<proxy::config::ServiceFile>,
     outbound: Option<String>,
     #[serde(default)]
-    upstream: Vec<crate::proxy::config::UpstreamFile>,
+    upstream: Vec<proxy::config::UpstreamFile>,
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
 }
@@ -156,7 +138,7 @@ pub struct NodeConfig {
     /// Optional wrapper for the QUIC socket (fault injection in `simulate`).
     pub socket_layer: Option<std::sync::Arc<dyn transport::socket::SocketLayer>>,
     /// Proxy settings.
-    pub proxy: crate::proxy::ProxyConfig,
+    pub proxy: proxy::ProxyConfig,
 }
 
 impl NodeConfig {
@@ -176,7 +158,7 @@ impl NodeConfig {
             log_format: LogFormat::Text,
             worker_threads: None,
             socket_layer: None,
-            proxy: crate::proxy::ProxyConfig::default(),
+            proxy: proxy::ProxyConfig::default(),
         }
     }
 
@@ -233,9 +215,9 @@ impl NodeConfig {
                 "must be between 10ms and 60s",
             ));
         }
-        let proxy = crate::proxy::ProxyConfig::resolve(
+        let proxy = proxy::ProxyConfig::resolve(
             args.proxy,
-            crate::proxy::ProxyFile {
+            proxy::ProxyFile {
                 service: file.service,
                 outbound: file.outbound,
                 upstream: file.upstream,
@@ -363,26 +345,6 @@ fn check_seed(s: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses `250ms`, `2s`, `1.5s`, `1m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: not a number followed by a unit"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +421,87 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(err.field, "--gossip-interval");
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use std::time::Duration;
+
+    use proxy::config::{Protocol, UpstreamListener};
+
+    use super::{NodeArgs, NodeConfig};
+
+    #[test]
+    fn node_config_reads_service_tables_and_proxy_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let file = dir.path().join("shoal.toml");
+        std::fs::write(
+            &file,
+            format!(
+                r#"name = "n2"
+certs = "{}"
+outbound = "127.0.0.1:4140"
+request_timeout = "5s"
+drain_timeout = "10s"
+
+[[service]]
+name = "web"
+address = "127.0.0.1:8080"
+health_path = "/healthz"
+health_interval = "500ms"
+
+[[service]]
+name = "grpc"
+address = "127.0.0.1:9090"
+protocol = "h2c"
+weight = 50
+
+[[upstream]]
+service = "web"
+listen = "127.0.0.1:4141"
+"#,
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let p = &c.proxy;
+        assert_eq!(p.outbound, Some("127.0.0.1:4140".parse().unwrap()));
+        assert_eq!(p.request_timeout, Duration::from_secs(5));
+        assert_eq!(p.drain_timeout, Duration::from_secs(10));
+        assert_eq!(p.services.len(), 2);
+        assert_eq!(p.services[0].health_interval, Duration::from_millis(500));
+        assert_eq!(p.services[1].protocol, Protocol::H2c);
+        assert_eq!(p.services[1].weight, 50);
+        assert_eq!(
+            p.upstreams,
+            vec![UpstreamListener {
+                service: "web".into(),
+                listen: "127.0.0.1:4141".parse().unwrap(),
+            }]
+        );
+
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"n\"\ncerts = \"{}\"\n[[service]]\nname = \"web\"\naddress = \"nowhere\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let err = NodeConfig::resolve(NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "service[0].address", "{err}");
     }
 }

@@ -8,11 +8,11 @@ mod admin;
 mod admin_policy;
 pub mod cli;
 mod cli_policy;
+mod cli_stat;
 pub mod config;
+mod demo;
 pub mod metrics;
 mod node;
-pub mod policy;
-pub mod proxy;
 pub mod up;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
@@ -24,3 +24,6 @@ pub use transport::{Identity, certs, socket};
 /// The gossip and transport crates, for harnesses that play a peer speaking
 /// raw gossip and policy bytes (the `simulate` byzantine scenario).
 pub use {gossip, transport};
+/// The policy plane and the data plane, crates of their own (`node/policy`,
+/// `node/proxy`) that the node wires together.
+pub use {policy, proxy};

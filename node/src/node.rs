@@ -12,8 +12,8 @@ use transport::{Endpoint, EndpointConfig, TlsFiles};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
-use crate::policy::{PolicyMetrics, PolicyPlane, PolicyStore, PolicySync, StoreError};
-use crate::proxy::Proxy;
+use policy::{PolicyMetrics, PolicyPlane, PolicyStore, PolicySync, StoreError};
+use proxy::Proxy;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,7 @@ pub enum NodeError {
         msg: String,
     },
     #[error("proxy: {0}")]
-    Proxy(#[from] crate::proxy::ProxyError),
+    Proxy(#[from] proxy::ProxyError),
     #[error("data dir {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -129,7 +129,7 @@ impl Node {
         let store = Arc::new(PolicyStore::open(&config.name, config.data_dir.as_deref())?);
         let mut metrics = Metrics::new(endpoint.clone(), gossip.clone());
         let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
-        let trust = crate::policy::Trust::from_cert_dir(&config.certs, &identity.trust_domain)
+        let trust = policy::Trust::from_cert_dir(&config.certs, &identity.trust_domain)
             .map_err(|e| NodeError::Certificate(format!("CA for operator signatures: {e}")))?;
         let sync = PolicySync::new(
             store.clone(),
@@ -141,7 +141,11 @@ impl Node {
         let mut tasks = sync.spawn();
         let proxy = Arc::new(
             Proxy::start(
-                &config,
+                &proxy::NodeInfo {
+                    name: config.name.clone(),
+                    zone: config.zone.clone(),
+                    proxy: config.proxy.clone(),
+                },
                 endpoint.clone(),
                 gossip.clone(),
                 metrics.registry_mut(),

@@ -47,7 +47,7 @@ pub async fn run(n: usize) -> i32 {
                     }
                 };
                 proxy_ready.await;
-                tokio::spawn(crate::proxy::demo::run_client(out, "demo".into(), 5));
+                tokio::spawn(crate::demo::run_client(out, "demo".into(), 5));
             }
             println!("Ctrl-C to stop.");
             crate::cli::wait_for_signal().await;
@@ -94,9 +94,8 @@ pub async fn start(
             config.proxy.outbound = Some(([127, 0, 0, 1], 0).into());
         }
         if serves_demo {
-            let (addr, _task) = crate::proxy::demo::start_service(name.clone()).await?;
-            let mut spec =
-                crate::proxy::ServiceSpec::new("demo", addr, crate::proxy::Protocol::Auto);
+            let (addr, _task) = crate::demo::start_service(name.clone()).await?;
+            let mut spec = proxy::ServiceSpec::new("demo", addr, proxy::Protocol::Auto);
             spec.health_path = Some("/healthz".into());
             config.proxy.services.push(spec);
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::proxy::config::{ProxyConfig, RetryConfig};
+use crate::config::{ProxyConfig, RetryConfig};
 
 /// Latency assumed for an endpoint nobody has measured (and its node has not
 /// gossiped a figure for).

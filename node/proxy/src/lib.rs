@@ -10,7 +10,6 @@
 
 pub mod balance;
 pub mod config;
-pub mod demo;
 pub mod frame;
 mod health;
 mod inbound;
@@ -39,8 +38,7 @@ pub use config::{
 };
 pub use stats::{EdgeStats, Stats};
 
-use crate::config::NodeConfig;
-use crate::policy::PolicyPlane;
+use policy::PolicyPlane;
 
 /// Response header naming why the mesh itself answered with an error.
 pub const ERROR_HEADER: &str = "shoal-error";
@@ -447,6 +445,17 @@ impl Shared {
     }
 }
 
+/// Who the proxy runs for: the node's name and zone, and its proxy settings.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The node's name (its gossip id and certificate node name).
+    pub name: String,
+    /// Its zone, preferred when choosing endpoints.
+    pub zone: String,
+    /// Listeners, local services, timeouts, retries and limits.
+    pub proxy: ProxyConfig,
+}
+
 /// The running proxy of one node.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -461,7 +470,7 @@ impl Proxy {
     /// Starts the proxy: health checks and publication of local services,
     /// the routing table, the inbound stream server and the outbound listener.
     pub async fn start(
-        node: &NodeConfig,
+        node: &NodeInfo,
         endpoint: Endpoint,
         gossip: Gossip,
         registry: &mut Registry,
@@ -618,7 +627,7 @@ impl Proxy {
 
     /// The admin listener's limits and accounting (`--admin-max-connections`,
     /// `--header-read-timeout`, `--http-idle-timeout`).
-    pub(crate) fn admin_guard(&self) -> Arc<listen::Guard> {
+    pub fn admin_guard(&self) -> Arc<listen::Guard> {
         self.admin_guard.clone()
     }
 

@@ -13,8 +13,8 @@ use gossip::Health;
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::proxy::frame::ProxyBody;
-use crate::proxy::{LocalService, Protocol, Shared};
+use crate::frame::ProxyBody;
+use crate::{LocalService, Protocol, Shared};
 
 /// How often load figures are republished when nothing else changed.
 const LOAD_REFRESH: Duration = Duration::from_secs(1);

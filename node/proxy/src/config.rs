@@ -1,6 +1,7 @@
 //! The proxy's own configuration: local services, the outbound listener,
-//! timeouts, retries and limits. `crate::config` feeds it from flags, `SHOAL_*`
-//! variables and the config file.
+//! timeouts, retries and limits. The node's own configuration (`node::config`)
+//! flattens [`ProxyArgs`] into its flags and feeds it from `SHOAL_*` variables
+//! and the config file.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -8,7 +9,45 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::config::{ConfigError, parse_duration};
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {msg}")]
+pub struct ConfigError {
+    /// The flag or file key at fault.
+    pub field: String,
+    /// What is wrong with it.
+    pub msg: String,
+}
+
+impl ConfigError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Parses `250ms`, `2s`, `1.5s`, `1m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: not a number followed by a unit"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
 
 /// Which HTTP version the node speaks to a local instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
@@ -502,85 +541,5 @@ mod tests {
             ..Default::default()
         };
         assert!(ProxyConfig::resolve(args, ProxyFile::default()).is_err());
-    }
-}
-
-#[cfg(test)]
-mod file_tests {
-    use crate::config::{NodeArgs, NodeConfig};
-
-    use super::*;
-
-    #[test]
-    fn node_config_reads_service_tables_and_proxy_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["ca.pem", "node.pem", "node.key"] {
-            std::fs::write(dir.path().join(f), "x").unwrap();
-        }
-        let file = dir.path().join("shoal.toml");
-        std::fs::write(
-            &file,
-            format!(
-                r#"name = "n2"
-certs = "{}"
-outbound = "127.0.0.1:4140"
-request_timeout = "5s"
-drain_timeout = "10s"
-
-[[service]]
-name = "web"
-address = "127.0.0.1:8080"
-health_path = "/healthz"
-health_interval = "500ms"
-
-[[service]]
-name = "grpc"
-address = "127.0.0.1:9090"
-protocol = "h2c"
-weight = 50
-
-[[upstream]]
-service = "web"
-listen = "127.0.0.1:4141"
-"#,
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let c = NodeConfig::resolve(NodeArgs {
-            config: Some(file.clone()),
-            ..Default::default()
-        })
-        .unwrap();
-        let p = &c.proxy;
-        assert_eq!(p.outbound, Some("127.0.0.1:4140".parse().unwrap()));
-        assert_eq!(p.request_timeout, Duration::from_secs(5));
-        assert_eq!(p.drain_timeout, Duration::from_secs(10));
-        assert_eq!(p.services.len(), 2);
-        assert_eq!(p.services[0].health_interval, Duration::from_millis(500));
-        assert_eq!(p.services[1].protocol, Protocol::H2c);
-        assert_eq!(p.services[1].weight, 50);
-        assert_eq!(
-            p.upstreams,
-            vec![UpstreamListener {
-                service: "web".into(),
-                listen: "127.0.0.1:4141".parse().unwrap(),
-            }]
-        );
-
-        std::fs::write(
-            &file,
-            format!(
-                "name = \"n\"\ncerts = \"{}\"\n[[service]]\nname = \"web\"\naddress = \"nowhere\"\n",
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let err = NodeConfig::resolve(NodeArgs {
-            config: Some(file),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert_eq!(err.field, "service[0].address", "{err}");
     }
 }

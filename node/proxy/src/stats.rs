@@ -25,7 +25,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
-use crate::proxy::frame::{BoxError, ProxyBody};
+use crate::frame::{BoxError, ProxyBody};
 
 /// Seconds kept per edge for `/v1/stats`.
 const WINDOW_SECS: u64 = 60;
@@ -555,60 +555,6 @@ fn percentile(hist: &[u64; LAT_BUCKETS], total: u64, q: f64) -> f64 {
     0.0
 }
 
-/// `shoal stat`: fetches `/v1/stats` from `admin` and prints a table.
-pub async fn stat_command(admin: &str) -> i32 {
-    match crate::cli::get_json::<Vec<serde_json::Value>>(admin, "/v1/stats").await {
-        Ok(edges) => {
-            print!("{}", stat_table(&edges));
-            0
-        }
-        Err(code) => code,
-    }
-}
-
-/// Renders `/v1/stats` JSON as a table.
-pub fn stat_table(edges: &[serde_json::Value]) -> String {
-    let mut rows: Vec<[String; 11]> = vec![
-        [
-            "DIRECTION",
-            "SOURCE",
-            "DESTINATION",
-            "RPS",
-            "SUCCESS",
-            "FAILED",
-            "DENIED",
-            "LIMITED",
-            "P50",
-            "P95",
-            "P99",
-        ]
-        .map(String::from),
-    ];
-    for e in edges {
-        let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
-        let f = |k: &str| e[k].as_f64().unwrap_or(0.0);
-        let n = |k: &str| e[k].as_u64().unwrap_or(0).to_string();
-        rows.push([
-            s("direction"),
-            s("source"),
-            s("destination"),
-            format!("{:.1}", f("rps")),
-            format!("{:.2}%", f("success_rate") * 100.0),
-            n("failed"),
-            n("denied"),
-            n("rate_limited"),
-            format!("{:.1}ms", f("p50_ms")),
-            format!("{:.1}ms", f("p95_ms")),
-            format!("{:.1}ms", f("p99_ms")),
-        ]);
-    }
-    let mut out = crate::cli::render_table(&rows);
-    if edges.is_empty() {
-        out.push_str("(no traffic in the last minute)\n");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,9 +603,5 @@ mod tests {
         assert_eq!((w[0].failed, w[0].denied, w[0].rate_limited), (15, 5, 0));
         assert!((45.0..=56.0).contains(&w[0].p50_ms), "{:?}", w[0]);
         assert!((94.0..=110.0).contains(&w[0].p99_ms), "{:?}", w[0]);
-        let table = stat_table(&[serde_json::to_value(&w[0]).unwrap()]);
-        let row = table.lines().nth(1).unwrap();
-        let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells[4..8], ["81.82%", "15", "5", "0"], "{table}");
     }
 }

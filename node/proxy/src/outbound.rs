@@ -37,17 +37,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use crate::policy::doc::{HeaderMods, MeshConfig, RouteRule};
-use crate::policy::{PolicySet, RequestInfo};
-use crate::proxy::balance::{NoEndpoint, Target, backoff};
-use crate::proxy::frame::{
+use crate::balance::{NoEndpoint, Target, backoff};
+use crate::frame::{
     self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
     ResponseHead, STREAM_KIND_HTTP,
 };
-use crate::proxy::inbound::{self, Decrement, empty, error};
-use crate::proxy::listen;
-use crate::proxy::stats::{self, Direction, Edge};
-use crate::proxy::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
+use crate::inbound::{self, Decrement, empty, error};
+use crate::listen;
+use crate::stats::{self, Direction, Edge};
+use crate::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
+use policy::doc::{HeaderMods, MeshConfig, RouteRule};
+use policy::{PolicySet, RequestInfo};
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
 /// per-upstream listener: every request goes to that service, whatever it
@@ -633,7 +633,7 @@ async fn route(
             .map_or_else(
                 || backoff(&shared.config.retry, head.attempt),
                 |base| {
-                    let retry = crate::proxy::RetryConfig {
+                    let retry = crate::RetryConfig {
                         backoff_base: base,
                         backoff_max: base * 16,
                         ..shared.config.retry.clone()

@@ -299,7 +299,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::store::PolicyStore;
+    use crate::store::PolicyStore;
 
     fn store_with(docs: &[&str]) -> PolicyStore {
         let store = PolicyStore::open("n1", None).unwrap();

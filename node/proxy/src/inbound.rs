@@ -31,12 +31,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use transport::{BiStream, Identity};
 
-use crate::proxy::frame::{
+use crate::frame::{
     self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead, ResponseHead,
     STREAM_KIND_HTTP,
 };
-use crate::proxy::stats::{self, Direction, Edge};
-use crate::proxy::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared, health};
+use crate::stats::{self, Direction, Edge};
+use crate::{ERROR_HEADER, FORWARDED_HEADER, Protocol, Shared, health};
 
 /// Pooled clients to local instances.
 pub(crate) struct Clients {
