@@ -301,10 +301,12 @@ impl Stats {
                 classification: classification.as_str(),
             })
             .inc();
-        let now = self.start.elapsed().as_secs();
         let mut w = self.windows.lock().unwrap();
+        // Read the clock under the lock: a reading taken before it could be
+        // older than the second another thread has just pushed.
+        let now = self.start.elapsed().as_secs();
         let secs = w.entry(edge.clone()).or_default();
-        secs.retain(|s| now - s.at < WINDOW_SECS);
+        secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
         if secs.last().is_none_or(|s| s.at != now) {
             secs.push(Second::new(now));
         }
@@ -382,13 +384,16 @@ impl Stats {
 
     /// Per-edge figures over the last minute, sorted by edge.
     pub fn window(&self) -> Vec<EdgeStats> {
-        let now = self.start.elapsed().as_secs();
         let w = self.windows.lock().unwrap();
+        let now = self.start.elapsed().as_secs();
         let span = (now + 1).min(WINDOW_SECS) as f64;
         let mut out: Vec<EdgeStats> = w
             .iter()
             .filter_map(|(edge, secs)| {
-                let secs: Vec<&Second> = secs.iter().filter(|s| now - s.at < WINDOW_SECS).collect();
+                let secs: Vec<&Second> = secs
+                    .iter()
+                    .filter(|s| now.saturating_sub(s.at) < WINDOW_SECS)
+                    .collect();
                 let requests: u64 = secs.iter().map(|s| s.requests).sum();
                 if requests == 0 {
                     return None;
