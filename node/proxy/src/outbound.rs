@@ -121,32 +121,21 @@ async fn handle(
     };
     let (_count, in_flight) = shared.outbound_request();
     match plan::plan(&head, fixed.as_deref(), &set, &shared.config, &mut rng) {
-        Err(e) => finish(
-            &shared,
-            &edge,
-            grpc_call,
-            "-",
-            None,
-            Finished::early(
-                e.response_with("the request names no service (Host header or absolute URI)"),
-            ),
-            start,
-        ),
-        Ok(plan) => {
-            let done = dispatch(&shared, &mut edge, &plan, head, body, in_flight, &mut rng).await;
-            let service = match edge.destination.as_str() {
-                "unknown" => plan.service.as_str(),
-                d => d,
-            };
+        Err(e) => {
+            let resp =
+                e.response_with("the request names no service (Host header or absolute URI)");
             finish(
                 &shared,
                 &edge,
                 grpc_call,
-                service,
-                plan.response_headers(),
-                done,
+                None,
+                Finished::early(resp),
                 start,
             )
+        }
+        Ok(plan) => {
+            let done = dispatch(&shared, &mut edge, &plan, head, body, in_flight, &mut rng).await;
+            finish(&shared, &edge, grpc_call, Some(&plan), done, start)
         }
     }
 }
@@ -158,8 +147,7 @@ fn finish(
     shared: &Shared,
     edge: &Edge,
     grpc_call: bool,
-    service: &str,
-    response_headers: Option<&HeaderMods>,
+    plan: Option<&Plan<'_>>,
     done: Finished,
     start: Instant,
 ) -> Response<ProxyBody> {
@@ -168,11 +156,23 @@ fn finish(
         attempts,
         endpoint,
     } = done;
-    tracing::trace!(status = %resp.status(), attempts, endpoint = endpoint.as_deref().unwrap_or("-"), "outbound request done");
+    let route = plan.and_then(|p| p.route);
+    tracing::trace!(
+        status = %resp.status(),
+        attempts,
+        endpoint = endpoint.as_deref().unwrap_or("-"),
+        route = route.unwrap_or("-"),
+        "outbound request done"
+    );
     if grpc_call {
+        let service = match (edge.destination.as_str(), plan) {
+            ("unknown", Some(p)) => p.service.as_str(),
+            ("unknown", None) => "-",
+            (d, _) => d,
+        };
         resp = grpc_failure(resp, service);
     }
-    if let Some(mods) = response_headers {
+    if let Some(mods) = plan.and_then(|p| p.response_headers()) {
         apply_header_mods(resp.headers_mut(), mods);
     }
     shared
