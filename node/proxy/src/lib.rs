@@ -50,16 +50,13 @@ pub use config::{
     Protocol, ProxyArgs, ProxyConfig, ProxyFile, RetryConfig, ServiceSpec, UpstreamListener,
 };
 pub use error::{ERROR_HEADER, MeshError};
+pub use plan::TIMEOUT_HEADER;
 pub use state::{EndpointInfo, ServiceInfo};
 pub use stats::{EdgeStats, Stats};
+pub use upstream::FORWARDED_HEADER;
 
 use policy::PolicyPlane;
 use state::Shared;
-
-/// Provenance header the serving node adds: `by=<node>;from=<caller node>;svc=<caller service>`.
-pub const FORWARDED_HEADER: &str = "shoal-forwarded";
-/// Request header an app may set to override the default timeout (`250ms`, `2s`).
-pub const TIMEOUT_HEADER: &str = "shoal-timeout";
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]

@@ -32,15 +32,14 @@ use rand::rngs::SmallRng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::TIMEOUT_HEADER;
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
 use crate::body::guarded;
 use crate::error::{Marked, MeshError, grpc_failure};
 use crate::frame::{self, ProxyBody, RequestHead};
 use crate::listen;
-use crate::plan::{self, Plan};
-use crate::retry::{self, Decision, Outcome, Report, Tried};
+use crate::plan::{self, Plan, TIMEOUT_HEADER};
+use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
 
@@ -249,7 +248,7 @@ async fn run(
             Ok(t) => t,
             Err(none) => {
                 return Finished {
-                    resp: last.unwrap_or(none),
+                    resp: last.unwrap_or_else(|| none.error.response_with(none.message)),
                     attempts,
                     endpoint: exclude.last().cloned(),
                 };
@@ -344,24 +343,27 @@ fn choose<'t>(
     exclude: &[String],
     now: tokio::time::Instant,
     rng: &mut SmallRng,
-) -> Result<&'t Target, Response<ProxyBody>> {
-    match shared
+) -> Result<&'t Target, Failure> {
+    let (error, message) = match shared
         .balancer
         .choose(targets, exclude, now.into_std(), rng)
     {
-        Ok(i) => Ok(&targets[i]),
+        Ok(i) => return Ok(&targets[i]),
         // Gossip offers endpoints, but none this node would trust.
-        Err(NoEndpoint::NoHealthy) if shared.has_refused(service) => Err(MeshError::PeerNotServing
-            .response_with(
-                "the peers gossip names for this service hold certificates that do not name it",
-            )),
-        Err(NoEndpoint::NoHealthy) => {
-            Err(MeshError::NoHealthyEndpoint.response_with("the service has no healthy endpoint"))
-        }
-        Err(NoEndpoint::Saturated) => {
-            Err(MeshError::Overloaded.response_with("every endpoint is at its in-flight cap"))
-        }
-    }
+        Err(NoEndpoint::NoHealthy) if shared.has_refused(service) => (
+            MeshError::PeerNotServing,
+            "the peers gossip names for this service hold certificates that do not name it",
+        ),
+        Err(NoEndpoint::NoHealthy) => (
+            MeshError::NoHealthyEndpoint,
+            "the service has no healthy endpoint",
+        ),
+        Err(NoEndpoint::Saturated) => (
+            MeshError::Overloaded,
+            "every endpoint is at its in-flight cap",
+        ),
+    };
+    Err(Failure { error, message })
 }
 
 /// One attempt at `target` under `attempt_deadline`, as a typed outcome

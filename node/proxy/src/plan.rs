@@ -13,10 +13,12 @@ use policy::doc::{HeaderMods, RouteRule};
 use policy::{PolicySet, RequestInfo};
 use rand::Rng;
 
-use crate::TIMEOUT_HEADER;
 use crate::config::{ProxyConfig, parse_duration};
 use crate::error::MeshError;
 use crate::retry::{Backoff, RetryPolicy};
+
+/// Request header an app may set to override the default timeout (`250ms`, `2s`).
+pub const TIMEOUT_HEADER: &str = "shoal-timeout";
 
 /// Where a request goes and under which rules.
 #[derive(Debug, Clone)]

@@ -13,12 +13,14 @@ use http::{HeaderValue, Request, Response, Version};
 use http_body_util::BodyExt;
 use transport::Identity;
 
-use crate::FORWARDED_HEADER;
 use crate::config::Protocol;
 use crate::error::MeshError;
 use crate::frame::{self, ProxyBody, RequestHead};
 use crate::health;
 use crate::local::{Clients, LocalService};
+
+/// Provenance header the serving node adds: `by=<node>;from=<caller node>;svc=<caller service>`.
+pub const FORWARDED_HEADER: &str = "shoal-forwarded";
 
 /// Forwards one admitted request to `svc` on behalf of `caller`; `node` is
 /// this node's name (provenance).
