@@ -121,8 +121,12 @@ async fn handle(
     let (_count, in_flight) = shared.outbound_request();
     match plan::plan(&head, fixed.as_deref(), &set, &shared.config, &mut rng) {
         Err(e) => {
-            let resp =
-                e.response_with("the request names no service (Host header or absolute URI)");
+            let resp = match e {
+                MeshError::NoHost => {
+                    e.response_with("the request names no service (Host header or absolute URI)")
+                }
+                e => e.response(),
+            };
             finish(
                 &shared,
                 &edge,
