@@ -231,6 +231,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Connections open at once on the admin listener. Default 256.
     pub admin_max_connections: usize,
+    /// Seed of the request path's randomness (endpoint choice, backend
+    /// weights, fault percentages, backoff jitter); `None`: from entropy.
+    pub rng_seed: Option<u64>,
 }
 
 impl Default for ProxyConfig {
@@ -251,6 +254,7 @@ impl Default for ProxyConfig {
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             admin_max_connections: 256,
+            rng_seed: None,
         }
     }
 }
@@ -290,6 +294,10 @@ pub struct ProxyArgs {
     /// Open connections the admin listener accepts [default: 256].
     #[arg(long, env = "SHOAL_ADMIN_MAX_CONNECTIONS")]
     pub admin_max_connections: Option<usize>,
+    /// Seeds the request path's randomness, so a run can be repeated
+    /// (`simulate` passes each node one derived from the scenario seed).
+    #[arg(long, env = "SHOAL_RNG_SEED", hide = true)]
+    pub rng_seed: Option<u64>,
 }
 
 /// The proxy keys of the config file.
@@ -390,6 +398,7 @@ impl ProxyConfig {
                 None => {}
             }
         }
+        c.rng_seed = args.rng_seed;
         Ok(c)
     }
 }
@@ -485,6 +494,13 @@ mod tests {
         assert_eq!(c.header_read_timeout, Duration::from_secs(2));
         assert_eq!(c.http_idle_timeout, Duration::from_secs(90));
         assert_eq!((c.max_connections, c.admin_max_connections), (500, 8));
+        assert_eq!(c.rng_seed, None);
+        let seeded = ProxyArgs {
+            rng_seed: Some(42),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(seeded, ProxyFile::default()).unwrap();
+        assert_eq!(c.rng_seed, Some(42));
         for (args, field) in [
             (
                 ProxyArgs {
