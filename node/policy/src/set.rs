@@ -777,6 +777,272 @@ mod tests {
         assert!(!prefix_matches("/api", "/apix"));
     }
 
+    const NS: &str = "gateway-conformance-mesh";
+
+    fn call<'a>(
+        caller: &'a str,
+        name: &'a str,
+        port: Option<u16>,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a HeaderMap,
+    ) -> Call<'a> {
+        Call {
+            caller_namespace: caller,
+            destination: Destination {
+                name,
+                namespace: NS,
+                port,
+            },
+            scheme: "http",
+            host: name,
+            grpc: false,
+            request: RequestInfo {
+                method: "GET",
+                path,
+                query,
+                headers,
+            },
+        }
+    }
+
+    fn route_doc(name: &str, ns: &str, parent: &str, header: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  parentRefs: [{{name: {parent}, namespace: {NS}}}]\n  rules:\n  - filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-route, value: {header}}}]}}}}]\n"
+        )
+    }
+
+    fn header_of(d: Decision<'_>) -> Option<String> {
+        match d {
+            Decision::Route(r) => Some(r.rule.response_headers.set[0].1.clone()),
+            _ => None,
+        }
+    }
+
+    /// GEP-1426: a producer route (the service's namespace) applies to every
+    /// caller; a consumer route (another namespace) only to callers in its
+    /// namespace, and for them it replaces the producer's.
+    /// Cases after upstream conformance/tests/mesh/mesh-consumer-route.go.
+    #[test]
+    fn consumer_routes_apply_to_their_namespace_and_win_there() {
+        let store = store_with(&[
+            &route_doc("producer", NS, "echo-v1", "producer"),
+            &route_doc(
+                "consumer",
+                "gateway-conformance-mesh-consumer",
+                "echo-v1",
+                "consumer",
+            ),
+        ]);
+        let set = store.snapshot();
+        let h = HeaderMap::new();
+        let d = |caller| header_of(set.decide(&call(caller, "echo-v1", Some(80), "/", None, &h)));
+        assert_eq!(
+            d("gateway-conformance-mesh-consumer").as_deref(),
+            Some("consumer")
+        );
+        assert_eq!(d(NS).as_deref(), Some("producer"));
+        assert_eq!(d("elsewhere").as_deref(), Some("producer"));
+        // Only the consumer route: other namespaces are unrouted.
+        let store = store_with(&[&route_doc(
+            "consumer",
+            "gateway-conformance-mesh-consumer",
+            "echo-v1",
+            "consumer",
+        )]);
+        let set = store.snapshot();
+        let d = |caller| set.decide(&call(caller, "echo-v1", Some(80), "/", None, &h));
+        assert!(matches!(d(NS), Decision::Unrouted));
+        assert!(matches!(
+            d("gateway-conformance-mesh-consumer"),
+            Decision::Route(_)
+        ));
+        // Another service, or the same name in another namespace: unrouted.
+        assert!(matches!(
+            set.decide(&call(NS, "echo-v2", Some(80), "/", None, &h)),
+            Decision::Unrouted
+        ));
+        let mut other = call(NS, "echo-v1", Some(80), "/", None, &h);
+        other.destination.namespace = "default";
+        assert!(matches!(set.decide(&other), Decision::Unrouted));
+    }
+
+    /// `parentRefs[].port` limits a route to that port; without one it
+    /// applies to every port. Cases after upstream mesh-ports.go.
+    #[test]
+    fn parent_ports_limit_routes() {
+        let with_port = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: v1, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo-v1, port: 80}}]\n"
+        );
+        let store = store_with(&[&with_port, &route_doc("v2", NS, "echo-v2", "v2")]);
+        let set = store.snapshot();
+        let h = HeaderMap::new();
+        let routed = |name, port| {
+            matches!(
+                set.decide(&call(NS, name, port, "/", None, &h)),
+                Decision::Route(_)
+            )
+        };
+        assert!(routed("echo-v1", Some(80)));
+        assert!(!routed("echo-v1", Some(8080)));
+        assert!(routed("echo-v1", None));
+        assert!(routed("echo-v2", Some(80)));
+        assert!(routed("echo-v2", Some(8080)));
+    }
+
+    /// A route attached to a service where no rule matches answers 404
+    /// (upstream httproute-query-param-matching.go, the 404 cases).
+    #[test]
+    fn no_matching_rule_is_no_match_not_fall_through() {
+        let doc = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: q, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo, port: 80}}]\n  rules:\n  - matches: [{{queryParams: [{{name: animal, value: whale}}]}}]\n    backendRefs: [{{name: echo-v1, port: 8080}}]\n"
+        );
+        let store = store_with(&[&doc]);
+        let set = store.snapshot();
+        let h = HeaderMap::new();
+        for q in [
+            None,
+            Some("color=blue"),
+            Some("animal=dog"),
+            Some("animal=whaledolphin"),
+        ] {
+            let d = set.decide(&call(NS, "echo", Some(80), "/", q, &h));
+            assert!(
+                matches!(d, Decision::NoMatch { route: "q" }),
+                "{q:?}: {d:?}"
+            );
+        }
+        let d = set.decide(&call(
+            NS,
+            "echo",
+            Some(80),
+            "/",
+            Some("animal=whale&x=1"),
+            &h,
+        ));
+        let Decision::Route(r) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(r.backend("echo", 0.3), "echo-v1");
+        // The legacy entry point still falls through (None) on no match.
+        let info = RequestInfo {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers: &h,
+        };
+        assert!(set.route(&format!("echo.{NS}"), &info).is_none());
+    }
+
+    fn grpc_call<'a>(path: &'a str, headers: &'a HeaderMap) -> Call<'a> {
+        let mut c = call(NS, "echo", Some(7070), path, None, headers);
+        c.grpc = true;
+        c
+    }
+
+    /// GRPCRoute: service and method matches, precedence by service then
+    /// method length then header count; gRPC calls use GRPCRoutes first.
+    #[test]
+    fn grpc_routes_match_service_and_method() {
+        let grpc = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo, port: 7070}}]\n  rules:\n  - matches: [{{method: {{service: echo.Echo}}}}]\n    backendRefs: [{{name: svc-only}}]\n  - matches: [{{method: {{service: echo.Echo, method: Ping}}}}]\n    backendRefs: [{{name: svc-and-method}}]\n  - matches: [{{method: {{method: Ping}}, headers: [{{name: x-v, value: \"2\"}}]}}]\n    backendRefs: [{{name: method-and-header}}]\n  - matches: [{{method: {{type: RegularExpression, service: 'other\\..*'}}}}]\n    backendRefs: [{{name: regex}}]\n"
+        );
+        let http_route = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: h, namespace: {NS}}}\nspec:\n  parentRefs: [{{name: echo}}]\n  rules:\n  - backendRefs: [{{name: http-only}}]\n"
+        );
+        let store = store_with(&[&grpc, &http_route]);
+        let set = store.snapshot();
+        let mut h = HeaderMap::new();
+        let to = |c: &Call<'_>| match set.decide(c) {
+            Decision::Route(r) => r.backend("echo", 0.5),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(to(&grpc_call("/echo.Echo/Echo", &h)), "svc-only");
+        assert_eq!(to(&grpc_call("/echo.Echo/Ping", &h)), "svc-and-method");
+        assert_eq!(to(&grpc_call("/other.Svc/Ping", &h)), "regex");
+        assert!(to(&grpc_call("/x.Y/Z", &h)).starts_with("NoMatch"));
+        h.insert("x-v", "2".parse().unwrap());
+        assert_eq!(to(&grpc_call("/x.Y/Ping", &h)), "method-and-header");
+        // Service length beats method and headers.
+        assert_eq!(to(&grpc_call("/echo.Echo/Ping", &h)), "svc-and-method");
+        // Plain HTTP to the same service sees only the HTTPRoute.
+        assert_eq!(
+            to(&call(NS, "echo", Some(7070), "/echo.Echo/Ping", None, &h)),
+            "http-only"
+        );
+    }
+
+    #[test]
+    fn service_addresses_in_every_form() {
+        let a = |s: &str| ServiceAddr::parse(s, "home", 80);
+        let sa = |name: &str, ns: &str, port| {
+            Some(ServiceAddr {
+                name: name.into(),
+                namespace: ns.into(),
+                port,
+            })
+        };
+        assert_eq!(a("echo"), sa("echo", "home", 80));
+        assert_eq!(a("echo:8080"), sa("echo", "home", 8080));
+        assert_eq!(a("echo-v1.gateway-conformance-mesh"), sa("echo-v1", NS, 80));
+        assert_eq!(a("echo.ns.svc:7070"), sa("echo", "ns", 7070));
+        assert_eq!(a("Echo.NS.svc.cluster.local."), sa("echo", "ns", 80));
+        assert_eq!(a("echo.shoal"), sa("echo", "home", 80));
+        for bad in [
+            "10.0.0.7:8080",
+            "[::1]:80",
+            "echo:x",
+            "echo:0",
+            "a.b.c.d",
+            "",
+            "-x",
+            "echo.Bad_ns",
+        ] {
+            assert_eq!(a(bad), None, "{bad}");
+        }
+    }
+
+    /// The ReplacePrefixMatch table of the Gateway API spec
+    /// (HTTPPathModifier) plus the upstream rewrite/redirect cases.
+    #[test]
+    fn prefix_replacement_on_element_boundaries() {
+        let p = |prefix, path, with: &str| {
+            modify_path(&PathModifier::Prefix(with.into()), prefix, path)
+        };
+        for (prefix, path, with, want) in [
+            ("/foo", "/foo/bar", "/xyz", "/xyz/bar"),
+            ("/foo", "/foo/bar", "/xyz/", "/xyz/bar"),
+            ("/foo/", "/foo/bar", "/xyz", "/xyz/bar"),
+            ("/foo/", "/foo/bar", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz"),
+            ("/foo", "/foo/", "/xyz", "/xyz/"),
+            ("/foo", "/foo/bar", "/", "/bar"),
+            ("/foo", "/foo", "/", "/"),
+            ("/foo", "/foo/", "/", "/"),
+            ("/", "/foo", "/xyz", "/xyz/foo"),
+            ("/prefix/one", "/prefix/one/two", "/one", "/one/two"),
+            ("/strip-prefix", "/strip-prefix/three", "/", "/three"),
+            ("/strip-prefix", "/strip-prefix", "/", "/"),
+            (
+                "/original-prefix",
+                "/original-prefix/lemon",
+                "/replacement-prefix",
+                "/replacement-prefix/lemon",
+            ),
+        ] {
+            assert_eq!(p(prefix, path, with), want, "{prefix} {path} {with}");
+        }
+        assert_eq!(
+            modify_path(
+                &PathModifier::Full("/one".into()),
+                "/full/one",
+                "/full/one/two"
+            ),
+            "/one"
+        );
+    }
+
     #[test]
     fn authorization_allows_named_callers_and_honours_the_mesh_default() {
         let caller = |svc: &str| Identity {
