@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod filters;
 pub mod frame;
 mod health;
 mod inbound;
