@@ -16,9 +16,9 @@ use http::HeaderMap;
 use transport::Identity;
 
 use super::doc::{
-    Authorization, Backend, DEFAULT_NAMESPACE, Document, FaultInjection, HeaderMods, MeshConfig,
-    Mirror, PathMatch, PathModifier, RateLimit, Redirect, Retry, RouteMatch, RouteRule, Spec,
-    valid_name, valid_namespace,
+    Authorization, Backend, Document, FaultInjection, HeaderMods, MeshConfig, Mirror, PathMatch,
+    PathModifier, RateLimit, Redirect, Retry, RouteMatch, RouteRule, Spec, valid_name,
+    valid_namespace,
 };
 use super::store::Entry;
 
@@ -422,35 +422,21 @@ impl PolicySet {
         set
     }
 
-    /// The rule of the highest-precedence match among the HTTPRoutes of
-    /// `service` (a name in the `default` namespace, or `name.namespace`)
-    /// for a caller in `default`, any port. `None` when nothing matches.
-    /// The data plane's richer entry point is [`PolicySet::decide`].
+    /// The legacy lookup the outbound path used before namespaces: the rule
+    /// of the highest-precedence match among the HTTPRoutes attached to a
+    /// service named `service` in any namespace, on any port, whoever
+    /// calls. `None` when nothing matches. [`PolicySet::decide`] is the
+    /// GAMMA entry point (namespaces, ports, consumer routes, 404).
     pub fn route(&self, service: &str, req: &RequestInfo<'_>) -> Option<RouteDecision<'_>> {
-        let (name, namespace) = service
-            .split_once('.')
-            .unwrap_or((service, DEFAULT_NAMESPACE));
-        let call = Call {
-            caller_namespace: DEFAULT_NAMESPACE,
-            destination: Destination {
-                name,
-                namespace,
-                port: None,
-            },
-            scheme: "http",
-            host: service,
-            grpc: false,
-            request: RequestInfo {
-                method: req.method,
-                path: req.path,
-                query: req.query,
-                headers: req.headers,
-            },
-        };
-        match self.decide(&call) {
-            Decision::Route(d) => Some(d),
-            _ => None,
-        }
+        let mut routes: Vec<&Attached> = self
+            .routes
+            .iter()
+            .filter(|((_, name), _)| name == service)
+            .flat_map(|(_, a)| a.iter())
+            .filter(|a| !a.grpc)
+            .collect();
+        routes.sort_by(|a, b| a.key.cmp(&b.key));
+        best_match(&routes, false, req)
     }
 
     /// Routes one call (GAMMA semantics). The routes considered are those
@@ -489,43 +475,11 @@ impl PolicySet {
         let Some(first) = routes.first() else {
             return Decision::Unrouted;
         };
-        let mut best: Option<(Rank, RouteDecision<'_>)> = None;
-        for a in &routes {
-            for rule in a.rules() {
-                let candidates: Vec<Option<&RouteMatch>> = if rule.matches.is_empty() {
-                    vec![None]
-                } else {
-                    rule.matches.iter().map(Some).collect()
-                };
-                for m in candidates {
-                    let rank = if grpc {
-                        grpc_rank(m, &call.request)
-                    } else {
-                        match_rank(m, &call.request)
-                    };
-                    let Some(rank) = rank else {
-                        continue;
-                    };
-                    if best.as_ref().is_none_or(|(r, _)| rank > *r) {
-                        best = Some((
-                            rank,
-                            RouteDecision {
-                                route: &a.name,
-                                namespace: &a.namespace,
-                                rule,
-                                matched: m,
-                            },
-                        ));
-                    }
-                }
-            }
-        }
-        match best {
-            Some((_, d)) => Decision::Route(d),
+        match best_match(&routes, grpc, &call.request) {
+            Some(d) => Decision::Route(d),
             None => Decision::NoMatch { route: &first.name },
         }
     }
-
     /// Whether `caller` may call `service` with `method` on `path`.
     pub fn authorize(&self, service: &str, caller: &Identity, method: &str, path: &str) -> bool {
         let Some(policies) = self.authz.get(service) else {
@@ -561,6 +515,46 @@ impl PolicySet {
     pub fn mesh(&self) -> Option<&MeshConfig> {
         self.mesh.as_ref()
     }
+}
+
+/// The highest-precedence match among `routes` (in `namespace/name` order).
+fn best_match<'s>(
+    routes: &[&'s Attached],
+    grpc: bool,
+    req: &RequestInfo<'_>,
+) -> Option<RouteDecision<'s>> {
+    let mut best: Option<(Rank, RouteDecision<'s>)> = None;
+    for a in routes {
+        for rule in a.rules() {
+            let candidates: Vec<Option<&RouteMatch>> = if rule.matches.is_empty() {
+                vec![None]
+            } else {
+                rule.matches.iter().map(Some).collect()
+            };
+            for m in candidates {
+                let rank = if grpc {
+                    grpc_rank(m, req)
+                } else {
+                    match_rank(m, req)
+                };
+                let Some(rank) = rank else {
+                    continue;
+                };
+                if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                    best = Some((
+                        rank,
+                        RouteDecision {
+                            route: &a.name,
+                            namespace: &a.namespace,
+                            rule,
+                            matched: m,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    best.map(|(_, d)| d)
 }
 
 /// Precedence of a match. HTTPRoute: path kind (exact 3, regex 2, prefix
