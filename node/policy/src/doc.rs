@@ -1246,9 +1246,7 @@ impl Parser {
             self.err(&join(path, other), format!("must not be set for type {ty}"));
         }
         let kp = join(path, key);
-        let Some(value) = self.string(o, key, path, true) else {
-            return None;
-        };
+        let value = self.string(o, key, path, true)?;
         let valid = value.starts_with('/')
             && value.len() <= 1024
             && !value.contains(['?', '#'])
