@@ -1483,17 +1483,26 @@ impl Parser {
                         self.err(&join(&p, "name"), format!("{n:?} is not a header name"));
                     } else if http::HeaderValue::from_str(&v).is_err() {
                         self.err(&join(&p, "value"), "not a valid header value");
+                    } else if list.iter().any(|(k, _)| k.eq_ignore_ascii_case(&n)) {
+                        self.err(&join(&p, "name"), format!("{n:?} appears twice in {key}"));
                     } else {
                         list.push((n.to_ascii_lowercase(), v));
                     }
                 }
             }
         }
-        out.remove = self
-            .strings(m, "remove", path)
-            .into_iter()
-            .map(|s| s.to_ascii_lowercase())
-            .collect();
+        let remove = self.strings(m, "remove", path);
+        for (i, n) in remove.into_iter().enumerate() {
+            let p = format!("{}[{i}]", join(path, "remove"));
+            let n = n.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                self.err(&p, format!("{n:?} is not a header name"));
+            } else if out.remove.contains(&n) {
+                self.err(&p, format!("{n:?} appears twice in remove"));
+            } else {
+                out.remove.push(n);
+            }
+        }
         out
     }
 
@@ -2055,6 +2064,8 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: a, value: c}]}
     - type: CORS
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: X-A, value: "1"}, {name: x-a, value: "2"}], remove: ["bad header", x-b, X-B]}
     backendRefs:
     - name: web
       filters:
@@ -2085,6 +2096,18 @@ spec:
         );
         assert!(at("spec.rules[0].filters[3].type").contains("may appear once"));
         assert!(at("spec.rules[0].filters[4].type").contains("experimental"));
+        assert!(
+            at("spec.rules[0].filters[5].responseHeaderModifier.set[1].name")
+                .contains("appears twice in set")
+        );
+        assert!(
+            at("spec.rules[0].filters[5].responseHeaderModifier.remove[0]")
+                .contains("not a header name")
+        );
+        assert!(
+            at("spec.rules[0].filters[5].responseHeaderModifier.remove[2]")
+                .contains("appears twice in remove")
+        );
         assert!(
             at("spec.rules[0].backendRefs[0].filters[0].type")
                 .contains("not allowed in HTTPRoute backendRefs[].filters")

@@ -966,6 +966,94 @@ mod tests {
         );
     }
 
+    /// A plan merges the rule's filters with the chosen backend's: the
+    /// backend's rewrite wins field by field, header changes apply rule
+    /// first, mirrors add up and fractional ones fire by roll.
+    #[test]
+    fn plans_merge_rule_and_backend_filters() {
+        let doc = format!(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: p, namespace: {NS}}}
+spec:
+  parentRefs: [{{name: echo}}]
+  rules:
+  - matches: [{{path: {{value: /api}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{hostname: rule.example, path: {{type: ReplacePrefixMatch, replacePrefixMatch: /v1}}}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {{set: [{{name: x-rule, value: r}}]}}
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: shadow, port: 80}}}}
+    backendRefs:
+    - name: echo-v2
+      namespace: other
+      port: 8080
+      filters:
+      - type: URLRewrite
+        urlRewrite: {{hostname: backend.example}}
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {{add: [{{name: x-backend, value: b}}]}}
+      - type: RequestMirror
+        requestMirror: {{backendRef: {{name: half}}, percent: 50}}
+  - matches: [{{path: {{value: /self}}}}]
+"#
+        );
+        let store = store_with(&[&doc]);
+        let set = store.snapshot();
+        let h = HeaderMap::new();
+        let c = call(NS, "echo", Some(80), "/api/x", Some("q=1"), &h);
+        let Decision::Route(d) = set.decide(&c) else {
+            panic!()
+        };
+        let plan = |mirror_roll| match d.plan(&c, 0.0, mirror_roll) {
+            Plan::Forward(f) => f,
+            other => panic!("{other:?}"),
+        };
+        let f = plan(0.9);
+        assert_eq!(
+            f.backend,
+            Target {
+                name: "echo-v2".into(),
+                namespace: "other".into(),
+                port: Some(8080)
+            }
+        );
+        assert_eq!(f.host.as_deref(), Some("backend.example"));
+        assert_eq!(f.path_and_query.as_deref(), Some("/v1/x?q=1"));
+        assert_eq!(f.request_headers.len(), 2);
+        assert_eq!(f.request_headers[0].set[0].0, "x-rule");
+        assert_eq!(f.request_headers[1].add[0].0, "x-backend");
+        assert!(f.response_headers.is_empty());
+        let names = |f: &Forward<'_>| {
+            f.mirrors
+                .iter()
+                .map(|m| m.backend.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&f), ["shadow"]);
+        assert_eq!(names(&plan(0.2)), ["shadow", "half"]);
+        assert_eq!(f.mirrors[0].backend.namespace, NS);
+        // No backendRefs: the destination itself, unchanged.
+        let c = call(NS, "echo", Some(80), "/self", None, &h);
+        let Decision::Route(d) = set.decide(&c) else {
+            panic!()
+        };
+        let Plan::Forward(f) = d.plan(&c, 0.5, 0.5) else {
+            panic!()
+        };
+        assert_eq!(
+            f.backend,
+            Target {
+                name: "echo".into(),
+                namespace: NS.into(),
+                port: Some(80)
+            }
+        );
+        assert!(f.path_and_query.is_none() && f.host.is_none() && f.mirrors.is_empty());
+    }
+
     #[test]
     fn service_addresses_in_every_form() {
         let a = |s: &str| ServiceAddr::parse(s, "home", 80);
