@@ -290,7 +290,15 @@ impl Gossip {
             gossip.set_key(&k, &v).await;
         }
         let watcher = tokio::spawn(watch_members(Arc::downgrade(&gossip.shared)));
-        if !gossip.shared.config.seeds.is_empty() {
+        // Literal seeds stay in chitchat's seed set for good; only names
+        // can change their answer.
+        if gossip
+            .shared
+            .config
+            .seeds
+            .iter()
+            .any(|s| s.parse::<SocketAddr>().is_err())
+        {
             let t = tokio::spawn(crate::seeds::refresh_loop(Arc::downgrade(&gossip.shared)));
             gossip.shared.tasks.lock().unwrap().push(t);
         }

@@ -47,7 +47,8 @@ pub async fn resolve(seeds: &[String]) -> Resolved {
     out
 }
 
-/// Runs until the gossip participant is dropped: every `seed_refresh`,
+/// Runs (for a seed list holding at least one name) until the gossip
+/// participant is dropped: every `seed_refresh`,
 /// resolves the seeds and gossips with each address that is neither this
 /// node nor a live member. When every seed resolved and they name only this
 /// node, the node is alone by construction (the first pod behind a headless
