@@ -72,6 +72,10 @@ pub struct GossipConfig {
     /// How long dead and left members stay listed before they are forgotten.
     /// Default 1 h.
     pub dead_grace: Duration,
+    /// How often seeds are resolved again (a DNS name's addresses change as
+    /// nodes come and go); each resolved address that is not a live member
+    /// gets a gossip exchange. Default 10 s.
+    pub seed_refresh: Duration,
 }
 
 impl GossipConfig {
@@ -84,6 +88,7 @@ impl GossipConfig {
             interval: Duration::from_millis(500),
             phi_threshold: 8.0,
             dead_grace: Duration::from_secs(3600),
+            seed_refresh: Duration::from_secs(10),
         }
     }
 
@@ -184,19 +189,19 @@ pub struct MemberEvent {
     pub current: Option<MemberState>,
 }
 
-struct Shared {
-    handle: ChitchatHandle,
+pub(crate) struct Shared {
+    pub(crate) handle: ChitchatHandle,
     guard: Arc<Guard>,
     signer: Mutex<Arc<Signer>>,
     failure: Mutex<Option<String>>,
     duplicate: Mutex<Option<SocketAddr>>,
-    stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     relays: Arc<Relays>,
-    config: GossipConfig,
-    self_id: ChitchatId,
+    pub(crate) config: GossipConfig,
+    pub(crate) self_id: ChitchatId,
     events: broadcast::Sender<MemberEvent>,
     heartbeats: Mutex<HashMap<ChitchatId, (chitchat::Heartbeat, Instant)>>,
-    joined: AtomicBool,
+    pub(crate) joined: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -285,6 +290,18 @@ impl Gossip {
             gossip.set_key(&k, &v).await;
         }
         let watcher = tokio::spawn(watch_members(Arc::downgrade(&gossip.shared)));
+        // Literal seeds stay in chitchat's seed set for good; only names
+        // can change their answer.
+        if gossip
+            .shared
+            .config
+            .seeds
+            .iter()
+            .any(|s| s.parse::<SocketAddr>().is_err())
+        {
+            let t = tokio::spawn(crate::seeds::refresh_loop(Arc::downgrade(&gossip.shared)));
+            gossip.shared.tasks.lock().unwrap().push(t);
+        }
         let weak = Arc::downgrade(&gossip.shared);
         let sentinel = tokio::spawn(async move {
             let result = termination.await;
@@ -581,7 +598,7 @@ impl Gossip {
     }
 }
 
-async fn members(shared: &Shared) -> Vec<Member> {
+pub(crate) async fn members(shared: &Shared) -> Vec<Member> {
     let chitchat = shared.handle.chitchat();
     let c = chitchat.lock().await;
     let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
