@@ -476,11 +476,22 @@ fn no_false_dead(grace: Duration, truth: &Truth, trace: &Trace) -> Verdict {
         detail: match first {
             None => format!("{checked} views checked over {span:.1}s"),
             Some(f) => format!(
-                "{sightings} sightings, {} observer→member pairs; first: {f}",
-                pairs.len()
+                "{sightings} sightings, {} observer→member pairs; first: {f}; \
+                 the widest gap between samples (taken every 100 ms) was {:.2}s",
+                pairs.len(),
+                widest_gap(&trace.samples)
             ),
         },
     }
+}
+
+/// The longest time between two consecutive samples: how far the harness's
+/// own runtime fell behind on a busy machine (reported, never judged).
+fn widest_gap(samples: &[Sample]) -> f64 {
+    samples
+        .windows(2)
+        .map(|w| w[1].t - w[0].t)
+        .fold(0.0, f64::max)
 }
 
 /// Crash/pause detection (`left` false) or drain detection (`left` true).
@@ -674,6 +685,20 @@ fn request_success(
     }
     if let Some(f) = first_a {
         detail.push_str(&format!("; first failure outside: {f}"));
+    }
+    // How far behind its schedule the driver fell (a busy machine); said,
+    // never judged.
+    let lag = trace
+        .requests
+        .iter()
+        .filter(|r| r.sent())
+        .map(|r| r.sent_at - r.t)
+        .fold(0.0, f64::max);
+    if lag >= 0.05 {
+        detail.push_str(&format!(
+            "; the driver sent up to {:.0}ms behind schedule",
+            lag * 1000.0
+        ));
     }
     let latencies: Vec<f64> = trace
         .requests

@@ -204,13 +204,14 @@ pub fn run_suite(
             });
             let outcome = finish_outcome(result, dir.as_deref());
             println!(
-                "=== {} seed {seed}: {}",
+                "=== {} seed {seed}: {}{}",
                 s.name,
                 match &outcome {
                     report::SuiteOutcome::Pass => "PASS".to_string(),
                     report::SuiteOutcome::Fail(v) => format!("FAIL {}", v.join("; ")),
                     report::SuiteOutcome::Error(e) => format!("ERR {e}"),
-                }
+                },
+                load_note()
             );
             let _ = std::io::stdout().flush();
             table.record(&s.name, seed, outcome);
@@ -229,6 +230,15 @@ pub fn run_suite(
     );
     print!("{}", table.render());
     if table.all_passed() { 0 } else { EXIT_FAILED }
+}
+
+/// ` (load 1.23)`: the machine's one-minute load average, where the OS
+/// says (`/proc/loadavg`), so a failure on a starved machine shows as such.
+fn load_note() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|l| format!(" (load {l})")))
+        .unwrap_or_default()
 }
 
 /// In `--processes` mode: the binary must exist and every scenario must
