@@ -319,6 +319,25 @@ impl Truth {
                 _ => {}
             }
         }
+        // In process every node runs on the harness's runtime: while the
+        // machine kept it from running, every node was in effect paused (no
+        // heartbeats, no answers), as a `pause` step would do to one. Only
+        // stalls spent waiting for a CPU count (`Stall::starved`), never a
+        // process that was busy or blocked, and not with `--processes`,
+        // whose nodes do not run on the harness's runtime.
+        if trace.mode == "in-process" {
+            for stall in trace.stalls.iter().filter(|s| s.starved()) {
+                let (s, e) = stall.span();
+                for n in &trace.nodes {
+                    push(&mut t.disturbed, n, s, e);
+                }
+                t.faults.push((
+                    s,
+                    e,
+                    format!("the machine starved the harness for {:.1}s", e - s),
+                ));
+            }
+        }
         for (n, s) in open_down {
             push(&mut t.down, &n, s, inf);
             push(&mut t.disturbed, &n, s, inf);
@@ -1333,6 +1352,7 @@ mod tests {
             formed_in: 0.0,
             rogues: Vec::new(),
             refusals: BTreeMap::new(),
+            stalls: Vec::new(),
         }
     }
 
@@ -1635,6 +1655,64 @@ mod tests {
         assert!(
             v.detail
                 .starts_with("during faults no requests, outside 0.0% (0/1)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_stall_of_the_machine_excuses_what_a_pause_of_every_node_would_and_nothing_else() {
+        use crate::stall::Stall;
+        // n1 sees n2 dead at 3.0 s; nothing was injected.
+        let samples = vec![
+            sample(1.0, &[("n1", ALL, &[])]),
+            sample(3.0, &[("n1", &["n1", "n3"], &["n2"])]),
+            sample(20.0, &[("n1", &["n1", "n3"], &["n2"])]),
+        ];
+        let stalled = |wait: Option<f64>, mode: &'static str| {
+            let mut t = trace(vec![], samples.clone());
+            t.mode = mode;
+            // Ticks stopped from 1.9 s to 2.9 s.
+            t.stalls.push(Stall {
+                t: 2.9,
+                late: 0.9,
+                run_queue_wait: wait,
+            });
+            t
+        };
+        let grace = Duration::from_secs(5);
+        // Hand count: the 3.0 s sighting is within the stall's 5 s grace
+        // (stall 1.9-2.9 s); the 20.0 s one is not.
+        for (wait, mode, want) in [
+            (Some(1.5), "in-process", 1),
+            // Busy or blocked, not starved: excuses nothing.
+            (Some(0.1), "in-process", 2),
+            (None, "in-process", 2),
+            // Real processes do not run on the harness's runtime.
+            (Some(1.5), "processes", 2),
+        ] {
+            let t = stalled(wait, mode);
+            let truth = Truth::new(&t);
+            let v = no_false_dead(grace, &truth, &t);
+            assert_eq!(
+                v.figure,
+                format!("{want} false dead"),
+                "{wait:?} {mode}: {v:?}"
+            );
+        }
+        // The starved span is a fault window for request-success.
+        let mut t = stalled(Some(1.5), "in-process");
+        t.requests = vec![
+            request(2.5, 2.5, 0.1, "GET", 502),
+            request(9.0, 9.0, 0.1, "GET", 200),
+        ];
+        let truth = Truth::new(&t);
+        assert_eq!(truth.faults.len(), 1);
+        assert!((truth.faults[0].0 - 1.9).abs() < 1e-9 && (truth.faults[0].1 - 2.9).abs() < 1e-9);
+        let v = request_success(false, Some(0.0), Some(100.0), grace, &truth, &t);
+        assert!(v.passed, "{v:?}");
+        assert!(
+            v.detail
+                .starts_with("during faults 0.0% (0/1), outside 100.0% (1/1)"),
             "{v:?}"
         );
     }

@@ -9,6 +9,7 @@
 //! - [`workload`]: open-loop requests through the mesh, and the upstreams.
 //! - [`byzantine`]: the rogue certificate holder a `byzantine` step starts.
 //! - [`process`]: `--processes` mode, real `shoal node` processes.
+//! - [`stall`]: moments the machine starved the harness's runtime.
 //!
 //! `main.rs` only calls [`cli::main`]. `simulate` uses nodes only through
 //! the `node` library.
@@ -24,6 +25,7 @@ pub mod process;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod stall;
 pub mod workload;
 
 use std::io::Write as _;

@@ -207,6 +207,24 @@ impl Report {
                 .collect();
             let _ = writeln!(out, "the nodes counted as refused: {}", counted.join(", "));
         }
+        if !self.trace.stalls.is_empty() {
+            let starved = self.trace.stalls.iter().filter(|s| s.starved()).count();
+            let worst = self
+                .trace
+                .stalls
+                .iter()
+                .max_by(|a, b| a.late.total_cmp(&b.late))
+                .expect("not empty");
+            let _ = writeln!(
+                out,
+                "stalls: the harness's runtime fell ≥ 0.5s behind {} times (worst {:.1}s at {:.1}s), \
+                 {starved} of them spent waiting for a CPU (the machine starved it; in process these \
+                 count as every node paused)",
+                self.trace.stalls.len(),
+                worst.late,
+                worst.t
+            );
+        }
         let f = &self.trace.faults;
         let _ = writeln!(
             out,
