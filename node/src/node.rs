@@ -308,10 +308,12 @@ impl Node {
     }
 }
 
-/// Closes the connection to a member as soon as gossip declares it dead or
+/// Closes the connection to a member soon after gossip declares it dead or
 /// gone: a crashed peer sends no QUIC close, and requests in flight on its
 /// connection would otherwise wait for the idle timeout instead of failing
-/// over (retried elsewhere when safe).
+/// over (retried elsewhere when safe). A connection on which the member is
+/// still heard (a datagram within [`DEAD_CONNECTION_QUIET`]) is kept: the
+/// verdict was wrong.
 async fn drop_dead_connections(gossip: Gossip, endpoint: Endpoint) {
     let mut events = gossip.subscribe();
     loop {
@@ -332,11 +334,37 @@ async fn drop_dead_connections(gossip: Gossip, endpoint: Endpoint) {
             .map(|m| m.addr)
             .collect();
         for addr in addrs {
-            tracing::debug!(member = %event.name, %addr, "member dead: closing its connection");
-            endpoint.disconnect(addr);
+            let Some(conn) = endpoint.cached(addr) else {
+                continue;
+            };
+            let (endpoint, name) = (endpoint.clone(), event.name.clone());
+            tokio::spawn(async move {
+                // Gossip's verdict is an inference from silence; packets
+                // arriving on the connection are proof of life. After a
+                // stall of this node (or of the machine) every peer looks
+                // dead for a moment, and closing their connections would
+                // reset every request in flight on them.
+                let heard = conn.conn.stats().udp_rx.datagrams;
+                tokio::time::sleep(DEAD_CONNECTION_QUIET).await;
+                if conn.conn.stats().udp_rx.datagrams > heard {
+                    tracing::debug!(member = %name, %addr, "member declared dead still sends on its connection: keeping it");
+                    return;
+                }
+                if endpoint
+                    .cached(addr)
+                    .is_some_and(|c| c.conn.stable_id() == conn.conn.stable_id())
+                {
+                    tracing::debug!(member = %name, %addr, "member dead and silent: closing its connection");
+                    endpoint.disconnect(addr);
+                }
+            });
         }
     }
 }
+
+/// How long the connection to a member gossip declares dead must stay
+/// silent (no datagram received) before it is closed.
+const DEAD_CONNECTION_QUIET: Duration = Duration::from_millis(300);
 
 fn read_token(path: &std::path::Path) -> Result<String, NodeError> {
     let err = |msg: String| NodeError::Token {
