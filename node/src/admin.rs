@@ -116,11 +116,7 @@ async fn readyz(state: &NodeState) -> Response<Full<Bytes>> {
 
 /// `POST /shutdown`: the process drains and exits (as on SIGTERM). Needs
 /// the admin token when the node has one, else a loopback caller.
-fn shutdown(
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-    state: &NodeState,
-) -> Response<Full<Bytes>> {
+fn shutdown(req: &Request<Incoming>, peer: SocketAddr, state: &NodeState) -> Response<Full<Bytes>> {
     if let Err(refused) = crate::admin_policy::authorize(req.headers(), peer, state) {
         return *refused;
     }

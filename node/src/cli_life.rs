@@ -13,7 +13,8 @@ use crate::node::Node;
 
 /// `shoal run [node flags] -- APP ARGS…`: starts the node in this process,
 /// waits until it is ready, runs the app with `SHOAL_OUTBOUND` and
-/// `http_proxy` pointing at the outbound listener, forwards SIGTERM and
+/// `http_proxy` pointing at the outbound listener (and `SHOAL_ADMIN` at the
+/// admin API, so `shoal` commands the app runs find its node), forwards SIGTERM and
 /// SIGINT to it, and when it exits drains the node and returns its code.
 pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
     let Some((program, args)) = app.split_first() else {
@@ -78,6 +79,7 @@ pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
         .args(args)
         .env("SHOAL_OUTBOUND", outbound.to_string())
         .env("http_proxy", format!("http://{outbound}"))
+        .env("SHOAL_ADMIN", node.admin_addr().to_string())
         .spawn();
     let mut child = match child {
         Ok(c) => c,
@@ -329,7 +331,10 @@ fn check_certificates(config: &NodeConfig, lines: &mut Vec<Line>) -> Option<tran
         "ok"
     };
     let detail = if soon && !expired_ca {
-        format!("{detail} (under {} days: shoal cert renew)", crate::lifecycle::CERT_WARN_DAYS)
+        format!(
+            "{detail} (under {} days: shoal cert renew)",
+            crate::lifecycle::CERT_WARN_DAYS
+        )
     } else {
         detail
     };
@@ -343,7 +348,11 @@ fn check_certificates(config: &NodeConfig, lines: &mut Vec<Line>) -> Option<tran
     match transport::Endpoint::bind(ep_config) {
         Ok(ep) => Some(ep),
         Err(e) => {
-            lines.push(Line::new("FAIL", "certificates", format!("key or certificate: {e}")));
+            lines.push(Line::new(
+                "FAIL",
+                "certificates",
+                format!("key or certificate: {e}"),
+            ));
             None
         }
     }
@@ -370,7 +379,11 @@ fn check_ports(config: &NodeConfig, lines: &mut Vec<Line>) {
         }
     }
     if busy.is_empty() {
-        lines.push(Line::new("ok", "ports", format!("free: {}", free.join(", "))));
+        lines.push(Line::new(
+            "ok",
+            "ports",
+            format!("free: {}", free.join(", ")),
+        ));
     } else {
         lines.push(Line::new("FAIL", "ports", busy.join("; ")));
     }
@@ -392,7 +405,11 @@ async fn check_seeds(
     for seed in &config.seeds {
         let check = format!("seed {seed}");
         let Some(probe) = probe else {
-            lines.push(Line::new("skip", check, "no usable certificate to dial with"));
+            lines.push(Line::new(
+                "skip",
+                check,
+                "no usable certificate to dial with",
+            ));
             continue;
         };
         let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(seed.as_str()).await {
@@ -463,7 +480,11 @@ fn check_data_dir(dir: Option<&Path>, lines: &mut Vec<Line>) {
             let detail = if at == dir {
                 format!("{} is writable", dir.display())
             } else {
-                format!("{} will be created in {} (writable)", dir.display(), at.display())
+                format!(
+                    "{} will be created in {} (writable)",
+                    dir.display(),
+                    at.display()
+                )
             };
             lines.push(Line::new("ok", "data dir", detail));
         }
@@ -488,7 +509,11 @@ fn check_token(file: Option<&Path>, lines: &mut Vec<Line>) {
     let token = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
-            lines.push(Line::new("FAIL", "admin token", format!("{}: {e}", file.display())));
+            lines.push(Line::new(
+                "FAIL",
+                "admin token",
+                format!("{}: {e}", file.display()),
+            ));
             return;
         }
     };
@@ -512,7 +537,10 @@ fn check_token(file: Option<&Path>, lines: &mut Vec<Line>) {
         lines.push(Line::new(
             "warn",
             "admin token",
-            format!("{}: {n} characters, but readable by other users (chmod 600)", file.display()),
+            format!(
+                "{}: {n} characters, but readable by other users (chmod 600)",
+                file.display()
+            ),
         ));
     } else {
         lines.push(Line::new(

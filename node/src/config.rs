@@ -399,7 +399,10 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
             Some(n) => format!("{}:{n}", path.display()),
             None => path.display().to_string(),
         };
-        ConfigError::new(format!("{at}: {}", key.unwrap_or_else(|| "file".into())), msg)
+        ConfigError::new(
+            format!("{at}: {}", key.unwrap_or_else(|| "file".into())),
+            msg,
+        )
     })
 }
 
@@ -617,11 +620,17 @@ mod error_location_tests {
     #[test]
     fn config_file_errors_name_the_field_its_file_and_line() {
         let e = error_of("name = \"n1\"\nzone = \"z\"\ncertz = \"x\"\n");
-        assert!(e.starts_with("shoal.toml:3: certz: unknown field `certz`"), "{e}");
+        assert!(
+            e.starts_with("shoal.toml:3: certz: unknown field `certz`"),
+            "{e}"
+        );
         let e = error_of("name = \"n1\"\n\nphi_threshold = \"high\"\n");
         assert!(e.starts_with("shoal.toml:3: phi_threshold: "), "{e}");
         let e = error_of("name = \"n1\"\n[[service]]\nname = \"web\"\nadress = \"x\"\n");
-        assert!(e.starts_with("shoal.toml:4: adress: unknown field `adress`"), "{e}");
+        assert!(
+            e.starts_with("shoal.toml:4: adress: unknown field `adress`"),
+            "{e}"
+        );
     }
 
     #[test]

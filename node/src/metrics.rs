@@ -121,7 +121,10 @@ impl prometheus_client::collector::Collector for CertExpiryCollector {
             ConstGauge::new(0i64).metric_type(),
         )?;
         for (kind, id, not_after) in self.expiries() {
-            let labels = [("cert".to_string(), kind.to_string()), ("id".to_string(), id)];
+            let labels = [
+                ("cert".to_string(), kind.to_string()),
+                ("id".to_string(), id),
+            ];
             ConstGauge::new(not_after).encode(family.encode_family(&labels)?)?;
         }
         Ok(())

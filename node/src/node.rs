@@ -204,7 +204,9 @@ impl Node {
             gossip.clone(),
             endpoint.clone(),
         )));
-        tasks.extend(lifecycle_tasks(&config, &gossip, &endpoint, readiness, seeds));
+        tasks.extend(lifecycle_tasks(
+            &config, &gossip, &endpoint, readiness, seeds,
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         tasks.push(tokio::spawn(crate::admin::serve(
             admin_listener,

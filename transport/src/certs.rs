@@ -446,8 +446,8 @@ pub fn renew_node(
     let der = rustls_pemfile::certs(&mut &node_pem[..])
         .find_map(Result::ok)
         .ok_or_else(|| invalid(node_path.clone(), "holds no certificate".into()))?;
-    let id = crate::Identity::from_der(&der)
-        .map_err(|e| invalid(node_path.clone(), e.to_string()))?;
+    let id =
+        crate::Identity::from_der(&der).map_err(|e| invalid(node_path.clone(), e.to_string()))?;
     let ca = Ca::load(ca_dir)?;
     if ca.trust_domain() != id.trust_domain {
         return Err(invalid(
@@ -896,7 +896,10 @@ mod tests {
         fs::write(out.join(CA_CERT), &bundle).unwrap();
         let cas = summarize_pem_file(&out.join(CA_CERT)).unwrap();
         assert_eq!(cas.len(), 2);
-        assert!(cas.iter().all(|c| c.is_ca && c.uris == ["spiffe://demo.shoal"]));
+        assert!(
+            cas.iter()
+                .all(|c| c.is_ca && c.uris == ["spiffe://demo.shoal"])
+        );
         renew_node(&other, &out, Validity::days(10)).unwrap();
     }
 }
