@@ -14,7 +14,8 @@ use crate::node::Node;
 /// `shoal run [node flags] -- APP ARGS…`: starts the node in this process,
 /// waits until it is ready, runs the app with `SHOAL_OUTBOUND` and
 /// `http_proxy` pointing at the outbound listener (and `SHOAL_ADMIN` at the
-/// admin API, so `shoal` commands the app runs find its node), forwards SIGTERM and
+/// admin API, so `shoal` commands the app runs find its node; `no_proxy`
+/// keeps loopback direct unless already set), forwards SIGTERM and
 /// SIGINT to it, and when it exits drains the node and returns its code.
 pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
     let Some((program, args)) = app.split_first() else {
@@ -75,12 +76,18 @@ pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
         node.quic_addr(),
         node.admin_addr()
     );
-    let child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    command
         .args(args)
         .env("SHOAL_OUTBOUND", outbound.to_string())
         .env("http_proxy", format!("http://{outbound}"))
-        .env("SHOAL_ADMIN", node.admin_addr().to_string())
-        .spawn();
+        .env("SHOAL_ADMIN", node.admin_addr().to_string());
+    // Loopback stays direct (the node's own admin API, local sidecars),
+    // unless the caller chose otherwise.
+    if std::env::var_os("no_proxy").is_none() && std::env::var_os("NO_PROXY").is_none() {
+        command.env("no_proxy", "localhost,127.0.0.1,::1");
+    }
+    let child = command.spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {

@@ -388,6 +388,12 @@ fn check_reports_one_line_per_check_and_fails_on_bad_setup() {
     make_certs(dir.path(), &["n1", "n2"]);
     let n1 = start_node(dir.path(), "n1", &[]);
     std::fs::write(dir.path().join("good-token"), "0123456789abcdef").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("good-token"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     let seed = n1.quic.to_string();
     let mut args = vec!["check"];
     args.extend(node_args("n2", "certs/n2"));
