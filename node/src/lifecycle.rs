@@ -79,7 +79,13 @@ impl Readiness {
         if let Some(other) = state.gossip.duplicate_of_self() {
             return Err(format!("another node with this name is alive at {other}"));
         }
-        if !state.gossip.joined().await && !self.gave_up.load(Ordering::Relaxed) {
+        let joined = state.gossip.joined().await;
+        if !joined && self.gave_up.load(Ordering::Relaxed) {
+            // A mesh of one: the proxy latches its table only once gossip
+            // joined, and there is nobody to route to yet.
+            return Ok(());
+        }
+        if !joined {
             let what = if self.remembered {
                 "waiting for a first peer (this node knew peers before it restarted)"
             } else {
