@@ -236,6 +236,9 @@ fn run_starts_the_app_once_ready_and_exits_with_its_code_leaving_the_mesh() {
         state_of(n0.admin, "n1").as_deref() == Some("left")
     });
     assert!(!err.contains('\u{1b}'), "ANSI codes in piped logs: {err:?}");
+    // A peer met for the first time is logged as joined, not as dead first.
+    assert!(err.contains("member joined member=n0"), "{err}");
+    assert!(!err.contains("to=dead"), "{err}");
 }
 
 #[test]
