@@ -707,10 +707,42 @@ async fn check_twins(shared: &Shared, twins: &mut HashMap<ChitchatId, (chitchat:
     }
 }
 
+/// Logs a member state change. A member first seen before the failure
+/// detector has heard from it shows as dead for a moment; that is not news,
+/// so it is logged (at debug) as discovered, and its first `alive` as
+/// joined, instead of `None -> dead -> alive`.
+fn log_change(
+    unconfirmed: &mut std::collections::HashSet<String>,
+    name: &str,
+    previous: Option<MemberState>,
+    state: MemberState,
+) {
+    match (previous, state) {
+        (None, MemberState::Alive) => tracing::info!(member = %name, "member joined"),
+        (None, other) => {
+            unconfirmed.insert(name.to_string());
+            tracing::debug!(member = %name, state = %other, "member discovered; waiting for its heartbeat");
+        }
+        (Some(_), MemberState::Alive) if unconfirmed.remove(name) => {
+            tracing::info!(member = %name, "member joined")
+        }
+        (Some(from), to) => {
+            if unconfirmed.contains(name) && to == MemberState::Dead {
+                return;
+            }
+            unconfirmed.remove(name);
+            tracing::info!(member = %name, %from, %to, "member state changed")
+        }
+    }
+}
+
 /// Emits [`MemberEvent`]s and latches `joined`.
 async fn watch_members(weak: std::sync::Weak<Shared>) {
     let mut known: HashMap<String, MemberState> = HashMap::new();
     let mut twins: HashMap<ChitchatId, (chitchat::Heartbeat, u32)> = HashMap::new();
+    // Members first seen as not alive: the failure detector has not yet
+    // heard their heartbeat, which says nothing about them.
+    let mut unconfirmed: std::collections::HashSet<String> = Default::default();
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let tick = shared.config.interval.min(Duration::from_millis(250));
@@ -721,7 +753,7 @@ async fn watch_members(weak: std::sync::Weak<Shared>) {
         for m in &list {
             let previous = known.get(&m.name).copied();
             if previous != Some(m.state) {
-                tracing::info!(member = %m.name, from = ?previous, to = %m.state, "member state changed");
+                log_change(&mut unconfirmed, &m.name, previous, m.state);
                 let _ = shared.events.send(MemberEvent {
                     name: m.name.clone(),
                     previous,
@@ -732,6 +764,7 @@ async fn watch_members(weak: std::sync::Weak<Shared>) {
         }
         for (name, state) in &known {
             if !seen.contains_key(name) {
+                unconfirmed.remove(name);
                 let _ = shared.events.send(MemberEvent {
                     name: name.clone(),
                     previous: Some(*state),

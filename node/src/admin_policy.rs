@@ -56,8 +56,8 @@ pub(crate) async fn handle(
 }
 
 /// Writes need `Authorization: Bearer <token>` when the node has a token;
-/// without one, only loopback callers may write.
-fn authorize(
+/// without one, only loopback callers may write. (`POST /shutdown` too.)
+pub(crate) fn authorize(
     headers: &HeaderMap,
     peer: SocketAddr,
     state: &NodeState,

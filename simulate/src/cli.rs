@@ -30,7 +30,8 @@ enum Command {
     },
     /// Run one scenario and print a verdict per invariant.
     Run {
-        /// Scenario file (TOML).
+        /// Scenario: a file path, or a bundled name as `simulate list` prints
+        /// it (`partition-heal`, `partition-heal.toml`, `ci/…`), from any folder.
         scenario: PathBuf,
         /// Seed for every random choice the harness makes [default: from the clock].
         #[arg(long)]
@@ -235,6 +236,62 @@ fn parse_seed_list(s: &str) -> Result<SeedList, String> {
     parse_seeds(s).map(SeedList)
 }
 
+/// The scenario file `arg` names: a path that exists, else a bundled
+/// scenario by the name `simulate list` prints (with or without `.toml`; a
+/// leading `simulate/scenarios/` as the README writes it is accepted too).
+pub fn find_scenario(arg: &Path) -> Result<PathBuf, String> {
+    if arg.is_file() {
+        return Ok(arg.to_path_buf());
+    }
+    let bundled = crate::bundled_dir();
+    let rel = arg.strip_prefix("simulate/scenarios").unwrap_or(arg);
+    let mut candidates = vec![bundled.join(rel)];
+    if rel.extension().is_none() {
+        candidates.push(bundled.join(rel).with_extension("toml"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        format!(
+            "{}: no such file, and no bundled scenario by that name (see `simulate list`)",
+            arg.display()
+        )
+    })
+}
+
+/// `simulate list`: one line per scenario. Output stops quietly when the
+/// reader goes away (`simulate list | head -3`).
+fn list(dir: &Path) -> i32 {
+    use std::io::Write;
+    let files = match crate::scenario_files(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("simulate: {}: {e}", dir.display());
+            return EXIT_USAGE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let mut code = 0;
+    for f in files {
+        let shown = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+        let line = match crate::scenario::Scenario::load(&f) {
+            Ok(s) => format!(
+                "{shown:<28} {:>3} nodes {:>5.0}s  {}",
+                s.cluster.nodes.len(),
+                s.duration.as_secs_f64(),
+                s.description
+            ),
+            Err(e) => {
+                code = EXIT_FAILED;
+                format!("{shown:<28} INVALID: {e}")
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return code;
+        }
+    }
+    let _ = out.flush();
+    code
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     node::config::parse_duration(s)
 }
@@ -250,19 +307,28 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::List { dir } => crate::list(&dir.unwrap_or_else(crate::bundled_dir)),
+        Command::List { dir } => list(&dir.unwrap_or_else(crate::bundled_dir)),
         Command::Run {
             scenario,
             seed,
             report,
             processes,
             shoal,
-        } => crate::run_file(
-            &scenario,
-            seed.unwrap_or_else(clock_seed),
-            report.as_deref(),
-            processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
-        ),
+        } => {
+            let scenario = match find_scenario(&scenario) {
+                Ok(p) => p,
+                Err(msg) => {
+                    eprintln!("simulate: {msg}");
+                    return EXIT_USAGE;
+                }
+            };
+            crate::run_file(
+                &scenario,
+                seed.unwrap_or_else(clock_seed),
+                report.as_deref(),
+                processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
+            )
+        }
         Command::RunSuite {
             dir,
             seed,
