@@ -6,6 +6,7 @@
 //! | GET    | `/healthz`    | 200 while the process runs                       |
 //! | GET    | `/readyz`     | 200 once joined (heard from a peer, or no seeds) and the routing table was built since |
 //! | GET    | `/metrics`    | Prometheus text format                           |
+//! | GET    | `/ui`         | the web dashboard (assets compiled in; see `ui.rs`) |
 //! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
 //! | GET    | `/v1/stats`   | JSON per edge over the last minute: rps, success rate, p50/p95/p99 |
 //! | GET    | `/v1/policies` | every policy: kind, name, version, origin, applied-on count |
@@ -69,6 +70,9 @@ async fn route(
     state: &NodeState,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    if crate::ui::owns(&path) {
+        return crate::ui::serve(req.method(), &path);
+    }
     if path.starts_with("/v1/policies") {
         return crate::admin_policy::handle(req, peer, state).await;
     }
