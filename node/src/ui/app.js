@@ -261,6 +261,12 @@ function schedule() {
 function startTap() {
   const state = document.getElementById("tap-state");
   const body = document.querySelector("#tap tbody");
+  // `?tap=off` leaves the stream closed: for one-shot renders (a headless
+  // browser's virtual clock does not advance while a stream is open).
+  if (new URLSearchParams(window.location.search).get("tap") === "off") {
+    state.textContent = "tap off (?tap=off)";
+    return;
+  }
   if (typeof EventSource === "undefined") {
     state.textContent = "tap unavailable (no EventSource in this browser)";
     return;
