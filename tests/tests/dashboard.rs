@@ -117,6 +117,7 @@ async fn chromium_renders_members_policies_and_a_success_rate_that_follows_traff
     run_chromium(
         &chromium,
         &[
+            "--virtual-time-budget=5000".into(),
             format!("--screenshot={}", png.display()),
             "--window-size=1280,900".into(),
         ],
