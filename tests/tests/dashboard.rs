@@ -138,6 +138,48 @@ async fn chromium_renders_members_policies_and_a_success_rate_that_follows_traff
     w2.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_admin_token_the_page_reads_without_one_and_says_tap_unavailable() {
+    let chromium = chromium();
+    let up = Upstream::start(ok("fine")).await;
+    let mut mesh = Mesh::new();
+    let token = mesh.pki.path().join("admin-token");
+    std::fs::write(&token, "dashboard-token-0123456789\n").unwrap();
+    let client = mesh
+        .client("tok-client", |c| c.admin_token_file = Some(token))
+        .await;
+    let web = mesh
+        .start(mesh.config("tok-web", &["web"], &[("web", up.addr)]))
+        .await;
+    routable(&client, "web", 1).await;
+    let url = format!("http://{}/ui", client.admin_addr());
+    // The tap needs the token (or answers 404 on a node without one); the
+    // browser sends none, so the page says so and renders the rest.
+    let end = Instant::now() + RENDER_DEADLINE;
+    loop {
+        let dom = run_chromium_on(
+            &chromium,
+            &["--virtual-time-budget=5000".into(), "--dump-dom".into()],
+            &url,
+        )
+        .await;
+        let shown = ["tok-client", "tok-web"]
+            .iter()
+            .all(|m| dom.contains(&format!("data-member=\"{m}\"")))
+            && dom.contains("data-service=\"web\"");
+        if shown {
+            assert!(dom.contains(">tap unavailable<"), "tap state:\n{dom}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the page never showed both members:\n{dom}"
+        );
+    }
+    client.shutdown().await;
+    web.shutdown().await;
+}
+
 // === helpers ===
 
 /// The Chromium binary; the test fails (not skips) without it.
@@ -203,9 +245,14 @@ async fn rendered(
     }
 }
 
-/// Runs headless Chromium on `/ui?tap=off` with `extra` flags, killed on
-/// drop and after [`BROWSER_TIMEOUT`]; returns its standard output.
+/// Runs headless Chromium on `/ui?tap=off` (an open tap stream would hold
+/// the browser's virtual clock) with `extra` flags, killed on drop and after
+/// [`BROWSER_TIMEOUT`]; returns its standard output.
 async fn run_chromium(chromium: &str, extra: &[String], admin: SocketAddr) -> String {
+    run_chromium_on(chromium, extra, &format!("http://{admin}/ui?tap=off")).await
+}
+
+async fn run_chromium_on(chromium: &str, extra: &[String], url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(chromium);
     cmd.args([
@@ -218,7 +265,7 @@ async fn run_chromium(chromium: &str, extra: &[String], admin: SocketAddr) -> St
     ])
     .arg(format!("--user-data-dir={}", profile.path().display()))
     .args(extra)
-    .arg(format!("http://{admin}/ui?tap=off"))
+    .arg(url)
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
