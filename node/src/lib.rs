@@ -13,8 +13,8 @@ pub mod config;
 mod demo;
 pub mod metrics;
 mod node;
-mod ui;
 pub mod up;
+mod ui;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
 pub use gossip::{Member, MemberState, ServingState};
