@@ -21,6 +21,7 @@ pub mod balance;
 mod body;
 pub mod config;
 pub mod error;
+pub mod filters;
 pub mod frame;
 mod health;
 mod inbound;
