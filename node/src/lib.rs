@@ -14,6 +14,8 @@ mod demo;
 pub mod metrics;
 mod node;
 pub mod up;
+
+// The dashboard's assets, served by the admin API at `/ui`.
 mod ui;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
