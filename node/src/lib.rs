@@ -17,6 +17,9 @@ pub mod metrics;
 mod node;
 pub mod up;
 
+// The dashboard's assets, served by the admin API at `/ui`.
+mod ui;
+
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
 pub use gossip::{Member, MemberState, ServingState};
 pub use node::{Node, NodeError};
