@@ -60,14 +60,29 @@ pub(crate) struct Readiness {
     remembered: bool,
     /// The bound on waiting for a remembered peer passed without one.
     gave_up: AtomicBool,
+    /// How long after joining the node keeps learning the mesh before it
+    /// calls itself routable: the first peer's answer does not yet carry
+    /// everyone else's services.
+    settle: Duration,
+    /// When this node first heard from a peer (`None`: not yet).
+    joined_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Readiness {
-    pub(crate) fn new(seeds: Vec<String>, remembered: bool) -> Self {
+    /// `settle` is how long to keep learning after the first peer answered
+    /// (a few gossip rounds); a node without seeds has nobody to learn from.
+    pub(crate) fn new(seeds: Vec<String>, remembered: bool, settle: Duration) -> Self {
+        let started = Instant::now();
         Readiness {
+            joined_at: std::sync::Mutex::new(
+                seeds
+                    .is_empty()
+                    .then(|| started.checked_sub(settle).unwrap_or(started)),
+            ),
             seeds,
             remembered,
             gave_up: AtomicBool::new(false),
+            settle,
         }
     }
 
@@ -85,7 +100,20 @@ impl Readiness {
             // joined, and there is nobody to route to yet.
             return Ok(());
         }
-        if !joined {
+        if joined {
+            let at = *self
+                .joined_at
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now);
+            let since = at.elapsed();
+            if since < self.settle {
+                return Err(format!(
+                    "joined; learning the mesh for {} ms after the first peer answered",
+                    self.settle.as_millis()
+                ));
+            }
+        } else {
             let what = if self.remembered {
                 "waiting for a first peer (this node knew peers before it restarted)"
             } else {
@@ -102,18 +130,24 @@ impl Readiness {
     /// After `deadline`, a node that remembered peers but heard from none
     /// becomes ready anyway (it may be the first of the mesh to come back),
     /// and says so.
+    ///
+    /// It also notes when the node first joined, so the settling time runs
+    /// from then, not from the first `/readyz` call.
     pub(crate) async fn bound_wait(self: Arc<Self>, gossip: Gossip, deadline: Duration) {
         if !self.remembered {
+            while !self.note_joined(&gossip).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             return;
         }
         let end = Instant::now() + deadline;
         while Instant::now() < end {
-            if gossip.joined().await {
+            if self.note_joined(&gossip).await {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if gossip.joined().await {
+        if self.note_joined(&gossip).await {
             return;
         }
         self.gave_up.store(true, Ordering::Relaxed);
@@ -122,6 +156,19 @@ impl Readiness {
             waited = ?deadline,
             "no remembered peer or seed answered within the join timeout; ready anyway, as a mesh of one (raise --join-timeout to wait longer)"
         );
+    }
+}
+
+impl Readiness {
+    async fn note_joined(&self, gossip: &Gossip) -> bool {
+        if !gossip.joined().await {
+            return false;
+        }
+        self.joined_at
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
+        true
     }
 }
 

@@ -187,6 +187,7 @@ impl Node {
         let readiness = Arc::new(crate::lifecycle::Readiness::new(
             seeds.clone(),
             !remembered.is_empty(),
+            config.gossip_interval * 3,
         ));
         let (stop, _) = watch::channel(false);
         let state = Arc::new(NodeState {
