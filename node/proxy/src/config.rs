@@ -231,6 +231,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Connections open at once on the admin listener. Default 256.
     pub admin_max_connections: usize,
+    /// Which requests get a `shoal::access` log line. Default `errors`.
+    pub access_log: crate::access::AccessLog,
 }
 
 impl Default for ProxyConfig {
@@ -251,6 +253,7 @@ impl Default for ProxyConfig {
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             admin_max_connections: 256,
+            access_log: crate::access::AccessLog::Errors,
         }
     }
 }
@@ -290,6 +293,10 @@ pub struct ProxyArgs {
     /// Open connections the admin listener accepts [default: 256].
     #[arg(long, env = "SHOAL_ADMIN_MAX_CONNECTIONS")]
     pub admin_max_connections: Option<usize>,
+    /// One `shoal::access` log line per request: `off`, `errors` (failures,
+    /// denials and rate limits) or `all` [default: errors].
+    #[arg(long, env = "SHOAL_ACCESS_LOG", value_enum)]
+    pub access_log: Option<crate::access::AccessLog>,
 }
 
 /// The proxy keys of the config file.
@@ -389,6 +396,9 @@ impl ProxyConfig {
                 Some(n) => *field = n,
                 None => {}
             }
+        }
+        if let Some(a) = args.access_log {
+            c.access_log = a;
         }
         Ok(c)
     }

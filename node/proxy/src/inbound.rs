@@ -150,16 +150,26 @@ pub(crate) async fn handle(
         } else {
             "unknown".into()
         },
+        trace: Default::default(),
     };
     let _gauge = shared.stats.in_flight(&edge);
     let grpc_call = head
         .headers
         .iter()
         .any(|(k, v)| k == "content-type" && stats::is_grpc_type(v));
+    edge.trace.attempt(&shared.node, head.attempt);
+    let body = edge.trace.count_request(body);
+    let exchange = stats::Exchange {
+        edge,
+        route: String::new(),
+        method: head.method.clone(),
+        path: head.uri.clone(),
+        grpc_call,
+        start,
+        access_log: shared.config.access_log,
+    };
     let resp = forward(shared, caller, head, body).await;
-    shared
-        .stats
-        .record_response(&edge, grpc_call, resp, start.elapsed())
+    shared.stats.finish(exchange, resp)
 }
 
 async fn forward(

@@ -8,6 +8,7 @@
 //! golden signals ([`stats`]). It publishes through gossip keys `svc.<name>`
 //! and the node's serving state, and must not touch membership itself.
 
+pub mod access;
 pub mod balance;
 pub mod config;
 pub mod frame;
@@ -666,6 +667,11 @@ impl Proxy {
     /// Per-edge figures over the last minute.
     pub fn stats(&self) -> Vec<EdgeStats> {
         self.shared.stats.window()
+    }
+
+    /// A live tap: every request's event from now on (see [`access`]).
+    pub fn tap(&self) -> tokio::sync::broadcast::Receiver<Arc<access::Event>> {
+        self.shared.stats.subscribe()
     }
 
     /// The balancer's view of `(service, node)` (attempts, status).

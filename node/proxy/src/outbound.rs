@@ -106,7 +106,7 @@ enum Source {
     /// Buffered (at most the replay limit): can be sent again.
     Replay(Bytes, Option<HeaderMap>),
     /// Streaming: can be sent once.
-    Once(Option<Incoming>),
+    Once(Option<ProxyBody>),
 }
 
 impl Source {
@@ -118,7 +118,7 @@ impl Source {
     fn take(&mut self) -> Option<ProxyBody> {
         match self {
             Source::Replay(data, trailers) => Some(replay(data.clone(), trailers.clone())),
-            Source::Once(b) => b.take().map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            Source::Once(b) => b.take(),
         }
     }
 }
@@ -177,6 +177,7 @@ async fn handle(
         }
         None => service_name(&req),
     };
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
     // One policy snapshot for the whole request: it sees the old set or the
     // new one, never half.
     let set = shared.policy.store.snapshot();
@@ -193,6 +194,9 @@ async fn handle(
         Some(d) => d.backend(svc, rand::random::<f64>()),
         None => svc.to_string(),
     });
+    let route_name = decision
+        .as_ref()
+        .map_or(String::new(), |d| d.route.to_string());
     let rule = decision.map(|d| d.rule);
     let targets = backend.as_deref().and_then(|n| shared.targets(n));
     let mut edge = Edge {
@@ -202,6 +206,7 @@ async fn handle(
             s => s,
         },
         destination: "unknown".into(),
+        trace: Default::default(),
     };
     let _count = {
         shared.outbound_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -244,9 +249,16 @@ async fn handle(
     if let Some(rule) = rule {
         apply_header_mods(resp.headers_mut(), &rule.response_headers);
     }
-    shared
-        .stats
-        .record_response(&edge, grpc_call, resp, start.elapsed())
+    let exchange = stats::Exchange {
+        edge,
+        route: route_name,
+        method,
+        path,
+        grpc_call,
+        start,
+        access_log: shared.config.access_log,
+    };
+    shared.stats.finish(exchange, resp)
 }
 
 /// The gRPC status for a failure the mesh answered with `status` and
@@ -425,7 +437,9 @@ async fn route(
         match Limited::new(body, limit).collect().await {
             Ok(c) => {
                 let trailers = c.trailers().cloned();
-                Source::Replay(c.to_bytes(), trailers)
+                let data = c.to_bytes();
+                edge.trace.request_bytes(data.len());
+                Source::Replay(data, trailers)
             }
             Err(e) => {
                 return error(
@@ -436,7 +450,7 @@ async fn route(
             }
         }
     } else {
-        Source::Once(Some(body))
+        Source::Once(Some(edge.trace.count_request(body)))
     };
     let authority = parts
         .uri
@@ -506,6 +520,7 @@ async fn route(
                 });
             }
         };
+        edge.trace.attempt(&target.node, head.attempt);
         let now = tokio::time::Instant::now();
         let attempt_deadline = attempt_timeout.map_or(deadline, |t| deadline.min(now + t));
         let left = attempt_deadline.saturating_duration_since(now);
