@@ -13,6 +13,7 @@ pub mod config;
 mod demo;
 pub mod metrics;
 mod node;
+mod tap;
 pub mod up;
 
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
