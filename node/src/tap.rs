@@ -216,7 +216,11 @@ pub async fn tap_command(
         }
         query.push(format!("status={s}"));
     }
-    let path = format!("/v1/tap?{}", query.join("&"));
+    let path = if query.is_empty() {
+        "/v1/tap".to_string()
+    } else {
+        format!("/v1/tap?{}", query.join("&"))
+    };
     let mut headers: Vec<(&str, String)> = Vec::new();
     if let Some(f) = token_file {
         match std::fs::read_to_string(f) {
