@@ -455,7 +455,6 @@ impl Stats {
                 classification: classification.as_str(),
             })
             .inc();
-        let now = self.start.elapsed().as_secs();
         let key = Key {
             direction: edge.direction,
             source: edge.source.clone(),
@@ -463,8 +462,11 @@ impl Stats {
             route: route.to_string(),
         };
         let mut w = self.windows.lock().unwrap();
+        // Read the clock under the lock: a reading taken before it could be
+        // older than the second another thread has just pushed.
+        let now = self.start.elapsed().as_secs();
         let secs = w.entry(key).or_default();
-        secs.retain(|s| now - s.at < WINDOW_SECS);
+        secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
         if secs.last().is_none_or(|s| s.at != now) {
             secs.push(Second::new(now));
         }
@@ -542,14 +544,17 @@ impl Stats {
     /// Per-edge figures over the last minute, sorted by edge, each with its
     /// routes (when an HTTPRoute routed any of its requests).
     pub fn window(&self) -> Vec<EdgeStats> {
-        let now = self.start.elapsed().as_secs();
         let w = self.windows.lock().unwrap();
+        let now = self.start.elapsed().as_secs();
         let span = (now + 1).min(WINDOW_SECS) as f64;
         // Edge → route → live seconds.
         let mut edges: BTreeMap<(Direction, &str, &str), BTreeMap<&str, Vec<&Second>>> =
             BTreeMap::new();
         for (key, secs) in w.iter() {
-            let live: Vec<&Second> = secs.iter().filter(|s| now - s.at < WINDOW_SECS).collect();
+            let live: Vec<&Second> = secs
+                .iter()
+                .filter(|s| now.saturating_sub(s.at) < WINDOW_SECS)
+                .collect();
             if live.iter().all(|s| s.requests == 0) {
                 continue;
             }
