@@ -9,8 +9,8 @@
 //! and never slows a request.
 
 use std::pin::Pin;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use bytes::{Buf, Bytes};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 use crate::frame::{BoxError, ProxyBody};
 
@@ -25,6 +26,38 @@ use crate::frame::{BoxError, ProxyBody};
 pub const TAP_CAPACITY: usize = 1024;
 /// Longest path an event carries (longer ones are cut, marked with `…`).
 const MAX_PATH: usize = 256;
+
+/// A tap listener: every request's [`Event`] from its subscription on.
+/// While none exists, finishing a request checks one atomic counter and
+/// builds no event for the tap.
+pub struct TapReceiver {
+    rx: broadcast::Receiver<Arc<Event>>,
+    listeners: Arc<AtomicUsize>,
+}
+
+impl TapReceiver {
+    pub(crate) fn new(rx: broadcast::Receiver<Arc<Event>>, listeners: Arc<AtomicUsize>) -> Self {
+        listeners.fetch_add(1, Ordering::Relaxed);
+        TapReceiver { rx, listeners }
+    }
+
+    /// The next event; `Err(Lagged(n))` when this listener fell more than
+    /// [`TAP_CAPACITY`] events behind and lost the `n` oldest.
+    pub async fn recv(&mut self) -> Result<Arc<Event>, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+
+    /// [`TapReceiver::recv`] for a thread outside the runtime.
+    pub fn blocking_recv(&mut self) -> Result<Arc<Event>, broadcast::error::RecvError> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl Drop for TapReceiver {
+    fn drop(&mut self) {
+        self.listeners.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Which requests get an access-log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -148,7 +181,7 @@ impl Trace {
     }
 
     /// `body`, counting its data bytes into this trace as they are read.
-    pub fn count_request<B>(self: &std::sync::Arc<Self>, body: B) -> ProxyBody
+    pub fn count_request<B>(self: &Arc<Self>, body: B) -> ProxyBody
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -174,7 +207,7 @@ impl Trace {
 /// A request body that counts its bytes into a [`Trace`].
 struct Counted {
     inner: ProxyBody,
-    trace: std::sync::Arc<Trace>,
+    trace: Arc<Trace>,
 }
 
 impl Body for Counted {

@@ -670,7 +670,7 @@ impl Proxy {
     }
 
     /// A live tap: every request's event from now on (see [`access`]).
-    pub fn tap(&self) -> tokio::sync::broadcast::Receiver<Arc<access::Event>> {
+    pub fn tap(&self) -> access::TapReceiver {
         self.shared.stats.subscribe()
     }
 

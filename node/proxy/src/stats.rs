@@ -262,6 +262,8 @@ pub struct Stats {
     /// Route label values seen (at most [`MAX_ROUTE_LABELS`]).
     routes: Mutex<HashSet<String>>,
     tap: broadcast::Sender<Arc<Event>>,
+    /// Live [`access::TapReceiver`]s.
+    listeners: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Figures over the last minute (an edge's, or one route's on it).
@@ -333,6 +335,7 @@ impl Stats {
             windows: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashSet::new()),
             tap: broadcast::channel(access::TAP_CAPACITY).0,
+            listeners: Arc::default(),
         };
         registry.register(
             "proxy_requests",
@@ -395,8 +398,13 @@ impl Stats {
     /// A new tap listener: every request's [`Event`] from now on. A listener
     /// more than [`access::TAP_CAPACITY`] events behind loses the oldest
     /// (`RecvError::Lagged` says how many).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.tap.subscribe()
+    pub fn subscribe(&self) -> access::TapReceiver {
+        access::TapReceiver::new(self.tap.subscribe(), self.listeners.clone())
+    }
+
+    /// Whether a tap listener exists (one atomic load).
+    fn tapped(&self) -> bool {
+        self.listeners.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// The `route` label value for `route`: cut to [`MAX_ROUTE_LEN`], and
@@ -693,7 +701,8 @@ impl Pending {
         }
         let log = x.access_log.logs(classification.as_str());
         // Nobody listening and nothing to log: no event is built.
-        if !log && s.tap.receiver_count() == 0 {
+        let tapped = s.tapped();
+        if !log && !tapped {
             return;
         }
         let event = Event {
@@ -717,7 +726,7 @@ impl Pending {
         if log {
             event.log();
         }
-        if s.tap.receiver_count() > 0 {
+        if tapped {
             let _ = s.tap.send(Arc::new(event));
         }
     }
