@@ -33,7 +33,7 @@ pub(crate) async fn handle(
         (method, ["v1", "policies", kind, name]) => {
             let kind = match kind.parse::<Kind>() {
                 Ok(k) => k,
-                Err(e) => return problem(StatusCode::NOT_FOUND, &[format!("kind: {e}")]),
+                Err(e) => return problem(StatusCode::BAD_REQUEST, &[format!("kind: {e}")]),
             };
             let name = name.to_string();
             match method {
@@ -123,16 +123,15 @@ async fn put(
         .and_then(|v| v.to_str().ok())
     {
         let ct = ct.split(';').next().unwrap_or("").trim();
+        let ct = ct.to_ascii_lowercase();
         let ok = [
             "application/json",
             "application/yaml",
             "application/x-yaml",
             "text/yaml",
-            "text/plain",
-            "application/octet-stream",
-            "application/x-www-form-urlencoded",
+            "text/x-yaml",
         ];
-        if !ok.contains(&ct) {
+        if !ok.contains(&ct.as_str()) {
             return problem(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 &[format!(

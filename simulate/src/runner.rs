@@ -702,6 +702,7 @@ impl SimCluster {
                 config.proxy.request_timeout = t;
             }
             config.proxy.drain_timeout = scenario.node.drain_timeout;
+            config.proxy.rng_seed = Some(node_seed(options.seed, i));
             let (command, instance) = match &options.processes {
                 None => {
                     let node = Node::start(config.clone())
@@ -1313,6 +1314,16 @@ impl SimCluster {
     }
 }
 
+/// The seed of node `index`'s request-path randomness, derived from the
+/// scenario seed (a splitmix64 step, so neighbouring seeds and indices give
+/// unrelated streams).
+fn node_seed(seed: u64, index: usize) -> u64 {
+    let mut z = seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The `shoal node` arguments for one node.
 fn process_command(
     bin: &std::path::Path,
@@ -1341,6 +1352,9 @@ fn process_command(
         ),
         "--log-format=text".into(),
     ];
+    if let Some(seed) = config.proxy.rng_seed {
+        args.push(format!("--rng-seed={seed}"));
+    }
     if let Some(d) = &config.data_dir {
         args.push(format!("--data-dir={}", d.display()));
     }
@@ -1382,4 +1396,34 @@ async fn routable_via_admin(admin: SocketAddr, service: &str) -> usize {
         .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
         .filter(|e| e["routable"] == true)
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_node_gets_its_own_seed_from_the_scenario_seed_and_passes_it_on() {
+        let seeds: BTreeSet<u64> = (0..5).map(|i| node_seed(42, i)).collect();
+        assert_eq!(seeds.len(), 5);
+        assert_eq!(node_seed(42, 3), node_seed(42, 3));
+        assert_ne!(node_seed(42, 0), node_seed(43, 0));
+        let mut config = NodeConfig::local("n1", "/nonexistent");
+        config.proxy.rng_seed = Some(node_seed(7, 0));
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let c = process_command(
+            std::path::Path::new("shoal"),
+            &config,
+            addr,
+            addr,
+            None,
+            &[],
+            0,
+        );
+        assert!(
+            c.args.contains(&format!("--rng-seed={}", node_seed(7, 0))),
+            "{:?}",
+            c.args
+        );
+    }
 }

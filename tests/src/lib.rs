@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod danger;
+pub mod echo;
+pub mod gamma_cases;
 pub mod operator;
 pub mod rogue;
 pub mod rogue_proxy;

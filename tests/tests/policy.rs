@@ -155,8 +155,14 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
 
     let (status, _) = put(&op, n1, "RateLimit", "other-name", &rate_limit("x", 1), &[]).await;
     assert_eq!(status, 400);
-    let (status, _) = put(&op, n1, "Gizmo", "x", &rate_limit("x", 1), &[]).await;
-    assert_eq!(status, 404);
+    let (status, reply) = put(&op, n1, "Gizmo", "x", &rate_limit("x", 1), &[]).await;
+    assert_eq!(status, 400);
+    assert!(
+        reply["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.starts_with("kind: unknown kind \"Gizmo\"")),
+        "{reply}"
+    );
     let huge = format!("{}# {}\n", rate_limit("big", 1), "x".repeat(1 << 20));
     let (status, _) = put(&op, n1, "RateLimit", "big", &huge, &[]).await;
     assert_eq!(status, 413);
@@ -168,6 +174,17 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             &rate_limit("x", 1),
             "",
             &[("content-type", "image/png")],
+        )
+        .await;
+    assert_eq!(status, 415, "{body}");
+    let (status, body) = op
+        .put(
+            n1.admin_addr(),
+            "RateLimit",
+            "x",
+            &rate_limit("x", 1),
+            "",
+            &[("content-type", "text/plain")],
         )
         .await;
     assert_eq!(status, 415, "{body}");
@@ -207,6 +224,34 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         let names: Vec<String> = n.policies().entries().into_iter().map(|e| e.name).collect();
         assert_eq!(names, vec!["cas".to_string()], "{}", n.name());
     }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_routes_have_their_own_url() {
+    let cluster = Cluster::start(1).await;
+    let op = cluster.pki.operator("alice");
+    let n1 = &cluster.nodes[0];
+    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  parentRefs: [{name: web, port: 7070}]\n  rules:\n  - matches: [{method: {service: pkg.v1.Store, method: Get}}]\n    backendRefs: [{name: web-v2, port: 7070}]\n";
+    let (status, reply) = put(&op, n1, "GRPCRoute", "g", grpc, &[]).await;
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["kind"], "GRPCRoute", "{reply}");
+    let (status, body) = admin_get(n1.admin_addr(), "/v1/policies/GRPCRoute/g").await;
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["metadata"]["namespace"], "shop", "{doc}");
+    // The same document under the other route kind's URL is refused.
+    let (status, reply) = put(&op, n1, "HTTPRoute", "g", grpc, &[]).await;
+    assert_eq!(status, 400, "{reply}");
+    let bad = grpc.replace("method: Get", "method: 9bad");
+    let (status, reply) = put(&op, n1, "GRPCRoute", "g", &bad, &[]).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.starts_with("spec.rules[0].matches[0].method.method:")),
+        "{reply}"
+    );
     cluster.shutdown().await;
 }
 

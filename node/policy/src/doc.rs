@@ -24,6 +24,8 @@ pub const MAX_DEPTH: usize = 64;
 pub enum Kind {
     /// Gateway API `HTTPRoute`, mesh (GAMMA) style.
     HttpRoute,
+    /// Gateway API `GRPCRoute`, mesh (GAMMA) style.
+    GrpcRoute,
     /// Who may call a service.
     AuthorizationPolicy,
     /// Token bucket on a service, enforced inbound.
@@ -36,8 +38,9 @@ pub enum Kind {
 
 impl Kind {
     /// All kinds.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::HttpRoute,
+        Kind::GrpcRoute,
         Kind::AuthorizationPolicy,
         Kind::RateLimit,
         Kind::FaultInjection,
@@ -48,6 +51,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RateLimit => "RateLimit",
             Kind::FaultInjection => "FaultInjection",
@@ -70,7 +74,7 @@ impl FromStr for Kind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown kind {s:?} (one of HTTPRoute, AuthorizationPolicy, RateLimit, FaultInjection, MeshConfig)"
+                    "unknown kind {s:?} (one of HTTPRoute, GRPCRoute, AuthorizationPolicy, RateLimit, FaultInjection, MeshConfig)"
                 )
             })
     }
@@ -92,7 +96,7 @@ pub struct Document {
 /// The typed spec of each kind.
 #[derive(Debug, Clone)]
 pub enum Spec {
-    /// HTTPRoute.
+    /// HTTPRoute or GRPCRoute ([`HttpRoute::grpc`] tells which).
     Route(HttpRoute),
     /// AuthorizationPolicy.
     Authz(Authorization),
@@ -104,24 +108,64 @@ pub enum Spec {
     Mesh(MeshConfig),
 }
 
-/// HTTPRoute: routing rules for requests to its parent services.
+/// The namespace of a document that names none, and of nodes started
+/// without `--namespace`.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// HTTPRoute or GRPCRoute: routing rules for requests to its parent services.
 #[derive(Debug, Clone)]
 pub struct HttpRoute {
-    /// Mesh services this route applies to (`parentRefs[].name`).
-    pub parents: Vec<String>,
+    /// `metadata.namespace` (default `default`). A route in its parent
+    /// service's namespace is a producer route (all callers); in another
+    /// namespace, a consumer route (only callers in this namespace).
+    pub namespace: String,
+    /// Whether this is a GRPCRoute (matches on gRPC service and method).
+    pub grpc: bool,
+    /// Mesh services this route attaches to (`parentRefs`).
+    pub parents: Vec<ParentRef>,
     /// Rules, in document order.
     pub rules: Vec<RouteRule>,
 }
 
-/// One HTTPRoute rule.
+/// One `parentRefs[]` entry: a mesh service, optionally one of its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    /// Service name.
+    pub name: String,
+    /// Service namespace (default: the route's).
+    pub namespace: String,
+    /// `port`: the route applies only to calls made to this port.
+    pub port: Option<u16>,
+}
+
+/// A service a backendRef or mirror names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    /// Service name.
+    pub name: String,
+    /// Namespace (default: the route's).
+    pub namespace: String,
+    /// Port (optional in Shoal).
+    pub port: Option<u16>,
+}
+
+/// One HTTPRoute / GRPCRoute rule.
 #[derive(Debug, Clone)]
 pub struct RouteRule {
+    /// `name` (Gateway API named rules).
+    pub name: Option<String>,
     /// Any of these matches selects the rule; empty means "every request".
     pub matches: Vec<RouteMatch>,
     /// Request header changes.
     pub request_headers: HeaderMods,
     /// Response header changes.
     pub response_headers: HeaderMods,
+    /// `RequestRedirect`: answer with a redirect instead of forwarding.
+    pub redirect: Option<Redirect>,
+    /// `URLRewrite`: change the path and/or host before forwarding.
+    pub rewrite: Option<Rewrite>,
+    /// `RequestMirror`: copies sent fire-and-forget, answers ignored.
+    pub mirrors: Vec<Mirror>,
     /// Weighted backends; empty means the parent service itself.
     pub backends: Vec<Backend>,
     /// `timeouts.request`: whole request, retries included.
@@ -143,6 +187,17 @@ pub struct RouteMatch {
     pub query: Vec<(String, StrMatch)>,
     /// HTTP method.
     pub method: Option<String>,
+    /// GRPCRoute `method`: gRPC service and method.
+    pub grpc: Option<GrpcMethod>,
+}
+
+/// A GRPCRoute method condition (the request path is `/<service>/<method>`).
+#[derive(Debug, Clone, Default)]
+pub struct GrpcMethod {
+    /// The fully qualified service, e.g. `grpc.health.v1.Health`.
+    pub service: Option<StrMatch>,
+    /// The method, e.g. `Check`.
+    pub method: Option<StrMatch>,
 }
 
 /// A path condition.
@@ -186,13 +241,84 @@ pub struct HeaderMods {
     pub remove: Vec<String>,
 }
 
+impl HeaderMods {
+    /// Whether this changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// `RequestRedirect`.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    /// `scheme` (`http` or `https`); default: the request's.
+    pub scheme: Option<String>,
+    /// `hostname`; default: the request's host.
+    pub hostname: Option<String>,
+    /// `path`; default: the request's path.
+    pub path: Option<PathModifier>,
+    /// `port`; default: the scheme's well-known port when `scheme` is set,
+    /// else the port the caller used.
+    pub port: Option<u16>,
+    /// `statusCode`: 301, 302 (default), 303, 307 or 308.
+    pub status: u16,
+}
+
+/// `URLRewrite`.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    /// `hostname`: the Host / `:authority` the backend sees.
+    pub hostname: Option<String>,
+    /// `path`.
+    pub path: Option<PathModifier>,
+}
+
+/// `path` of a redirect or rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathModifier {
+    /// `ReplaceFullPath`: the whole path becomes this.
+    Full(String),
+    /// `ReplacePrefixMatch`: the matched `PathPrefix` is replaced by this.
+    Prefix(String),
+}
+
+/// `RequestMirror`: a copy of each selected request goes to `backend`.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// Where copies go.
+    pub backend: ServiceRef,
+    /// Share of requests mirrored, `numerator / denominator` (default 1/1,
+    /// from `percent` or `fraction`).
+    pub fraction: (u32, u32),
+}
+
+impl Mirror {
+    /// Whether the request with `roll` (uniform in [0, 1)) is mirrored.
+    pub fn fires(&self, roll: f64) -> bool {
+        let (n, d) = self.fraction;
+        n >= d || roll * f64::from(d) < f64::from(n)
+    }
+}
+
 /// A weighted backend service.
 #[derive(Debug, Clone)]
 pub struct Backend {
     /// Service name.
     pub service: String,
+    /// Namespace (default: the route's).
+    pub namespace: String,
+    /// Port (optional in Shoal).
+    pub port: Option<u16>,
     /// Relative weight (0 disables).
     pub weight: u32,
+    /// `filters` that apply only when this backend is chosen: request headers...
+    pub request_headers: HeaderMods,
+    /// ...response headers...
+    pub response_headers: HeaderMods,
+    /// ...a rewrite (overrides the rule's, field by field)...
+    pub rewrite: Option<Rewrite>,
+    /// ...and mirrors.
+    pub mirrors: Vec<Mirror>,
 }
 
 /// Retry settings of a rule.
@@ -548,6 +674,10 @@ impl Parser {
                     "gateway.networking.k8s.io/v1",
                     "gateway.networking.k8s.io/v1beta1",
                 ],
+                Kind::GrpcRoute => &[
+                    "gateway.networking.k8s.io/v1",
+                    "gateway.networking.k8s.io/v1alpha2",
+                ],
                 _ => &["shoal.dev/v1"],
             };
             if !ok.contains(&api.as_str()) {
@@ -557,26 +687,29 @@ impl Parser {
                 );
             }
         }
-        let name = match m.get("metadata") {
-            Some(md) => self
-                .obj(
+        let (mut name, mut namespace) = (None, None);
+        match m.get("metadata") {
+            Some(md) => {
+                if let Some(md) = self.obj(
                     md,
                     "metadata",
                     &["name", "namespace", "labels", "annotations"],
-                )
-                .and_then(|md| self.name(md, "name", "metadata", true)),
-            None => {
-                self.err("metadata", "required");
-                None
+                ) {
+                    name = self.name(md, "name", "metadata", true);
+                    namespace = self.namespace(md, "namespace", "metadata");
+                }
             }
-        };
+            None => self.err("metadata", "required"),
+        }
+        let namespace = namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
         let Some(spec_v) = m.get("spec") else {
             self.err("spec", "required");
             return None;
         };
         let kind = kind?;
         let spec = match kind {
-            Kind::HttpRoute => self.route(spec_v).map(Spec::Route),
+            Kind::HttpRoute => self.route(spec_v, &namespace, false).map(Spec::Route),
+            Kind::GrpcRoute => self.route(spec_v, &namespace, true).map(Spec::Route),
             Kind::AuthorizationPolicy => self.authz(spec_v).map(Spec::Authz),
             Kind::RateLimit => self.rate_limit(spec_v).map(Spec::RateLimit),
             Kind::FaultInjection => self.fault(spec_v).map(Spec::Fault),
@@ -601,7 +734,27 @@ impl Parser {
         })
     }
 
-    fn route(&mut self, v: &Value) -> Option<HttpRoute> {
+    /// An optional Kubernetes namespace (a DNS label).
+    fn namespace(&mut self, m: &Obj, key: &str, path: &str) -> Option<String> {
+        let s = self.string(m, key, path, false)?;
+        if valid_namespace(&s) {
+            Some(s)
+        } else {
+            self.err(
+                &join(path, key),
+                format!(
+                    "{s:?} is not a valid namespace (lower-case letters, digits, '-'; 1-63 chars)"
+                ),
+            );
+            None
+        }
+    }
+
+    fn port(&mut self, o: &Obj, p: &str) -> Option<u16> {
+        self.integer(o, "port", p, (1, 65535)).map(|n| n as u16)
+    }
+
+    fn route(&mut self, v: &Value, namespace: &str, grpc: bool) -> Option<HttpRoute> {
         let m = self.obj(v, "spec", &["parentRefs", "hostnames", "rules"])?;
         if m.get("hostnames")
             .and_then(Value::as_array)
@@ -629,9 +782,19 @@ impl Parser {
             if o.contains_key("sectionName") {
                 self.err(&join(&p, "sectionName"), "not supported for mesh routes");
             }
-            self.integer(o, "port", &p, (1, 65535));
-            if let Some(n) = self.name(o, "name", &p, true) {
-                parents.push(n);
+            let port = self.port(o, &p);
+            let ns = self.namespace(o, "namespace", &p);
+            if let Some(name) = self.name(o, "name", &p, true) {
+                let parent = ParentRef {
+                    name,
+                    namespace: ns.unwrap_or_else(|| namespace.to_string()),
+                    port,
+                };
+                if parents.contains(&parent) {
+                    self.err(&p, "the same service and port twice");
+                } else {
+                    parents.push(parent);
+                }
             }
         }
         let mut rules = Vec::new();
@@ -639,23 +802,39 @@ impl Parser {
         if rule_vals.len() > 64 {
             self.err("spec.rules", "at most 64 rules");
         }
+        let mut names = Vec::new();
         for (p, r) in rule_vals {
-            if let Some(rule) = self.rule(r, &p) {
+            if let Some(rule) = self.rule(r, &p, namespace, grpc) {
+                if let Some(n) = &rule.name {
+                    if names.contains(n) {
+                        self.err(&join(&p, "name"), format!("{n:?} names another rule too"));
+                    }
+                    names.push(n.clone());
+                }
                 rules.push(rule);
             }
         }
         if rules.is_empty() && self.errors.is_empty() {
             rules.push(RouteRule {
+                name: None,
                 matches: Vec::new(),
                 request_headers: HeaderMods::default(),
                 response_headers: HeaderMods::default(),
+                redirect: None,
+                rewrite: None,
+                mirrors: Vec::new(),
                 backends: Vec::new(),
                 timeout: None,
                 backend_timeout: None,
                 retry: None,
             });
         }
-        Some(HttpRoute { parents, rules })
+        Some(HttpRoute {
+            namespace: namespace.to_string(),
+            grpc,
+            parents,
+            rules,
+        })
     }
 
     fn service_ref_kind(&mut self, o: &Obj, p: &str) {
@@ -678,10 +857,16 @@ impl Parser {
         }
     }
 
-    fn rule(&mut self, v: &Value, path: &str) -> Option<RouteRule> {
-        let m = self.obj(
-            v,
-            path,
+    fn rule(&mut self, v: &Value, path: &str, namespace: &str, grpc: bool) -> Option<RouteRule> {
+        let allowed: &[&str] = if grpc {
+            &[
+                "name",
+                "matches",
+                "filters",
+                "backendRefs",
+                "sessionPersistence",
+            ]
+        } else {
             &[
                 "name",
                 "matches",
@@ -690,62 +875,44 @@ impl Parser {
                 "timeouts",
                 "retry",
                 "sessionPersistence",
-            ],
-        )?;
+            ]
+        };
+        let m = self.obj(v, path, allowed)?;
         if m.contains_key("sessionPersistence") {
             self.err(&join(path, "sessionPersistence"), "not supported by Shoal");
         }
+        let name = self.string(m, "name", path, false);
+        if let Some(n) = &name
+            && !valid_namespace(n)
+        {
+            self.err(
+                &join(path, "name"),
+                format!(
+                    "{n:?} is not a valid rule name (lower-case letters, digits, '-'; 1-63 chars)"
+                ),
+            );
+        }
         let mut matches = Vec::new();
-        for (p, mv) in self.array(m, "matches", path) {
-            if let Some(x) = self.route_match(mv, &p) {
+        let match_vals = self.array(m, "matches", path);
+        if match_vals.len() > 64 {
+            self.err(&join(path, "matches"), "at most 64 matches");
+        }
+        for (p, mv) in match_vals {
+            let x = if grpc {
+                self.grpc_match(mv, &p)
+            } else {
+                self.route_match(mv, &p)
+            };
+            if let Some(x) = x {
                 matches.push(x);
             }
         }
-        let mut request_headers = HeaderMods::default();
-        let mut response_headers = HeaderMods::default();
-        for (p, f) in self.array(m, "filters", path) {
-            let Some(o) = self.obj(
-                f,
-                &p,
-                &[
-                    "type",
-                    "requestHeaderModifier",
-                    "responseHeaderModifier",
-                    "requestRedirect",
-                    "urlRewrite",
-                    "requestMirror",
-                    "extensionRef",
-                ],
-            ) else {
-                continue;
-            };
-            match self.string(o, "type", &p, true).as_deref() {
-                Some("RequestHeaderModifier") => {
-                    if let Some(h) = o.get("requestHeaderModifier") {
-                        request_headers = self.header_mods(h, &join(&p, "requestHeaderModifier"));
-                    } else {
-                        self.err(&join(&p, "requestHeaderModifier"), "required for this type");
-                    }
-                }
-                Some("ResponseHeaderModifier") => {
-                    if let Some(h) = o.get("responseHeaderModifier") {
-                        response_headers = self.header_mods(h, &join(&p, "responseHeaderModifier"));
-                    } else {
-                        self.err(
-                            &join(&p, "responseHeaderModifier"),
-                            "required for this type",
-                        );
-                    }
-                }
-                Some(other) => self.err(
-                    &join(&p, "type"),
-                    format!(
-                        "{other:?} not supported (RequestHeaderModifier, ResponseHeaderModifier)"
-                    ),
-                ),
-                None => {}
-            }
-        }
+        let place = if grpc {
+            Place::GrpcRule
+        } else {
+            Place::HttpRule
+        };
+        let filters = self.filters(m, path, namespace, place);
         let mut backends = Vec::new();
         let refs = self.array(m, "backendRefs", path);
         for (p, b) in &refs {
@@ -765,16 +932,33 @@ impl Parser {
                 continue;
             };
             self.service_ref_kind(o, p);
-            if o.get("filters")
-                .and_then(Value::as_array)
-                .is_some_and(|a| !a.is_empty())
-            {
-                self.err(&join(p, "filters"), "per-backend filters not supported");
-            }
-            self.integer(o, "port", p, (1, 65535));
+            let port = self.port(o, p);
+            let ns = self.namespace(o, "namespace", p);
             let weight = self.integer(o, "weight", p, (0, 1_000_000)).unwrap_or(1) as u32;
+            let place = if grpc {
+                Place::GrpcBackend
+            } else {
+                Place::HttpBackend
+            };
+            let bf = self.filters(o, p, namespace, place);
+            if bf
+                .rewrite
+                .as_ref()
+                .is_some_and(|r| matches!(r.path, Some(PathModifier::Prefix(_))))
+            {
+                self.prefix_rewrite_needs_prefix_match(&matches, &join(p, "filters"));
+            }
             if let Some(service) = self.name(o, "name", p, true) {
-                backends.push(Backend { service, weight });
+                backends.push(Backend {
+                    service,
+                    namespace: ns.unwrap_or_else(|| namespace.to_string()),
+                    port,
+                    weight,
+                    request_headers: bf.request_headers,
+                    response_headers: bf.response_headers,
+                    rewrite: bf.rewrite,
+                    mirrors: bf.mirrors,
+                });
             }
         }
         if !refs.is_empty()
@@ -782,6 +966,29 @@ impl Parser {
             && backends.iter().all(|b| b.weight == 0)
         {
             self.err(&join(path, "backendRefs"), "weights are all zero");
+        }
+        if filters.redirect.is_some() && !refs.is_empty() {
+            self.err(
+                &join(path, "backendRefs"),
+                "must be empty when the rule has a RequestRedirect filter (a redirect answers without a backend)",
+            );
+        }
+        if filters.redirect.is_some() && filters.rewrite.is_some() {
+            self.err(
+                &join(path, "filters"),
+                "RequestRedirect and URLRewrite cannot both be used in one rule",
+            );
+        }
+        let prefix_redirect = filters
+            .redirect
+            .as_ref()
+            .is_some_and(|r| matches!(r.path, Some(PathModifier::Prefix(_))));
+        let prefix_rewrite = filters
+            .rewrite
+            .as_ref()
+            .is_some_and(|r| matches!(r.path, Some(PathModifier::Prefix(_))));
+        if prefix_redirect || prefix_rewrite {
+            self.prefix_rewrite_needs_prefix_match(&matches, &join(path, "filters"));
         }
         let (mut timeout, mut backend_timeout) = (None, None);
         if let Some(t) = m.get("timeouts") {
@@ -820,14 +1027,293 @@ impl Parser {
             }
         }
         Some(RouteRule {
+            name,
             matches,
-            request_headers,
-            response_headers,
+            request_headers: filters.request_headers,
+            response_headers: filters.response_headers,
+            redirect: filters.redirect,
+            rewrite: filters.rewrite,
+            mirrors: filters.mirrors,
             backends,
             timeout,
             backend_timeout,
             retry,
         })
+    }
+
+    /// `ReplacePrefixMatch` replaces the matched prefix, so the rule must
+    /// have exactly one match and it must be a `PathPrefix` (an omitted
+    /// match or path is `PathPrefix /`).
+    fn prefix_rewrite_needs_prefix_match(&mut self, matches: &[RouteMatch], path: &str) {
+        let ok = match matches {
+            [] => true,
+            [m] => matches!(m.path, None | Some(PathMatch::Prefix(_))),
+            _ => false,
+        };
+        if !ok {
+            self.err(
+                path,
+                "path.replacePrefixMatch needs exactly one match, with a PathPrefix path",
+            );
+        }
+    }
+
+    /// A `filters` list, with the types allowed at `place`.
+    fn filters(&mut self, m: &Obj, path: &str, namespace: &str, place: Place) -> Filters {
+        const FIELDS: [(&str, &str); 5] = [
+            ("RequestHeaderModifier", "requestHeaderModifier"),
+            ("ResponseHeaderModifier", "responseHeaderModifier"),
+            ("RequestRedirect", "requestRedirect"),
+            ("URLRewrite", "urlRewrite"),
+            ("RequestMirror", "requestMirror"),
+        ];
+        let mut out = Filters::default();
+        let mut seen: Vec<String> = Vec::new();
+        for (p, f) in self.array(m, "filters", path) {
+            let Some(o) = self.obj(
+                f,
+                &p,
+                &[
+                    "type",
+                    "requestHeaderModifier",
+                    "responseHeaderModifier",
+                    "requestRedirect",
+                    "urlRewrite",
+                    "requestMirror",
+                    "extensionRef",
+                    "cors",
+                    "externalAuth",
+                ],
+            ) else {
+                continue;
+            };
+            let Some(ty) = self.string(o, "type", &p, true) else {
+                continue;
+            };
+            let tp = join(&p, "type");
+            let field = FIELDS.iter().find(|(t, _)| *t == ty).map(|(_, f)| *f);
+            // A filter's settings live in the field named after its type only.
+            for (t, f) in FIELDS {
+                if t != ty && o.contains_key(f) {
+                    self.err(&join(&p, f), format!("must not be set for type {ty}"));
+                }
+            }
+            let allowed = place.allowed();
+            match field {
+                None => {
+                    let why = match ty.as_str() {
+                        "ExtensionRef" => "not supported by Shoal".to_string(),
+                        "CORS" | "ExternalAuth" => {
+                            "experimental, not supported by Shoal".to_string()
+                        }
+                        _ => format!("unknown filter type (one of {})", allowed.join(", ")),
+                    };
+                    self.err(&tp, format!("{ty:?} {why}"));
+                    continue;
+                }
+                Some(_) if !allowed.contains(&ty.as_str()) => {
+                    self.err(
+                        &tp,
+                        format!(
+                            "{ty:?} not allowed in {} (one of {})",
+                            place.what(),
+                            allowed.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if ty != "RequestMirror" {
+                if seen.contains(&ty) {
+                    self.err(&tp, format!("{ty} may appear once per filters list"));
+                    continue;
+                }
+                seen.push(ty.clone());
+            }
+            let field = field.unwrap_or_default();
+            let fp = join(&p, field);
+            let Some(body) = o.get(field) else {
+                self.err(&fp, "required for this type");
+                continue;
+            };
+            match ty.as_str() {
+                "RequestHeaderModifier" => out.request_headers = self.header_mods(body, &fp),
+                "ResponseHeaderModifier" => out.response_headers = self.header_mods(body, &fp),
+                "RequestRedirect" => out.redirect = self.redirect(body, &fp),
+                "URLRewrite" => out.rewrite = self.rewrite(body, &fp),
+                _ => {
+                    if let Some(mirror) = self.mirror(body, &fp, namespace) {
+                        out.mirrors.push(mirror);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn redirect(&mut self, v: &Value, path: &str) -> Option<Redirect> {
+        let o = self.obj(
+            v,
+            path,
+            &["scheme", "hostname", "path", "port", "statusCode"],
+        )?;
+        let scheme = self.string(o, "scheme", path, false);
+        if let Some(s) = &scheme
+            && s != "http"
+            && s != "https"
+        {
+            self.err(&join(path, "scheme"), format!("{s:?} (http or https)"));
+        }
+        let hostname = self.hostname(o, path);
+        let port = self.port(o, path);
+        let status = match o.get("statusCode") {
+            None | Some(Value::Null) => 302,
+            Some(v) => match v.as_u64() {
+                Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+                _ => {
+                    self.err(
+                        &join(path, "statusCode"),
+                        format!("{v} not supported (301, 302, 303, 307 or 308)"),
+                    );
+                    302
+                }
+            },
+        };
+        let rpath = match o.get("path") {
+            Some(pv) => self.path_modifier(pv, &join(path, "path")),
+            None => None,
+        };
+        Some(Redirect {
+            scheme,
+            hostname,
+            path: rpath,
+            port,
+            status,
+        })
+    }
+
+    fn rewrite(&mut self, v: &Value, path: &str) -> Option<Rewrite> {
+        let o = self.obj(v, path, &["hostname", "path"])?;
+        let hostname = self.hostname(o, path);
+        let rpath = match o.get("path") {
+            Some(pv) => self.path_modifier(pv, &join(path, "path")),
+            None => None,
+        };
+        Some(Rewrite {
+            hostname,
+            path: rpath,
+        })
+    }
+
+    /// A precise hostname (RFC 1123, lower case, no wildcard).
+    fn hostname(&mut self, o: &Obj, path: &str) -> Option<String> {
+        let h = self.string(o, "hostname", path, false)?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if h.len() <= 253 && h.split('.').all(label_ok) {
+            Some(h)
+        } else {
+            self.err(
+                &join(path, "hostname"),
+                format!("{h:?} is not a precise hostname (RFC 1123, lower case, no wildcard)"),
+            );
+            None
+        }
+    }
+
+    fn path_modifier(&mut self, v: &Value, path: &str) -> Option<PathModifier> {
+        let o = self.obj(v, path, &["type", "replaceFullPath", "replacePrefixMatch"])?;
+        let ty = self.string(o, "type", path, true)?;
+        let (key, other) = match ty.as_str() {
+            "ReplaceFullPath" => ("replaceFullPath", "replacePrefixMatch"),
+            "ReplacePrefixMatch" => ("replacePrefixMatch", "replaceFullPath"),
+            _ => {
+                self.err(
+                    &join(path, "type"),
+                    format!("{ty:?} (ReplaceFullPath or ReplacePrefixMatch)"),
+                );
+                return None;
+            }
+        };
+        if o.contains_key(other) {
+            self.err(&join(path, other), format!("must not be set for type {ty}"));
+        }
+        let kp = join(path, key);
+        let value = self.string(o, key, path, true)?;
+        let valid = value.starts_with('/')
+            && value.len() <= 1024
+            && !value.contains(['?', '#'])
+            && http::uri::PathAndQuery::from_str(&value).is_ok();
+        if !valid {
+            self.err(
+                &kp,
+                format!(
+                    "{value:?} is not a path (starts with '/', no '?' or '#', at most 1024 bytes)"
+                ),
+            );
+            return None;
+        }
+        Some(if key == "replaceFullPath" {
+            PathModifier::Full(value)
+        } else {
+            PathModifier::Prefix(value)
+        })
+    }
+
+    fn mirror(&mut self, v: &Value, path: &str, namespace: &str) -> Option<Mirror> {
+        let o = self.obj(v, path, &["backendRef", "percent", "fraction"])?;
+        let bp = join(path, "backendRef");
+        let backend = match o.get("backendRef") {
+            Some(b) => {
+                let bo = self.obj(b, &bp, &["name", "namespace", "port", "group", "kind"])?;
+                self.service_ref_kind(bo, &bp);
+                let port = self.port(bo, &bp);
+                let ns = self.namespace(bo, "namespace", &bp);
+                let name = self.name(bo, "name", &bp, true)?;
+                ServiceRef {
+                    name,
+                    namespace: ns.unwrap_or_else(|| namespace.to_string()),
+                    port,
+                }
+            }
+            None => {
+                self.err(&bp, "required");
+                return None;
+            }
+        };
+        let mut fraction = (1, 1);
+        if o.contains_key("percent") && o.contains_key("fraction") {
+            self.err(path, "percent and fraction are exclusive");
+        }
+        if let Some(p) = self.integer(o, "percent", path, (0, 100)) {
+            fraction = (p as u32, 100);
+        }
+        if let Some(f) = o.get("fraction") {
+            let fp = join(path, "fraction");
+            if let Some(fo) = self.obj(f, &fp, &["numerator", "denominator"]) {
+                let n = self.integer(fo, "numerator", &fp, (0, 1_000_000));
+                if !fo.contains_key("numerator") {
+                    self.err(&join(&fp, "numerator"), "required");
+                }
+                let d = self
+                    .integer(fo, "denominator", &fp, (1, 1_000_000))
+                    .unwrap_or(100);
+                if let Some(n) = n {
+                    if n > d {
+                        self.err(&fp, "numerator must not exceed denominator");
+                    }
+                    fraction = (n as u32, d as u32);
+                }
+            }
+        }
+        Some(Mirror { backend, fraction })
     }
 
     fn route_match(&mut self, v: &Value, path: &str) -> Option<RouteMatch> {
@@ -858,40 +1344,8 @@ impl Parser {
                 };
             }
         }
-        for (key, field) in [("headers", true), ("queryParams", false)] {
-            for (p, h) in self.array(m, key, path) {
-                let Some(o) = self.obj(h, &p, &["type", "name", "value"]) else {
-                    continue;
-                };
-                let ty = self.string(o, "type", &p, false).unwrap_or("Exact".into());
-                let (Some(name), Some(value)) = (
-                    self.string(o, "name", &p, true),
-                    self.string(o, "value", &p, true),
-                ) else {
-                    continue;
-                };
-                let cond = match ty.as_str() {
-                    "Exact" => Some(StrMatch::Exact(value)),
-                    "RegularExpression" => {
-                        self.regex(&value, &join(&p, "value")).map(StrMatch::Regex)
-                    }
-                    other => {
-                        self.err(
-                            &join(&p, "type"),
-                            format!("{other:?} (Exact, RegularExpression)"),
-                        );
-                        None
-                    }
-                };
-                if let Some(c) = cond {
-                    if field {
-                        out.headers.push((name.to_ascii_lowercase(), c));
-                    } else {
-                        out.query.push((name, c));
-                    }
-                }
-            }
-        }
+        out.headers = self.header_matches(m, "headers", path, true);
+        out.query = self.header_matches(m, "queryParams", path, false);
         if let Some(method) = self.string(m, "method", path, false) {
             const METHODS: [&str; 9] = [
                 "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
@@ -903,6 +1357,109 @@ impl Parser {
                     &join(path, "method"),
                     format!("{method:?} is not an HTTP method"),
                 );
+            }
+        }
+        Some(out)
+    }
+
+    /// `headers` or `queryParams` conditions (header names lower-cased).
+    fn header_matches(
+        &mut self,
+        m: &Obj,
+        key: &str,
+        path: &str,
+        header: bool,
+    ) -> Vec<(String, StrMatch)> {
+        let mut out = Vec::new();
+        for (p, h) in self.array(m, key, path) {
+            let Some(o) = self.obj(h, &p, &["type", "name", "value"]) else {
+                continue;
+            };
+            let ty = self.string(o, "type", &p, false).unwrap_or("Exact".into());
+            let (Some(name), Some(value)) = (
+                self.string(o, "name", &p, true),
+                self.string(o, "value", &p, true),
+            ) else {
+                continue;
+            };
+            let cond = match ty.as_str() {
+                "Exact" => Some(StrMatch::Exact(value)),
+                "RegularExpression" => self.regex(&value, &join(&p, "value")).map(StrMatch::Regex),
+                other => {
+                    self.err(
+                        &join(&p, "type"),
+                        format!("{other:?} (Exact, RegularExpression)"),
+                    );
+                    None
+                }
+            };
+            if let Some(c) = cond {
+                if header {
+                    out.push((name.to_ascii_lowercase(), c));
+                } else {
+                    out.push((name, c));
+                }
+            }
+        }
+        out
+    }
+
+    /// A GRPCRoute match: `method` (service and/or method) and `headers`.
+    fn grpc_match(&mut self, v: &Value, path: &str) -> Option<RouteMatch> {
+        let m = self.obj(v, path, &["method", "headers"])?;
+        let mut out = RouteMatch {
+            headers: self.header_matches(m, "headers", path, true),
+            ..RouteMatch::default()
+        };
+        if let Some(mv) = m.get("method") {
+            let mp = join(path, "method");
+            if let Some(o) = self.obj(mv, &mp, &["type", "service", "method"]) {
+                let ty = self.string(o, "type", &mp, false).unwrap_or("Exact".into());
+                let service = self.string(o, "service", &mp, false);
+                let method = self.string(o, "method", &mp, false);
+                if service.is_none() && method.is_none() {
+                    self.err(&mp, "needs service, method or both");
+                }
+                let mut g = GrpcMethod::default();
+                match ty.as_str() {
+                    "Exact" => {
+                        if let Some(s) = service {
+                            if valid_grpc_service(&s) {
+                                g.service = Some(StrMatch::Exact(s));
+                            } else {
+                                self.err(
+                                    &join(&mp, "service"),
+                                    format!(
+                                        "{s:?} is not a gRPC service name (e.g. pkg.v1.Service)"
+                                    ),
+                                );
+                            }
+                        }
+                        if let Some(s) = method {
+                            if valid_grpc_method(&s) {
+                                g.method = Some(StrMatch::Exact(s));
+                            } else {
+                                self.err(
+                                    &join(&mp, "method"),
+                                    format!("{s:?} is not a gRPC method name"),
+                                );
+                            }
+                        }
+                    }
+                    "RegularExpression" => {
+                        g.service = service
+                            .and_then(|s| self.regex(&s, &join(&mp, "service")))
+                            .map(StrMatch::Regex);
+                        g.method = method
+                            .and_then(|s| self.regex(&s, &join(&mp, "method")))
+                            .map(StrMatch::Regex);
+                    }
+                    other => self.err(
+                        &join(&mp, "type"),
+                        format!("{other:?} (Exact, RegularExpression)"),
+                    ),
+                }
+                out.grpc = Some(g);
             }
         }
         Some(out)
@@ -926,17 +1483,26 @@ impl Parser {
                         self.err(&join(&p, "name"), format!("{n:?} is not a header name"));
                     } else if http::HeaderValue::from_str(&v).is_err() {
                         self.err(&join(&p, "value"), "not a valid header value");
+                    } else if list.iter().any(|(k, _)| k.eq_ignore_ascii_case(&n)) {
+                        self.err(&join(&p, "name"), format!("{n:?} appears twice in {key}"));
                     } else {
                         list.push((n.to_ascii_lowercase(), v));
                     }
                 }
             }
         }
-        out.remove = self
-            .strings(m, "remove", path)
-            .into_iter()
-            .map(|s| s.to_ascii_lowercase())
-            .collect();
+        let remove = self.strings(m, "remove", path);
+        for (i, n) in remove.into_iter().enumerate() {
+            let p = format!("{}[{i}]", join(path, "remove"));
+            let n = n.to_ascii_lowercase();
+            if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                self.err(&p, format!("{n:?} is not a header name"));
+            } else if out.remove.contains(&n) {
+                self.err(&p, format!("{n:?} appears twice in remove"));
+            } else {
+                out.remove.push(n);
+            }
+        }
         out
     }
 
@@ -1116,6 +1682,86 @@ pub fn valid_name(s: &str) -> bool {
         && !s.starts_with(['-', '.'])
 }
 
+/// Kubernetes namespaces (and rule names): DNS labels, lower-case letters,
+/// digits and `-`, 1-63 chars, starting and ending with a letter or digit.
+pub fn valid_namespace(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A fully qualified gRPC service name: dot-separated identifiers.
+fn valid_grpc_service(s: &str) -> bool {
+    let s = s.strip_prefix('.').unwrap_or(s);
+    !s.is_empty() && s.len() <= 1024 && s.split('.').all(valid_grpc_method)
+}
+
+/// A gRPC method name (an identifier).
+fn valid_grpc_method(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 1024
+}
+
+/// Where a `filters` list sits, which decides the filter types it may hold.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    HttpRule,
+    HttpBackend,
+    GrpcRule,
+    GrpcBackend,
+}
+
+impl Place {
+    fn allowed(self) -> &'static [&'static str] {
+        match self {
+            Place::HttpRule => &[
+                "RequestHeaderModifier",
+                "ResponseHeaderModifier",
+                "RequestRedirect",
+                "URLRewrite",
+                "RequestMirror",
+            ],
+            Place::HttpBackend => &[
+                "RequestHeaderModifier",
+                "ResponseHeaderModifier",
+                "URLRewrite",
+                "RequestMirror",
+            ],
+            Place::GrpcRule | Place::GrpcBackend => &[
+                "RequestHeaderModifier",
+                "ResponseHeaderModifier",
+                "RequestMirror",
+            ],
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Place::HttpRule => "HTTPRoute rule filters",
+            Place::HttpBackend => "HTTPRoute backendRefs[].filters",
+            Place::GrpcRule => "GRPCRoute rule filters",
+            Place::GrpcBackend => "GRPCRoute backendRefs[].filters",
+        }
+    }
+}
+
+/// What one `filters` list configures.
+#[derive(Debug, Default)]
+struct Filters {
+    request_headers: HeaderMods,
+    response_headers: HeaderMods,
+    redirect: Option<Redirect>,
+    rewrite: Option<Rewrite>,
+    mirrors: Vec<Mirror>,
+}
+
 /// Parses a Gateway API duration (GEP-2257): one to four `<n><unit>` parts,
 /// units `h`, `m`, `s`, `ms`, e.g. `1h30m`, `500ms`, `10s`.
 pub fn parse_gateway_duration(s: &str) -> Result<Duration, String> {
@@ -1230,7 +1876,14 @@ spec:
         assert_eq!(d.kind, Kind::HttpRoute);
         assert_eq!(d.name, "web-canary");
         let Spec::Route(r) = d.spec else { panic!() };
-        assert_eq!(r.parents, vec!["web"]);
+        assert_eq!(
+            r.parents,
+            vec![ParentRef {
+                name: "web".into(),
+                namespace: "default".into(),
+                port: Some(80)
+            }]
+        );
         assert_eq!(r.rules.len(), 2);
         assert_eq!(r.rules[1].backends[1].weight, 10);
         assert_eq!(r.rules[1].timeout, Some(Duration::from_secs(10)));
@@ -1281,10 +1934,277 @@ spec:
         .unwrap_err();
         assert!(p.0[0].starts_with("kind: unknown kind"), "{p}");
         let p = Document::parse(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters:\n    - type: RequestMirror\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters:\n    - type: ExtensionRef\n      extensionRef: {group: x, kind: Y, name: z}\n",
         )
         .unwrap_err();
-        assert!(p.0[0].contains("spec.rules[0].filters[0].type"), "{p}");
+        assert_eq!(
+            p.0,
+            ["spec.rules[0].filters[0].type: \"ExtensionRef\" not supported by Shoal"]
+        );
+    }
+
+    fn route_doc(kind: &str, rules: &str) -> Result<Document, Problems> {
+        Document::parse(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: web, port: 80}}, {{name: api, namespace: core}}]\n  rules:\n{rules}"
+        ))
+    }
+
+    fn route_of(d: Document) -> HttpRoute {
+        match d.spec {
+            Spec::Route(r) => r,
+            other => panic!("not a route: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn namespaces_and_ports_are_part_of_the_model() {
+        let r = route_of(
+            route_doc(
+                "HTTPRoute",
+                "  - backendRefs: [{name: web-v2, port: 8080}, {name: api, namespace: core}]\n",
+            )
+            .unwrap(),
+        );
+        assert_eq!(r.namespace, "shop");
+        assert!(!r.grpc);
+        assert_eq!(
+            r.parents,
+            vec![
+                ParentRef {
+                    name: "web".into(),
+                    namespace: "shop".into(),
+                    port: Some(80)
+                },
+                ParentRef {
+                    name: "api".into(),
+                    namespace: "core".into(),
+                    port: None
+                },
+            ]
+        );
+        let b = &r.rules[0].backends;
+        assert_eq!((b[0].namespace.as_str(), b[0].port), ("shop", Some(8080)));
+        assert_eq!((b[1].namespace.as_str(), b[1].port), ("core", None));
+        let unnamed = Document::parse("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: web}]}\n").unwrap();
+        assert_eq!(route_of(unnamed).namespace, DEFAULT_NAMESPACE);
+        let p = Document::parse("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: Bad_NS}\nspec: {parentRefs: [{name: web, port: 0}]}\n").unwrap_err();
+        let f = problem_fields(&p);
+        assert!(
+            f["metadata.namespace"].contains("not a valid namespace"),
+            "{p}"
+        );
+        assert!(f["spec.parentRefs[0].port"].contains("out of range"), "{p}");
+    }
+
+    #[test]
+    fn redirects_rewrites_mirrors_and_backend_filters_parse() {
+        let rules = r#"  - name: moved
+    matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, hostname: example.org, port: 8443, statusCode: 308, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: internal.example, path: {type: ReplaceFullPath, replaceFullPath: /v2}}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow, port: 80}, percent: 25}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: audit, namespace: ops}, fraction: {numerator: 1, denominator: 3}}
+    backendRefs:
+    - name: web-v2
+      port: 8080
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {set: [{name: X-Backend, value: v2}]}
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {remove: [Server]}
+"#;
+        let r = route_of(route_doc("HTTPRoute", rules).unwrap());
+        let moved = &r.rules[0];
+        assert_eq!(moved.name.as_deref(), Some("moved"));
+        let red = moved.redirect.as_ref().unwrap();
+        assert_eq!(red.status, 308);
+        assert_eq!(red.scheme.as_deref(), Some("https"));
+        assert_eq!(red.hostname.as_deref(), Some("example.org"));
+        assert_eq!(red.port, Some(8443));
+        assert_eq!(red.path, Some(PathModifier::Prefix("/new".into())));
+        let api = &r.rules[1];
+        let rw = api.rewrite.as_ref().unwrap();
+        assert_eq!(rw.hostname.as_deref(), Some("internal.example"));
+        assert_eq!(rw.path, Some(PathModifier::Full("/v2".into())));
+        assert_eq!(api.mirrors.len(), 2);
+        assert_eq!(api.mirrors[0].fraction, (25, 100));
+        assert_eq!(api.mirrors[1].backend.namespace, "ops");
+        assert_eq!(api.mirrors[1].fraction, (1, 3));
+        let b = &api.backends[0];
+        assert_eq!(
+            b.request_headers.set,
+            vec![("x-backend".to_string(), "v2".to_string())]
+        );
+        assert_eq!(b.response_headers.remove, vec!["server".to_string()]);
+        let plain = Document::parse("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters: [{type: RequestRedirect, requestRedirect: {}}]\n").unwrap();
+        assert_eq!(
+            route_of(plain).rules[0].redirect.as_ref().unwrap().status,
+            302
+        );
+    }
+
+    #[test]
+    fn filter_mistakes_are_refused_with_their_paths() {
+        let rules = r#"  - matches: [{path: {type: Exact, value: /a}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: ftp, hostname: "*.example.org", statusCode: 305, path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}
+      urlRewrite: {hostname: x}
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: "no-slash"}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: a, value: b}]}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: a, value: c}]}
+    - type: CORS
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: X-A, value: "1"}, {name: x-a, value: "2"}], remove: ["bad header", x-b, X-B]}
+    backendRefs:
+    - name: web
+      filters:
+      - type: RequestRedirect
+        requestRedirect: {}
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow}, percent: 50, fraction: {numerator: 5, denominator: 2}}
+"#;
+        let p = route_doc("HTTPRoute", rules).unwrap_err();
+        let f = problem_fields(&p);
+        let at = |k: &str| f.get(k).unwrap_or_else(|| panic!("no problem at {k}: {p}"));
+        assert!(at("spec.rules[0].filters[0].requestRedirect.scheme").contains("http or https"));
+        assert!(
+            at("spec.rules[0].filters[0].requestRedirect.hostname").contains("precise hostname")
+        );
+        assert!(
+            at("spec.rules[0].filters[0].requestRedirect.statusCode")
+                .contains("301, 302, 303, 307 or 308")
+        );
+        assert!(
+            at("spec.rules[0].filters[0].urlRewrite")
+                .contains("must not be set for type RequestRedirect")
+        );
+        assert!(
+            at("spec.rules[0].filters[1].urlRewrite.path.replaceFullPath")
+                .contains("is not a path")
+        );
+        assert!(at("spec.rules[0].filters[3].type").contains("may appear once"));
+        assert!(at("spec.rules[0].filters[4].type").contains("experimental"));
+        assert!(
+            at("spec.rules[0].filters[5].responseHeaderModifier.set[1].name")
+                .contains("appears twice in set")
+        );
+        assert!(
+            at("spec.rules[0].filters[5].responseHeaderModifier.remove[0]")
+                .contains("not a header name")
+        );
+        assert!(
+            at("spec.rules[0].filters[5].responseHeaderModifier.remove[2]")
+                .contains("appears twice in remove")
+        );
+        assert!(
+            at("spec.rules[0].backendRefs[0].filters[0].type")
+                .contains("not allowed in HTTPRoute backendRefs[].filters")
+        );
+        assert!(at("spec.rules[0].backendRefs").contains("RequestRedirect"));
+        assert!(at("spec.rules[0].filters").contains("PathPrefix"), "{p}");
+        assert!(at("spec.rules[1].filters[0].requestMirror").contains("exclusive"));
+        assert!(at("spec.rules[1].filters[0].requestMirror.fraction").contains("must not exceed"));
+    }
+
+    #[test]
+    fn grpc_routes_parse_and_refuse_http_only_fields() {
+        let rules = r#"  - matches:
+    - method: {service: grpc.health.v1.Health, method: Check}
+      headers: [{name: x-test-case, value: set}]
+    - method: {type: RegularExpression, service: 'echo\..*'}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {add: [{name: x-grpc, value: "1"}]}
+    backendRefs: [{name: echo-v1, port: 7070, weight: 70}, {name: echo-v2, port: 7070, weight: 30}]
+"#;
+        let d = route_doc("GRPCRoute", rules).unwrap();
+        assert_eq!(d.kind, Kind::GrpcRoute);
+        let r = route_of(d);
+        assert!(r.grpc);
+        let g = r.rules[0].matches[0].grpc.as_ref().unwrap();
+        assert!(g.service.as_ref().unwrap().matches("grpc.health.v1.Health"));
+        assert!(g.method.as_ref().unwrap().matches("Check"));
+        assert!(
+            r.rules[0].matches[1]
+                .grpc
+                .as_ref()
+                .unwrap()
+                .service
+                .as_ref()
+                .unwrap()
+                .matches("echo.Echo")
+        );
+        let bad = r#"  - matches:
+    - method: {type: Exact}
+    - method: {service: "not a service", method: "2bad"}
+    - path: {value: /x}
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: x}
+    timeouts: {request: 1s}
+"#;
+        let p = route_doc("GRPCRoute", bad).unwrap_err();
+        let f = problem_fields(&p);
+        assert!(
+            f["spec.rules[0].matches[0].method"].contains("needs service, method or both"),
+            "{p}"
+        );
+        assert!(
+            f["spec.rules[0].matches[1].method.service"].contains("not a gRPC service"),
+            "{p}"
+        );
+        assert!(
+            f["spec.rules[0].matches[1].method.method"].contains("not a gRPC method"),
+            "{p}"
+        );
+        assert!(
+            f["spec.rules[0].matches[2].path"].contains("unknown field"),
+            "{p}"
+        );
+        assert!(
+            f["spec.rules[0].filters[0].type"].contains("not allowed in GRPCRoute rule filters"),
+            "{p}"
+        );
+        assert!(f["spec.rules[0].timeouts"].contains("unknown field"), "{p}");
+        let p = Document::parse("apiVersion: shoal.dev/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec: {parentRefs: [{name: echo}]}\n").unwrap_err();
+        assert!(p.0[0].starts_with("apiVersion:"), "{p}");
+    }
+
+    /// Every manifest of the upstream mesh suite parses unchanged.
+    #[test]
+    fn the_upstream_mesh_manifests_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/conformance/gateway-api-mesh");
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (the upstream manifests)", dir.display()));
+        let mut seen = 0;
+        for e in entries {
+            let path = e.unwrap().path();
+            if path.extension().is_none_or(|x| x != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for part in text.split("\n---") {
+                if part.trim().is_empty() {
+                    continue;
+                }
+                Document::parse(part).unwrap_or_else(|p| panic!("{}: {p}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 22, "only {seen} documents in {}", dir.display());
     }
 
     #[test]

@@ -11,7 +11,10 @@ pub mod trust;
 
 pub use doc::{Document, Kind, Problems};
 pub use hlc::{ClockError, Hlc, Version};
-pub use set::{PolicySet, RateLimiter, RequestInfo, RouteDecision};
+pub use set::{
+    Call, Decision, Destination, Forward, Plan, PolicySet, RateLimiter, RequestInfo, RouteDecision,
+    ServiceAddr, Target,
+};
 pub use store::{Conflict, Entry, PolicyStore, Signature, StoreError};
 pub use sync::{PolicyMetrics, PolicySync};
 pub use trust::{OperatorKey, Refusal, Trust};

@@ -359,11 +359,6 @@ impl Balancer {
         }
     }
 
-    /// [`choose`](Self::choose) now, with the thread's random source.
-    pub fn pick(&self, targets: &[Target], exclude: &[String]) -> Result<usize, NoEndpoint> {
-        self.choose(targets, exclude, Instant::now(), &mut rand::thread_rng())
-    }
-
     fn class(&self, t: &Target, exclude: &[String], now: Instant) -> Class {
         if exclude.contains(&t.node) {
             return Class::Excluded;
@@ -582,8 +577,11 @@ impl RetryBudget {
         }
     }
 
-    fn bucket<R>(&self, f: impl FnOnce(&mut (Instant, u64, u64), u64, u64) -> R) -> R {
-        let now = Instant::now();
+    fn bucket<R>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&mut (Instant, u64, u64), u64, u64) -> R,
+    ) -> R {
         let mut b = self.buckets.lock().unwrap();
         while b.front().is_some_and(|(t, _, _)| now - *t > self.window) {
             b.pop_front();
@@ -600,13 +598,23 @@ impl RetryBudget {
 
     /// Counts a request (first attempts only).
     pub fn request(&self) {
-        self.bucket(|last, _, _| last.1 += 1);
+        self.request_at(Instant::now());
+    }
+
+    /// Counts a request made at `now`.
+    pub fn request_at(&self, now: Instant) {
+        self.bucket(now, |last, _, _| last.1 += 1);
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_retry(&self) -> bool {
+        self.try_retry_at(Instant::now())
+    }
+
+    /// Takes one retry from the budget at `now`; false when it is spent.
+    pub fn try_retry_at(&self, now: Instant) -> bool {
         let floor = self.min_per_sec * self.window.as_secs_f64();
-        self.bucket(|last, reqs, retries| {
+        self.bucket(now, |last, reqs, retries| {
             let allowed = (reqs as f64 * self.ratio + floor).floor() as u64;
             if retries < allowed {
                 last.2 += 1;
@@ -616,15 +624,6 @@ impl RetryBudget {
             }
         })
     }
-}
-
-/// Exponential backoff with full jitter for retry `n` (1-based).
-pub fn backoff(c: &RetryConfig, n: u32) -> Duration {
-    let cap = c
-        .backoff_base
-        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-        .min(c.backoff_max);
-    cap.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
 }
 
 #[cfg(test)]

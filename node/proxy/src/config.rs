@@ -231,6 +231,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Connections open at once on the admin listener. Default 256.
     pub admin_max_connections: usize,
+    /// Seed of the request path's randomness (endpoint choice, backend
+    /// weights, fault percentages, backoff jitter); `None`: from entropy.
+    pub rng_seed: Option<u64>,
     /// Which requests get a `shoal::access` log line. Default `errors`.
     pub access_log: crate::access::AccessLog,
 }
@@ -253,6 +256,7 @@ impl Default for ProxyConfig {
             http_idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             admin_max_connections: 256,
+            rng_seed: None,
             access_log: crate::access::AccessLog::Errors,
         }
     }
@@ -293,6 +297,10 @@ pub struct ProxyArgs {
     /// Open connections the admin listener accepts [default: 256].
     #[arg(long, env = "SHOAL_ADMIN_MAX_CONNECTIONS")]
     pub admin_max_connections: Option<usize>,
+    /// Seeds the request path's randomness, so a run can be repeated
+    /// (`simulate` passes each node one derived from the scenario seed).
+    #[arg(long, env = "SHOAL_RNG_SEED", hide = true)]
+    pub rng_seed: Option<u64>,
     /// One `shoal::access` log line per request: `off`, `errors` (failures,
     /// denials and rate limits) or `all` [default: errors].
     #[arg(long, env = "SHOAL_ACCESS_LOG", value_enum)]
@@ -397,6 +405,7 @@ impl ProxyConfig {
                 None => {}
             }
         }
+        c.rng_seed = args.rng_seed;
         if let Some(a) = args.access_log {
             c.access_log = a;
         }
@@ -495,6 +504,13 @@ mod tests {
         assert_eq!(c.header_read_timeout, Duration::from_secs(2));
         assert_eq!(c.http_idle_timeout, Duration::from_secs(90));
         assert_eq!((c.max_connections, c.admin_max_connections), (500, 8));
+        assert_eq!(c.rng_seed, None);
+        let seeded = ProxyArgs {
+            rng_seed: Some(42),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(seeded, ProxyFile::default()).unwrap();
+        assert_eq!(c.rng_seed, Some(42));
         for (args, field) in [
             (
                 ProxyArgs {

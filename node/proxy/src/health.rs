@@ -13,8 +13,10 @@ use gossip::Health;
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::Protocol;
 use crate::frame::ProxyBody;
-use crate::{LocalService, Protocol, Shared};
+use crate::local::LocalService;
+use crate::state::Shared;
 
 /// How often load figures are republished when nothing else changed.
 const LOAD_REFRESH: Duration = Duration::from_secs(1);

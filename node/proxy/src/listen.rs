@@ -34,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
 /// The one-shot answer a connection past the cap gets before it is closed.
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nshoal-error: too-many-connections\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+pub(crate) const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nshoal-error: too-many-connections\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 /// First pause after a failed accept.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest pause after repeated failed accepts.

@@ -1,53 +1,47 @@
-//! The outbound listener apps call (HTTP/1.1 and h2c with prior knowledge):
-//! routes by Host / `:authority` or an absolute-form URI, picks an endpoint,
-//! sends the exchange over one QUIC stream (or straight to the local instance
-//! when it is behind this node), and applies timeouts and retries.
+//! The outbound listener apps call (HTTP/1.1 and h2c with prior knowledge),
+//! and the step that carries out a route plan: for each request, a policy
+//! snapshot and a plan (`plan.rs`), FaultInjection, then attempts
+//! (`attempt.rs`) at endpoints the balancer chooses, each outcome classified
+//! by `retry.rs` into return / retry after a pause / fail. Every request
+//! ends in [`finish`]: gRPC rewriting, response header changes, stats.
 //!
-//! Errors the node answers itself carry `shoal-error`: `unknown-service`,
-//! `no-healthy-endpoint`, `overloaded` (503), `timeout` (504),
-//! `upstream-reset` (502, the serving node went away mid-request) and
-//! `peer-not-serving` (502: the only endpoints gossip offers are held by
-//! peers whose certificates do not name the service).
-//!
-//! A gRPC caller (`content-type: application/grpc*`) gets these failures as
-//! a trailers-only gRPC response instead (HTTP 200, `grpc-status` 14, 4, 7,
-//! 8, ...; see [`grpc_code`]), with a `grpc-message` naming the cause and
-//! the service.
+//! Errors the node answers itself are [`MeshError`]s (`shoal-error`):
+//! `no-host` (400), `unknown-service`, `no-healthy-endpoint`, `overloaded`
+//! (503), `timeout` (504), `upstream-connect`, `upstream-reset` and
+//! `peer-not-serving` (502), `fault-injected` (the policy's status). A gRPC
+//! caller (`content-type: application/grpc*`) gets them as a trailers-only
+//! gRPC response (see [`grpc_failure`]).
 //!
 //! Before the first byte of a request goes to a peer, the peer's certificate
-//! (from the QUIC handshake) must name the node gossip put at that address
-//! and the service; otherwise the endpoint is refused, counted
+//! must name the node gossip put at that address and the service;
+//! otherwise the endpoint is refused, counted
 //! (`shoal_peer_not_serving_total{service}`), logged, dropped from the
 //! service's table, and the request goes to another endpoint.
 
-use std::any::Any;
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, Version};
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use policy::doc::HeaderMods;
+use rand::rngs::SmallRng;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
-use crate::balance::{NoEndpoint, Target, backoff};
-use crate::frame::{
-    self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
-    ResponseHead, STREAM_KIND_HTTP,
-};
-use crate::inbound::{self, Decrement, empty, error};
+use crate::attempt::{Failed, Source, attempt};
+use crate::balance::{NoEndpoint, Target};
+use crate::body::guarded;
+use crate::error::{Marked, MeshError, grpc_failure};
+use crate::frame::{self, ProxyBody, RequestHead};
 use crate::listen;
+use crate::plan::{self, Plan, TIMEOUT_HEADER};
+use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
+use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
-use crate::{ERROR_HEADER, Shared, TIMEOUT_HEADER, peer_serves};
-use policy::doc::{HeaderMods, MeshConfig, RouteRule};
-use policy::{PolicySet, RequestInfo};
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
 /// per-upstream listener: every request goes to that service, whatever it
@@ -82,123 +76,41 @@ pub(crate) async fn serve(
     .await;
 }
 
-/// The service a request addresses: the absolute-form URI's host, else the
-/// Host header / `:authority`, without port, trailing dot or `.shoal`.
-pub(crate) fn service_name(req: &Request<Incoming>) -> Option<String> {
-    let host = match req.uri().host() {
-        Some(h) => h.to_string(),
-        None => {
-            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-            h.rsplit_once(':')
-                .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-                .map(|(h, _)| h)
-                .unwrap_or(h)
-                .to_string()
-        }
-    };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let name = host.strip_suffix(".shoal").unwrap_or(&host);
-    (!name.is_empty()).then(|| name.to_string())
+/// How a request ended: what the caller gets, how many attempts it took,
+/// and the endpoint (node) that answered last.
+struct Finished {
+    resp: Response<ProxyBody>,
+    attempts: u32,
+    endpoint: Option<String>,
 }
 
-/// A request body as the retry loop holds it.
-enum Source {
-    /// Buffered (at most the replay limit): can be sent again.
-    Replay(Bytes, Option<HeaderMap>),
-    /// Streaming: can be sent once.
-    Once(Option<ProxyBody>),
-}
-
-impl Source {
-    fn replayable(&self) -> bool {
-        matches!(self, Source::Replay(..))
-    }
-
-    /// The body for the next attempt (`None` once a streaming body is spent).
-    fn take(&mut self) -> Option<ProxyBody> {
-        match self {
-            Source::Replay(data, trailers) => Some(replay(data.clone(), trailers.clone())),
-            Source::Once(b) => b.take(),
+impl Finished {
+    /// A request the mesh answered before any attempt.
+    fn early(resp: Response<ProxyBody>) -> Self {
+        Finished {
+            resp,
+            attempts: 0,
+            endpoint: None,
         }
     }
-}
-
-fn replay(data: Bytes, trailers: Option<HeaderMap>) -> ProxyBody {
-    let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = Vec::new();
-    if !data.is_empty() {
-        frames.push(Ok(Frame::data(data)));
-    }
-    if let Some(t) = trailers {
-        frames.push(Ok(Frame::trailers(t)));
-    }
-    if frames.is_empty() {
-        return empty();
-    }
-    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
-}
-
-/// Why an attempt failed without a response.
-enum Failed {
-    /// Nothing reached the peer (dial, stream open or head write failed).
-    Connect(String),
-    /// The exchange broke after the head was sent: outcome unknown.
-    Reset(String),
-    /// The QUIC peer's certificate does not name the service (or the node
-    /// gossip put at that address): nothing was sent.
-    NotServing(Arc<transport::Identity>),
 }
 
 async fn handle(
     shared: Arc<Shared>,
     fixed: Option<Arc<str>>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let grpc_call = stats::is_grpc(req.headers());
-    let name = match &fixed {
-        Some(service) => {
-            // The app addressed the listener, not the service: forward as
-            // if it had named the service.
-            if let Ok(host) = http::HeaderValue::from_str(service) {
-                req.headers_mut().insert(http::header::HOST, host);
-            }
-            if req.uri().authority().is_some() {
-                let mut parts = req.uri().clone().into_parts();
-                parts.scheme = None;
-                parts.authority = None;
-                if parts.path_and_query.is_none() {
-                    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-                }
-                if let Ok(uri) = http::Uri::from_parts(parts) {
-                    *req.uri_mut() = uri;
-                }
-            }
-            Some(service.to_string())
-        }
-        None => service_name(&req),
-    };
-    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let (mut head, body) = req.into_parts();
+    if let Some(service) = &fixed {
+        plan::address_to(&mut head, service);
+    }
+    let line = (head.method.to_string(), head.uri.path().to_string());
     // One policy snapshot for the whole request: it sees the old set or the
     // new one, never half.
     let set = shared.policy.store.snapshot();
-    let decision = name.as_deref().and_then(|svc| {
-        let info = RequestInfo {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            query: req.uri().query(),
-            headers: req.headers(),
-        };
-        set.route(svc, &info)
-    });
-    let backend = name.as_deref().map(|svc| match &decision {
-        Some(d) => d.backend(svc, rand::random::<f64>()),
-        None => svc.to_string(),
-    });
-    let route_name = decision
-        .as_ref()
-        .map_or(String::new(), |d| d.route.to_string());
-    let rule = decision.map(|d| d.rule);
-    let targets = backend.as_deref().and_then(|n| shared.targets(n));
+    let mut rng = shared.rng.request();
     let mut edge = Edge {
         direction: Direction::Outbound,
         source: match shared.source_service() {
@@ -208,50 +120,73 @@ async fn handle(
         destination: "unknown".into(),
         trace: Default::default(),
     };
-    let _count = {
-        shared.outbound_in_flight.fetch_add(1, Ordering::Relaxed);
-        Decrement(&shared.outbound_in_flight)
-    };
-    let mut resp = match (backend, targets) {
-        (None, _) => error(
-            StatusCode::BAD_REQUEST,
-            "no-host",
-            "the request names no service (Host header or absolute URI)",
-        ),
-        (Some(_), None) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unknown-service",
-            "no node in the mesh serves this service",
-        ),
-        (Some(service), Some(_)) => {
-            edge.destination = service.clone();
-            let _gauge = shared.stats.in_flight(&edge);
-            if shared.outbound_in_flight.load(Ordering::Relaxed) > shared.config.max_in_flight {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "this node has too many requests in flight",
-                )
-            } else if let Some(aborted) = inject_fault(&shared, &set, &service).await {
-                aborted
-            } else {
-                route(&shared, &edge, service, req, rule, set.mesh()).await
-            }
+    let (_count, in_flight) = shared.outbound_request();
+    match plan::plan(&head, fixed.as_deref(), &set, &shared.config, &mut rng) {
+        Err(e) => {
+            let resp = match e {
+                MeshError::NoHost => {
+                    e.response_with("the request names no service (Host header or absolute URI)")
+                }
+                e => e.response(),
+            };
+            finish(
+                &shared,
+                edge,
+                grpc_call,
+                None,
+                Finished::early(resp),
+                start,
+                line,
+            )
         }
-    };
-    if grpc_call && resp.headers().contains_key(ERROR_HEADER) {
-        let service = match edge.destination.as_str() {
-            "unknown" => name.as_deref().unwrap_or("-"),
-            d => d,
+        Ok(plan) => {
+            let done = dispatch(&shared, &mut edge, &plan, head, body, in_flight, &mut rng).await;
+            finish(&shared, edge, grpc_call, Some(&plan), done, start, line)
+        }
+    }
+}
+
+/// Where every outbound request ends: a gRPC caller gets a mesh failure as
+/// a gRPC status, the route's response header changes apply, and the
+/// response is counted (its body is measured as it streams).
+fn finish(
+    shared: &Shared,
+    edge: Edge,
+    grpc_call: bool,
+    plan: Option<&Plan<'_>>,
+    done: Finished,
+    start: Instant,
+    (method, path): (String, String),
+) -> Response<ProxyBody> {
+    let Finished {
+        mut resp,
+        attempts,
+        endpoint,
+    } = done;
+    let route = plan.and_then(|p| p.route);
+    tracing::trace!(
+        status = %resp.status(),
+        attempts,
+        endpoint = endpoint.as_deref().unwrap_or("-"),
+        route = route.unwrap_or("-"),
+        "outbound request done"
+    );
+    if grpc_call {
+        let service = match (edge.destination.as_str(), plan) {
+            ("unknown", Some(p)) => p.service.as_str(),
+            ("unknown", None) => "-",
+            (d, _) => d,
         };
         resp = grpc_failure(resp, service);
     }
-    if let Some(rule) = rule {
-        apply_header_mods(resp.headers_mut(), &rule.response_headers);
+    if let Some(mods) = plan.and_then(|p| p.response_headers()) {
+        apply_header_mods(resp.headers_mut(), mods);
     }
+    edge.trace
+        .attempt(endpoint.as_deref().unwrap_or(""), attempts);
     let exchange = stats::Exchange {
         edge,
-        route: route_name,
+        route: route.unwrap_or("").to_string(),
         method,
         path,
         grpc_call,
@@ -261,114 +196,290 @@ async fn handle(
     shared.stats.finish(exchange, resp)
 }
 
-/// The gRPC status for a failure the mesh answered with `status` and
-/// `shoal-error: code`.
-pub(crate) fn grpc_code(status: StatusCode, code: &str) -> u32 {
-    match (status.as_u16(), code) {
-        (_, "timeout" | "deadline-exceeded") | (504, _) => 4, // DEADLINE_EXCEEDED
-        (_, "rate-limited") | (429, _) => 8,                  // RESOURCE_EXHAUSTED
-        (403, _) => 7,                                        // PERMISSION_DENIED
-        (401, _) => 16,                                       // UNAUTHENTICATED
-        (400, _) => 13,                                       // INTERNAL
-        (404, _) => 12,                                       // UNIMPLEMENTED
-        (502 | 503, _) => 14,                                 // UNAVAILABLE
-        _ => 2,                                               // UNKNOWN
-    }
-}
-
-/// What a `shoal-error` code means, for `grpc-message`.
-fn describe(code: &str) -> &'static str {
-    match code {
-        "no-host" => "the request names no service",
-        "unknown-service" => "no node in the mesh serves the service",
-        "no-healthy-endpoint" => "the service has no healthy endpoint",
-        "overloaded" => "the mesh is at its in-flight limit",
-        "peer-not-serving" => {
-            "the peers offered for the service hold certificates that do not name it"
-        }
-        "upstream-connect" => "could not reach the service's instance",
-        "upstream-reset" => "the service's instance failed mid-request",
-        "timeout" | "deadline-exceeded" => "no response before the deadline",
-        "forbidden" => "no AuthorizationPolicy allows this caller",
-        "unauthorized" => "the caller's certificate does not name its source service",
-        "not-served" => "the serving node's certificate does not name the service",
-        "rate-limited" => "the service's rate limit is exhausted",
-        "fault-injected" => "aborted by a FaultInjection policy",
-        "bad-request" => "the request could not be forwarded",
-        _ => "the mesh could not complete the call",
-    }
-}
-
-/// Rewrites a mesh failure for a gRPC caller as a trailers-only response:
-/// HTTP 200, `content-type: application/grpc`, `grpc-status` from
-/// [`grpc_code`] and a `grpc-message` naming the cause and the service. The
-/// `shoal-error` header (and `retry-after`) stay.
-fn grpc_failure(resp: Response<ProxyBody>, service: &str) -> Response<ProxyBody> {
-    let status = resp.status();
-    let mut headers = resp.headers().clone();
-    let code = headers
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let grpc = grpc_code(status, &code);
-    let message = format!(
-        "shoal {code} (HTTP {}): {} (service {service})",
-        status.as_u16(),
-        describe(&code)
-    );
-    headers.remove(http::header::CONTENT_LENGTH);
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert("grpc-status", http::HeaderValue::from(grpc));
-    if let Ok(v) = http::HeaderValue::from_str(&percent_encode(&message)) {
-        headers.insert("grpc-message", v);
-    }
-    let mut r = Response::new(empty());
-    *r.headers_mut() = headers;
-    r
-}
-
-/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`,
-/// as `%XX`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// FaultInjection on `service`: maybe wait, maybe answer with the abort
-/// status (`shoal-error: fault-injected`, never retried).
-async fn inject_fault(
+/// Carries out `plan`: the backend must be known, the node under its
+/// in-flight cap, FaultInjection may delay or abort; then [`run`].
+async fn dispatch(
     shared: &Shared,
-    set: &PolicySet,
-    service: &str,
-) -> Option<Response<ProxyBody>> {
-    let fault = set.fault(service)?;
-    if let Some((percent, delay)) = fault.delay
-        && rand::random::<f64>() * 100.0 < percent
-    {
+    edge: &mut Edge,
+    plan: &Plan<'_>,
+    head: Parts,
+    body: Incoming,
+    in_flight: u64,
+    rng: &mut SmallRng,
+) -> Finished {
+    if shared.targets(&plan.backend).is_none() {
+        return Finished::early(
+            MeshError::UnknownService.response_with("no node in the mesh serves this service"),
+        );
+    }
+    edge.destination = plan.backend.clone();
+    let _gauge = shared.stats.in_flight(edge);
+    if in_flight > shared.config.max_in_flight {
+        return Finished::early(
+            MeshError::Overloaded.response_with("this node has too many requests in flight"),
+        );
+    }
+    if let Some(delay) = plan.fault.delay {
         tokio::time::sleep(delay).await;
     }
-    let (percent, status) = fault.abort?;
-    if rand::random::<f64>() * 100.0 >= percent {
-        return None;
+    if let Some(status) = plan.fault.abort {
+        shared.policy.metrics.denied(&plan.backend, "fault");
+        return Finished::early(MeshError::FaultInjected(status).response());
     }
-    shared.policy.metrics.denied(service, "fault");
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    Some(error(
-        status,
-        "fault-injected",
-        "aborted by a FaultInjection policy",
-    ))
+    run(shared, edge, plan, head, body, rng).await
+}
+
+/// Attempts until one answer is final: chooses an endpoint, tries it,
+/// reports the outcome to the balancer and follows [`retry::classify`].
+async fn run(
+    shared: &Shared,
+    edge: &Edge,
+    plan: &Plan<'_>,
+    head: Parts,
+    body: Incoming,
+    rng: &mut SmallRng,
+) -> Finished {
+    let deadline = tokio::time::Instant::now() + plan.timeout;
+    let has_body = !body.is_end_stream();
+    let mut source = match Source::read(
+        body,
+        plan.idempotent,
+        shared.config.retry.max_replay_body,
+        &edge.trace,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return Finished::early(
+                MeshError::BadRequest.response_with(&format!("reading the request body: {e}")),
+            );
+        }
+    };
+    let mut wire = request_head(shared, plan, head, has_body);
+    let budget = shared.budget(&plan.backend);
+    budget.request_at(tokio::time::Instant::now().into_std());
+    let mut exclude: Vec<String> = Vec::new();
+    let mut last: Option<Response<ProxyBody>> = None;
+    let mut attempts = 0;
+    loop {
+        let targets = shared
+            .targets(&plan.backend)
+            .unwrap_or_else(|| Arc::new([]));
+        let now = tokio::time::Instant::now();
+        let target = match choose(shared, &plan.backend, &targets, &exclude, now, rng) {
+            Ok(t) => t,
+            Err(none) => {
+                return Finished {
+                    resp: last.unwrap_or_else(|| none.error.response_with(none.message)),
+                    attempts,
+                    endpoint: exclude.last().cloned(),
+                };
+            }
+        };
+        let attempt_deadline = plan
+            .attempt_timeout
+            .map_or(deadline, |t| deadline.min(now + t));
+        wire.deadline_ms = attempt_deadline
+            .saturating_duration_since(now)
+            .as_millis()
+            .max(1) as u64;
+        let (outcome, resp, rtt, refused_by) = try_endpoint(
+            shared,
+            target,
+            &wire,
+            &mut source,
+            attempt_deadline,
+            deadline,
+        )
+        .await;
+        if outcome != Outcome::NotServing {
+            attempts += 1;
+        }
+        exclude.push(target.node.clone());
+        let tried = Tried {
+            outcome,
+            idempotent: plan.idempotent,
+            replayable: source.replayable(),
+            resendable: source.resendable(),
+            attempt: wire.attempt,
+            others: targets.iter().any(|t| !exclude.contains(&t.node)),
+        };
+        let now = tokio::time::Instant::now();
+        let verdict = retry::classify(&tried, &plan.retry, &budget, now, deadline, rng);
+        let at = now.into_std();
+        match verdict.report {
+            Report::Success => shared.balancer.success_at(&target.state, rtt, at),
+            Report::Failure => shared.balancer.failure_at(&plan.backend, &target.state, at),
+            Report::Down => shared.balancer.down_at(&target.state, at),
+            Report::Refuse => {
+                if let Some(peer) = &refused_by {
+                    shared.refuse(target, peer);
+                }
+            }
+            Report::Nothing => {}
+        }
+        let answer = || {
+            resp.unwrap_or_else(|| {
+                let f = outcome
+                    .failure()
+                    .expect("every outcome without a response is a failure");
+                f.error.response_with(f.message)
+            })
+        };
+        let endpoint = Some(target.node.clone());
+        match verdict.decision {
+            Decision::Return => {
+                return Finished {
+                    resp: answer(),
+                    attempts,
+                    endpoint,
+                };
+            }
+            Decision::Fail(f) => {
+                return Finished {
+                    resp: f.error.response_with(f.message),
+                    attempts,
+                    endpoint,
+                };
+            }
+            Decision::Elsewhere => {
+                // Nothing was sent: no attempt or retry budget spent.
+                last = last.or_else(|| Some(answer()));
+            }
+            Decision::RetryAfter(pause) => {
+                last = Some(answer());
+                shared.stats.retry(edge);
+                tokio::time::sleep(pause).await;
+                wire.attempt += 1;
+            }
+        }
+    }
+}
+
+/// Chooses an endpoint of `service` among `targets`, none of `exclude`, or
+/// says why there is none.
+fn choose<'t>(
+    shared: &Shared,
+    service: &str,
+    targets: &'t [Target],
+    exclude: &[String],
+    now: tokio::time::Instant,
+    rng: &mut SmallRng,
+) -> Result<&'t Target, Failure> {
+    let (error, message) = match shared
+        .balancer
+        .choose(targets, exclude, now.into_std(), rng)
+    {
+        Ok(i) => return Ok(&targets[i]),
+        // Gossip offers endpoints, but none this node would trust.
+        Err(NoEndpoint::NoHealthy) if shared.has_refused(service) => (
+            MeshError::PeerNotServing,
+            "the peers gossip names for this service hold certificates that do not name it",
+        ),
+        Err(NoEndpoint::NoHealthy) => (
+            MeshError::NoHealthyEndpoint,
+            "the service has no healthy endpoint",
+        ),
+        Err(NoEndpoint::Saturated) => (
+            MeshError::Overloaded,
+            "every endpoint is at its in-flight cap",
+        ),
+    };
+    Err(Failure { error, message })
+}
+
+/// One attempt at `target` under `attempt_deadline`, as a typed outcome
+/// (with the answer, the time to its head, and the peer that was refused).
+async fn try_endpoint(
+    shared: &Shared,
+    target: &Target,
+    wire: &RequestHead,
+    source: &mut Source,
+    attempt_deadline: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> (
+    Outcome,
+    Option<Response<ProxyBody>>,
+    Duration,
+    Option<Arc<transport::Identity>>,
+) {
+    let guard = target.state.start();
+    let result = tokio::time::timeout_at(
+        attempt_deadline,
+        attempt(shared, target, wire, source, Box::new(guard)),
+    )
+    .await;
+    match result {
+        Ok(Ok((resp, rtt))) => {
+            let outcome = Outcome::Answered {
+                status: resp.status(),
+                marked: Marked::of(&resp),
+            };
+            (outcome, Some(resp), rtt, None)
+        }
+        Ok(Err(Failed::Connect(msg))) => {
+            tracing::debug!(node = %target.node, error = %msg, "endpoint unreachable; marking it down");
+            (Outcome::Connect, None, Duration::ZERO, None)
+        }
+        Ok(Err(Failed::Reset(msg))) => {
+            tracing::debug!(node = %target.node, error = %msg, "exchange reset; marking the endpoint down");
+            (Outcome::Reset, None, Duration::ZERO, None)
+        }
+        Ok(Err(Failed::NotServing(peer))) => {
+            (Outcome::NotServing, None, Duration::ZERO, Some(peer))
+        }
+        // Only this attempt's backendRequest timeout: maybe elsewhere.
+        Err(_) if attempt_deadline < deadline => {
+            (Outcome::AttemptTimeout, None, Duration::ZERO, None)
+        }
+        Err(_) => (Outcome::Deadline, None, Duration::ZERO, None),
+    }
+}
+
+/// The head that goes on the wire: the app's headers without hop-by-hop
+/// ones, Host (sent as the authority) and `shoal-timeout`, with the route's
+/// request header changes.
+fn request_head(shared: &Shared, plan: &Plan<'_>, parts: Parts, has_body: bool) -> RequestHead {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| plan.backend.clone());
+    let mut headers = parts.headers;
+    frame::strip_hop_by_hop(&mut headers);
+    headers.remove(http::header::HOST);
+    headers.remove(TIMEOUT_HEADER);
+    if let Some(mods) = plan.request_headers() {
+        apply_header_mods(&mut headers, mods);
+    }
+    RequestHead {
+        service: plan.backend.clone(),
+        source: shared.source_service(),
+        deadline_ms: 0,
+        attempt: 1,
+        version: if parts.version == Version::HTTP_2 {
+            2
+        } else {
+            1
+        },
+        method: parts.method.to_string(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "/".into()),
+        authority,
+        headers: frame::to_wire(&headers),
+        has_body,
+    }
 }
 
 /// Applies an HTTPRoute header filter.
@@ -391,443 +502,5 @@ fn apply_header_mods(headers: &mut HeaderMap, mods: &HeaderMods) {
     }
     for name in &mods.remove {
         headers.remove(name.as_str());
-    }
-}
-
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
-async fn route(
-    shared: &Arc<Shared>,
-    edge: &Edge,
-    service: String,
-    req: Request<Incoming>,
-    rule: Option<&RouteRule>,
-    mesh: Option<&MeshConfig>,
-) -> Response<ProxyBody> {
-    // Timeout: the app's header, else the route's, else MeshConfig's, else the node's.
-    let timeout = req
-        .headers()
-        .get(TIMEOUT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| crate::config::parse_duration(v).ok())
-        .or(rule.and_then(|r| r.timeout))
-        .or(mesh.and_then(|m| m.request_timeout))
-        .unwrap_or(shared.config.request_timeout);
-    let attempt_timeout = rule.and_then(|r| r.backend_timeout);
-    let route_retry = rule.and_then(|r| r.retry.as_ref());
-    let max_attempts = route_retry.map_or(shared.config.retry.max_attempts, |r| r.attempts + 1);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let (parts, body) = req.into_parts();
-    let safe = idempotent(&parts.method);
-    let limit = shared.config.retry.max_replay_body;
-    let has_body = !body.is_end_stream();
-    let mut source = if !has_body {
-        Source::Replay(Bytes::new(), None)
-    } else if safe
-        && body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n as usize <= limit)
-    {
-        match Limited::new(body, limit).collect().await {
-            Ok(c) => {
-                let trailers = c.trailers().cloned();
-                let data = c.to_bytes();
-                edge.trace.request_bytes(data.len());
-                Source::Replay(data, trailers)
-            }
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    &format!("reading the request body: {e}"),
-                );
-            }
-        }
-    } else {
-        Source::Once(Some(edge.trace.count_request(body)))
-    };
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| service.clone());
-    let mut headers = parts.headers;
-    frame::strip_hop_by_hop(&mut headers);
-    headers.remove(http::header::HOST);
-    headers.remove(TIMEOUT_HEADER);
-    if let Some(rule) = rule {
-        apply_header_mods(&mut headers, &rule.request_headers);
-    }
-    let mut head = RequestHead {
-        service: service.clone(),
-        source: shared.source_service(),
-        deadline_ms: 0,
-        attempt: 1,
-        version: if parts.version == Version::HTTP_2 {
-            2
-        } else {
-            1
-        },
-        method: parts.method.to_string(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "/".into()),
-        authority,
-        headers: frame::to_wire(&headers),
-        has_body,
-    };
-    let budget = shared.budget(&service);
-    budget.request();
-    let mut exclude: Vec<String> = Vec::new();
-    let mut last: Option<Response<ProxyBody>> = None;
-    loop {
-        let targets = shared.targets(&service).unwrap_or_else(|| Arc::new([]));
-        let target = match shared.balancer.pick(&targets, &exclude) {
-            Ok(i) => &targets[i],
-            Err(why) => {
-                return last.unwrap_or_else(|| match why {
-                    // Gossip offers endpoints, but none this node would trust.
-                    NoEndpoint::NoHealthy if shared.has_refused(&service) => error(
-                        StatusCode::BAD_GATEWAY,
-                        "peer-not-serving",
-                        "the peers gossip names for this service hold certificates that do not name it",
-                    ),
-                    NoEndpoint::NoHealthy => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no-healthy-endpoint",
-                        "the service has no healthy endpoint",
-                    ),
-                    NoEndpoint::Saturated => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "every endpoint is at its in-flight cap",
-                    ),
-                });
-            }
-        };
-        edge.trace.attempt(&target.node, head.attempt);
-        let now = tokio::time::Instant::now();
-        let attempt_deadline = attempt_timeout.map_or(deadline, |t| deadline.min(now + t));
-        let left = attempt_deadline.saturating_duration_since(now);
-        head.deadline_ms = left.as_millis().max(1) as u64;
-        let state = target.state.clone();
-        let guard = state.start();
-        let result = tokio::time::timeout_at(
-            attempt_deadline,
-            attempt(shared, target, &head, &mut source, Box::new(guard)),
-        )
-        .await;
-        // Decide: done, or retry elsewhere.
-        let retry_safe;
-        match result {
-            Ok(Err(Failed::NotServing(peer))) => {
-                // Nothing was sent: go on to another endpoint without
-                // spending an attempt or the retry budget.
-                shared.refuse(target, &peer);
-                exclude.push(target.node.clone());
-                last = last.or_else(|| {
-                    Some(error(
-                        StatusCode::BAD_GATEWAY,
-                        "peer-not-serving",
-                        "the peer gossip names for this service holds a certificate that does not name it",
-                    ))
-                });
-                continue;
-            }
-            Err(_) if attempt_deadline < deadline => {
-                // Only this attempt's backendRequest timeout: try elsewhere.
-                shared.balancer.failure(&service, &state);
-                retry_safe = safe && source.replayable();
-                last = Some(error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    "no response before the backend request timeout",
-                ));
-            }
-            Err(_) => {
-                shared.balancer.failure(&service, &state);
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    "no response before the request timeout",
-                );
-            }
-            Ok(Err(Failed::Connect(msg))) => {
-                tracing::debug!(node = %target.node, error = %msg, "endpoint unreachable; marking it down");
-                shared.balancer.down(&state);
-                retry_safe = true;
-                last = Some(error(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-connect",
-                    "could not reach the serving node",
-                ));
-            }
-            Ok(Err(Failed::Reset(msg))) => {
-                tracing::debug!(node = %target.node, error = %msg, "exchange reset; marking the endpoint down");
-                shared.balancer.down(&state);
-                retry_safe = safe && source.replayable();
-                last = Some(error(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-reset",
-                    "the serving node failed mid-request",
-                ));
-            }
-            Ok(Ok((resp, rtt))) => {
-                let code = resp
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let status = resp.status();
-                match code.as_deref() {
-                    // The far side refused before reaching the instance: the
-                    // request was not processed, any method may go elsewhere.
-                    Some("upstream-connect" | "no-healthy-endpoint") => {
-                        shared.balancer.down(&state);
-                        retry_safe = source.replayable();
-                    }
-                    Some("unknown-service" | "not-served") => retry_safe = source.replayable(),
-                    // The far side's copy of our deadline fired first.
-                    Some("deadline-exceeded") => {
-                        return error(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "timeout",
-                            "no response before the request timeout",
-                        );
-                    }
-                    Some(_) => return resp,
-                    None if route_retry.map_or(matches!(status.as_u16(), 502..=504), |r| {
-                        r.codes.contains(&status.as_u16())
-                            || (r.codes.is_empty() && matches!(status.as_u16(), 502..=504))
-                    }) =>
-                    {
-                        shared.balancer.failure(&service, &state);
-                        retry_safe = safe && source.replayable();
-                    }
-                    None => {
-                        if status.is_server_error() {
-                            shared.balancer.failure(&service, &state);
-                        } else {
-                            shared.balancer.success(&state, rtt);
-                        }
-                        return resp;
-                    }
-                }
-                last = Some(resp);
-            }
-        }
-        let can_retry = retry_safe
-            && head.attempt < max_attempts
-            && matches!(&source, Source::Replay(..) | Source::Once(Some(_)));
-        if !can_retry {
-            return last.expect("set above");
-        }
-        exclude.push(target.node.clone());
-        let others = targets.iter().any(|t| !exclude.contains(&t.node));
-        if !others || !budget.try_retry() {
-            return last.expect("set above");
-        }
-        shared.stats.retry(edge);
-        let pause = route_retry
-            .and_then(|r| r.backoff)
-            .map_or_else(
-                || backoff(&shared.config.retry, head.attempt),
-                |base| {
-                    let retry = crate::RetryConfig {
-                        backoff_base: base,
-                        backoff_max: base * 16,
-                        ..shared.config.retry.clone()
-                    };
-                    backoff(&retry, head.attempt)
-                },
-            )
-            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-        tokio::time::sleep(pause).await;
-        head.attempt += 1;
-    }
-}
-
-/// One try at one endpoint. `guard` lives as long as the response body.
-async fn attempt(
-    shared: &Arc<Shared>,
-    target: &Target,
-    head: &RequestHead,
-    source: &mut Source,
-    guard: Box<dyn Any + Send>,
-) -> Result<(Response<ProxyBody>, Duration), Failed> {
-    let started = Instant::now();
-    if target.is_self {
-        let body = source.take().unwrap_or_else(empty);
-        let identity = shared.endpoint.identity();
-        let resp = inbound::handle(shared, &identity, head.clone(), body).await;
-        let rtt = started.elapsed();
-        return Ok((resp.map(|b| guarded(b, vec![guard])), rtt));
-    }
-    let connect = |e: String| Failed::Connect(e);
-    // Who answers at that address? Only a peer whose certificate names the
-    // service (and the node) gets the request: no stream is opened otherwise.
-    let conn = shared
-        .endpoint
-        .connect(target.addr)
-        .await
-        .map_err(|e| connect(e.to_string()))?;
-    if !peer_serves(&conn.peer, target) {
-        return Err(Failed::NotServing(conn.peer));
-    }
-    let (conn, mut send, recv) = shared
-        .endpoint
-        .open_bi(target.addr)
-        .await
-        .map_err(|e| connect(e.to_string()))?;
-    // The cached connection may have been replaced since: check again
-    // before the first byte.
-    if !peer_serves(&conn.peer, target) {
-        let _ = send.reset(RESET_CANCEL.into());
-        return Err(Failed::NotServing(conn.peer));
-    }
-    let mut writer = FrameWriter::new(send);
-    writer.kind(STREAM_KIND_HTTP);
-    let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
-    writer.queue(FRAME_HEAD, encoded);
-    let mut guards: Vec<Box<dyn Any + Send>> = vec![guard];
-    match source.take() {
-        Some(body) if !body.is_end_stream() => {
-            writer.flush().await.map_err(|e| connect(e.to_string()))?;
-            let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-            guards.push(Box::new(cancel_tx));
-            tokio::spawn(async move {
-                tokio::select! {
-                    r = writer.body(body) => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "request body cut short");
-                        }
-                    }
-                    _ = cancel_rx => writer.reset(RESET_CANCEL),
-                }
-            });
-        }
-        // No body: kind, head, END and FIN leave in one write.
-        _ => writer.end().await.map_err(|e| connect(e.to_string()))?,
-    }
-    let mut reader = FrameReader::new(recv);
-    let rh: ResponseHead = reader
-        .head()
-        .await
-        .map_err(|e| Failed::Reset(e.to_string()))?;
-    let rtt = started.elapsed();
-    let headers = frame::from_wire(&rh.headers);
-    let body = if rh.has_body {
-        reader.into_body(frame::content_length(&headers))
-    } else {
-        // Read END (and FIN) so the stream closes without a STOP_SENDING.
-        reader
-            .end()
-            .await
-            .map_err(|e| Failed::Reset(e.to_string()))?;
-        empty()
-    };
-    let mut resp = Response::new(guarded(body, guards));
-    *resp.status_mut() = StatusCode::from_u16(rh.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *resp.headers_mut() = headers;
-    Ok((resp, rtt))
-}
-
-/// A body that keeps `guards` alive until it is dropped.
-struct Guarded {
-    inner: ProxyBody,
-    _guards: Vec<Box<dyn Any + Send>>,
-}
-
-fn guarded(inner: ProxyBody, guards: Vec<Box<dyn Any + Send>>) -> ProxyBody {
-    Guarded {
-        inner,
-        _guards: guards,
-    }
-    .boxed_unsync()
-}
-
-impl Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mesh_failures_map_to_grpc_statuses() {
-        let s = |n| StatusCode::from_u16(n).unwrap();
-        assert_eq!(grpc_code(s(503), "no-healthy-endpoint"), 14);
-        assert_eq!(grpc_code(s(503), "unknown-service"), 14);
-        assert_eq!(grpc_code(s(502), "upstream-connect"), 14);
-        assert_eq!(grpc_code(s(502), "peer-not-serving"), 14);
-        assert_eq!(grpc_code(s(504), "timeout"), 4);
-        assert_eq!(grpc_code(s(504), "deadline-exceeded"), 4);
-        assert_eq!(grpc_code(s(403), "forbidden"), 7);
-        assert_eq!(grpc_code(s(403), "unauthorized"), 7);
-        assert_eq!(grpc_code(s(429), "rate-limited"), 8);
-        assert_eq!(grpc_code(s(400), "no-host"), 13);
-        assert_eq!(grpc_code(s(418), "fault-injected"), 2);
-    }
-
-    #[test]
-    fn grpc_failure_is_trailers_only_and_names_cause_and_service() {
-        let mut e = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "the service's rate limit is exhausted",
-        );
-        e.headers_mut()
-            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(2));
-        let r = grpc_failure(e, "api");
-        assert_eq!(r.status(), 200);
-        assert!(r.body().is_end_stream());
-        let h = r.headers();
-        assert_eq!(h["content-type"], "application/grpc");
-        assert_eq!(h["grpc-status"], "8");
-        assert_eq!(h["shoal-error"], "rate-limited");
-        assert_eq!(h["retry-after"], "2");
-        let msg = h["grpc-message"].to_str().unwrap();
-        assert!(
-            msg.contains("rate-limited") && msg.contains("(service api)"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn grpc_message_is_percent_encoded() {
-        assert_eq!(percent_encode("a b%c"), "a b%25c");
-        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
     }
 }

@@ -1,0 +1,74 @@
+//! Body helpers the request path shares: an empty and a whole body, a
+//! buffered body replayed for retries, and a body that keeps guards (in-flight
+//! counts, a cancel handle) alive until it is dropped.
+
+use std::any::Any;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::frame::{BoxError, ProxyBody};
+
+/// An empty body.
+pub(crate) fn empty() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A body of `data`, whole.
+pub(crate) fn full(data: Bytes) -> ProxyBody {
+    Full::new(data).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A buffered request body (and its trailers), sent again on a retry.
+pub(crate) fn replay(data: Bytes, trailers: Option<HeaderMap>) -> ProxyBody {
+    let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = Vec::new();
+    if !data.is_empty() {
+        frames.push(Ok(Frame::data(data)));
+    }
+    if let Some(t) = trailers {
+        frames.push(Ok(Frame::trailers(t)));
+    }
+    if frames.is_empty() {
+        return empty();
+    }
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+}
+
+/// `inner`, keeping `guards` alive until the body is dropped.
+pub(crate) fn guarded(inner: ProxyBody, guards: Vec<Box<dyn Any + Send>>) -> ProxyBody {
+    Guarded {
+        inner,
+        _guards: guards,
+    }
+    .boxed_unsync()
+}
+
+/// A body that keeps guards alive until it is dropped.
+struct Guarded {
+    inner: ProxyBody,
+    _guards: Vec<Box<dyn Any + Send>>,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
