@@ -12,6 +12,7 @@ pub mod guard;
 mod membership;
 mod relay;
 pub mod schema;
+pub mod seeds;
 pub mod wire;
 
 pub use membership::{

@@ -72,6 +72,10 @@ pub struct GossipConfig {
     /// How long dead and left members stay listed before they are forgotten.
     /// Default 1 h.
     pub dead_grace: Duration,
+    /// How often seeds are resolved again (a DNS name's addresses change as
+    /// nodes come and go); each resolved address that is not a live member
+    /// gets a gossip exchange. Default 10 s.
+    pub seed_refresh: Duration,
 }
 
 impl GossipConfig {
@@ -84,6 +88,7 @@ impl GossipConfig {
             interval: Duration::from_millis(500),
             phi_threshold: 8.0,
             dead_grace: Duration::from_secs(3600),
+            seed_refresh: Duration::from_secs(10),
         }
     }
 
@@ -184,19 +189,19 @@ pub struct MemberEvent {
     pub current: Option<MemberState>,
 }
 
-struct Shared {
-    handle: ChitchatHandle,
+pub(crate) struct Shared {
+    pub(crate) handle: ChitchatHandle,
     guard: Arc<Guard>,
     signer: Mutex<Arc<Signer>>,
     failure: Mutex<Option<String>>,
     duplicate: Mutex<Option<SocketAddr>>,
-    stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     relays: Arc<Relays>,
-    config: GossipConfig,
-    self_id: ChitchatId,
+    pub(crate) config: GossipConfig,
+    pub(crate) self_id: ChitchatId,
     events: broadcast::Sender<MemberEvent>,
     heartbeats: Mutex<HashMap<ChitchatId, (chitchat::Heartbeat, Instant)>>,
-    joined: AtomicBool,
+    pub(crate) joined: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -285,6 +290,18 @@ impl Gossip {
             gossip.set_key(&k, &v).await;
         }
         let watcher = tokio::spawn(watch_members(Arc::downgrade(&gossip.shared)));
+        // Literal seeds stay in chitchat's seed set for good; only names
+        // can change their answer.
+        if gossip
+            .shared
+            .config
+            .seeds
+            .iter()
+            .any(|s| s.parse::<SocketAddr>().is_err())
+        {
+            let t = tokio::spawn(crate::seeds::refresh_loop(Arc::downgrade(&gossip.shared)));
+            gossip.shared.tasks.lock().unwrap().push(t);
+        }
         let weak = Arc::downgrade(&gossip.shared);
         let sentinel = tokio::spawn(async move {
             let result = termination.await;
@@ -581,7 +598,7 @@ impl Gossip {
     }
 }
 
-async fn members(shared: &Shared) -> Vec<Member> {
+pub(crate) async fn members(shared: &Shared) -> Vec<Member> {
     let chitchat = shared.handle.chitchat();
     let c = chitchat.lock().await;
     let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
@@ -690,10 +707,42 @@ async fn check_twins(shared: &Shared, twins: &mut HashMap<ChitchatId, (chitchat:
     }
 }
 
+/// Logs a member state change. A member first seen before the failure
+/// detector has heard from it shows as dead for a moment; that is not news,
+/// so it is logged (at debug) as discovered, and its first `alive` as
+/// joined, instead of `None -> dead -> alive`.
+fn log_change(
+    unconfirmed: &mut std::collections::HashSet<String>,
+    name: &str,
+    previous: Option<MemberState>,
+    state: MemberState,
+) {
+    match (previous, state) {
+        (None, MemberState::Alive) => tracing::info!(member = %name, "member joined"),
+        (None, other) => {
+            unconfirmed.insert(name.to_string());
+            tracing::debug!(member = %name, state = %other, "member discovered; waiting for its heartbeat");
+        }
+        (Some(_), MemberState::Alive) if unconfirmed.remove(name) => {
+            tracing::info!(member = %name, "member joined")
+        }
+        (Some(from), to) => {
+            if unconfirmed.contains(name) && to == MemberState::Dead {
+                return;
+            }
+            unconfirmed.remove(name);
+            tracing::info!(member = %name, %from, %to, "member state changed")
+        }
+    }
+}
+
 /// Emits [`MemberEvent`]s and latches `joined`.
 async fn watch_members(weak: std::sync::Weak<Shared>) {
     let mut known: HashMap<String, MemberState> = HashMap::new();
     let mut twins: HashMap<ChitchatId, (chitchat::Heartbeat, u32)> = HashMap::new();
+    // Members first seen as not alive: the failure detector has not yet
+    // heard their heartbeat, which says nothing about them.
+    let mut unconfirmed: std::collections::HashSet<String> = Default::default();
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let tick = shared.config.interval.min(Duration::from_millis(250));
@@ -704,7 +753,7 @@ async fn watch_members(weak: std::sync::Weak<Shared>) {
         for m in &list {
             let previous = known.get(&m.name).copied();
             if previous != Some(m.state) {
-                tracing::info!(member = %m.name, from = ?previous, to = %m.state, "member state changed");
+                log_change(&mut unconfirmed, &m.name, previous, m.state);
                 let _ = shared.events.send(MemberEvent {
                     name: m.name.clone(),
                     previous,
@@ -715,6 +764,7 @@ async fn watch_members(weak: std::sync::Weak<Shared>) {
         }
         for (name, state) in &known {
             if !seen.contains_key(name) {
+                unconfirmed.remove(name);
                 let _ = shared.events.send(MemberEvent {
                     name: name.clone(),
                     previous: Some(*state),

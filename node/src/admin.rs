@@ -4,7 +4,8 @@
 //! |--------|---------------|--------------------------------------------------|
 //! | GET    | `/v1/members` | JSON array of members                            |
 //! | GET    | `/healthz`    | 200 while the process runs                       |
-//! | GET    | `/readyz`     | 200 once joined (heard from a peer, or no seeds) and the routing table was built since |
+//! | GET    | `/readyz`     | 200 once routable (heard from a peer, or no seeds; routing table built); else 503 saying why |
+//! | POST   | `/shutdown`   | drain and exit the node process (token, or loopback without one) |
 //! | GET    | `/metrics`    | Prometheus text format                           |
 //! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
 //! | GET    | `/v1/stats`   | JSON per edge (and per HTTPRoute on it) over the last minute: rps, success rate, p50/p95/p99 |
@@ -84,28 +85,8 @@ async fn route(
             ),
             None => text(StatusCode::OK, "ok\n"),
         },
-        (&Method::GET, "/readyz") => {
-            if let Some(why) = state.gossip.failure() {
-                text_owned(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("gossip stopped: {why}\n"),
-                )
-            } else if let Some(other) = state.gossip.duplicate_of_self() {
-                text_owned(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("another node with this name is alive at {other}\n"),
-                )
-            } else if !state.gossip.joined().await {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not joined yet\n")
-            } else if !state.proxy.routes_ready() {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "routing table not built yet\n",
-                )
-            } else {
-                text(StatusCode::OK, "ready\n")
-            }
-        }
+        (&Method::GET, "/readyz") => readyz(state).await,
+        (&Method::POST, "/shutdown") => shutdown(&req, peer, state),
         (&Method::GET, "/v1/members") => json(&state.gossip.members().await),
         (&Method::GET, "/v1/services") => json(&state.proxy.services()),
         (&Method::GET, "/v1/stats") => json(&state.proxy.stats()),
@@ -119,11 +100,33 @@ async fn route(
                 .body(Full::new(Bytes::from(body)))
                 .unwrap_or_default()
         }
-        (_, "/healthz" | "/readyz" | "/v1/members" | "/metrics") => {
+        (_, "/healthz" | "/readyz" | "/v1/members" | "/metrics" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `/readyz`: 200 `ready` when routable, else 503 with the reason.
+async fn readyz(state: &NodeState) -> Response<Full<Bytes>> {
+    match state.readiness.check(state).await {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(why) => text_owned(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+/// `POST /shutdown`: the process drains and exits (as on SIGTERM). Needs
+/// the admin token when the node has one, else a loopback caller.
+fn shutdown(req: &Request<Incoming>, peer: SocketAddr, state: &NodeState) -> Response<Full<Bytes>> {
+    if let Err(refused) = crate::admin_policy::authorize(req.headers(), peer, state) {
+        return *refused;
+    }
+    tracing::info!(%peer, "shutdown requested");
+    let _ = state.stop.send(true);
+    text(StatusCode::ACCEPTED, "draining, then exiting\n")
 }
 
 fn text_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {

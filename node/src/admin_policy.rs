@@ -56,8 +56,8 @@ pub(crate) async fn handle(
 }
 
 /// Writes need `Authorization: Bearer <token>` when the node has a token;
-/// without one, only loopback callers may write.
-fn authorize(
+/// without one, only loopback callers may write. (`POST /shutdown` too.)
+pub(crate) fn authorize(
     headers: &HeaderMap,
     peer: SocketAddr,
     state: &NodeState,
@@ -194,17 +194,21 @@ async fn put(
     }
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
     let source = Some(text_body.to_string());
-    match state.store.put_signed(
-        kind,
-        name,
-        SignedWrite {
-            doc: Some(doc),
-            source,
-            signature: sig,
-            operator,
-        },
-        if_match,
-    ) {
+    match state
+        .store
+        .put_signed_off_thread(
+            kind,
+            name,
+            SignedWrite {
+                doc: Some(doc),
+                source,
+                signature: sig,
+                operator,
+            },
+            if_match,
+        )
+        .await
+    {
         Ok(w) => {
             let status = if w.existed || w.unchanged {
                 StatusCode::OK
@@ -264,17 +268,21 @@ async fn delete(
         Err(resp) => return *resp,
     };
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    match state.store.put_signed(
-        kind,
-        name,
-        SignedWrite {
-            doc: None,
-            source: None,
-            signature: sig,
-            operator,
-        },
-        if_match,
-    ) {
+    match state
+        .store
+        .put_signed_off_thread(
+            kind,
+            name,
+            SignedWrite {
+                doc: None,
+                source: None,
+                signature: sig,
+                operator,
+            },
+            if_match,
+        )
+        .await
+    {
         Ok(w) => accepted(state, w, StatusCode::OK, query).await,
         Err(e) => store_error(state, e),
     }

@@ -44,6 +44,34 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Run a node and an app beside it: start the node, wait until it is
+    /// ready, start APP with SHOAL_OUTBOUND and http_proxy set, forward
+    /// SIGTERM/SIGINT to it, and when it exits drain the node and exit
+    /// with the app's code.
+    Run(Box<RunArgs>),
+    /// Wait until a node is ready (its /readyz answers 200); exit 1 on timeout.
+    Await {
+        /// The node's admin address.
+        #[arg(long, default_value = "127.0.0.1:9000", env = "SHOAL_ADMIN")]
+        admin: String,
+        /// How long to wait, e.g. 30s or 500ms.
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+    },
+    /// Check a node's setup without starting it: certificates, ports,
+    /// seeds (a real QUIC handshake), data dir, admin token. One line per
+    /// check; exit 1 if any fails.
+    Check(Box<NodeArgs>),
+}
+
+/// `shoal run` arguments: node flags, then `--`, then the app.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// The app and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "APP")]
+    app: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,6 +176,21 @@ enum CertCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Reissue a node certificate from the CA with the same node and service
+    /// names and a new key (node.pem, node.key in --certs; ca.pem is left
+    /// alone). A running node picks it up within seconds.
+    Renew {
+        /// Folder holding the CA (ca.pem, ca.key); its certificate must be
+        /// in --certs/ca.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node's certificate folder (ca.pem, node.pem, node.key).
+        #[arg(long)]
+        certs: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::DEFAULT_NODE_DAYS)]
+        days: u32,
+    },
     /// Issue an operator certificate, the one that signs policy writes:
     /// OUT/{ca.pem,operator.pem,operator.key} (key mode 0600). URI SAN:
     /// spiffe://<td>/operator/<name> only (not usable as a node).
@@ -195,6 +238,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Cert(c) => cert(c),
         Command::Node(args) => {
+            let print_config = args.print_config;
             let config = match NodeConfig::resolve(*args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -202,6 +246,10 @@ pub fn main() -> i32 {
                     return EXIT_USAGE;
                 }
             };
+            if print_config {
+                print!("{}", crate::config::to_toml(&config));
+                return 0;
+            }
             init_tracing(config.log_format);
             node_runtime(config.worker_threads).block_on(run_node(config))
         }
@@ -221,6 +269,39 @@ pub fn main() -> i32 {
             }
             init_tracing(LogFormat::Text);
             runtime().block_on(crate::up::run(nodes))
+        }
+        Command::Run(args) => {
+            let RunArgs { node, app } = *args;
+            let config = match NodeConfig::resolve(node) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("shoal: invalid configuration: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            init_tracing(config.log_format);
+            node_runtime(config.worker_threads).block_on(crate::cli_life::run_app(config, app))
+        }
+        Command::Await { admin, timeout } => {
+            let timeout = match crate::config::parse_duration(&timeout) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("shoal: --timeout: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            runtime().block_on(crate::cli_life::await_ready(&admin, timeout))
+        }
+        Command::Check(args) => {
+            let config = match NodeConfig::resolve(*args) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("FAIL  configuration: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            transport::install_crypto_provider();
+            runtime().block_on(crate::cli_life::check(config))
         }
     }
 }
@@ -245,8 +326,12 @@ fn runtime() -> tokio::runtime::Runtime {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person watching a terminal; NO_COLOR turns it off.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -279,6 +364,20 @@ fn cert(c: CertCommand) -> i32 {
                 println!(
                     "wrote {0}/ca.pem, {0}/node.pem and {0}/node.key for node {name}",
                     out.display()
+                )
+            })
+        }
+        CertCommand::Renew { ca, certs: dir, days } => {
+            certs::renew_node(&ca, &dir, Validity::days(days)).map(|r| {
+                let services = if r.services.is_empty() {
+                    "no services".to_string()
+                } else {
+                    format!("services {}", r.services.join(","))
+                };
+                println!(
+                    "renewed {}/node.pem for node {} ({services}) for {days} days; a running node uses it for its next handshake",
+                    dir.display(),
+                    r.node
                 )
             })
         }
@@ -327,6 +426,7 @@ async fn run_node(config: NodeConfig) -> i32 {
     );
     tokio::select! {
         _ = wait_for_signal() => {}
+        _ = node.stop_requested() => tracing::info!("shutdown requested through the admin API"),
         (code, why) = node.fatal() => {
             eprintln!("shoal: node {name}: {why}");
             node.kill().await;
@@ -367,11 +467,11 @@ async fn members(admin: &str) -> i32 {
 /// naming the address and returns exit code 1.
 pub async fn get_json<T: serde::de::DeserializeOwned>(admin: &str, path: &str) -> Result<T, i32> {
     let body = get(admin, path).await.map_err(|e| {
-        eprintln!("shoal: {admin}: {e}");
+        eprintln!("shoal: {e}");
         1
     })?;
     serde_json::from_slice(&body).map_err(|e| {
-        eprintln!("shoal: {admin}: unexpected answer: {e}");
+        eprintln!("shoal: admin API at {admin}: unexpected answer: {e}");
         1
     })
 }
@@ -448,15 +548,30 @@ pub async fn get(admin: &str, path: &str) -> Result<bytes::Bytes, String> {
     let (status, body) = request(admin, http::Method::GET, path, &[], bytes::Bytes::new()).await?;
     if !status.is_success() {
         return Err(format!(
-            "{status}: {}",
+            "admin API at {admin}: {status}: {}",
             String::from_utf8_lossy(&body).trim()
         ));
     }
     Ok(body)
 }
 
-/// One HTTP/1.1 request to an admin address; returns status and body.
+/// One HTTP/1.1 request to an admin address; returns status and body. A
+/// failure to reach it names the address tried and how to pick another.
 pub async fn request(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: bytes::Bytes,
+) -> Result<(http::StatusCode, bytes::Bytes), String> {
+    request_inner(admin, method, path, headers, body)
+        .await
+        .map_err(|e| {
+            format!("admin API at {admin}: {e} (is a node's admin API there? pass --admin ADDR or set SHOAL_ADMIN)")
+        })
+}
+
+async fn request_inner(
     admin: &str,
     method: http::Method,
     path: &str,

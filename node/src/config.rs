@@ -16,10 +16,15 @@ use serde::Deserialize;
 /// Exit code for bad usage or configuration (EX_USAGE).
 pub const EXIT_USAGE: i32 = 64;
 
+/// Default `--join-timeout`.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub use proxy::config::{ConfigError, parse_duration};
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -76,6 +81,14 @@ pub struct NodeArgs {
     /// TOML config file; flags and SHOAL_* variables override it.
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// How long a node restarted with remembered peers (`--data-dir`) waits
+    /// to hear from one before it is ready anyway [default: 30s].
+    #[arg(long, env = "SHOAL_JOIN_TIMEOUT")]
+    pub join_timeout: Option<String>,
+    /// Print the effective configuration as TOML (a valid --config file)
+    /// and exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Proxy flags (services, outbound listener, timeouts).
     #[command(flatten)]
     pub proxy: proxy::ProxyArgs,
@@ -105,6 +118,7 @@ struct FileConfig {
     upstream: Vec<proxy::config::UpstreamFile>,
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
+    join_timeout: Option<String>,
 }
 
 /// A node's complete, validated configuration.
@@ -139,6 +153,9 @@ pub struct NodeConfig {
     pub socket_layer: Option<std::sync::Arc<dyn transport::socket::SocketLayer>>,
     /// Proxy settings.
     pub proxy: proxy::ProxyConfig,
+    /// How long a restarted node that remembers peers waits for one before
+    /// it is ready anyway.
+    pub join_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -159,6 +176,7 @@ impl NodeConfig {
             worker_threads: None,
             socket_layer: None,
             proxy: proxy::ProxyConfig::default(),
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
         }
     }
 
@@ -234,6 +252,10 @@ impl NodeConfig {
                 "must be between 1 and 1024",
             ));
         }
+        let join_timeout = match args.join_timeout.or(file.join_timeout) {
+            Some(s) => parse_duration(&s).map_err(|m| ConfigError::new("--join-timeout", m))?,
+            None => DEFAULT_JOIN_TIMEOUT,
+        };
         let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
         if !(1.0..=100.0).contains(&phi_threshold) {
             return Err(ConfigError::new(
@@ -256,28 +278,173 @@ impl NodeConfig {
             worker_threads,
             socket_layer: None,
             proxy,
+            join_timeout,
         })
     }
 }
 
+/// The effective configuration as a `--config` file (`shoal node
+/// --print-config`): every key the file accepts, with the value in force,
+/// and the flag-only settings as comments.
+pub fn to_toml(c: &NodeConfig) -> String {
+    #[derive(serde::Serialize)]
+    struct Service {
+        name: String,
+        address: String,
+        protocol: proxy::Protocol,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        health_path: Option<String>,
+        health_interval: String,
+        weight: u32,
+    }
+    #[derive(serde::Serialize)]
+    struct Upstream {
+        service: String,
+        listen: String,
+    }
+    #[derive(serde::Serialize)]
+    struct File {
+        name: String,
+        listen: String,
+        admin: String,
+        seeds: Vec<String>,
+        certs: PathBuf,
+        zone: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_dir: Option<PathBuf>,
+        gossip_interval: String,
+        phi_threshold: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        admin_token_file: Option<PathBuf>,
+        log_format: LogFormat,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        worker_threads: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        outbound: Option<String>,
+        request_timeout: String,
+        drain_timeout: String,
+        join_timeout: String,
+        service: Vec<Service>,
+        upstream: Vec<Upstream>,
+    }
+    let p = &c.proxy;
+    let file = File {
+        name: c.name.clone(),
+        listen: c.listen.to_string(),
+        admin: c.admin.to_string(),
+        seeds: c.seeds.clone(),
+        certs: c.certs.clone(),
+        zone: c.zone.clone(),
+        data_dir: c.data_dir.clone(),
+        gossip_interval: duration_text(c.gossip_interval),
+        phi_threshold: c.phi_threshold,
+        admin_token_file: c.admin_token_file.clone(),
+        log_format: c.log_format,
+        worker_threads: c.worker_threads,
+        outbound: p.outbound.map(|a| a.to_string()),
+        request_timeout: duration_text(p.request_timeout),
+        drain_timeout: duration_text(p.drain_timeout),
+        join_timeout: duration_text(c.join_timeout),
+        service: p
+            .services
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                address: s.addr.to_string(),
+                protocol: s.protocol,
+                health_path: s.health_path.clone(),
+                health_interval: duration_text(s.health_interval),
+                weight: s.weight,
+            })
+            .collect(),
+        upstream: p
+            .upstreams
+            .iter()
+            .map(|u| Upstream {
+                service: u.service.clone(),
+                listen: u.listen.to_string(),
+            })
+            .collect(),
+    };
+    let mut out = toml::to_string(&file).unwrap_or_else(|e| format!("# cannot encode: {e}\n"));
+    out.push_str(&format!(
+        "\n# Flag and SHOAL_* only (no config key):\n\
+         # --header-read-timeout {}\n# --http-idle-timeout {}\n\
+         # --max-connections {}\n# --admin-max-connections {}\n",
+        duration_text(p.header_read_timeout),
+        duration_text(p.http_idle_timeout),
+        p.max_connections,
+        p.admin_max_connections,
+    ));
+    out
+}
+
+/// A duration as `parse_duration` reads it back: whole seconds as `Ns`,
+/// anything else in milliseconds.
+fn duration_text(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let field = |f: &str| format!("{}: {f}", path.display());
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("--config", format!("{}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        let key = e
-            .span()
-            .and_then(|span| {
-                text[..span.start.min(text.len())]
-                    .lines()
-                    .last()
-                    .map(str::to_string)
-            })
-            .and_then(|line| line.split('=').next().map(|k| k.trim().to_string()))
-            .filter(|k| !k.is_empty())
-            .unwrap_or_else(|| "file".into());
-        ConfigError::new(field(&key), e.message().replace('\n', " "))
+        let msg = e.message().replace('\n', " ");
+        let (line, key) = locate_error(&text, e.span(), &msg);
+        let at = match line {
+            Some(n) => format!("{}:{n}", path.display()),
+            None => path.display().to_string(),
+        };
+        ConfigError::new(
+            format!("{at}: {}", key.unwrap_or_else(|| "file".into())),
+            msg,
+        )
     })
+}
+
+/// The line (1-based) and key a TOML error is about. An unknown key is
+/// named by the message itself (its span covers the whole table, so the
+/// text around it would name a neighbour); other errors point at a value,
+/// whose line starts with its key.
+fn locate_error(
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    msg: &str,
+) -> (Option<usize>, Option<String>) {
+    let key_of = |line: &str| {
+        let k = line.split('=').next().unwrap_or("").trim();
+        (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+    };
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        let from_line = span
+            .as_ref()
+            .map_or(0, |s| text[..s.start.min(text.len())].matches('\n').count());
+        let found = text
+            .lines()
+            .enumerate()
+            .skip(from_line)
+            .find(|(_, l)| key_of(l).as_deref() == Some(field))
+            .map(|(i, _)| i + 1);
+        return (found, Some(field.to_string()));
+    }
+    let Some(span) = span else {
+        return (None, None);
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = key_of(line).or_else(|| {
+        // A value on its own line (an array or table) belongs to the
+        // nearest key above it.
+        text[..start].lines().rev().find_map(key_of)
+    });
+    (Some(line_no), key)
 }
 
 /// Logs each `SHOAL_*` variable that overrides a value the file set.
@@ -300,6 +467,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_UPSTREAM", !file.upstream.is_empty()),
         ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
         ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
+        ("SHOAL_JOIN_TIMEOUT", file.join_timeout.is_some()),
     ];
     for (var, in_file) in set {
         if in_file && std::env::var_os(var).is_some() {
@@ -421,6 +589,79 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(err.field, "--gossip-interval");
+    }
+}
+
+#[cfg(test)]
+mod error_location_tests {
+    use super::{NodeArgs, NodeConfig, to_toml};
+
+    fn certs() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        d
+    }
+
+    fn error_of(text: &str) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("shoal.toml");
+        std::fs::write(&file, text).unwrap();
+        let err = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        err.to_string()
+            .replace(&file.display().to_string(), "shoal.toml")
+    }
+
+    #[test]
+    fn config_file_errors_name_the_field_its_file_and_line() {
+        let e = error_of("name = \"n1\"\nzone = \"z\"\ncertz = \"x\"\n");
+        assert!(
+            e.starts_with("shoal.toml:3: certz: unknown field `certz`"),
+            "{e}"
+        );
+        let e = error_of("name = \"n1\"\n\nphi_threshold = \"high\"\n");
+        assert!(e.starts_with("shoal.toml:3: phi_threshold: "), "{e}");
+        let e = error_of("name = \"n1\"\n[[service]]\nname = \"web\"\nadress = \"x\"\n");
+        assert!(
+            e.starts_with("shoal.toml:4: adress: unknown field `adress`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn print_config_is_a_config_file_that_reads_back_the_same() {
+        let c = certs();
+        let cfg = NodeConfig::resolve(NodeArgs {
+            name: Some("n1".into()),
+            certs: Some(c.path().into()),
+            seeds: vec!["127.0.0.1:7001".into()],
+            join_timeout: Some("1500ms".into()),
+            proxy: proxy::ProxyArgs {
+                services: vec!["web=127.0.0.1:8080".into()],
+                outbound: Some("127.0.0.1:4140".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        let text = to_toml(&cfg);
+        assert!(text.contains("join_timeout = \"1500ms\""), "{text}");
+        assert!(text.contains("[[service]]"), "{text}");
+        let file = c.path().join("printed.toml");
+        std::fs::write(&file, &text).unwrap();
+        let back = NodeConfig::resolve(NodeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(to_toml(&back), text);
+        assert_eq!(back.seeds, cfg.seeds);
+        assert_eq!(back.proxy.services.len(), 1);
     }
 }
 

@@ -7,10 +7,12 @@
 mod admin;
 mod admin_policy;
 pub mod cli;
+mod cli_life;
 mod cli_policy;
 mod cli_stat;
 pub mod config;
 mod demo;
+pub mod lifecycle;
 pub mod metrics;
 mod node;
 mod tap;

@@ -60,6 +60,77 @@ impl Metrics {
     }
 }
 
+/// Registers `shoal_cert_expiry_timestamp_seconds{cert,id}`: when each
+/// certificate this node depends on expires — its own (`node`), each CA it
+/// trusts (`ca`), and each operator whose signature is on a policy it holds
+/// (`operator`). Read from disk and the policy store at scrape time, so a
+/// renewed certificate shows at the next scrape.
+pub fn register_cert_expiry(
+    registry: &mut Registry,
+    certs: std::path::PathBuf,
+    store: Arc<policy::PolicyStore>,
+) {
+    registry.register_collector(Box::new(CertExpiryCollector { certs, store }));
+}
+
+struct CertExpiryCollector {
+    certs: std::path::PathBuf,
+    store: Arc<policy::PolicyStore>,
+}
+
+impl fmt::Debug for CertExpiryCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertExpiryCollector")
+    }
+}
+
+impl CertExpiryCollector {
+    /// `(cert kind, id, not_after)` for every certificate, deduplicated.
+    fn expiries(&self) -> Vec<(&'static str, String, i64)> {
+        use transport::certs::{CA_CERT, NODE_CERT, summarize_der, summarize_pem_file};
+        let mut out = Vec::new();
+        for (kind, file) in [("node", NODE_CERT), ("ca", CA_CERT)] {
+            for c in summarize_pem_file(&self.certs.join(file)).unwrap_or_default() {
+                let id = c.uris.first().cloned().unwrap_or(c.subject);
+                out.push((kind, id, c.not_after));
+            }
+        }
+        for entry in self.store.entries() {
+            let cert = entry
+                .provenance
+                .as_ref()
+                .and_then(|p| p.signature.as_ref())
+                .and_then(|s| summarize_der(&s.cert));
+            if let Some(c) = cert {
+                let id = c.uris.first().cloned().unwrap_or(c.subject);
+                out.push(("operator", id, c.not_after));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+impl prometheus_client::collector::Collector for CertExpiryCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        let mut family = enc.encode_descriptor(
+            "cert_expiry_timestamp_seconds",
+            "When a certificate stops being valid (Unix seconds), by certificate: the node's own, each trusted CA, each operator that signed a policy held here",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (kind, id, not_after) in self.expiries() {
+            let labels = [
+                ("cert".to_string(), kind.to_string()),
+                ("id".to_string(), id),
+            ];
+            ConstGauge::new(not_after).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Reads endpoint and gossip counters at scrape time.
 struct NodeCollector {
     endpoint: Endpoint,

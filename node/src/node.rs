@@ -45,6 +45,9 @@ pub enum NodeError {
     },
 }
 
+/// The shortest admin token a node accepts.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
 /// What the admin API and other parts of the node share.
 pub(crate) struct NodeState {
     pub gossip: Gossip,
@@ -54,6 +57,10 @@ pub(crate) struct NodeState {
     pub policy_metrics: PolicyMetrics,
     pub admin_token: Option<String>,
     pub proxy: Arc<Proxy>,
+    /// Whether the node is routable, and why not (`/readyz`).
+    pub readiness: Arc<crate::lifecycle::Readiness>,
+    /// Flipped by `POST /shutdown`: the process drains and exits.
+    pub stop: watch::Sender<bool>,
 }
 
 /// A running node.
@@ -66,6 +73,7 @@ pub struct Node {
     proxy: Arc<Proxy>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    state: Arc<NodeState>,
 }
 
 impl Node {
@@ -107,8 +115,22 @@ impl Node {
                 source,
             })?;
 
+        // Peers remembered from the last run are extra seeds, so a node
+        // restarted without --seed finds its mesh again.
+        let remembered = config
+            .data_dir
+            .as_deref()
+            .map(crate::lifecycle::remembered_peers)
+            .unwrap_or_default();
+        let mut seeds = config.seeds.clone();
+        for p in &remembered {
+            let addr = p.addr.to_string();
+            if p.addr != endpoint.local_addr() && !seeds.contains(&addr) {
+                seeds.push(addr);
+            }
+        }
         let mut gossip_config = GossipConfig::new(config.name.clone());
-        gossip_config.seeds = config.seeds.clone();
+        gossip_config.seeds = seeds.clone();
         gossip_config.interval = config.gossip_interval;
         gossip_config.phi_threshold = config.phi_threshold;
         let record = NodeRecord::new(
@@ -128,6 +150,11 @@ impl Node {
         }
         let store = Arc::new(PolicyStore::open(&config.name, config.data_dir.as_deref())?);
         let mut metrics = Metrics::new(endpoint.clone(), gossip.clone());
+        crate::metrics::register_cert_expiry(
+            metrics.registry_mut(),
+            config.certs.clone(),
+            store.clone(),
+        );
         let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
         let trust = policy::Trust::from_cert_dir(&config.certs, &identity.trust_domain)
             .map_err(|e| NodeError::Certificate(format!("CA for operator signatures: {e}")))?;
@@ -157,7 +184,14 @@ impl Node {
             )
             .await?,
         );
+        let readiness = Arc::new(crate::lifecycle::Readiness::new(
+            seeds.clone(),
+            !remembered.is_empty(),
+        ));
+        let (stop, _) = watch::channel(false);
         let state = Arc::new(NodeState {
+            readiness: readiness.clone(),
+            stop,
             gossip: gossip.clone(),
             metrics,
             proxy: proxy.clone(),
@@ -170,10 +204,13 @@ impl Node {
             gossip.clone(),
             endpoint.clone(),
         )));
+        tasks.extend(lifecycle_tasks(
+            &config, &gossip, &endpoint, readiness, seeds,
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         tasks.push(tokio::spawn(crate::admin::serve(
             admin_listener,
-            state,
+            state.clone(),
             shutdown_rx,
         )));
         tracing::info!(
@@ -191,7 +228,20 @@ impl Node {
             proxy,
             shutdown,
             tasks,
+            state,
         })
+    }
+
+    /// `Ok` once the node is routable (what `/readyz` answers 200 to);
+    /// otherwise why not.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.state.readiness.check(&self.state).await
+    }
+
+    /// Resolves when someone asked this node to stop (`POST /shutdown`).
+    pub async fn stop_requested(&self) {
+        let mut rx = self.state.stop.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
     }
 
     /// Resolves when the node must stop: gossip died (exit code 70: the
@@ -308,10 +358,37 @@ impl Node {
     }
 }
 
-/// Closes the connection to a member as soon as gossip declares it dead or
+/// The background tasks of [`crate::lifecycle`]: the bound on waiting for a
+/// remembered peer, remembering peers, seed and certificate warnings.
+fn lifecycle_tasks(
+    config: &NodeConfig,
+    gossip: &Gossip,
+    endpoint: &Endpoint,
+    readiness: Arc<crate::lifecycle::Readiness>,
+    seeds: Vec<String>,
+) -> Vec<JoinHandle<()>> {
+    use crate::lifecycle as l;
+    let mut tasks = vec![
+        tokio::spawn(readiness.bound_wait(gossip.clone(), config.join_timeout)),
+        tokio::spawn(l::warn_unreachable_seeds(
+            gossip.clone(),
+            endpoint.clone(),
+            seeds,
+        )),
+        tokio::spawn(l::warn_expiring_certificates(config.certs.clone())),
+    ];
+    if let Some(dir) = &config.data_dir {
+        tasks.push(tokio::spawn(l::remember_peers(gossip.clone(), dir.clone())));
+    }
+    tasks
+}
+
+/// Closes the connection to a member soon after gossip declares it dead or
 /// gone: a crashed peer sends no QUIC close, and requests in flight on its
 /// connection would otherwise wait for the idle timeout instead of failing
-/// over (retried elsewhere when safe).
+/// over (retried elsewhere when safe). A connection on which the member is
+/// still heard (a datagram within [`DEAD_CONNECTION_QUIET`]) is kept: the
+/// verdict was wrong.
 async fn drop_dead_connections(gossip: Gossip, endpoint: Endpoint) {
     let mut events = gossip.subscribe();
     loop {
@@ -332,11 +409,37 @@ async fn drop_dead_connections(gossip: Gossip, endpoint: Endpoint) {
             .map(|m| m.addr)
             .collect();
         for addr in addrs {
-            tracing::debug!(member = %event.name, %addr, "member dead: closing its connection");
-            endpoint.disconnect(addr);
+            let Some(conn) = endpoint.cached(addr) else {
+                continue;
+            };
+            let (endpoint, name) = (endpoint.clone(), event.name.clone());
+            tokio::spawn(async move {
+                // Gossip's verdict is an inference from silence; packets
+                // arriving on the connection are proof of life. After a
+                // stall of this node (or of the machine) every peer looks
+                // dead for a moment, and closing their connections would
+                // reset every request in flight on them.
+                let heard = conn.conn.stats().udp_rx.datagrams;
+                tokio::time::sleep(DEAD_CONNECTION_QUIET).await;
+                if conn.conn.stats().udp_rx.datagrams > heard {
+                    tracing::debug!(member = %name, %addr, "member declared dead still sends on its connection: keeping it");
+                    return;
+                }
+                if endpoint
+                    .cached(addr)
+                    .is_some_and(|c| c.conn.stable_id() == conn.conn.stable_id())
+                {
+                    tracing::debug!(member = %name, %addr, "member dead and silent: closing its connection");
+                    endpoint.disconnect(addr);
+                }
+            });
         }
     }
 }
+
+/// How long the connection to a member gossip declares dead must stay
+/// silent (no datagram received) before it is closed.
+const DEAD_CONNECTION_QUIET: Duration = Duration::from_millis(300);
 
 fn read_token(path: &std::path::Path) -> Result<String, NodeError> {
     let err = |msg: String| NodeError::Token {
@@ -345,8 +448,10 @@ fn read_token(path: &std::path::Path) -> Result<String, NodeError> {
     };
     let token = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let token = token.trim().to_string();
-    if token.len() < 16 {
-        return Err(err("token must be at least 16 characters".into()));
+    if token.chars().count() < MIN_TOKEN_CHARS {
+        return Err(err(format!(
+            "token must be at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`)"
+        )));
     }
     Ok(token)
 }

@@ -30,7 +30,8 @@ enum Command {
     },
     /// Run one scenario and print a verdict per invariant.
     Run {
-        /// Scenario file (TOML).
+        /// Scenario: a file path, or a bundled name as `simulate list` prints
+        /// it (`partition-heal`, `partition-heal.toml`, `ci/…`), from any folder.
         scenario: PathBuf,
         /// Seed for every random choice the harness makes [default: from the clock].
         #[arg(long)]
@@ -51,9 +52,14 @@ enum Command {
         /// Folder of scenario files.
         dir: PathBuf,
         /// Seed for every scenario [default: from the clock].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
-        /// Write one report folder per scenario under this folder.
+        /// Run the whole suite once per seed: a range and/or a list
+        /// (`1-20`, `1,7,42`, `1-5,42`), then print a scenario × seed table.
+        #[arg(long, value_parser = parse_seed_list)]
+        seeds: Option<SeedList>,
+        /// Write one report folder per scenario under this folder
+        /// (`seed-<N>/<scenario>` with `--seeds`).
         #[arg(long)]
         report: Option<PathBuf>,
         /// Run real `shoal node` processes (crash = SIGKILL, pause = SIGSTOP)
@@ -183,6 +189,109 @@ fn bench_cmd(cmd: BenchCommand) -> i32 {
     0
 }
 
+/// The most seeds one `--seeds` may name.
+pub const MAX_SEEDS: usize = 10_000;
+
+/// Parses `--seeds`: comma-separated seeds and inclusive ranges `A-B`
+/// (`1-20`, `1,7,42`, `1-5,42`), in the order given, each seed once.
+pub fn parse_seeds(s: &str) -> Result<Vec<u64>, String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("`{}` is not a seed (a whole number ≥ 0)", t.trim()))
+    };
+    let mut out: Vec<u64> = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("`{s}`: an empty entry; write e.g. 1-20 or 1,7,42"));
+        }
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let n = number(part)?;
+                (n, n)
+            }
+        };
+        if lo > hi {
+            return Err(format!("`{part}`: the range runs backwards"));
+        }
+        if hi - lo >= MAX_SEEDS as u64 || out.len() + (hi - lo) as usize >= MAX_SEEDS {
+            return Err(format!("`{s}`: more than {MAX_SEEDS} seeds"));
+        }
+        for n in lo..=hi {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The seeds of `--seeds`, in order (one value to clap, not many).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedList(pub Vec<u64>);
+
+fn parse_seed_list(s: &str) -> Result<SeedList, String> {
+    parse_seeds(s).map(SeedList)
+}
+
+/// The scenario file `arg` names: a path that exists, else a bundled
+/// scenario by the name `simulate list` prints (with or without `.toml`; a
+/// leading `simulate/scenarios/` as the README writes it is accepted too).
+pub fn find_scenario(arg: &Path) -> Result<PathBuf, String> {
+    if arg.is_file() {
+        return Ok(arg.to_path_buf());
+    }
+    let bundled = crate::bundled_dir();
+    let rel = arg.strip_prefix("simulate/scenarios").unwrap_or(arg);
+    let mut candidates = vec![bundled.join(rel)];
+    if rel.extension().is_none() {
+        candidates.push(bundled.join(rel).with_extension("toml"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        format!(
+            "{}: no such file, and no bundled scenario by that name (see `simulate list`)",
+            arg.display()
+        )
+    })
+}
+
+/// `simulate list`: one line per scenario. Output stops quietly when the
+/// reader goes away (`simulate list | head -3`).
+fn list(dir: &Path) -> i32 {
+    use std::io::Write;
+    let files = match crate::scenario_files(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("simulate: {}: {e}", dir.display());
+            return EXIT_USAGE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let mut code = 0;
+    for f in files {
+        let shown = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
+        let line = match crate::scenario::Scenario::load(&f) {
+            Ok(s) => format!(
+                "{shown:<28} {:>3} nodes {:>5.0}s  {}",
+                s.cluster.nodes.len(),
+                s.duration.as_secs_f64(),
+                s.description
+            ),
+            Err(e) => {
+                code = EXIT_FAILED;
+                format!("{shown:<28} INVALID: {e}")
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return code;
+        }
+    }
+    let _ = out.flush();
+    code
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     node::config::parse_duration(s)
 }
@@ -198,28 +307,38 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::List { dir } => crate::list(&dir.unwrap_or_else(crate::bundled_dir)),
+        Command::List { dir } => list(&dir.unwrap_or_else(crate::bundled_dir)),
         Command::Run {
             scenario,
             seed,
             report,
             processes,
             shoal,
-        } => crate::run_file(
-            &scenario,
-            seed.unwrap_or_else(clock_seed),
-            report.as_deref(),
-            processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
-        ),
+        } => {
+            let scenario = match find_scenario(&scenario) {
+                Ok(p) => p,
+                Err(msg) => {
+                    eprintln!("simulate: {msg}");
+                    return EXIT_USAGE;
+                }
+            };
+            crate::run_file(
+                &scenario,
+                seed.unwrap_or_else(clock_seed),
+                report.as_deref(),
+                processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
+            )
+        }
         Command::RunSuite {
             dir,
             seed,
+            seeds,
             report,
             processes,
             shoal,
         } => crate::run_suite(
             &dir,
-            seed.unwrap_or_else(clock_seed),
+            &seeds.map_or_else(|| vec![seed.unwrap_or_else(clock_seed)], |s| s.0),
             report.as_deref(),
             processes.then(|| shoal.unwrap_or_else(crate::process::default_binary)),
         ),
@@ -411,4 +530,55 @@ fn model_row(r: &ModelReport) -> String {
         r.wall_ms as f64 / 1000.0,
         r.peak_rss_mb,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_take_ranges_and_lists_and_refuse_nonsense() {
+        assert_eq!(parse_seeds("1-20"), Ok((1..=20).collect::<Vec<u64>>()));
+        assert_eq!(parse_seeds("42"), Ok(vec![42]));
+        assert_eq!(parse_seeds("7, 1-3,42,2"), Ok(vec![7, 1, 2, 3, 42]));
+        assert_eq!(parse_seeds("0-0"), Ok(vec![0]));
+        for bad in ["", "1,", "a", "5-1", "1-", "-3", "1-2-3", "0-10000", "1.5"] {
+            assert!(parse_seeds(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_seeds("5-1").unwrap_err().contains("backwards"));
+    }
+
+    #[test]
+    fn run_suite_takes_seeds_or_one_seed_not_both() {
+        let cli = Cli::try_parse_from(["simulate", "run-suite", "d", "--seeds", "1-3"]).unwrap();
+        match cli.command {
+            Command::RunSuite { seeds, seed, .. } => {
+                assert_eq!(seeds, Some(SeedList(vec![1, 2, 3])));
+                assert_eq!(seed, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["simulate", "run-suite", "d", "--seed", "42"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::RunSuite {
+                seed: Some(42),
+                seeds: None,
+                ..
+            }
+        ));
+        assert!(
+            Cli::try_parse_from([
+                "simulate",
+                "run-suite",
+                "d",
+                "--seed",
+                "1",
+                "--seeds",
+                "1-2"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["simulate", "run-suite", "d", "--seeds", "x"]).is_err());
+    }
 }

@@ -319,6 +319,25 @@ impl Truth {
                 _ => {}
             }
         }
+        // In process every node runs on the harness's runtime: while the
+        // machine kept it from running, every node was in effect paused (no
+        // heartbeats, no answers), as a `pause` step would do to one. Only
+        // stalls spent waiting for a CPU count (`Stall::starved`), never a
+        // process that was busy or blocked, and not with `--processes`,
+        // whose nodes do not run on the harness's runtime.
+        if trace.mode == "in-process" {
+            for stall in trace.stalls.iter().filter(|s| s.starved()) {
+                let (s, e) = stall.span();
+                for n in &trace.nodes {
+                    push(&mut t.disturbed, n, s, e);
+                }
+                t.faults.push((
+                    s,
+                    e,
+                    format!("the machine starved the harness for {:.1}s", e - s),
+                ));
+            }
+        }
         for (n, s) in open_down {
             push(&mut t.down, &n, s, inf);
             push(&mut t.disturbed, &n, s, inf);
@@ -476,11 +495,22 @@ fn no_false_dead(grace: Duration, truth: &Truth, trace: &Trace) -> Verdict {
         detail: match first {
             None => format!("{checked} views checked over {span:.1}s"),
             Some(f) => format!(
-                "{sightings} sightings, {} observer→member pairs; first: {f}",
-                pairs.len()
+                "{sightings} sightings, {} observer→member pairs; first: {f}; \
+                 the widest gap between samples (taken every 100 ms) was {:.2}s",
+                pairs.len(),
+                widest_gap(&trace.samples)
             ),
         },
     }
+}
+
+/// The longest time between two consecutive samples: how far the harness's
+/// own runtime fell behind on a busy machine (reported, never judged).
+fn widest_gap(samples: &[Sample]) -> f64 {
+    samples
+        .windows(2)
+        .map(|w| w[1].t - w[0].t)
+        .fold(0.0, f64::max)
 }
 
 /// Crash/pause detection (`left` false) or drain detection (`left` true).
@@ -575,10 +605,25 @@ fn describe(r: &RequestRecord) -> String {
         (None, Some(e)) => e.clone(),
         (None, None) => "no answer".into(),
     };
+    let late = if r.sent_at - r.t >= 0.005 {
+        format!(" (sent {:.2}s)", r.sent_at)
+    } else {
+        String::new()
+    };
     format!(
-        "{} from {} at {:.2}s: {outcome} after {:.2}s",
+        "{} from {} at {:.2}s{late}: {outcome} after {:.2}s",
         r.method, r.client, r.t, r.latency
     )
+}
+
+/// Whether a request's life, from the moment it actually went out (not its
+/// scheduled time: on a busy machine the driver sends late) to its answer,
+/// overlaps a fault window `[start, end + settle)`. A request that started
+/// before a fault and ended after the fault began belongs to that window.
+fn in_fault_window(r: &RequestRecord, faults: &[(f64, f64, String)], settle: f64) -> bool {
+    faults
+        .iter()
+        .any(|(s, e, _)| r.ended() >= *s && r.sent_at < e + settle)
 }
 
 /// Success ratios inside fault windows (plus `settle`) and outside them.
@@ -595,13 +640,7 @@ fn request_success(
         .requests
         .iter()
         .filter(|r| !r.denied && r.sent() && (!idempotent_only || r.idempotent));
-    // A request is in a fault window if its life (sent to answered) overlaps it.
-    let in_fault = |r: &RequestRecord| {
-        truth
-            .faults
-            .iter()
-            .any(|(s, e, _)| r.t + r.latency >= *s && r.t < e + settle)
-    };
+    let in_fault = |r: &RequestRecord| in_fault_window(r, &truth.faults, settle);
     let (mut d_ok, mut d_n, mut a_ok, mut a_n) = (0, 0, 0, 0);
     let mut first_d = None;
     let mut first_a = None;
@@ -665,6 +704,20 @@ fn request_success(
     }
     if let Some(f) = first_a {
         detail.push_str(&format!("; first failure outside: {f}"));
+    }
+    // How far behind its schedule the driver fell (a busy machine); said,
+    // never judged.
+    let lag = trace
+        .requests
+        .iter()
+        .filter(|r| r.sent())
+        .map(|r| r.sent_at - r.t)
+        .fold(0.0, f64::max);
+    if lag >= 0.05 {
+        detail.push_str(&format!(
+            "; the driver sent up to {:.0}ms behind schedule",
+            lag * 1000.0
+        ));
     }
     let latencies: Vec<f64> = trace
         .requests
@@ -1009,11 +1062,11 @@ fn authz(truth: &Truth, trace: &Trace) -> Verdict {
             .samples
             .iter()
             .rev()
-            .find(|s| s.t <= r.t && view(s, by).is_some());
+            .find(|s| s.t <= r.sent_at && view(s, by).is_some());
         let after = trace
             .samples
             .iter()
-            .find(|s| s.t >= r.t + r.latency && view(s, by).is_some());
+            .find(|s| s.t >= r.ended() && view(s, by).is_some());
         let (Some(b), Some(a)) = (before, after) else {
             continue;
         };
@@ -1299,6 +1352,7 @@ mod tests {
             formed_in: 0.0,
             rogues: Vec::new(),
             refusals: BTreeMap::new(),
+            stalls: Vec::new(),
         }
     }
 
@@ -1471,6 +1525,7 @@ mod tests {
     fn served(by: &str) -> RequestRecord {
         RequestRecord {
             t: 1.0,
+            sent_at: 1.0,
             client: "n1".into(),
             denied: false,
             method: "GET".into(),
@@ -1517,5 +1572,148 @@ mod tests {
         let v = no_rogue_traffic(&truth, &t);
         assert!(!v.passed, "{v:?}");
         assert!(v.detail.contains("n1 listed ghost-web at 2.0s"), "{v:?}");
+    }
+
+    fn request(t: f64, sent_at: f64, latency: f64, method: &str, status: u16) -> RequestRecord {
+        RequestRecord {
+            t,
+            sent_at,
+            client: "n1".into(),
+            denied: false,
+            method: method.into(),
+            idempotent: method != "POST",
+            status: Some(status),
+            error: (status >= 500).then(|| "upstream-reset".into()),
+            latency,
+            served_by: (status < 300).then(|| "n2".into()),
+        }
+    }
+
+    #[test]
+    fn a_request_in_flight_when_the_fault_begins_counts_in_its_window() {
+        // n3 crashes at 4.0 s and restarts at 6.0 s; settle 2 s, so the
+        // window is [4.0, 8.0). The oracle is the hand count below.
+        let t = |requests: Vec<RequestRecord>| {
+            let mut t = trace(
+                vec![
+                    step(4.0, Action::Crash { node: "n3".into() }),
+                    step(6.0, Action::Restart { node: "n3".into() }),
+                ],
+                vec![],
+            );
+            t.requests = requests;
+            t
+        };
+        let requests = vec![
+            // Scheduled 3.70 s, sent 60 ms late on a busy machine, failed
+            // at 4.01 s: in flight at the crash, so in the window, although
+            // its scheduled time plus its latency (3.95 s) is before it.
+            request(3.70, 3.76, 0.25, "POST", 502),
+            // Over before the crash: outside.
+            request(3.00, 3.00, 0.20, "GET", 200),
+            // Ends the instant the crash begins: in.
+            request(3.80, 3.80, 0.20, "GET", 200),
+            // Sent during the settle time after the restart: in.
+            request(7.90, 7.90, 0.10, "GET", 200),
+            // Scheduled inside the settle time but sent after it: outside.
+            request(7.95, 8.05, 0.10, "GET", 200),
+            // Long after: outside.
+            request(9.00, 9.00, 0.20, "PUT", 200),
+        ];
+        let trace = t(requests);
+        let truth = Truth::new(&trace);
+        let settle = Duration::from_secs(2);
+        let v = request_success(false, Some(100.0), Some(100.0), settle, &truth, &trace);
+        assert!(!v.passed, "{v:?}");
+        assert!(
+            v.detail
+                .starts_with("during faults 66.7% (2/3), outside 100.0% (3/3)"),
+            "{v:?}"
+        );
+        assert!(
+            v.detail.contains(
+                "first failure during: POST from n1 at 3.70s (sent 3.76s): 502 upstream-reset"
+            ),
+            "{v:?}"
+        );
+        // A floor the failed POST meets passes; idempotent requests all
+        // succeeded, in and out of the window (2 of them in it).
+        let v = request_success(false, Some(60.0), Some(100.0), settle, &truth, &trace);
+        assert!(v.passed, "{v:?}");
+        let v = request_success(true, Some(100.0), Some(100.0), settle, &truth, &trace);
+        assert!(v.passed, "{v:?}");
+        assert!(
+            v.detail
+                .starts_with("during faults 100.0% (2/2), outside 100.0% (3/3)"),
+            "{v:?}"
+        );
+        // The same failure over before the crash is counted outside and
+        // fails the outside floor: the window does not swallow it.
+        let trace = t(vec![request(3.70, 3.70, 0.25, "POST", 502)]);
+        let v = request_success(false, Some(0.0), Some(100.0), settle, &truth, &trace);
+        assert!(!v.passed, "{v:?}");
+        assert!(
+            v.detail
+                .starts_with("during faults no requests, outside 0.0% (0/1)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_stall_of_the_machine_excuses_what_a_pause_of_every_node_would_and_nothing_else() {
+        use crate::stall::Stall;
+        // n1 sees n2 dead at 3.0 s; nothing was injected.
+        let samples = vec![
+            sample(1.0, &[("n1", ALL, &[])]),
+            sample(3.0, &[("n1", &["n1", "n3"], &["n2"])]),
+            sample(20.0, &[("n1", &["n1", "n3"], &["n2"])]),
+        ];
+        let stalled = |wait: Option<f64>, mode: &'static str| {
+            let mut t = trace(vec![], samples.clone());
+            t.mode = mode;
+            // Ticks stopped from 1.9 s to 2.9 s.
+            t.stalls.push(Stall {
+                t: 2.9,
+                late: 0.9,
+                run_queue_wait: wait,
+            });
+            t
+        };
+        let grace = Duration::from_secs(5);
+        // Hand count: the 3.0 s sighting is within the stall's 5 s grace
+        // (stall 1.9-2.9 s); the 20.0 s one is not.
+        for (wait, mode, want) in [
+            (Some(1.5), "in-process", 1),
+            // Busy or blocked, not starved: excuses nothing.
+            (Some(0.1), "in-process", 2),
+            (None, "in-process", 2),
+            // Real processes do not run on the harness's runtime.
+            (Some(1.5), "processes", 2),
+        ] {
+            let t = stalled(wait, mode);
+            let truth = Truth::new(&t);
+            let v = no_false_dead(grace, &truth, &t);
+            assert_eq!(
+                v.figure,
+                format!("{want} false dead"),
+                "{wait:?} {mode}: {v:?}"
+            );
+        }
+        // The starved span is a fault window for request-success.
+        let mut t = stalled(Some(1.5), "in-process");
+        t.requests = vec![
+            request(2.5, 2.5, 0.1, "GET", 502),
+            request(9.0, 9.0, 0.1, "GET", 200),
+        ];
+        let truth = Truth::new(&t);
+        assert_eq!(truth.faults.len(), 1);
+        assert!((truth.faults[0].0 - 1.9).abs() < 1e-9 && (truth.faults[0].1 - 2.9).abs() < 1e-9);
+        let v = request_success(false, Some(0.0), Some(100.0), grace, &truth, &t);
+        assert!(v.passed, "{v:?}");
+        assert!(
+            v.detail
+                .starts_with("during faults 0.0% (0/1), outside 100.0% (1/1)"),
+            "{v:?}"
+        );
     }
 }

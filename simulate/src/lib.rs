@@ -9,6 +9,7 @@
 //! - [`workload`]: open-loop requests through the mesh, and the upstreams.
 //! - [`byzantine`]: the rogue certificate holder a `byzantine` step starts.
 //! - [`process`]: `--processes` mode, real `shoal node` processes.
+//! - [`stall`]: moments the machine starved the harness's runtime.
 //!
 //! `main.rs` only calls [`cli::main`]. `simulate` uses nodes only through
 //! the `node` library.
@@ -24,6 +25,7 @@ pub mod process;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod stall;
 pub mod workload;
 
 use std::io::Write as _;
@@ -148,11 +150,12 @@ pub fn run_file(
     finish(result, report_dir)
 }
 
-/// `simulate run-suite`: every scenario in a folder, one table each, and a
-/// one-line summary per scenario at the end.
+/// `simulate run-suite`: every scenario in a folder, once per seed, one
+/// table each, then the scenario × seed grid (and a line per failure).
+/// With more than one seed, `--report DIR` gets `DIR/seed-<N>/<scenario>`.
 pub fn run_suite(
     dir: &Path,
-    seed: u64,
+    seeds: &[u64],
     report_dir: Option<&Path>,
     processes: Option<PathBuf>,
 ) -> i32 {
@@ -167,6 +170,10 @@ pub fn run_suite(
             return EXIT_USAGE;
         }
     };
+    if seeds.is_empty() {
+        eprintln!("simulate: no seeds to run");
+        return EXIT_USAGE;
+    }
     let mut scenarios = Vec::new();
     for f in &files {
         match Scenario::load(f) {
@@ -183,26 +190,57 @@ pub fn run_suite(
     }
     init_tracing_quiet();
     let started = std::time::Instant::now();
-    let mut summary = Vec::new();
-    let mut code = 0;
-    for s in &scenarios {
-        println!("\n=== scenario {}: {} (seed {seed})", s.name, s.description);
-        let result =
-            runtime().block_on(run_scenario(s, &printing_options(seed, processes.clone())));
-        let dir = report_dir.map(|d| d.join(&s.name));
-        let c = finish(result, dir.as_deref());
-        summary.push((s.name.clone(), c));
-        code = code.max(c);
+    let names: Vec<String> = scenarios.iter().map(|s| s.name.clone()).collect();
+    let mut table = report::SuiteTable::new(&names, seeds);
+    for &seed in seeds {
+        for s in &scenarios {
+            println!("\n=== scenario {}: {} (seed {seed})", s.name, s.description);
+            let result =
+                runtime().block_on(run_scenario(s, &printing_options(seed, processes.clone())));
+            let dir = report_dir.map(|d| {
+                if seeds.len() > 1 {
+                    d.join(format!("seed-{seed}")).join(&s.name)
+                } else {
+                    d.join(&s.name)
+                }
+            });
+            let outcome = finish_outcome(result, dir.as_deref());
+            println!(
+                "=== {} seed {seed}: {}{}",
+                s.name,
+                match &outcome {
+                    report::SuiteOutcome::Pass => "PASS".to_string(),
+                    report::SuiteOutcome::Fail(v) => format!("FAIL {}", v.join("; ")),
+                    report::SuiteOutcome::Error(e) => format!("ERR {e}"),
+                },
+                load_note()
+            );
+            let _ = std::io::stdout().flush();
+            table.record(&s.name, seed, outcome);
+        }
     }
     println!(
-        "\nsuite {} — seed {seed} — {:.0?}",
+        "\nsuite {} — {} {} — {:.0?}",
         dir.display(),
+        if seeds.len() == 1 { "seed" } else { "seeds" },
+        seeds
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         started.elapsed()
     );
-    for (name, c) in summary {
-        println!("  {:<24} {}", name, if c == 0 { "PASS" } else { "FAIL" });
-    }
-    code
+    print!("{}", table.render());
+    if table.all_passed() { 0 } else { EXIT_FAILED }
+}
+
+/// ` (load 1.23)`: the machine's one-minute load average, where the OS
+/// says (`/proc/loadavg`), so a failure on a starved machine shows as such.
+fn load_note() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(|l| format!(" (load {l})")))
+        .unwrap_or_default()
 }
 
 /// In `--processes` mode: the binary must exist and every scenario must
@@ -235,11 +273,22 @@ fn init_tracing_quiet() {
 }
 
 fn finish(result: anyhow::Result<Report>, report_dir: Option<&Path>) -> i32 {
+    match finish_outcome(result, report_dir) {
+        report::SuiteOutcome::Pass => 0,
+        _ => EXIT_FAILED,
+    }
+}
+
+/// Prints the run's table, writes its report, and says how it fared.
+fn finish_outcome(
+    result: anyhow::Result<Report>,
+    report_dir: Option<&Path>,
+) -> report::SuiteOutcome {
     let report = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("simulate: the run could not complete: {e:#}");
-            return EXIT_FAILED;
+            return report::SuiteOutcome::Error(format!("{e:#}"));
         }
     };
     print!("{}", report.table());
@@ -252,9 +301,20 @@ fn finish(result: anyhow::Result<Report>, report_dir: Option<&Path>) -> i32 {
             ),
             Err(e) => {
                 eprintln!("simulate: writing {}: {e}", dir.display());
-                return EXIT_FAILED;
+                return report::SuiteOutcome::Error(format!("writing {}: {e}", dir.display()));
             }
         }
     }
-    if report.passed { 0 } else { EXIT_FAILED }
+    if report.passed {
+        report::SuiteOutcome::Pass
+    } else {
+        report::SuiteOutcome::Fail(
+            report
+                .verdicts
+                .iter()
+                .filter(|v| !v.passed)
+                .map(|v| format!("{} ({})", v.name, v.figure))
+                .collect(),
+        )
+    }
 }

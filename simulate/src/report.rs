@@ -207,6 +207,24 @@ impl Report {
                 .collect();
             let _ = writeln!(out, "the nodes counted as refused: {}", counted.join(", "));
         }
+        if !self.trace.stalls.is_empty() {
+            let starved = self.trace.stalls.iter().filter(|s| s.starved()).count();
+            let worst = self
+                .trace
+                .stalls
+                .iter()
+                .max_by(|a, b| a.late.total_cmp(&b.late))
+                .expect("not empty");
+            let _ = writeln!(
+                out,
+                "stalls: the harness's runtime fell ≥ 0.5s behind {} times (worst {:.1}s at {:.1}s), \
+                 {starved} of them spent waiting for a CPU (the machine starved it; in process these \
+                 count as every node paused)",
+                self.trace.stalls.len(),
+                worst.late,
+                worst.t
+            );
+        }
         let f = &self.trace.faults;
         let _ = writeln!(
             out,
@@ -586,4 +604,139 @@ fn svg(r: &Report) -> String {
     );
     s.push_str("</svg>\n");
     s
+}
+
+/// How one scenario fared with one seed in `run-suite`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SuiteOutcome {
+    /// Every verdict held.
+    Pass,
+    /// These verdicts failed (their names).
+    Fail(Vec<String>),
+    /// The run could not complete (for example the cluster never formed).
+    Error(String),
+}
+
+/// The scenario × seed grid `run-suite` prints at the end.
+#[derive(Debug, Clone, Default)]
+pub struct SuiteTable {
+    /// The seeds, in the order they ran (the columns).
+    pub seeds: Vec<u64>,
+    /// Per scenario (the rows, in the order they ran): its outcome per seed.
+    pub rows: Vec<(String, BTreeMap<u64, SuiteOutcome>)>,
+}
+
+impl SuiteTable {
+    /// A table for these scenarios and seeds, nothing run yet.
+    pub fn new(scenarios: &[String], seeds: &[u64]) -> Self {
+        SuiteTable {
+            seeds: seeds.to_vec(),
+            rows: scenarios
+                .iter()
+                .map(|s| (s.clone(), BTreeMap::new()))
+                .collect(),
+        }
+    }
+
+    /// Records how `scenario` fared with `seed`.
+    pub fn record(&mut self, scenario: &str, seed: u64, outcome: SuiteOutcome) {
+        if let Some((_, cells)) = self.rows.iter_mut().find(|(n, _)| n == scenario) {
+            cells.insert(seed, outcome);
+        }
+    }
+
+    /// Whether every cell ran and passed.
+    pub fn all_passed(&self) -> bool {
+        self.rows.iter().all(|(_, cells)| {
+            self.seeds
+                .iter()
+                .all(|s| cells.get(s) == Some(&SuiteOutcome::Pass))
+        })
+    }
+
+    /// The grid: one row per scenario, one column per seed (`ok`, `FAIL`,
+    /// `ERR`, `-` not run), the passes per row, then one line per failure
+    /// naming the verdicts that failed.
+    pub fn render(&self) -> String {
+        let name_w = self
+            .rows
+            .iter()
+            .map(|(n, _)| n.chars().count())
+            .max()
+            .unwrap_or(8)
+            .max(8);
+        let col_w = self
+            .seeds
+            .iter()
+            .map(|s| s.to_string().len())
+            .max()
+            .unwrap_or(1)
+            .max(4);
+        let mut out = String::new();
+        let _ = write!(out, "{:<name_w$}", "scenario");
+        for s in &self.seeds {
+            let _ = write!(out, " {s:>col_w$}");
+        }
+        let _ = writeln!(out, "  passed");
+        let mut failures = Vec::new();
+        for (name, cells) in &self.rows {
+            let _ = write!(out, "{name:<name_w$}");
+            let mut passed = 0;
+            for s in &self.seeds {
+                let cell = match cells.get(s) {
+                    Some(SuiteOutcome::Pass) => {
+                        passed += 1;
+                        "ok"
+                    }
+                    Some(SuiteOutcome::Fail(names)) => {
+                        failures.push(format!("{name} seed {s}: FAIL {}", names.join("; ")));
+                        "FAIL"
+                    }
+                    Some(SuiteOutcome::Error(e)) => {
+                        failures.push(format!("{name} seed {s}: ERR {e}"));
+                        "ERR"
+                    }
+                    None => "-",
+                };
+                let _ = write!(out, " {cell:>col_w$}");
+            }
+            let _ = writeln!(out, "  {passed}/{}", self.seeds.len());
+        }
+        for f in failures {
+            let _ = writeln!(out, "  {f}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_suite_table_shows_every_cell_and_names_each_failure() {
+        let mut t = SuiteTable::new(&["a".into(), "long-name".into()], &[1, 2, 10]);
+        t.record("a", 1, SuiteOutcome::Pass);
+        t.record("a", 2, SuiteOutcome::Pass);
+        t.record("a", 10, SuiteOutcome::Pass);
+        t.record("long-name", 1, SuiteOutcome::Pass);
+        t.record("long-name", 2, SuiteOutcome::Fail(vec!["converges".into()]));
+        assert!(!t.all_passed(), "a failure and a cell not run");
+        let want = "\
+scenario     1    2   10  passed
+a           ok   ok   ok  3/3
+long-name   ok FAIL    -  1/3
+  long-name seed 2: FAIL converges
+";
+        assert_eq!(t.render(), want);
+        t.record("long-name", 10, SuiteOutcome::Error("never formed".into()));
+        assert!(t.render().contains("long-name seed 10: ERR never formed"));
+        assert!(!t.all_passed());
+        t.record("long-name", 2, SuiteOutcome::Pass);
+        t.record("long-name", 10, SuiteOutcome::Pass);
+        assert!(t.all_passed());
+        // An unknown scenario changes nothing.
+        t.record("other", 1, SuiteOutcome::Fail(vec![]));
+        assert!(t.all_passed());
+    }
 }

@@ -103,6 +103,9 @@ pub struct Trace {
     /// summed over the nodes running at the end (what the nodes counted as
     /// refused; reported, never judged).
     pub refusals: BTreeMap<String, f64>,
+    /// Moments the harness's runtime ran nothing for half a second or more
+    /// (see [`crate::stall`]).
+    pub stalls: Vec<crate::stall::Stall>,
 }
 
 /// A step as it happened.
@@ -245,6 +248,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         start,
         samples.clone(),
     ));
+    let stalls: Arc<Mutex<Vec<crate::stall::Stall>>> = Arc::default();
+    let stall_watch = tokio::spawn(crate::stall::watch(start, stalls.clone()));
     let requests: Arc<Mutex<Vec<RequestRecord>>> = Arc::default();
     let driver = scenario.workload.as_ref().map(|w| {
         tokio::spawn(crate::workload::drive(
@@ -276,6 +281,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         formed_in: formed_in.as_secs_f64(),
         rogues: Vec::new(),
         refusals: BTreeMap::new(),
+        stalls: Vec::new(),
     };
     let horizon = crate::invariants::horizon(scenario);
     let mut pending = scenario.steps.iter().peekable();
@@ -330,6 +336,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
             if pending.peek().is_none() && elapsed >= scenario.duration {
                 trace.samples = samples.lock().unwrap().clone();
                 trace.requests = requests.lock().unwrap().clone();
+                trace.stalls = stalls.lock().unwrap().clone();
                 trace.rogues = cluster.rogues.iter().map(Rogue::record).collect();
                 let done = elapsed >= horizon
                     || crate::invariants::judge(scenario, &trace)
@@ -354,6 +361,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Tr
         let _ = d.await;
     }
     sampler.abort();
+    stall_watch.abort();
+    trace.stalls = stalls.lock().unwrap().clone();
     trace.ended = start.elapsed().as_secs_f64();
     trace.samples = samples.lock().unwrap().clone();
     let mut reqs = requests.lock().unwrap().clone();

@@ -30,6 +30,10 @@ use crate::scenario::{Workload, idempotent};
 pub struct RequestRecord {
     /// Scheduled time, seconds from the start of the timeline.
     pub t: f64,
+    /// When it actually went out, seconds from the start of the timeline:
+    /// the scheduled time plus however late the driver got to it on a busy
+    /// machine. Its life is `sent_at` to `sent_at + latency`.
+    pub sent_at: f64,
     /// Sending node.
     pub client: String,
     /// Whether the client is one of the workload's denied callers.
@@ -58,6 +62,12 @@ impl RequestRecord {
     /// Sent at all: the client node was running.
     pub fn sent(&self) -> bool {
         self.error.as_deref() != Some("client-down")
+    }
+
+    /// When it was answered (or failed), seconds from the start of the
+    /// timeline.
+    pub fn ended(&self) -> f64 {
+        self.sent_at + self.latency
     }
 }
 
@@ -144,6 +154,7 @@ pub async fn drive(
         let addr = outbounds.lock().unwrap().get(&p.client).copied();
         let mut rec = RequestRecord {
             t: p.at.as_secs_f64(),
+            sent_at: p.at.as_secs_f64(),
             idempotent: idempotent(&p.method),
             client: p.client,
             denied: p.denied,
@@ -172,6 +183,7 @@ pub async fn drive(
                 .body(Full::new(body))
                 .expect("valid request");
             let sent = Instant::now();
+            rec.sent_at = (sent - start).as_secs_f64();
             let outcome = tokio::time::timeout(timeout, async {
                 let resp = client.request(req).await?;
                 let status = resp.status().as_u16();

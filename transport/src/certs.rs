@@ -319,6 +319,177 @@ pub fn write_operator_dir(
     write_file(&files[1], cert.cert_pem.as_bytes(), 0o644)
 }
 
+/// What one certificate says about itself: subject, URI SANs and end of
+/// validity (for expiry metrics, `shoal check` and `shoal cert renew`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The subject's common name (or the whole subject if it has none).
+    pub subject: String,
+    /// Every URI SAN, in certificate order.
+    pub uris: Vec<String>,
+    /// End of validity, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// Whether it is a CA certificate.
+    pub is_ca: bool,
+}
+
+impl CertSummary {
+    /// Days from `now_unix` until it expires (negative once expired).
+    pub fn days_left(&self, now_unix: i64) -> i64 {
+        (self.not_after - now_unix).div_euclid(86_400)
+    }
+}
+
+/// Summaries of every certificate in a PEM file (`ca.pem` may hold several:
+/// two CAs are trusted while the CA itself is rotated).
+pub fn summarize_pem_file(path: &Path) -> Result<Vec<CertSummary>, CertError> {
+    let pem = fs::read(path).map_err(|source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |msg: &str| CertError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_string()),
+    };
+    let mut out = Vec::new();
+    for der in rustls_pemfile::certs(&mut &pem[..]) {
+        let der = der.map_err(|_| bad("unreadable PEM block"))?;
+        out.push(summarize_der(&der).ok_or_else(|| bad("not a DER X.509 certificate"))?);
+    }
+    if out.is_empty() {
+        return Err(bad("holds no certificate"));
+    }
+    Ok(out)
+}
+
+/// The first certificate in a PEM file, DER encoded.
+pub fn first_cert_der(path: &Path) -> Result<Vec<u8>, CertError> {
+    let pem = fs::read(path).map_err(|source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    rustls_pemfile::certs(&mut &pem[..])
+        .find_map(Result::ok)
+        .map(|d| d.to_vec())
+        .ok_or_else(|| CertError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "holds no certificate"),
+        })
+}
+
+/// The summary of one DER certificate, or `None` if it does not parse.
+pub fn summarize_der(der: &[u8]) -> Option<CertSummary> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let subject = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| cert.subject().to_string());
+    let uris = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(CertSummary {
+        subject,
+        uris,
+        not_after: cert.validity().not_after.timestamp(),
+        is_ca: cert.is_ca(),
+    })
+}
+
+/// What `shoal cert renew` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    /// The node the certificate names.
+    pub node: String,
+    /// The services it names.
+    pub services: Vec<String>,
+    /// End of validity of the new certificate, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// `shoal cert renew`: reissues the node certificate in `certs_dir` from the
+/// CA in `ca_dir` with the same node and service names and a new key,
+/// replacing `node.key` then `node.pem` (each written whole, by rename) so a
+/// running node picks it up by hot reload. `ca.pem` in `certs_dir` is left
+/// as it is; the CA must be one it already trusts, or the running node would
+/// refuse the new certificate.
+pub fn renew_node(
+    ca_dir: &Path,
+    certs_dir: &Path,
+    validity: Validity,
+) -> Result<Renewed, CertError> {
+    let invalid = |path: PathBuf, msg: String| CertError::Io {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+    };
+    let node_path = certs_dir.join(NODE_CERT);
+    let node_pem = fs::read(&node_path).map_err(|source| CertError::Io {
+        path: node_path.clone(),
+        source,
+    })?;
+    let der = rustls_pemfile::certs(&mut &node_pem[..])
+        .find_map(Result::ok)
+        .ok_or_else(|| invalid(node_path.clone(), "holds no certificate".into()))?;
+    let id =
+        crate::Identity::from_der(&der).map_err(|e| invalid(node_path.clone(), e.to_string()))?;
+    let ca = Ca::load(ca_dir)?;
+    if ca.trust_domain() != id.trust_domain {
+        return Err(invalid(
+            node_path,
+            format!(
+                "names trust domain {:?} but the CA in {} signs for {:?}",
+                id.trust_domain,
+                ca_dir.display(),
+                ca.trust_domain()
+            ),
+        ));
+    }
+    let signing_ca = read(&ca_dir.join(CA_CERT))?;
+    let signing_der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut signing_ca.as_bytes())
+        .filter_map(Result::ok)
+        .map(|d| d.to_vec())
+        .collect();
+    let trusted_path = certs_dir.join(CA_CERT);
+    let trusted = read(&trusted_path)?;
+    let trusted_der: Vec<Vec<u8>> = rustls_pemfile::certs(&mut trusted.as_bytes())
+        .filter_map(Result::ok)
+        .map(|d| d.to_vec())
+        .collect();
+    if !signing_der.iter().any(|d| trusted_der.contains(d)) {
+        return Err(invalid(
+            trusted_path,
+            format!(
+                "does not hold the CA certificate of {}; add it first (two CAs may be trusted at once: append it to this file)",
+                ca_dir.display()
+            ),
+        ));
+    }
+    let cert = ca.issue(&id.node, &id.services, validity)?;
+    write_file(&certs_dir.join(NODE_KEY), cert.key_pem.as_bytes(), 0o600)?;
+    write_file(&node_path, cert.cert_pem.as_bytes(), 0o644)?;
+    Ok(Renewed {
+        node: id.node,
+        services: id.services,
+        not_after: validity.not_after.unix_timestamp(),
+    })
+}
+
 /// An operator as a verified certificate names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operator {
@@ -679,5 +850,57 @@ mod tests {
             Err(CertError::Exists(_))
         ));
         issue_operator(&ca_dir, "alice", &out, Validity::days(1), true).unwrap();
+    }
+
+    #[test]
+    fn renew_keeps_the_names_replaces_the_key_and_refuses_an_untrusted_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        init_ca(&ca_dir, "demo.shoal", 30, false).unwrap();
+        let out = dir.path().join("n1");
+        let svcs = vec!["web".to_string(), "api".to_string()];
+        issue_node(&ca_dir, "n1", &svcs, &out, Validity::days(2), false).unwrap();
+        let old_key = fs::read(out.join(NODE_KEY)).unwrap();
+        let before = summarize_pem_file(&out.join(NODE_CERT)).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!((1..=2).contains(&before[0].days_left(now)));
+
+        let r = renew_node(&ca_dir, &out, Validity::days(10)).unwrap();
+        assert_eq!(r.node, "n1");
+        assert_eq!(r.services, svcs);
+        let after = summarize_pem_file(&out.join(NODE_CERT)).unwrap();
+        assert_eq!(after[0].uris, before[0].uris);
+        assert!((9..=10).contains(&after[0].days_left(now)));
+        assert_ne!(fs::read(out.join(NODE_KEY)).unwrap(), old_key);
+        let mode = fs::metadata(out.join(NODE_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A CA the folder does not trust is refused, and nothing changes.
+        let other = dir.path().join("other");
+        init_ca(&other, "demo.shoal", 30, false).unwrap();
+        let pem = fs::read(out.join(NODE_CERT)).unwrap();
+        let err = renew_node(&other, &out, Validity::days(10)).unwrap_err();
+        assert!(err.to_string().contains("does not hold the CA"), "{err}");
+        assert_eq!(fs::read(out.join(NODE_CERT)).unwrap(), pem);
+        // So is a CA of another trust domain.
+        let foreign = dir.path().join("foreign");
+        init_ca(&foreign, "other.shoal", 30, false).unwrap();
+        let err = renew_node(&foreign, &out, Validity::days(10)).unwrap_err();
+        assert!(err.to_string().contains("trust domain"), "{err}");
+
+        // Once the second CA is appended to ca.pem (CA rotation), it may renew.
+        let mut bundle = fs::read_to_string(out.join(CA_CERT)).unwrap();
+        bundle.push_str(&fs::read_to_string(other.join(CA_CERT)).unwrap());
+        fs::write(out.join(CA_CERT), &bundle).unwrap();
+        let cas = summarize_pem_file(&out.join(CA_CERT)).unwrap();
+        assert_eq!(cas.len(), 2);
+        assert!(
+            cas.iter()
+                .all(|c| c.is_ca && c.uris == ["spiffe://demo.shoal"])
+        );
+        renew_node(&other, &out, Validity::days(10)).unwrap();
     }
 }

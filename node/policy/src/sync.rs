@@ -556,7 +556,7 @@ impl PolicySync {
             let version = entry.version.to_string();
             // (A probe for a conflict's losing write lands here too: offering
             // it records the conflict, verified, and applies nothing.)
-            match self.store.offer(entry) {
+            match self.store.offer_off_thread(entry).await {
                 Ok(Offered::Applied { conflict }) => {
                     let now = self.store.clock().physical_ms();
                     self.metrics
