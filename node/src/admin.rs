@@ -7,6 +7,7 @@
 //! | GET    | `/readyz`     | 200 once routable (heard from a peer, or no seeds; routing table built); else 503 saying why |
 //! | POST   | `/shutdown`   | drain and exit the node process (token, or loopback without one) |
 //! | GET    | `/metrics`    | Prometheus text format                           |
+//! | GET    | `/ui`         | the web dashboard (assets compiled in; see `ui.rs`) |
 //! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
 //! | GET    | `/v1/stats`   | JSON per edge (and per HTTPRoute on it) over the last minute: rps, success rate, p50/p95/p99 |
 //! | GET    | `/v1/tap`     | live request events, `text/event-stream` (`?service=S&status=5xx`; token, or loopback without one; see `tap.rs`) |
@@ -74,6 +75,9 @@ async fn route(
     state: &NodeState,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    if crate::ui::owns(&path) {
+        return crate::ui::serve(req.method(), &path);
+    }
     if path.starts_with("/v1/policies") {
         return crate::admin_policy::handle(req, peer, state).await;
     }

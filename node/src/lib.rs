@@ -18,6 +18,9 @@ mod node;
 mod tap;
 pub mod up;
 
+// The dashboard's assets, served by the admin API at `/ui`.
+mod ui;
+
 pub use config::{ConfigError, LogFormat, NodeArgs, NodeConfig};
 pub use gossip::{Member, MemberState, ServingState};
 pub use node::{Node, NodeError};
