@@ -9,7 +9,8 @@
 //! | GET    | `/metrics`    | Prometheus text format                           |
 //! | GET    | `/ui`         | the web dashboard (assets compiled in; see `ui.rs`) |
 //! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
-//! | GET    | `/v1/stats`   | JSON per edge over the last minute: rps, success rate, p50/p95/p99 |
+//! | GET    | `/v1/stats`   | JSON per edge (and per HTTPRoute on it) over the last minute: rps, success rate, p50/p95/p99 |
+//! | GET    | `/v1/tap`     | live request events, `text/event-stream` (`?service=S&status=5xx`; token, or loopback without one; see `tap.rs`) |
 //! | GET    | `/v1/policies` | every policy: kind, name, version, origin, applied-on count |
 //! | GET    | `/v1/policies/status` | per live node, the version of each policy it runs |
 //! | GET    | `/v1/policies/{kind}/{name}` | the document (JSON; YAML with `?format=yaml` or `Accept: application/yaml`) |
@@ -52,9 +53,12 @@ pub(crate) async fn serve(
                 let state = state.clone();
                 let request = activity.begin(false);
                 async move {
+                    if req.uri().path() == "/v1/tap" {
+                        return Ok(crate::tap::serve(&req, peer, &state, request));
+                    }
                     let resp = route(req, peer, &state).await;
                     drop(request);
-                    Ok::<_, Infallible>(resp)
+                    Ok::<_, Infallible>(resp.map(http_body_util::Either::Left))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()

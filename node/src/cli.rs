@@ -35,11 +35,9 @@ enum Command {
     /// Push, read and delete policies through any node's admin API.
     Policy(PolicyArgs),
     /// Print per-edge traffic over the last minute (rps, success, latency).
-    Stat {
-        /// The node's admin address.
-        #[arg(long, default_value = "127.0.0.1:9000", env = "SHOAL_ADMIN")]
-        admin: String,
-    },
+    Stat(crate::cli_stat::StatArgs),
+    /// Stream live request events from a node (one line each) until Ctrl-C.
+    Tap(crate::cli_stat::TapArgs),
     /// Run a throwaway local mesh of N nodes in one process, until Ctrl-C.
     Up {
         /// Number of nodes.
@@ -262,7 +260,8 @@ pub fn main() -> i32 {
             args.operator_cert.as_deref(),
             args.command,
         )),
-        Command::Stat { admin } => runtime().block_on(crate::cli_stat::stat_command(&admin)),
+        Command::Stat(args) => runtime().block_on(crate::cli_stat::stat_command(args)),
+        Command::Tap(args) => runtime().block_on(crate::cli_stat::tap_command(args)),
         Command::Up { nodes } => {
             if nodes == 0 || nodes > 64 {
                 eprintln!("shoal: --nodes: must be between 1 and 64");
@@ -416,8 +415,11 @@ async fn run_node(config: NodeConfig) -> i32 {
             return 1;
         }
     };
+    let outbound = node
+        .outbound_addr()
+        .map_or(String::new(), |a| format!(" outbound={a}"));
     println!(
-        "shoal node {} ready quic={} admin={}",
+        "shoal node {} ready quic={} admin={}{outbound}",
         node.name(),
         node.quic_addr(),
         node.admin_addr()

@@ -15,6 +15,7 @@ mod demo;
 pub mod lifecycle;
 pub mod metrics;
 mod node;
+mod tap;
 pub mod up;
 
 // The dashboard's assets, served by the admin API at `/ui`.

@@ -280,10 +280,10 @@ async fn grpc_error_statuses_in_trailers_count_as_failures() {
         let (_, metrics) = admin_get(node.admin_addr(), "/metrics").await;
         for line in [
             format!(
-                "shoal_proxy_responses_total{{direction=\"{direction}\",source=\"client\",destination=\"grpc\",status_code=\"200\",grpc_status=\"5\",classification=\"failure\"}} 10"
+                "shoal_proxy_responses_total{{direction=\"{direction}\",source=\"client\",destination=\"grpc\",route=\"\",status_code=\"200\",grpc_status=\"5\",classification=\"failure\"}} 10"
             ),
             format!(
-                "shoal_proxy_responses_total{{direction=\"{direction}\",source=\"client\",destination=\"grpc\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"}} 5"
+                "shoal_proxy_responses_total{{direction=\"{direction}\",source=\"client\",destination=\"grpc\",route=\"\",status_code=\"200\",grpc_status=\"0\",classification=\"success\"}} 5"
             ),
         ] {
             assert!(metrics.contains(&line), "missing {line}\n{metrics}");

@@ -381,7 +381,7 @@ async fn retry_budget_caps_retries_and_post_is_not_retried() {
     assert!(retries > 0, "some retries happen");
     assert!(retries <= 26, "{retries} retries exceed the budget");
     let (_, metrics) = admin_get(n1.admin_addr(), "/metrics").await;
-    assert!(metrics.contains(&format!("shoal_proxy_retries_total{{direction=\"outbound\",source=\"client\",destination=\"web\"}} {retries}")), "{metrics}");
+    assert!(metrics.contains(&format!("shoal_proxy_retries_total{{direction=\"outbound\",source=\"client\",destination=\"web\",outcome=\"failure\"}} {retries}")), "{metrics}");
     n1.shutdown().await;
     n2.shutdown().await;
     n3.shutdown().await;

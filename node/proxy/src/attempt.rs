@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 use tokio::sync::oneshot;
 
+use crate::access::Trace;
 use crate::balance::Target;
 use crate::body::{empty, guarded, replay};
 use crate::frame::{
@@ -28,14 +29,20 @@ pub(crate) enum Source {
     /// Buffered (at most the replay limit): can be sent again.
     Replay(Bytes, Option<HeaderMap>),
     /// Streaming: can be sent once.
-    Once(Option<Incoming>),
+    Once(Option<ProxyBody>),
 }
 
 impl Source {
     /// Buffers `body` when it may be replayed: an idempotent request whose
     /// body is known to fit in `limit` bytes (a request without a body
     /// always can). Fails when such a body cannot be read.
-    pub async fn read(body: Incoming, idempotent: bool, limit: usize) -> Result<Self, BoxError> {
+    /// Request body bytes read are counted into `trace`.
+    pub async fn read(
+        body: Incoming,
+        idempotent: bool,
+        limit: usize,
+        trace: &Arc<Trace>,
+    ) -> Result<Self, BoxError> {
         if body.is_end_stream() {
             return Ok(Source::Replay(Bytes::new(), None));
         }
@@ -44,11 +51,13 @@ impl Source {
             .upper()
             .is_some_and(|n| n as usize <= limit);
         if !(idempotent && fits) {
-            return Ok(Source::Once(Some(body)));
+            return Ok(Source::Once(Some(trace.count_request(body))));
         }
         let c = Limited::new(body, limit).collect().await?;
         let trailers = c.trailers().cloned();
-        Ok(Source::Replay(c.to_bytes(), trailers))
+        let data = c.to_bytes();
+        trace.request_bytes(data.len());
+        Ok(Source::Replay(data, trailers))
     }
 
     /// Whether the body is buffered.
@@ -65,7 +74,7 @@ impl Source {
     fn take(&mut self) -> Option<ProxyBody> {
         match self {
             Source::Replay(data, trailers) => Some(replay(data.clone(), trailers.clone())),
-            Source::Once(b) => b.take().map(|b| b.map_err(BoxError::from).boxed_unsync()),
+            Source::Once(b) => b.take(),
         }
     }
 }

@@ -234,6 +234,8 @@ pub struct ProxyConfig {
     /// Seed of the request path's randomness (endpoint choice, backend
     /// weights, fault percentages, backoff jitter); `None`: from entropy.
     pub rng_seed: Option<u64>,
+    /// Which requests get a `shoal::access` log line. Default `errors`.
+    pub access_log: crate::access::AccessLog,
 }
 
 impl Default for ProxyConfig {
@@ -255,6 +257,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             admin_max_connections: 256,
             rng_seed: None,
+            access_log: crate::access::AccessLog::Errors,
         }
     }
 }
@@ -298,6 +301,10 @@ pub struct ProxyArgs {
     /// (`simulate` passes each node one derived from the scenario seed).
     #[arg(long, env = "SHOAL_RNG_SEED", hide = true)]
     pub rng_seed: Option<u64>,
+    /// One `shoal::access` log line per request: `off`, `errors` (failures,
+    /// denials and rate limits) or `all` [default: errors].
+    #[arg(long, env = "SHOAL_ACCESS_LOG", value_enum)]
+    pub access_log: Option<crate::access::AccessLog>,
 }
 
 /// The proxy keys of the config file.
@@ -399,6 +406,9 @@ impl ProxyConfig {
             }
         }
         c.rng_seed = args.rng_seed;
+        if let Some(a) = args.access_log {
+            c.access_log = a;
+        }
         Ok(c)
     }
 }

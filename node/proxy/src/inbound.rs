@@ -124,28 +124,36 @@ pub(crate) async fn handle(
         } else {
             "unknown".into()
         },
+        trace: Default::default(),
     };
     let _gauge = shared.stats.in_flight(&edge);
     let grpc_call = head
         .headers
         .iter()
         .any(|(k, v)| k == "content-type" && stats::is_grpc_type(v));
+    edge.trace.attempt(&shared.node, head.attempt);
+    let body = edge.trace.count_request(body);
+    let exchange = stats::Exchange {
+        edge,
+        route: String::new(),
+        method: head.method.clone(),
+        path: head.uri.clone(),
+        grpc_call,
+        start,
+        access_log: shared.config.access_log,
+    };
     let resp = admit(shared, caller, head, body).await;
-    finish(shared, &edge, grpc_call, resp, start)
+    finish(shared, exchange, resp)
 }
 
 /// Where every inbound request ends: the response is counted (its body is
 /// measured as it streams).
 fn finish(
     shared: &Shared,
-    edge: &Edge,
-    grpc_call: bool,
+    exchange: stats::Exchange,
     resp: Response<ProxyBody>,
-    start: Instant,
 ) -> Response<ProxyBody> {
-    shared
-        .stats
-        .record_response(edge, grpc_call, resp, start.elapsed())
+    shared.stats.finish(exchange, resp)
 }
 
 /// Admits a request for a local service — the instance exists, this node

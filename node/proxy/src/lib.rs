@@ -16,6 +16,7 @@
 //! `svc.<name>` and the node's serving state, and must not touch membership
 //! itself.
 
+pub mod access;
 mod attempt;
 pub mod balance;
 mod body;
@@ -260,6 +261,11 @@ impl Proxy {
     /// Per-edge figures over the last minute.
     pub fn stats(&self) -> Vec<EdgeStats> {
         self.shared.stats.window()
+    }
+
+    /// A live tap: every request's event from now on (see [`access`]).
+    pub fn tap(&self) -> access::TapReceiver {
+        self.shared.stats.subscribe()
     }
 
     /// The balancer's view of `(service, node)` (attempts, status).

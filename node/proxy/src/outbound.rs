@@ -106,6 +106,7 @@ async fn handle(
     if let Some(service) = &fixed {
         plan::address_to(&mut head, service);
     }
+    let line = (head.method.to_string(), head.uri.path().to_string());
     // One policy snapshot for the whole request: it sees the old set or the
     // new one, never half.
     let set = shared.policy.store.snapshot();
@@ -117,6 +118,7 @@ async fn handle(
             s => s,
         },
         destination: "unknown".into(),
+        trace: Default::default(),
     };
     let (_count, in_flight) = shared.outbound_request();
     match plan::plan(&head, fixed.as_deref(), &set, &shared.config, &mut rng) {
@@ -129,16 +131,17 @@ async fn handle(
             };
             finish(
                 &shared,
-                &edge,
+                edge,
                 grpc_call,
                 None,
                 Finished::early(resp),
                 start,
+                line,
             )
         }
         Ok(plan) => {
             let done = dispatch(&shared, &mut edge, &plan, head, body, in_flight, &mut rng).await;
-            finish(&shared, &edge, grpc_call, Some(&plan), done, start)
+            finish(&shared, edge, grpc_call, Some(&plan), done, start, line)
         }
     }
 }
@@ -148,11 +151,12 @@ async fn handle(
 /// response is counted (its body is measured as it streams).
 fn finish(
     shared: &Shared,
-    edge: &Edge,
+    edge: Edge,
     grpc_call: bool,
     plan: Option<&Plan<'_>>,
     done: Finished,
     start: Instant,
+    (method, path): (String, String),
 ) -> Response<ProxyBody> {
     let Finished {
         mut resp,
@@ -178,9 +182,18 @@ fn finish(
     if let Some(mods) = plan.and_then(|p| p.response_headers()) {
         apply_header_mods(resp.headers_mut(), mods);
     }
-    shared
-        .stats
-        .record_response(edge, grpc_call, resp, start.elapsed())
+    edge.trace
+        .attempt(endpoint.as_deref().unwrap_or(""), attempts);
+    let exchange = stats::Exchange {
+        edge,
+        route: route.unwrap_or("").to_string(),
+        method,
+        path,
+        grpc_call,
+        start,
+        access_log: shared.config.access_log,
+    };
+    shared.stats.finish(exchange, resp)
 }
 
 /// Carries out `plan`: the backend must be known, the node under its
@@ -228,15 +241,21 @@ async fn run(
 ) -> Finished {
     let deadline = tokio::time::Instant::now() + plan.timeout;
     let has_body = !body.is_end_stream();
-    let mut source =
-        match Source::read(body, plan.idempotent, shared.config.retry.max_replay_body).await {
-            Ok(s) => s,
-            Err(e) => {
-                return Finished::early(
-                    MeshError::BadRequest.response_with(&format!("reading the request body: {e}")),
-                );
-            }
-        };
+    let mut source = match Source::read(
+        body,
+        plan.idempotent,
+        shared.config.retry.max_replay_body,
+        &edge.trace,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return Finished::early(
+                MeshError::BadRequest.response_with(&format!("reading the request body: {e}")),
+            );
+        }
+    };
     let mut wire = request_head(shared, plan, head, has_body);
     let budget = shared.budget(&plan.backend);
     budget.request_at(tokio::time::Instant::now().into_std());

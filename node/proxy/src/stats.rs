@@ -1,11 +1,17 @@
-//! Golden signals per edge (direction, source service, destination service):
-//! Prometheus families registered in the node's registry, and a one-minute
-//! window per edge for `GET /v1/stats` (rps, success rate, p50/p95/p99).
+//! Golden signals per edge (direction, source service, destination service)
+//! and per HTTPRoute: Prometheus families registered in the node's registry,
+//! and a one-minute window per edge and route for `GET /v1/stats` (rps,
+//! success rate, p50/p95/p99). Every request is recorded once, when its
+//! response body finishes ([`Stats::finish`]); the same moment feeds the
+//! access log and the tap ([`crate::access`]), so the metrics, `/v1/stats`,
+//! the log and the tap count the same requests the same way.
 //!
 //! Labels are bounded: services come from certificates and gossip, never from
-//! request paths; a request for an unknown service counts as `unknown`.
+//! request paths; a request for an unknown service counts as `unknown`; route
+//! names come from operator-signed policy and are capped at
+//! [`MAX_ROUTE_LABELS`] distinct values (the rest count as `overflow`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -24,8 +30,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+use tokio::sync::broadcast;
 
+use crate::access::{self, AccessLog, Event, Trace};
 use crate::frame::{BoxError, ProxyBody};
+
+/// Distinct `route` label values kept; further routes count as `overflow`.
+pub const MAX_ROUTE_LABELS: usize = 100;
+/// Longest `route` label value (longer names are cut).
+const MAX_ROUTE_LEN: usize = 63;
 
 /// Seconds kept per edge for `/v1/stats`.
 const WINDOW_SECS: u64 = 60;
@@ -35,7 +48,7 @@ const LAT_BUCKETS: usize = 200;
 const LAT_BASE: f64 = 1.1;
 
 /// Which side of the node a request crossed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     /// From a local app into the mesh.
     Outbound,
@@ -44,7 +57,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// `outbound` or `inbound`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
@@ -68,10 +82,29 @@ struct ClassLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    direction: String,
+    source: String,
+    destination: String,
+    /// The HTTPRoute's name; empty when no HTTPRoute routed the request.
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    direction: String,
+    source: String,
+    destination: String,
+    /// How the retried request ended: its classification.
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResponseLabels {
     direction: String,
     source: String,
     destination: String,
+    route: String,
     status_code: String,
     /// Empty (no label) for responses to non-gRPC requests.
     grpc_status: String,
@@ -88,8 +121,10 @@ struct PeerLabels {
     peer: String,
 }
 
-/// An edge: who called whom, seen from which side.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// An edge: who called whom, seen from which side, and what the request
+/// path learns about the one request crossing it ([`Trace`]: endpoint,
+/// attempts, retries, request bytes).
+#[derive(Debug, Clone)]
 pub struct Edge {
     /// Side of the node.
     pub direction: Direction,
@@ -97,9 +132,49 @@ pub struct Edge {
     pub source: String,
     /// Called service.
     pub destination: String,
+    /// The request's trace.
+    pub trace: Arc<Trace>,
+}
+
+/// A request as [`Stats::finish`] records it once its response body is done.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Who called whom (and the request's trace).
+    pub edge: Edge,
+    /// The HTTPRoute that routed it, or "".
+    pub route: String,
+    /// Its method.
+    pub method: String,
+    /// Its path (any query is dropped).
+    pub path: String,
+    /// Whether the caller spoke gRPC (`content-type: application/grpc*`).
+    pub grpc_call: bool,
+    /// When its head arrived.
+    pub start: Instant,
+    /// Which outcomes get an access-log line.
+    pub access_log: AccessLog,
+}
+
+/// The window key: an edge and a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Key {
+    direction: Direction,
+    source: String,
+    destination: String,
+    route: String,
 }
 
 impl Edge {
+    /// An edge with a fresh trace.
+    pub fn new(direction: Direction, source: String, destination: String) -> Self {
+        Edge {
+            direction,
+            source,
+            destination,
+            trace: Arc::default(),
+        }
+    }
+
     fn labels(&self) -> EdgeLabels {
         EdgeLabels {
             direction: self.direction.as_str().into(),
@@ -171,17 +246,57 @@ impl Second {
     }
 }
 
-/// The proxy's golden signals.
+/// The proxy's golden signals, access log and tap.
 pub struct Stats {
     start: Instant,
     requests: Family<ClassLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
     duration: Family<ClassLabels, Histogram>,
-    retries: Family<EdgeLabels, Counter>,
+    request_bytes: Family<RouteLabels, Counter>,
+    response_bytes: Family<RouteLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     in_flight: Family<EdgeLabels, Gauge>,
     peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     peer_not_serving: Family<ServiceLabels, Counter>,
-    windows: Mutex<HashMap<Edge, Vec<Second>>>,
+    windows: Mutex<HashMap<Key, Vec<Second>>>,
+    /// Route label values seen (at most [`MAX_ROUTE_LABELS`]).
+    routes: Mutex<HashSet<String>>,
+    tap: broadcast::Sender<Arc<Event>>,
+    /// Live [`access::TapReceiver`]s.
+    listeners: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Figures over the last minute (an edge's, or one route's on it).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Figures {
+    /// Requests in the window.
+    pub requests: u64,
+    /// Requests per second over the window.
+    pub rps: f64,
+    /// Share of requests classified `success` (below 500, not 403 or 429,
+    /// and `grpc-status` 0 or none): exactly what
+    /// `shoal_proxy_responses_total{classification="success"}` counts.
+    pub success_rate: f64,
+    /// Requests classified `failure` (5xx, or a `grpc-status` other than 0).
+    pub failed: u64,
+    /// Requests denied (403, or `grpc-status` 7).
+    pub denied: u64,
+    /// Requests rate limited (429, or `grpc-status` 8).
+    pub rate_limited: u64,
+    /// Latency percentiles (until the response head), ms.
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One route's figures on an edge.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RouteStats {
+    /// The HTTPRoute's name; "" for requests no HTTPRoute routed.
+    pub route: String,
+    /// Its figures.
+    #[serde(flatten)]
+    pub figures: Figures,
 }
 
 /// One edge's figures over the last minute.
@@ -193,23 +308,12 @@ pub struct EdgeStats {
     pub source: String,
     /// Called service.
     pub destination: String,
-    /// Requests in the window.
-    pub requests: u64,
-    /// Requests per second over the window.
-    pub rps: f64,
-    /// Share of requests classified `success` (below 500, not 403 or 429,
-    /// and `grpc-status` 0 or none).
-    pub success_rate: f64,
-    /// Requests classified `failure` (5xx, or a `grpc-status` other than 0).
-    pub failed: u64,
-    /// Requests denied (403, or `grpc-status` 7).
-    pub denied: u64,
-    /// Requests rate limited (429, or `grpc-status` 8).
-    pub rate_limited: u64,
-    /// Latency percentiles, ms.
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
+    /// The edge's figures (all routes).
+    #[serde(flatten)]
+    pub figures: Figures,
+    /// Per route, when an HTTPRoute routed some of the edge's requests
+    /// (requests no HTTPRoute routed are the row with route "").
+    pub routes: Vec<RouteStats>,
 }
 
 impl Stats {
@@ -222,11 +326,16 @@ impl Stats {
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
             retries: Family::default(),
             in_flight: Family::default(),
             peer_rtt: Family::default(),
             peer_not_serving: Family::default(),
             windows: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashSet::new()),
+            tap: broadcast::channel(access::TAP_CAPACITY).0,
+            listeners: Arc::default(),
         };
         registry.register(
             "proxy_requests",
@@ -235,7 +344,7 @@ impl Stats {
         );
         registry.register(
             "proxy_responses",
-            "Proxied responses by direction, source and destination service, HTTP status code, gRPC status (gRPC calls only) and classification (success, failure, denied, rate_limited)",
+            "Proxied responses by direction, source and destination service, HTTPRoute (empty: none), HTTP status code, gRPC status (gRPC calls only) and classification (success, failure, denied, rate_limited)",
             s.responses.clone(),
         );
         registry.register(
@@ -244,8 +353,18 @@ impl Stats {
             s.duration.clone(),
         );
         registry.register(
+            "proxy_request_bytes",
+            "Request body bytes read from callers, by direction, source and destination service and HTTPRoute",
+            s.request_bytes.clone(),
+        );
+        registry.register(
+            "proxy_response_bytes",
+            "Response body bytes sent to callers, by direction, source and destination service and HTTPRoute",
+            s.response_bytes.clone(),
+        );
+        registry.register(
             "proxy_retries",
-            "Retries sent by the outbound proxy",
+            "Retries sent by the outbound proxy, by how the retried request ended (outcome: success, failure, denied, rate_limited)",
             s.retries.clone(),
         );
         registry.register(
@@ -276,9 +395,51 @@ impl Stats {
             .inc();
     }
 
-    /// Records a finished request: `status` is the HTTP status, `grpc` the
-    /// `grpc-status` when the exchange was a gRPC call that carried one.
-    pub fn record(&self, edge: &Edge, status: u16, grpc: Option<u32>, latency: Duration) {
+    /// A new tap listener: every request's [`Event`] from now on. A listener
+    /// more than [`access::TAP_CAPACITY`] events behind loses the oldest
+    /// (`RecvError::Lagged` says how many).
+    pub fn subscribe(&self) -> access::TapReceiver {
+        access::TapReceiver::new(self.tap.subscribe(), self.listeners.clone())
+    }
+
+    /// Whether a tap listener exists (one atomic load).
+    fn tapped(&self) -> bool {
+        self.listeners.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// The `route` label value for `route`: cut to [`MAX_ROUTE_LEN`], and
+    /// `overflow` once [`MAX_ROUTE_LABELS`] others were seen.
+    fn route_label(&self, route: &str) -> String {
+        if route.is_empty() {
+            return String::new();
+        }
+        let mut end = route.len().min(MAX_ROUTE_LEN);
+        while !route.is_char_boundary(end) {
+            end -= 1;
+        }
+        let route = &route[..end];
+        let mut seen = self.routes.lock().unwrap();
+        if seen.contains(route) {
+            return route.to_string();
+        }
+        if seen.len() >= MAX_ROUTE_LABELS {
+            return "overflow".into();
+        }
+        seen.insert(route.to_string());
+        route.to_string()
+    }
+
+    /// Records a finished request in the metrics and the window: `status`
+    /// is the HTTP status, `grpc` the `grpc-status` when the exchange was a
+    /// gRPC call that carried one, `latency` the time until the head.
+    pub fn record(
+        &self,
+        edge: &Edge,
+        route: &str,
+        status: u16,
+        grpc: Option<u32>,
+        latency: Duration,
+    ) -> Classification {
         let class = format!("{}xx", status / 100);
         let classification = Classification::of(status, grpc);
         let l = ClassLabels {
@@ -296,16 +457,23 @@ impl Stats {
                 direction: l.direction,
                 source: l.source,
                 destination: l.destination,
+                route: route.to_string(),
                 status_code: status.to_string(),
                 grpc_status: grpc.map(|g| g.to_string()).unwrap_or_default(),
                 classification: classification.as_str(),
             })
             .inc();
+        let key = Key {
+            direction: edge.direction,
+            source: edge.source.clone(),
+            destination: edge.destination.clone(),
+            route: route.to_string(),
+        };
         let mut w = self.windows.lock().unwrap();
         // Read the clock under the lock: a reading taken before it could be
         // older than the second another thread has just pushed.
         let now = self.start.elapsed().as_secs();
-        let secs = w.entry(edge.clone()).or_default();
+        let secs = w.entry(key).or_default();
         secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
         if secs.last().is_none_or(|s| s.at != now) {
             secs.push(Second::new(now));
@@ -319,34 +487,33 @@ impl Stats {
             Classification::RateLimited => s.rate_limited += 1,
         }
         s.latency[bucket(latency)] += 1;
+        classification
     }
 
-    /// Records `resp`, the answer to a request on `edge` that took `latency`
-    /// until its head. A gRPC response (the call was gRPC and the answer is
-    /// `application/grpc`) whose head carries no `grpc-status` is recorded
-    /// when its trailers arrive (or the body ends or is dropped), with the
-    /// trailers' `grpc-status`; a body that ends without one counts as
-    /// UNKNOWN (2).
-    pub fn record_response(
-        self: &Arc<Self>,
-        edge: &Edge,
-        grpc_call: bool,
-        resp: Response<ProxyBody>,
-        latency: Duration,
-    ) -> Response<ProxyBody> {
+    /// Watches `resp`, the answer to `x`, until its body finishes (ends,
+    /// fails or is dropped), then records the request once: metrics, window,
+    /// access log, tap. A gRPC answer (the call was gRPC and the answer is
+    /// `application/grpc`) whose head carries no `grpc-status` takes it from
+    /// its trailers; one that ends without counts as UNKNOWN (2), one whose
+    /// stream breaks as UNAVAILABLE (14).
+    pub fn finish(self: &Arc<Self>, x: Exchange, resp: Response<ProxyBody>) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
-        let head_grpc = grpc_status(resp.headers());
-        let grpc_answer = grpc_call && is_grpc(resp.headers());
-        if !grpc_answer || head_grpc.is_some() {
-            self.record(edge, status, head_grpc.filter(|_| grpc_call), latency);
-            return resp;
-        }
+        let head_grpc = stats_grpc(x.grpc_call, resp.headers());
+        let shoal_error = resp
+            .headers()
+            .get(crate::ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let pending = Pending {
             stats: self.clone(),
-            edge: edge.clone(),
+            latency: x.start.elapsed(),
+            x,
             status,
-            latency,
-            grpc: None,
+            grpc: head_grpc,
+            trailers_due: head_grpc.is_none() && is_grpc(resp.headers()),
+            shoal_error,
+            response_bytes: 0,
         };
         resp.map(|inner| {
             Watched {
@@ -357,9 +524,9 @@ impl Stats {
         })
     }
 
-    /// Counts a retry.
+    /// Counts a retry of the request crossing `edge`.
     pub fn retry(&self, edge: &Edge) {
-        self.retries.get_or_create(&edge.labels()).inc();
+        edge.trace.retried();
     }
 
     /// Counts a request in flight until the guard drops.
@@ -382,52 +549,89 @@ impl Stats {
         }
     }
 
-    /// Per-edge figures over the last minute, sorted by edge.
+    /// Per-edge figures over the last minute, sorted by edge, each with its
+    /// routes (when an HTTPRoute routed any of its requests).
     pub fn window(&self) -> Vec<EdgeStats> {
         let w = self.windows.lock().unwrap();
         let now = self.start.elapsed().as_secs();
         let span = (now + 1).min(WINDOW_SECS) as f64;
-        let mut out: Vec<EdgeStats> = w
-            .iter()
-            .filter_map(|(edge, secs)| {
-                let secs: Vec<&Second> = secs
-                    .iter()
-                    .filter(|s| now.saturating_sub(s.at) < WINDOW_SECS)
-                    .collect();
-                let requests: u64 = secs.iter().map(|s| s.requests).sum();
-                if requests == 0 {
-                    return None;
+        // Edge → route → live seconds.
+        let mut edges: BTreeMap<(Direction, &str, &str), BTreeMap<&str, Vec<&Second>>> =
+            BTreeMap::new();
+        for (key, secs) in w.iter() {
+            let live: Vec<&Second> = secs
+                .iter()
+                .filter(|s| now.saturating_sub(s.at) < WINDOW_SECS)
+                .collect();
+            if live.iter().all(|s| s.requests == 0) {
+                continue;
+            }
+            edges
+                .entry((key.direction, &key.source, &key.destination))
+                .or_default()
+                .insert(&key.route, live);
+        }
+        edges
+            .into_iter()
+            .map(|((direction, source, destination), routes)| {
+                let all: Vec<&Second> = routes.values().flatten().copied().collect();
+                let routed = routes.keys().any(|r| !r.is_empty());
+                EdgeStats {
+                    direction: direction.as_str(),
+                    source: source.to_string(),
+                    destination: destination.to_string(),
+                    figures: figures(&all, span),
+                    routes: if routed {
+                        routes
+                            .iter()
+                            .map(|(route, secs)| RouteStats {
+                                route: route.to_string(),
+                                figures: figures(secs, span),
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
                 }
-                let ok: u64 = secs.iter().map(|s| s.ok).sum();
-                let failed: u64 = secs.iter().map(|s| s.failed).sum();
-                let denied: u64 = secs.iter().map(|s| s.denied).sum();
-                let rate_limited: u64 = secs.iter().map(|s| s.rate_limited).sum();
-                let mut hist = [0u64; LAT_BUCKETS];
-                for s in &secs {
-                    for (h, v) in hist.iter_mut().zip(s.latency.iter()) {
-                        *h += u64::from(*v);
-                    }
-                }
-                Some(EdgeStats {
-                    direction: edge.direction.as_str(),
-                    source: edge.source.clone(),
-                    destination: edge.destination.clone(),
-                    requests,
-                    rps: requests as f64 / span,
-                    success_rate: ok as f64 / requests as f64,
-                    failed,
-                    denied,
-                    rate_limited,
-                    p50_ms: percentile(&hist, requests, 0.50),
-                    p95_ms: percentile(&hist, requests, 0.95),
-                    p99_ms: percentile(&hist, requests, 0.99),
-                })
             })
-            .collect();
-        out.sort_by(|a, b| {
-            (a.direction, &a.source, &a.destination).cmp(&(b.direction, &b.source, &b.destination))
-        });
-        out
+            .collect()
+    }
+}
+
+/// The figures of `secs` over `span` seconds.
+fn figures(secs: &[&Second], span: f64) -> Figures {
+    let requests: u64 = secs.iter().map(|s| s.requests).sum();
+    let ok: u64 = secs.iter().map(|s| s.ok).sum();
+    let mut hist = [0u64; LAT_BUCKETS];
+    for s in secs {
+        for (h, v) in hist.iter_mut().zip(s.latency.iter()) {
+            *h += u64::from(*v);
+        }
+    }
+    Figures {
+        requests,
+        rps: requests as f64 / span,
+        success_rate: if requests == 0 {
+            0.0
+        } else {
+            ok as f64 / requests as f64
+        },
+        failed: secs.iter().map(|s| s.failed).sum(),
+        denied: secs.iter().map(|s| s.denied).sum(),
+        rate_limited: secs.iter().map(|s| s.rate_limited).sum(),
+        p50_ms: percentile(&hist, requests, 0.50),
+        p95_ms: percentile(&hist, requests, 0.95),
+        p99_ms: percentile(&hist, requests, 0.99),
+    }
+}
+
+/// The `grpc-status` a response head carries for a gRPC call (`None` for
+/// other calls).
+fn stats_grpc(grpc_call: bool, headers: &HeaderMap) -> Option<u32> {
+    if grpc_call {
+        grpc_status(headers)
+    } else {
+        None
     }
 }
 
@@ -454,23 +658,82 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A gRPC response's outcome, recorded once its trailers are seen.
+/// A request's outcome, recorded once its response body finishes.
 struct Pending {
     stats: Arc<Stats>,
-    edge: Edge,
+    x: Exchange,
     status: u16,
     latency: Duration,
     grpc: Option<u32>,
+    /// A gRPC answer without `grpc-status` in its head: the trailers say.
+    trailers_due: bool,
+    shoal_error: String,
+    response_bytes: u64,
 }
 
 impl Pending {
     fn finish(self) {
-        self.stats
-            .record(&self.edge, self.status, self.grpc, self.latency);
+        let s = &self.stats;
+        let x = &self.x;
+        let route = s.route_label(&x.route);
+        let grpc = if x.grpc_call { self.grpc } else { None };
+        let classification = s.record(&x.edge, &route, self.status, grpc, self.latency);
+        let (endpoint, attempts, retries, request_bytes) = x.edge.trace.read();
+        let labels = RouteLabels {
+            direction: x.edge.direction.as_str().into(),
+            source: x.edge.source.clone(),
+            destination: x.edge.destination.clone(),
+            route,
+        };
+        s.request_bytes.get_or_create(&labels).inc_by(request_bytes);
+        s.response_bytes
+            .get_or_create(&labels)
+            .inc_by(self.response_bytes);
+        if retries > 0 {
+            s.retries
+                .get_or_create(&RetryLabels {
+                    direction: labels.direction.clone(),
+                    source: labels.source.clone(),
+                    destination: labels.destination.clone(),
+                    outcome: classification.as_str(),
+                })
+                .inc_by(u64::from(retries));
+        }
+        let log = x.access_log.logs(classification.as_str());
+        // Nobody listening and nothing to log: no event is built.
+        let tapped = s.tapped();
+        if !log && !tapped {
+            return;
+        }
+        let event = Event {
+            time: access::now_rfc3339(),
+            direction: x.edge.direction.as_str().into(),
+            source: x.edge.source.clone(),
+            service: x.edge.destination.clone(),
+            route: x.route.clone(),
+            endpoint,
+            method: x.method.clone(),
+            path: access::event_path(&x.path),
+            status: self.status,
+            grpc_status: grpc,
+            classification: classification.as_str().into(),
+            attempts,
+            duration_ms: (x.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            request_bytes,
+            response_bytes: self.response_bytes,
+            shoal_error: self.shoal_error.clone(),
+        };
+        if log {
+            event.log();
+        }
+        if tapped {
+            let _ = s.tap.send(Arc::new(event));
+        }
     }
 }
 
-/// A gRPC response body that records its `grpc-status` trailer.
+/// A response body that records its request once it finishes, with the
+/// `grpc-status` trailer of a gRPC answer and the bytes it carried.
 struct Watched {
     inner: ProxyBody,
     pending: Option<Pending>,
@@ -487,22 +750,32 @@ impl Body for Watched {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(t) = frame.trailers_ref()
-                    && let Some(p) = self.pending.as_mut()
+                if let Some(p) = self.pending.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        p.response_bytes += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref()
+                        && p.trailers_due
+                    {
+                        p.grpc = Some(grpc_status(t).unwrap_or(2));
+                    }
+                }
+                if self.inner.is_end_stream()
+                    && let Some(p) = self.pending.take()
                 {
-                    p.grpc = Some(grpc_status(t).unwrap_or(2));
+                    p.ended();
                 }
             }
             Poll::Ready(None) => {
-                if let Some(mut p) = self.pending.take() {
-                    p.grpc = p.grpc.or(Some(2));
-                    p.finish();
+                if let Some(p) = self.pending.take() {
+                    p.ended();
                 }
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(mut p) = self.pending.take() {
-                    // The stream broke: the caller sees UNAVAILABLE.
-                    p.grpc = p.grpc.or(Some(14));
+                    if p.trailers_due {
+                        // The stream broke: the caller sees UNAVAILABLE.
+                        p.grpc = p.grpc.or(Some(14));
+                    }
                     p.finish();
                 }
             }
@@ -520,11 +793,26 @@ impl Body for Watched {
     }
 }
 
+impl Pending {
+    /// The body ended: a gRPC answer that owed trailers and sent none
+    /// counts as UNKNOWN (2).
+    fn ended(mut self) {
+        if self.trailers_due {
+            self.grpc = self.grpc.or(Some(2));
+        }
+        self.finish();
+    }
+}
+
 impl Drop for Watched {
     fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
-            // Dropped before the end (the caller went away): what was seen.
-            p.finish();
+            if self.inner.is_end_stream() {
+                p.ended();
+            } else {
+                // Dropped before the end (the caller went away): what was seen.
+                p.finish();
+            }
         }
     }
 }
@@ -584,29 +872,62 @@ mod tests {
         assert!(!is_grpc_type(b"application/json"));
     }
 
+    fn edge() -> Edge {
+        Edge {
+            direction: Direction::Outbound,
+            source: "a".into(),
+            destination: "b".into(),
+            trace: Arc::default(),
+        }
+    }
+
     #[test]
     fn window_percentiles_and_success_rate() {
         let mut reg = Registry::default();
         let s = Stats::new(&mut reg);
-        let e = Edge {
-            direction: Direction::Outbound,
-            source: "a".into(),
-            destination: "b".into(),
-        };
+        let e = edge();
         for i in 0..100u64 {
             let status = if i < 10 { 503 } else { 200 };
-            s.record(&e, status, None, Duration::from_millis(i + 1));
+            s.record(&e, "", status, None, Duration::from_millis(i + 1));
         }
         for _ in 0..5 {
-            s.record(&e, 200, Some(5), Duration::from_millis(50));
-            s.record(&e, 403, None, Duration::from_millis(50));
+            s.record(&e, "", 200, Some(5), Duration::from_millis(50));
+            s.record(&e, "", 403, None, Duration::from_millis(50));
         }
         let w = s.window();
         assert_eq!(w.len(), 1);
-        assert_eq!(w[0].requests, 110);
-        assert!((w[0].success_rate - 90.0 / 110.0).abs() < 1e-9);
-        assert_eq!((w[0].failed, w[0].denied, w[0].rate_limited), (15, 5, 0));
-        assert!((45.0..=56.0).contains(&w[0].p50_ms), "{:?}", w[0]);
-        assert!((94.0..=110.0).contains(&w[0].p99_ms), "{:?}", w[0]);
+        let f = &w[0].figures;
+        assert_eq!(f.requests, 110);
+        assert!((f.success_rate - 90.0 / 110.0).abs() < 1e-9);
+        assert_eq!((f.failed, f.denied, f.rate_limited), (15, 5, 0));
+        assert!((45.0..=56.0).contains(&f.p50_ms), "{:?}", w[0]);
+        assert!((94.0..=110.0).contains(&f.p99_ms), "{:?}", w[0]);
+        assert!(w[0].routes.is_empty(), "no HTTPRoute, no route rows");
+    }
+
+    #[test]
+    fn routes_split_an_edge_and_their_labels_are_capped() {
+        let mut reg = Registry::default();
+        let s = Stats::new(&mut reg);
+        let e = edge();
+        for _ in 0..3 {
+            s.record(&e, "canary", 503, None, Duration::from_millis(1));
+        }
+        s.record(&e, "", 200, None, Duration::from_millis(1));
+        let w = s.window();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].figures.requests, 4);
+        let routes: Vec<(&str, u64, u64)> = w[0]
+            .routes
+            .iter()
+            .map(|r| (r.route.as_str(), r.figures.requests, r.figures.failed))
+            .collect();
+        assert_eq!(routes, [("", 1, 0), ("canary", 3, 3)]);
+        for i in 0..MAX_ROUTE_LABELS {
+            assert_eq!(s.route_label(&format!("r{i}")), format!("r{i}"));
+        }
+        assert_eq!(s.route_label("one-too-many"), "overflow");
+        assert_eq!(s.route_label("r7"), "r7", "a known route keeps its label");
+        assert_eq!(s.route_label(""), "");
     }
 }
