@@ -97,6 +97,9 @@ pub struct BenchOptions {
     /// The upstream: `nginx` (static 1 KiB file) or `hyper` (in process).
     /// Default: `nginx` when installed.
     pub upstream: Option<String>,
+    /// More `shoal` binaries, each its own row `shoal:<name>` beside `shoal`
+    /// (before/after figures from one run). Default none.
+    pub compare: Vec<(String, PathBuf)>,
 }
 
 impl Default for BenchOptions {
@@ -113,6 +116,7 @@ impl Default for BenchOptions {
             paths: PATHS.iter().map(|p| p.to_string()).collect(),
             node_worker_threads: Some(1),
             upstream: None,
+            compare: Vec::new(),
         }
     }
 }
@@ -207,6 +211,10 @@ pub struct ProcessUsage {
     pub rss_idle_mib: Option<f64>,
     /// Largest resident set sampled under load, MiB.
     pub rss_load_mib: Option<f64>,
+    /// Largest anonymous part of it (heap, stacks: not the binary's pages), MiB.
+    pub rss_anon_load_mib: Option<f64>,
+    /// Context switches (voluntary + not) per request at the fixed rate, median.
+    pub switches_per_req: f64,
     /// Resident set 2 s after the last load, MiB.
     pub rss_after_mib: Option<f64>,
 }
@@ -227,10 +235,41 @@ impl Meter {
     }
 
     fn rss_mib(&self) -> Option<f64> {
+        self.status_mib("VmRSS:")
+    }
+
+    fn anon_mib(&self) -> Option<f64> {
+        self.status_mib("RssAnon:")
+    }
+
+    fn status_mib(&self, field: &str) -> Option<f64> {
         match self {
-            Meter::Pid(p) => Some(round1(rss_kib(*p) as f64 / 1024.0)),
+            Meter::Pid(p) => Some(round1(status_kib(*p, field) as f64 / 1024.0)),
             Meter::Thread(_) => None,
         }
+    }
+
+    /// Context switches of all its threads so far.
+    fn switches(&self) -> u64 {
+        let tasks: Vec<PathBuf> = match self {
+            Meter::Pid(p) => std::fs::read_dir(format!("/proc/{p}/task"))
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default(),
+            Meter::Thread(t) => vec![PathBuf::from(format!("/proc/self/task/{t}"))],
+        };
+        tasks
+            .iter()
+            .filter_map(|t| std::fs::read_to_string(t.join("status")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| {
+                        l.strip_prefix("voluntary_ctxt_switches:")
+                            .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum()
     }
 }
 
@@ -249,7 +288,9 @@ struct Running {
     report: PathReport,
     rss_idle: Vec<Option<f64>>,
     rss_load: Vec<Option<f64>>,
+    anon_load: Vec<Option<f64>>,
     cpu: Vec<Vec<f64>>,
+    switches: Vec<Vec<f64>>,
 }
 
 /// Runs the benchmark.
@@ -286,7 +327,13 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             wait_ready(n.addr, "the static file", Duration::from_secs(10)).await?;
             let a = n.addr;
             _nginx_upstream = Some(n);
-            (a, format!("nginx (1 worker) serving a {} B static file", opts.response_bytes))
+            (
+                a,
+                format!(
+                    "nginx (1 worker) serving a {} B static file",
+                    opts.response_bytes
+                ),
+            )
         }
         ("nginx", None) => bail!("--upstream nginx: nginx is not on PATH (apt-get install nginx)"),
         ("hyper", _) => {
@@ -309,9 +356,27 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
     let mut rows: Vec<Running> = Vec::new();
     let mut skipped_rows: Vec<PathReport> = Vec::new();
+    let mut wanted: Vec<(String, PathBuf)> = Vec::new();
     for path in &opts.paths {
+        wanted.push((path.clone(), shoal.clone()));
+        if path == "shoal" {
+            for (name, bin) in &opts.compare {
+                if !bin.is_file() {
+                    bail!("--compare {name}={}: no such file", bin.display());
+                }
+                wanted.push((format!("shoal:{name}"), bin.clone()));
+                notes.push(format!("shoal:{name} binary: {}", bin.display()));
+            }
+        }
+    }
+    for (path, bin) in &wanted {
         let name = path.as_str();
-        let started: Result<(Target, Vec<(String, Meter)>), String> = match name {
+        let kind = if name.starts_with("shoal:") {
+            "shoal"
+        } else {
+            name
+        };
+        let started: Result<(Target, Vec<(String, Meter)>), String> = match kind {
             "direct" => Ok((Target::Http(upstream_addr), Vec::new())),
             "nginx-2hop" => match &nginx {
                 None => Err("nginx is not on PATH; install it (apt-get install nginx) to compare a two-hop nginx chain".into()),
@@ -331,8 +396,8 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             },
             "shoal" => {
                 let mesh = ShoalPair::start(
-                    &shoal,
-                    &dir.path().join("shoal"),
+                    bin,
+                    &dir.path().join(name.replace(':', "-")),
                     upstream_addr,
                     opts.node_worker_threads,
                 )
@@ -379,7 +444,9 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                     meters,
                     report,
                     rss_load: vec![None; n],
+                    anon_load: vec![None; n],
                     cpu: vec![Vec::new(); n],
+                    switches: vec![Vec::new(); n],
                 });
             }
         }
@@ -409,9 +476,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                         .await?
                 }
             };
-            for (slot, v) in row.rss_load.iter_mut().zip(sampler.finish()) {
-                *slot = max_opt(*slot, v);
-            }
+            row.note_rss(sampler.finish());
             eprintln!(
                 "bench: run {run}/{} {:<10} {:>8.0} rps  p50 {:.3} ms  p99 {:.3} ms  errors {}",
                 opts.runs, row.name, t.rps, t.p50_ms, t.p99_ms, t.errors
@@ -423,14 +488,21 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 continue;
             }
             let sampler = RssSampler::start(&row.meters);
-            let before: Vec<f64> = row.meters.iter().map(|(_, m)| m.cpu_seconds()).collect();
+            let before: Vec<(f64, u64)> = row
+                .meters
+                .iter()
+                .map(|(_, m)| (m.cpu_seconds(), m.switches()))
+                .collect();
             let (sent, errors) = fixed_rate(&client, &row.target, opts.rps, opts.duration).await;
-            let after: Vec<f64> = row.meters.iter().map(|(_, m)| m.cpu_seconds()).collect();
-            for (slot, v) in row.rss_load.iter_mut().zip(sampler.finish()) {
-                *slot = max_opt(*slot, v);
-            }
+            let after: Vec<(f64, u64)> = row
+                .meters
+                .iter()
+                .map(|(_, m)| (m.cpu_seconds(), m.switches()))
+                .collect();
+            row.note_rss(sampler.finish());
             for (i, (b, a)) in before.iter().zip(&after).enumerate() {
-                row.cpu[i].push(round4((a - b) / sent.max(1) as f64 * 1000.0));
+                row.cpu[i].push(round4((a.0 - b.0) / sent.max(1) as f64 * 1000.0));
+                row.switches[i].push(a.1.saturating_sub(b.1) as f64 / sent.max(1) as f64);
             }
             if errors > 0 {
                 eprintln!(
@@ -456,13 +528,22 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 cpu_s_per_1k_runs: row.cpu[i].clone(),
                 rss_idle_mib: row.rss_idle[i],
                 rss_load_mib: row.rss_load[i],
+                rss_anon_load_mib: row.anon_load[i],
+                switches_per_req: round2(median(&row.switches[i])),
                 rss_after_mib: m.rss_mib(),
             })
             .collect();
         paths.push(row.report);
     }
     paths.extend(skipped_rows);
-    paths.sort_by_key(|p| PATHS.iter().position(|n| *n == p.name));
+    paths.sort_by_key(|p| {
+        let kind = if p.name.starts_with("shoal:") {
+            "shoal"
+        } else {
+            &p.name
+        };
+        PATHS.iter().position(|n| *n == kind)
+    });
     let base = |name: &str| {
         paths
             .iter()
@@ -539,23 +620,32 @@ pub fn print_table(r: &BenchReport) {
     );
     println!();
     println!(
-        "per node at {} rps for {:.0}s (open loop), median of {} runs; RSS idle = after start, load = peak sampled under load, after = 2 s after the last load",
+        "per node at {} rps for {:.0}s (open loop), median of {} runs; switch/rq = context switches per request; RSS idle = after start, load = peak sampled under load (anon: without the binary's own pages), after = 2 s after the last load",
         r.rps, r.duration_s, r.runs
     );
     println!(
-        "{:<11} {:<8} {:>9} {:>10} {:>10} {:>10}",
-        "path", "process", "cpu-s/1k", "RSS idle", "RSS load", "RSS after"
+        "{:<11} {:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}",
+        "path",
+        "process",
+        "cpu-s/1k",
+        "switch/rq",
+        "RSS idle",
+        "RSS load",
+        "anon load",
+        "RSS after"
     );
     let mib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} MiB"));
     for p in &r.paths {
         for u in &p.processes {
             println!(
-                "{:<11} {:<8} {:>9.4} {:>10} {:>10} {:>10}",
+                "{:<11} {:<8} {:>9.4} {:>9.2} {:>10} {:>10} {:>10} {:>10}",
                 p.name,
                 u.name,
                 u.cpu_s_per_1k,
+                u.switches_per_req,
                 mib(u.rss_idle_mib),
                 mib(u.rss_load_mib),
+                mib(u.rss_anon_load_mib),
                 mib(u.rss_after_mib)
             );
         }
@@ -634,12 +724,21 @@ fn round4(v: f64) -> f64 {
     (v * 1e4).round() / 1e4
 }
 
+impl Running {
+    fn note_rss(&mut self, peaks: Vec<(Option<f64>, Option<f64>)>) {
+        for (i, (rss, anon)) in peaks.into_iter().enumerate() {
+            self.rss_load[i] = max_opt(self.rss_load[i], rss);
+            self.anon_load[i] = max_opt(self.anon_load[i], anon);
+        }
+    }
+}
+
 // === load ===
 
 /// Samples the resident set of some processes every 100 ms until finished.
 struct RssSampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Option<f64>>>,
+    thread: std::thread::JoinHandle<Vec<(Option<f64>, Option<f64>)>>,
 }
 
 impl RssSampler {
@@ -648,10 +747,11 @@ impl RssSampler {
         let meters: Vec<Meter> = meters.iter().map(|(_, m)| m.clone()).collect();
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut peak = vec![None; meters.len()];
+            let mut peak = vec![(None, None); meters.len()];
             loop {
                 for (p, m) in peak.iter_mut().zip(&meters) {
-                    *p = max_opt(*p, m.rss_mib());
+                    p.0 = max_opt(p.0, m.rss_mib());
+                    p.1 = max_opt(p.1, m.anon_mib());
                 }
                 if s.load(Ordering::Relaxed) {
                     return peak;
@@ -662,7 +762,7 @@ impl RssSampler {
         RssSampler { stop, thread }
     }
 
-    fn finish(self) -> Vec<Option<f64>> {
+    fn finish(self) -> Vec<(Option<f64>, Option<f64>)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
@@ -870,8 +970,8 @@ impl QuicFloor {
         transport::install_crypto_provider();
         let body = Bytes::from(vec![b'x'; response_bytes]);
         let (server_dir, client_dir) = (dir.join("qb"), dir.join("qa"));
-        let (_server, server_addr, server_tid, stop_s) = runtime_thread("floor-server", move || {
-            async move {
+        let (_server, server_addr, server_tid, stop_s) =
+            runtime_thread("floor-server", move || async move {
                 let ep = transport::Endpoint::bind(transport::EndpointConfig::new(
                     "127.0.0.1:0".parse().expect("addr"),
                     transport::TlsFiles::new(server_dir),
@@ -895,10 +995,9 @@ impl QuicFloor {
                     }
                 });
                 Ok(addr)
-            }
-        })?;
-        let (client, (client_ep, conn), client_tid, stop_c) = runtime_thread("floor-client", move || {
-            async move {
+            })?;
+        let (client, (client_ep, conn), client_tid, stop_c) =
+            runtime_thread("floor-client", move || async move {
                 let ep = transport::Endpoint::bind(transport::EndpointConfig::new(
                     "127.0.0.1:0".parse().expect("addr"),
                     transport::TlsFiles::new(client_dir),
@@ -909,8 +1008,7 @@ impl QuicFloor {
                     .await
                     .map_err(|e| anyhow!("quic-floor connect: {e}"))?;
                 Ok((ep, c.conn))
-            }
-        })?;
+            })?;
         let floor = QuicFloor {
             client,
             client_tid,
@@ -1076,13 +1174,13 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// Current resident set (VmRSS) of a process, KiB. 0 if unreadable.
-fn rss_kib(pid: u32) -> u64 {
+/// A KiB field (`VmRSS:`, `RssAnon:`) of a process's status. 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)

@@ -127,12 +127,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         node_threads: usize,
         /// Paths to run, comma-separated: direct, nginx-2hop, shoal, quic-floor.
-        #[arg(long, value_delimiter = ',', default_value = "direct,nginx-2hop,shoal,quic-floor")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "direct,nginx-2hop,shoal,quic-floor"
+        )]
         paths: Vec<String>,
         /// The upstream: nginx (a static 1 KiB file) or hyper (in process)
         /// [default: nginx when installed].
         #[arg(long)]
         upstream: Option<String>,
+        /// Another `shoal` binary as its own row `shoal:NAME` (repeatable):
+        /// before/after figures from one run.
+        #[arg(long, value_name = "NAME=PATH")]
+        compare: Vec<String>,
     },
 }
 
@@ -148,7 +156,20 @@ fn bench_cmd(cmd: BenchCommand) -> i32 {
         node_threads,
         paths,
         upstream,
+        compare,
     } = cmd;
+    let mut compared = Vec::new();
+    for c in &compare {
+        match c.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+                compared.push((name.to_string(), PathBuf::from(path)))
+            }
+            _ => {
+                eprintln!("simulate: --compare {c:?}: expected NAME=PATH");
+                return EXIT_USAGE;
+            }
+        }
+    }
     if rps == 0 || connections == 0 || runs == 0 {
         eprintln!("simulate: --rps, --connections and --runs must be at least 1");
         return EXIT_USAGE;
@@ -162,6 +183,7 @@ fn bench_cmd(cmd: BenchCommand) -> i32 {
         shoal_bin,
         paths,
         upstream,
+        compare: compared,
         node_worker_threads: (node_threads > 0).then_some(node_threads),
         ..crate::bench::BenchOptions::default()
     };
