@@ -592,18 +592,18 @@ pub fn print_table(r: &BenchReport) {
     );
     println!("upstream: {}", r.upstream);
     println!(
-        "{:<11} {:>9} {:>10} {:>10} {:>7} {:>7} {:>8} {:>7}",
+        "{:<13} {:>9} {:>10} {:>10} {:>7} {:>7} {:>8} {:>7}",
         "path", "rps", "p50", "p99", "rps×", "p99×", "÷floor", "errors"
     );
     let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for p in &r.paths {
         if let Some(why) = p.skipped.as_ref().or(p.throughput_skipped.as_ref()) {
-            println!("{:<11} skipped: {why}", p.name);
+            println!("{:<13} skipped: {why}", p.name);
             continue;
         }
         let Some(m) = &p.median else { continue };
         println!(
-            "{:<11} {:>9.0} {:>8.3}ms {:>8.3}ms {:>7} {:>7} {:>8} {:>7}",
+            "{:<13} {:>9.0} {:>8.3}ms {:>8.3}ms {:>7} {:>7} {:>8} {:>7}",
             p.name,
             m.rps,
             m.p50_ms,
@@ -624,7 +624,7 @@ pub fn print_table(r: &BenchReport) {
         r.rps, r.duration_s, r.runs
     );
     println!(
-        "{:<11} {:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}",
+        "{:<13} {:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}",
         "path",
         "process",
         "cpu-s/1k",
@@ -638,7 +638,7 @@ pub fn print_table(r: &BenchReport) {
     for p in &r.paths {
         for u in &p.processes {
             println!(
-                "{:<11} {:<8} {:>9.4} {:>9.2} {:>10} {:>10} {:>10} {:>10}",
+                "{:<13} {:<8} {:>9.4} {:>9.2} {:>10} {:>10} {:>10} {:>10}",
                 p.name,
                 u.name,
                 u.cpu_s_per_1k,
