@@ -306,12 +306,20 @@ pub fn main() -> i32 {
     }
 }
 
-/// The node's runtime: `threads` workers (default one per CPU).
+/// The node's runtime: `threads` workers (default one per CPU). One thread
+/// is a current-thread runtime: every task runs on the thread that called
+/// `block_on`, with no work-stealing queues or cross-thread wake-ups (in
+/// `bench proxy` this cut a node's CPU per request; see docs/PROXY.md).
 fn node_runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        b.worker_threads(n);
-    }
+    let mut b = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build().expect("tokio runtime")
 }
 

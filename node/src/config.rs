@@ -75,7 +75,8 @@ pub struct NodeArgs {
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// Runtime worker threads [default: one per CPU]. A sidecar beside one
-    /// app does best with 1: fewer cross-thread wakeups per request.
+    /// app does best with 1, which runs every task on one thread (a
+    /// current-thread runtime: no cross-thread wakeups per request).
     #[arg(long, env = "SHOAL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// TOML config file; flags and SHOAL_* variables override it.

@@ -1,31 +1,44 @@
-//! `bench proxy`: what the Shoal data path costs, measured beside a direct
-//! call and one nginx reverse-proxy hop, in one run, against the same small
-//! upstream (an in-process hyper server answering 1 KiB).
+//! `bench proxy`: what the Shoal data path costs, measured side by side in
+//! one run against a plaintext two-hop nginx chain and against the bare QUIC
+//! transport, all ending at the same small upstream (1 KiB responses).
 //!
-//! Paths:
+//! Paths (rows):
 //! - `direct`: client → upstream.
-//! - `nginx`: client → nginx (one worker, keep-alive to the upstream) → upstream,
-//!   when `nginx` is on `PATH`.
-//! - `shoal`: client → node A (outbound listener) → QUIC/mTLS → node B → upstream,
-//!   with A and B as real `shoal node` child processes so their CPU time and
-//!   peak RSS can be read from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//! - `nginx-2hop`: client → nginx A → nginx B → upstream, plaintext, one
+//!   worker each, keep-alive on every hop: the same shape as Shoal's two hops.
+//! - `shoal`: client → node A (outbound listener) → QUIC/mTLS → node B →
+//!   upstream, with A and B as real `shoal node` child processes.
+//! - `quic-floor`: a bare request/response echo over two
+//!   [`transport::Endpoint`]s built by the transport crate's own constructor
+//!   (so the same quinn transport settings and mTLS as Shoal's hops), each on
+//!   its own one-thread runtime in this process: 16 concurrent streams on one
+//!   connection, a 64 B request, a 1 KiB answer. The limit of the transport
+//!   under the proxy.
 //!
-//! Per path: latency percentiles at a fixed rate (open loop: requests are
-//! scheduled on a clock and latency counts from the scheduled time, so
-//! queueing shows), then the maximum throughput of a closed loop of
-//! keep-alive connections, then CPU-seconds per 1,000 requests over the
-//! fixed-rate phase and peak RSS of every proxy process.
+//! The upstream is nginx serving a 1 KiB static file (one worker) when nginx
+//! is installed, as in the issue's measurement; otherwise an in-process hyper
+//! server (which then shares this process's CPU with the load generators).
+//!
+//! Per run and path: throughput and latency from `wrk` (1 thread, 16
+//! connections, keep-alive; `quic-floor` uses its own closed loop of 16
+//! streams), with the resident set of every proxy process sampled while it
+//! runs; then a fixed rate (1,000 rps, open loop) during which the CPU time
+//! of every proxy process is read from `/proc/<pid>/stat` (per thread for
+//! `quic-floor`). Runs alternate the paths, so a burst of noise from other
+//! processes on the machine lands on all of them; the table shows medians.
 //!
 //! This module drives processes and sockets only; it must not reach into a
 //! node's internals (it uses the `shoal` binary the way an operator would).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -39,228 +52,533 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-/// Published figures the issue measures against.
-pub const TARGET_CPU_S_PER_1K: f64 = 0.05;
-/// Peak RSS target per node, MiB.
-pub const TARGET_RSS_MIB: f64 = 15.0;
+/// CPU-seconds per 1,000 requests per node the issue sets (nginx's own cost
+/// per hop on the reference machine).
+pub const TARGET_CPU_S_PER_1K: f64 = 0.08;
+/// RSS per node under load, MiB.
+pub const TARGET_RSS_LOAD_MIB: f64 = 15.0;
+/// RSS per node when idle, MiB.
+pub const TARGET_RSS_IDLE_MIB: f64 = 10.0;
+/// Shoal's throughput over the nginx chain's, at least.
+pub const TARGET_RPS_RATIO: f64 = 0.8;
+/// Shoal's p99 over the nginx chain's, at most.
+pub const TARGET_P99_RATIO: f64 = 1.5;
+/// Shoal's throughput over `quic-floor`'s, aim.
+pub const TARGET_FLOOR_RATIO: f64 = 0.8;
+
+/// The rows, in the order they run.
+pub const PATHS: [&str; 4] = ["direct", "nginx-2hop", "shoal", "quic-floor"];
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Requests per second of the fixed-rate phase. Default 1000.
+    /// Requests per second of the fixed-rate (CPU) phase. Default 1000.
     pub rps: u32,
-    /// Length of the fixed-rate phase per path. Default 10 s.
+    /// Length of the fixed-rate phase per path and run. Default 5 s.
     pub duration: Duration,
-    /// Fixed-rate warm-up before measuring, per path. Default 1 s.
+    /// Fixed-rate warm-up per path before the first run. Default 1 s.
     pub warmup: Duration,
-    /// Length of the closed-loop throughput phase per path. Default 3 s.
+    /// Length of each `wrk` run per path. Default 5 s.
     pub throughput_duration: Duration,
-    /// Concurrent keep-alive connections of the throughput phase. Default 32.
+    /// Connections of `wrk` (streams of `quic-floor`). Default 16.
     pub connections: usize,
+    /// Runs; the table shows medians. Default 3.
+    pub runs: usize,
     /// Response body size of the upstream. Default 1024.
     pub response_bytes: usize,
     /// The `shoal` binary. Default: `$SHOAL_BIN`, else the workspace's
     /// `target/release/shoal` (built with `cargo build --release -p node` if missing).
     pub shoal_bin: Option<PathBuf>,
-    /// Paths to run, in order: any of `direct`, `nginx`, `shoal`. Default all three.
+    /// Paths to run, any of [`PATHS`]. Default all.
     pub paths: Vec<String>,
-    /// `--worker-threads` of each Shoal node. Default 1, as for a sidecar (and
-    /// nginx runs one worker); `None` leaves the node's default, one per CPU.
+    /// `--worker-threads` of each Shoal node. Default 1, as for a sidecar
+    /// (nginx runs one worker); `None` leaves the node's default, one per CPU.
     pub node_worker_threads: Option<usize>,
+    /// The upstream: `nginx` (static 1 KiB file) or `hyper` (in process).
+    /// Default: `nginx` when installed.
+    pub upstream: Option<String>,
+    /// More `shoal` binaries, each its own row `shoal:<name>` beside `shoal`
+    /// (before/after figures from one run). Default none.
+    pub compare: Vec<(String, PathBuf)>,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             rps: 1000,
-            duration: Duration::from_secs(10),
+            duration: Duration::from_secs(5),
             warmup: Duration::from_secs(1),
-            throughput_duration: Duration::from_secs(3),
-            connections: 32,
+            throughput_duration: Duration::from_secs(5),
+            connections: 16,
+            runs: 3,
             response_bytes: 1024,
             shoal_bin: None,
-            paths: vec!["direct".into(), "nginx".into(), "shoal".into()],
+            paths: PATHS.iter().map(|p| p.to_string()).collect(),
             node_worker_threads: Some(1),
+            upstream: None,
+            compare: Vec::new(),
         }
     }
 }
 
-/// Everything one run measured (printed by [`print_table`], written as JSON).
+/// Everything one invocation measured (printed by [`print_table`], written as JSON).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// Fixed rate, requests per second.
+    /// Runs per path; figures are medians over them.
+    pub runs: usize,
+    /// Fixed rate of the CPU phase, requests per second.
     pub rps: u32,
-    /// Fixed-rate phase length, seconds.
+    /// Fixed-rate phase length per run, seconds.
     pub duration_s: f64,
-    /// Closed-loop connections.
+    /// Throughput phase length per run, seconds.
+    pub throughput_s: f64,
+    /// wrk connections (quic-floor streams).
     pub connections: usize,
     /// Upstream response size, bytes.
     pub response_bytes: usize,
+    /// What served the 1 KiB responses.
+    pub upstream: String,
     /// One entry per path, in the order run.
     pub paths: Vec<PathReport>,
-    /// p99 each proxied path adds over `direct`, ms.
-    pub added_p99_ms: Added,
-    /// p50 each proxied path adds over `direct`, ms (steadier than p99 on a
-    /// shared machine, where p99 carries other processes' noise).
-    pub added_p50_ms: Added,
     /// The issue's targets.
     pub targets: Targets,
     /// Things the reader should know (skipped paths, binary used).
     pub notes: Vec<String>,
 }
 
-/// Latency a proxied path adds over the direct path, ms.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Added {
-    /// nginx hop.
-    pub nginx: Option<f64>,
-    /// Shoal path (two nodes).
-    pub shoal: Option<f64>,
-}
-
 /// The targets the issue states.
 #[derive(Debug, Clone, Serialize)]
 pub struct Targets {
-    /// Shoal's added p99 must not exceed nginx's.
-    pub shoal_added_p99: &'static str,
-    /// CPU-seconds per 1,000 requests per node.
+    /// Shoal throughput / nginx-2hop throughput, at least.
+    pub rps_ratio_vs_nginx: f64,
+    /// Shoal p99 / nginx-2hop p99, at most.
+    pub p99_ratio_vs_nginx: f64,
+    /// Shoal throughput / quic-floor throughput, aim.
+    pub rps_ratio_vs_floor: f64,
+    /// CPU-seconds per 1,000 requests per node, at most.
     pub cpu_s_per_1k_per_node: f64,
-    /// Peak RSS per node, MiB.
-    pub rss_mib_per_node: f64,
-    /// Published reference figures.
-    pub reference: &'static str,
+    /// RSS per node under load, MiB, at most.
+    pub rss_load_mib: f64,
+    /// RSS per node idle, MiB, at most.
+    pub rss_idle_mib: f64,
 }
 
 /// One path's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathReport {
-    /// `direct`, `nginx` or `shoal`.
+    /// One of [`PATHS`].
     pub name: String,
     /// Why the path did not run, if it did not.
     pub skipped: Option<String>,
-    /// The fixed-rate phase.
-    pub fixed_rate: Option<FixedRate>,
-    /// Closed-loop throughput, requests per second.
-    pub max_rps: Option<f64>,
-    /// Errors (non-200 or failed) in the closed loop.
-    pub max_rps_errors: u64,
-    /// Proxy processes of the path and what they used.
+    /// Why the throughput phase did not run (no wrk), if it did not.
+    pub throughput_skipped: Option<String>,
+    /// Each run's throughput phase.
+    pub runs: Vec<Throughput>,
+    /// Medians over `runs`.
+    pub median: Option<Throughput>,
+    /// Median throughput over nginx-2hop's.
+    pub rps_vs_nginx: Option<f64>,
+    /// Median p99 over nginx-2hop's.
+    pub p99_vs_nginx: Option<f64>,
+    /// Median throughput over quic-floor's.
+    pub rps_vs_floor: Option<f64>,
+    /// The path's proxy processes (threads for quic-floor).
     pub processes: Vec<ProcessUsage>,
 }
 
-/// The fixed-rate (open-loop) phase of one path.
+/// One throughput run.
 #[derive(Debug, Clone, Serialize)]
-pub struct FixedRate {
-    /// Requests scheduled.
-    pub sent: u64,
-    /// Requests answered 200 with the whole body.
-    pub ok: u64,
-    /// Requests failed or answered otherwise.
-    pub errors: u64,
-    /// Latency from the scheduled send time, ms.
+pub struct Throughput {
+    /// Requests per second.
+    pub rps: f64,
+    /// Latency percentiles, ms.
     pub p50_ms: f64,
-    pub p90_ms: f64,
     pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    /// Non-2xx answers and socket errors.
+    pub errors: u64,
 }
 
-/// CPU and memory of one proxy process.
+/// CPU and memory of one proxy process (or thread, for quic-floor).
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessUsage {
-    /// `node-a`, `node-b`, `nginx-worker`.
+    /// `node-a`, `node-b`, `nginx-a`, `nginx-b`, `client`, `server`.
     pub name: String,
-    /// CPU (user + system) over the fixed-rate phase, seconds.
-    pub cpu_s: f64,
-    /// CPU-seconds per 1,000 requests of the fixed-rate phase.
+    /// CPU-seconds per 1,000 requests at the fixed rate, each run.
+    pub cpu_s_per_1k_runs: Vec<f64>,
+    /// Median of the above.
     pub cpu_s_per_1k: f64,
-    /// Peak resident set (VmHWM) at the end of the path's run, MiB.
-    pub peak_rss_mib: f64,
+    /// Resident set after start, before any load, MiB (None for threads).
+    pub rss_idle_mib: Option<f64>,
+    /// Largest resident set sampled under load, MiB.
+    pub rss_load_mib: Option<f64>,
+    /// Largest anonymous part of it (heap, stacks: not the binary's pages), MiB.
+    pub rss_anon_load_mib: Option<f64>,
+    /// Context switches (voluntary + not) per request at the fixed rate, median.
+    pub switches_per_req: f64,
+    /// Resident set 2 s after the last load, MiB.
+    pub rss_after_mib: Option<f64>,
 }
 
-/// Runs the benchmark: direct, nginx (if installed), Shoal.
+/// Something whose CPU time can be read: a process or one of our threads.
+#[derive(Debug, Clone)]
+enum Meter {
+    Pid(u32),
+    Thread(u32),
+}
+
+impl Meter {
+    fn cpu_seconds(&self) -> f64 {
+        match self {
+            Meter::Pid(p) => cpu_seconds(&format!("/proc/{p}/stat")),
+            Meter::Thread(t) => cpu_seconds(&format!("/proc/self/task/{t}/stat")),
+        }
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        self.status_mib("VmRSS:")
+    }
+
+    fn anon_mib(&self) -> Option<f64> {
+        self.status_mib("RssAnon:")
+    }
+
+    fn status_mib(&self, field: &str) -> Option<f64> {
+        match self {
+            Meter::Pid(p) => Some(round1(status_kib(*p, field) as f64 / 1024.0)),
+            Meter::Thread(_) => None,
+        }
+    }
+
+    /// Context switches of all its threads so far.
+    fn switches(&self) -> u64 {
+        let tasks: Vec<PathBuf> = match self {
+            Meter::Pid(p) => std::fs::read_dir(format!("/proc/{p}/task"))
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default(),
+            Meter::Thread(t) => vec![PathBuf::from(format!("/proc/self/task/{t}"))],
+        };
+        tasks
+            .iter()
+            .filter_map(|t| std::fs::read_to_string(t.join("status")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| {
+                        l.strip_prefix("voluntary_ctxt_switches:")
+                            .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+}
+
+/// How a path's load is driven.
+enum Target {
+    /// HTTP at this address (wrk and the hyper client).
+    Http(SocketAddr),
+    /// The QUIC echo.
+    Quic(Arc<QuicFloor>),
+}
+
+struct Running {
+    name: String,
+    target: Target,
+    meters: Vec<(String, Meter)>,
+    report: PathReport,
+    rss_idle: Vec<Option<f64>>,
+    rss_load: Vec<Option<f64>>,
+    anon_load: Vec<Option<f64>>,
+    cpu: Vec<Vec<f64>>,
+    switches: Vec<Vec<f64>>,
+}
+
+/// Runs the benchmark.
 pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
-    if opts.rps == 0 || opts.duration.is_zero() || opts.connections == 0 {
-        bail!("--rps, --duration and --connections must be positive");
+    if opts.rps == 0 || opts.duration.is_zero() || opts.connections == 0 || opts.runs == 0 {
+        bail!("--rps, --duration, --connections and --runs must be positive");
+    }
+    for p in &opts.paths {
+        if !PATHS.contains(&p.as_str()) {
+            bail!("unknown path {p:?} (one of {})", PATHS.join(", "));
+        }
     }
     let mut notes = Vec::new();
     let shoal = shoal_binary(&opts)?;
     notes.push(format!("shoal binary: {}", shoal.display()));
     notes.push(match opts.node_worker_threads {
-        Some(n) => format!("shoal nodes run with --worker-threads {n}; nginx with one worker"),
-        None => "shoal nodes run one worker thread per CPU; nginx one worker".into(),
+        Some(n) => format!("shoal nodes run with --worker-threads {n}; each nginx with one worker"),
+        None => "shoal nodes run one worker thread per CPU; each nginx one worker".into(),
     });
-    let upstream = Upstream::start(opts.response_bytes).await?;
+    let nginx = nginx_binary();
+    let wrk = on_path("wrk");
     let dir = tempfile::tempdir().context("temp dir")?;
-    let mut paths = Vec::new();
 
+    // The upstream.
+    let want_upstream = opts
+        .upstream
+        .clone()
+        .unwrap_or_else(|| if nginx.is_some() { "nginx" } else { "hyper" }.into());
+    let mut _hyper_upstream = None;
+    let mut _nginx_upstream = None;
+    let (upstream_addr, upstream_desc) = match (want_upstream.as_str(), &nginx) {
+        ("nginx", Some(bin)) => {
+            let n = Nginx::static_file(bin, &dir.path().join("upstream"), opts.response_bytes)?;
+            wait_ready(n.addr, "the static file", Duration::from_secs(10)).await?;
+            let a = n.addr;
+            _nginx_upstream = Some(n);
+            (
+                a,
+                format!(
+                    "nginx (1 worker) serving a {} B static file",
+                    opts.response_bytes
+                ),
+            )
+        }
+        ("nginx", None) => bail!("--upstream nginx: nginx is not on PATH (apt-get install nginx)"),
+        ("hyper", _) => {
+            let u = Upstream::start(opts.response_bytes).await?;
+            let a = u.addr;
+            _hyper_upstream = Some(u);
+            (
+                a,
+                format!(
+                    "in-process hyper server answering {} B (shares the bench process's CPU)",
+                    opts.response_bytes
+                ),
+            )
+        }
+        (other, _) => bail!("unknown upstream {other:?} (nginx, hyper)"),
+    };
+    eprintln!("bench: upstream {upstream_addr}: {upstream_desc}");
+
+    // Start every path once; they stay up across runs.
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let mut rows: Vec<Running> = Vec::new();
+    let mut skipped_rows: Vec<PathReport> = Vec::new();
+    let mut wanted: Vec<(String, PathBuf)> = Vec::new();
     for path in &opts.paths {
-        match path.as_str() {
-            "direct" => {
-                eprintln!("bench: direct → {}", upstream.addr);
-                paths.push(run_path(&opts, "direct", upstream.addr, &[]).await?);
-            }
-            "nginx" => match nginx_binary() {
-                None => {
-                    let why = "nginx is not on PATH; install it (apt-get install nginx) to compare one reverse-proxy hop";
-                    eprintln!("bench: {why}");
-                    notes.push(why.into());
-                    paths.push(skipped("nginx", why));
+        wanted.push((path.clone(), shoal.clone()));
+        if path == "shoal" {
+            for (name, bin) in &opts.compare {
+                if !bin.is_file() {
+                    bail!("--compare {name}={}: no such file", bin.display());
                 }
+                wanted.push((format!("shoal:{name}"), bin.clone()));
+                notes.push(format!("shoal:{name} binary: {}", bin.display()));
+            }
+        }
+    }
+    for (path, bin) in &wanted {
+        let name = path.as_str();
+        let kind = if name.starts_with("shoal:") {
+            "shoal"
+        } else {
+            name
+        };
+        let started: Result<(Target, Vec<(String, Meter)>), String> = match kind {
+            "direct" => Ok((Target::Http(upstream_addr), Vec::new())),
+            "nginx-2hop" => match &nginx {
+                None => Err("nginx is not on PATH; install it (apt-get install nginx) to compare a two-hop nginx chain".into()),
                 Some(bin) => {
-                    let nginx = Nginx::start(&bin, &dir.path().join("nginx"), upstream.addr)?;
-                    wait_ready(nginx.addr, "bench", Duration::from_secs(10)).await?;
-                    eprintln!("bench: nginx → {}", nginx.addr);
-                    let procs = nginx.workers();
-                    paths.push(run_path(&opts, "nginx", nginx.addr, &procs).await?);
+                    let b = Nginx::proxy(bin, &dir.path().join("nginx-b"), upstream_addr)?;
+                    let a = Nginx::proxy(bin, &dir.path().join("nginx-a"), b.addr)?;
+                    wait_ready(a.addr, "the chain", Duration::from_secs(10)).await?;
+                    let meters = vec![
+                        ("nginx-a".to_string(), Meter::Pid(a.worker())),
+                        ("nginx-b".to_string(), Meter::Pid(b.worker())),
+                    ];
+                    let addr = a.addr;
+                    keep.push(Box::new(a));
+                    keep.push(Box::new(b));
+                    Ok((Target::Http(addr), meters))
                 }
             },
             "shoal" => {
                 let mesh = ShoalPair::start(
-                    &shoal,
-                    &dir.path().join("shoal"),
-                    upstream.addr,
+                    bin,
+                    &dir.path().join(name.replace(':', "-")),
+                    upstream_addr,
                     opts.node_worker_threads,
                 )
                 .await?;
-                eprintln!("bench: shoal → {} (node-a) → node-b", mesh.outbound);
-                let procs = [
-                    ("node-a".to_string(), mesh.a.id()),
-                    ("node-b".to_string(), mesh.b.id()),
+                let meters = vec![
+                    ("node-a".to_string(), Meter::Pid(mesh.a.id())),
+                    ("node-b".to_string(), Meter::Pid(mesh.b.id())),
                 ];
-                paths.push(run_path(&opts, "shoal", mesh.outbound, &procs).await?);
+                let addr = mesh.outbound;
+                keep.push(Box::new(mesh));
+                Ok((Target::Http(addr), meters))
             }
-            other => bail!("unknown path {other:?} (direct, nginx, shoal)"),
+            "quic-floor" => {
+                let floor =
+                    QuicFloor::start(&shoal, &dir.path().join("quic"), opts.response_bytes).await?;
+                let meters = vec![
+                    ("client".to_string(), Meter::Thread(floor.client_tid)),
+                    ("server".to_string(), Meter::Thread(floor.server_tid)),
+                ];
+                Ok((Target::Quic(Arc::new(floor)), meters))
+            }
+            _ => unreachable!("checked above"),
+        };
+        match started {
+            Err(why) => {
+                eprintln!("bench: {name}: skipped: {why}");
+                notes.push(format!("{name} skipped: {why}"));
+                skipped_rows.push(empty_report(name, Some(why)));
+            }
+            Ok((target, meters)) => {
+                let throughput_skipped = match (&target, &wrk) {
+                    (Target::Http(_), None) => Some(
+                        "wrk is not on PATH (apt-get install wrk); throughput not measured".into(),
+                    ),
+                    _ => None,
+                };
+                let mut report = empty_report(name, None);
+                report.throughput_skipped = throughput_skipped;
+                let n = meters.len();
+                rows.push(Running {
+                    name: name.into(),
+                    rss_idle: meters.iter().map(|(_, m)| m.rss_mib()).collect(),
+                    target,
+                    meters,
+                    report,
+                    rss_load: vec![None; n],
+                    anon_load: vec![None; n],
+                    cpu: vec![Vec::new(); n],
+                    switches: vec![Vec::new(); n],
+                });
+            }
         }
     }
 
-    let quantile = |name: &str, q: fn(&FixedRate) -> f64| {
+    let client = client();
+    if !opts.warmup.is_zero() {
+        for row in &rows {
+            eprintln!("bench: warm-up {}", row.name);
+            fixed_rate(&client, &row.target, opts.rps, opts.warmup).await;
+        }
+    }
+    for run in 1..=opts.runs {
+        for row in rows.iter_mut() {
+            if row.report.throughput_skipped.is_some() {
+                continue;
+            }
+            let sampler = RssSampler::start(&row.meters);
+            let t = match &row.target {
+                Target::Http(addr) => {
+                    let wrk = wrk.as_ref().expect("checked");
+                    run_wrk(wrk, *addr, opts.connections, opts.throughput_duration).await?
+                }
+                Target::Quic(floor) => {
+                    floor
+                        .closed_loop(opts.connections, opts.throughput_duration)
+                        .await?
+                }
+            };
+            row.note_rss(sampler.finish());
+            eprintln!(
+                "bench: run {run}/{} {:<10} {:>8.0} rps  p50 {:.3} ms  p99 {:.3} ms  errors {}",
+                opts.runs, row.name, t.rps, t.p50_ms, t.p99_ms, t.errors
+            );
+            row.report.runs.push(t);
+        }
+        for row in rows.iter_mut() {
+            if row.meters.is_empty() {
+                continue;
+            }
+            let sampler = RssSampler::start(&row.meters);
+            let before: Vec<(f64, u64)> = row
+                .meters
+                .iter()
+                .map(|(_, m)| (m.cpu_seconds(), m.switches()))
+                .collect();
+            let (sent, errors) = fixed_rate(&client, &row.target, opts.rps, opts.duration).await;
+            let after: Vec<(f64, u64)> = row
+                .meters
+                .iter()
+                .map(|(_, m)| (m.cpu_seconds(), m.switches()))
+                .collect();
+            row.note_rss(sampler.finish());
+            for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                row.cpu[i].push(round4((a.0 - b.0) / sent.max(1) as f64 * 1000.0));
+                row.switches[i].push(a.1.saturating_sub(b.1) as f64 / sent.max(1) as f64);
+            }
+            if errors > 0 {
+                eprintln!(
+                    "bench: {}: {errors} of {sent} fixed-rate requests failed",
+                    row.name
+                );
+            }
+        }
+    }
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut paths = Vec::new();
+    for mut row in rows {
+        row.report.median = median_of(&row.report.runs);
+        row.report.processes = row
+            .meters
+            .iter()
+            .enumerate()
+            .map(|(i, (name, m))| ProcessUsage {
+                name: name.clone(),
+                cpu_s_per_1k: round4(median(&row.cpu[i])),
+                cpu_s_per_1k_runs: row.cpu[i].clone(),
+                rss_idle_mib: row.rss_idle[i],
+                rss_load_mib: row.rss_load[i],
+                rss_anon_load_mib: row.anon_load[i],
+                switches_per_req: round2(median(&row.switches[i])),
+                rss_after_mib: m.rss_mib(),
+            })
+            .collect();
+        paths.push(row.report);
+    }
+    paths.extend(skipped_rows);
+    paths.sort_by_key(|p| {
+        let kind = if p.name.starts_with("shoal:") {
+            "shoal"
+        } else {
+            &p.name
+        };
+        PATHS.iter().position(|n| *n == kind)
+    });
+    let base = |name: &str| {
         paths
             .iter()
             .find(|p| p.name == name)
-            .and_then(|p| p.fixed_rate.as_ref())
-            .map(q)
+            .and_then(|p| p.median.clone())
     };
-    let added = |q: fn(&FixedRate) -> f64| {
-        let over = |name: &str| Some(round3(quantile(name, q)? - quantile("direct", q)?));
-        Added {
-            nginx: over("nginx"),
-            shoal: over("shoal"),
+    let (nginx_m, floor_m) = (base("nginx-2hop"), base("quic-floor"));
+    for p in &mut paths {
+        if let Some(m) = &p.median {
+            if let Some(n) = &nginx_m {
+                p.rps_vs_nginx = Some(round2(m.rps / n.rps));
+                p.p99_vs_nginx = Some(round2(m.p99_ms / n.p99_ms));
+            }
+            if let Some(f) = &floor_m {
+                p.rps_vs_floor = Some(round2(m.rps / f.rps));
+            }
         }
-    };
+    }
+    drop(keep);
     Ok(BenchReport {
+        runs: opts.runs,
         rps: opts.rps,
         duration_s: opts.duration.as_secs_f64(),
+        throughput_s: opts.throughput_duration.as_secs_f64(),
         connections: opts.connections,
         response_bytes: opts.response_bytes,
-        added_p99_ms: added(|f| f.p99_ms),
-        added_p50_ms: added(|f| f.p50_ms),
+        upstream: upstream_desc,
         paths,
         targets: Targets {
-            shoal_added_p99: "no more than nginx's single plaintext hop adds",
+            rps_ratio_vs_nginx: TARGET_RPS_RATIO,
+            p99_ratio_vs_nginx: TARGET_P99_RATIO,
+            rps_ratio_vs_floor: TARGET_FLOOR_RATIO,
             cpu_s_per_1k_per_node: TARGET_CPU_S_PER_1K,
-            rss_mib_per_node: TARGET_RSS_MIB,
-            reference: "Istio at 1,000 rps: ztunnel pair +0.20 ms p99, sidecar pair +0.30 ms; ztunnel 0.06 vCPU per 1,000 rps, 12 MB",
+            rss_load_mib: TARGET_RSS_LOAD_MIB,
+            rss_idle_mib: TARGET_RSS_IDLE_MIB,
         },
         notes,
     })
@@ -269,136 +587,257 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
 /// Prints a report as tables.
 pub fn print_table(r: &BenchReport) {
     println!(
-        "fixed rate {} rps for {:.0}s (open loop, latency from the scheduled send), {} B responses",
-        r.rps, r.duration_s, r.response_bytes
+        "throughput: wrk -t1 -c{} -d{:.0}s (quic-floor: {} streams on one connection), {} B responses, median of {} runs",
+        r.connections, r.throughput_s, r.connections, r.response_bytes, r.runs
     );
+    println!("upstream: {}", r.upstream);
     println!(
-        "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13} {:>12}",
-        "path", "p50", "p90", "p99", "p99.9", "max", "ok/sent", "max rps"
+        "{:<13} {:>9} {:>10} {:>10} {:>7} {:>7} {:>8} {:>7}",
+        "path", "rps", "p50", "p99", "rps×", "p99×", "÷floor", "errors"
     );
+    let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for p in &r.paths {
-        if let Some(why) = &p.skipped {
-            println!("{:<8} skipped: {why}", p.name);
+        if let Some(why) = p.skipped.as_ref().or(p.throughput_skipped.as_ref()) {
+            println!("{:<13} skipped: {why}", p.name);
             continue;
         }
-        let ms = |v: f64| format!("{v:.3}ms");
-        let (lat, okc) = match &p.fixed_rate {
-            Some(f) => (
-                [
-                    ms(f.p50_ms),
-                    ms(f.p90_ms),
-                    ms(f.p99_ms),
-                    ms(f.p999_ms),
-                    ms(f.max_ms),
-                ],
-                format!("{}/{}", f.ok, f.sent),
-            ),
-            None => (std::array::from_fn(|_| "-".to_string()), "-".into()),
-        };
-        let max = match p.max_rps {
-            Some(v) if p.max_rps_errors > 0 => format!("{v:.0} ({} err)", p.max_rps_errors),
-            Some(v) => format!("{v:.0}"),
-            None => "-".into(),
-        };
+        let Some(m) = &p.median else { continue };
         println!(
-            "{:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13} {:>12}",
-            p.name, lat[0], lat[1], lat[2], lat[3], lat[4], okc, max
+            "{:<13} {:>9.0} {:>8.3}ms {:>8.3}ms {:>7} {:>7} {:>8} {:>7}",
+            p.name,
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            ratio(p.rps_vs_nginx),
+            ratio(p.p99_vs_nginx),
+            ratio(p.rps_vs_floor),
+            p.runs.iter().map(|t| t.errors).sum::<u64>()
         );
     }
-    println!();
-    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:+.3} ms"));
     println!(
-        "added p99 over direct: nginx {}, shoal {}  (target: shoal ≤ nginx; Istio ztunnel pair +0.20 ms, sidecar pair +0.30 ms)",
-        show(r.added_p99_ms.nginx),
-        show(r.added_p99_ms.shoal)
-    );
-    println!(
-        "added p50 over direct: nginx {}, shoal {}",
-        show(r.added_p50_ms.nginx),
-        show(r.added_p50_ms.shoal)
+        "(rps× and p99×: over nginx-2hop; ÷floor: rps over quic-floor. Targets for shoal: rps× ≥ {}, p99× ≤ {}, ÷floor ≥ {})",
+        r.targets.rps_ratio_vs_nginx, r.targets.p99_ratio_vs_nginx, r.targets.rps_ratio_vs_floor
     );
     println!();
     println!(
-        "{:<8} {:<13} {:>10} {:>12} {:>12}",
-        "path", "process", "cpu-s", "cpu-s/1k", "peak RSS"
+        "per node at {} rps for {:.0}s (open loop), median of {} runs; switch/rq = context switches per request; RSS idle = after start, load = peak sampled under load (anon: without the binary's own pages), after = 2 s after the last load",
+        r.rps, r.duration_s, r.runs
     );
+    println!(
+        "{:<13} {:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}",
+        "path",
+        "process",
+        "cpu-s/1k",
+        "switch/rq",
+        "RSS idle",
+        "RSS load",
+        "anon load",
+        "RSS after"
+    );
+    let mib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} MiB"));
     for p in &r.paths {
         for u in &p.processes {
             println!(
-                "{:<8} {:<13} {:>10.3} {:>12.4} {:>9.1} MiB",
-                p.name, u.name, u.cpu_s, u.cpu_s_per_1k, u.peak_rss_mib
+                "{:<13} {:<8} {:>9.4} {:>9.2} {:>10} {:>10} {:>10} {:>10}",
+                p.name,
+                u.name,
+                u.cpu_s_per_1k,
+                u.switches_per_req,
+                mib(u.rss_idle_mib),
+                mib(u.rss_load_mib),
+                mib(u.rss_anon_load_mib),
+                mib(u.rss_after_mib)
             );
         }
     }
     println!(
-        "targets per Shoal node: ≤ {} cpu-s per 1,000 requests, ≤ {} MiB RSS (ztunnel: 0.06 vCPU per 1,000 rps, 12 MB)",
-        r.targets.cpu_s_per_1k_per_node, r.targets.rss_mib_per_node
+        "(targets per Shoal node: ≤ {} cpu-s per 1,000 requests, RSS ≤ {} MiB under load, ≤ {} MiB idle; quic-floor's two endpoints share this process, so no RSS)",
+        r.targets.cpu_s_per_1k_per_node, r.targets.rss_load_mib, r.targets.rss_idle_mib
     );
     for n in &r.notes {
         println!("note: {n}");
     }
 }
 
-fn skipped(name: &str, why: &str) -> PathReport {
+fn empty_report(name: &str, skipped: Option<String>) -> PathReport {
     PathReport {
         name: name.into(),
-        skipped: Some(why.into()),
-        fixed_rate: None,
-        max_rps: None,
-        max_rps_errors: 0,
+        skipped,
+        throughput_skipped: None,
+        runs: Vec::new(),
+        median: None,
+        rps_vs_nginx: None,
+        p99_vs_nginx: None,
+        rps_vs_floor: None,
         processes: Vec::new(),
     }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Per-figure medians (each figure on its own).
+fn median_of(runs: &[Throughput]) -> Option<Throughput> {
+    if runs.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&Throughput) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    Some(Throughput {
+        rps: m(|t| t.rps).round(),
+        p50_ms: round3(m(|t| t.p50_ms)),
+        p99_ms: round3(m(|t| t.p99_ms)),
+        errors: runs.iter().map(|t| t.errors).sum(),
+    })
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
 }
 
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
-// === one path ===
+fn round4(v: f64) -> f64 {
+    (v * 1e4).round() / 1e4
+}
 
-/// Warm-up, fixed rate (CPU measured around it), closed loop, peak RSS.
-async fn run_path(
-    opts: &BenchOptions,
-    name: &str,
-    addr: SocketAddr,
-    procs: &[(String, u32)],
-) -> anyhow::Result<PathReport> {
-    let client = client();
-    if !opts.warmup.is_zero() {
-        open_loop(&client, addr, opts.rps, opts.warmup).await;
+impl Running {
+    fn note_rss(&mut self, peaks: Vec<(Option<f64>, Option<f64>)>) {
+        for (i, (rss, anon)) in peaks.into_iter().enumerate() {
+            self.rss_load[i] = max_opt(self.rss_load[i], rss);
+            self.anon_load[i] = max_opt(self.anon_load[i], anon);
+        }
     }
-    let before: Vec<f64> = procs.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
-    let fixed = open_loop(&client, addr, opts.rps, opts.duration).await;
-    let after: Vec<f64> = procs.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
-    drop(client);
-    let (max_rps, max_errors) = closed_loop(addr, opts.connections, opts.throughput_duration).await;
-    let processes = procs
-        .iter()
-        .zip(before.iter().zip(&after))
-        .map(|((pname, pid), (b, a))| {
-            let cpu = a - b;
-            ProcessUsage {
-                name: pname.clone(),
-                cpu_s: round3(cpu),
-                cpu_s_per_1k: (cpu / fixed.sent.max(1) as f64 * 1000.0 * 1e4).round() / 1e4,
-                peak_rss_mib: (peak_rss_kib(*pid) as f64 / 1024.0 * 10.0).round() / 10.0,
+}
+
+// === load ===
+
+/// Samples the resident set of some processes every 100 ms until finished.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Option<f64>, Option<f64>)>>,
+}
+
+impl RssSampler {
+    fn start(meters: &[(String, Meter)]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let meters: Vec<Meter> = meters.iter().map(|(_, m)| m.clone()).collect();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = vec![(None, None); meters.len()];
+            loop {
+                for (p, m) in peak.iter_mut().zip(&meters) {
+                    p.0 = max_opt(p.0, m.rss_mib());
+                    p.1 = max_opt(p.1, m.anon_mib());
+                }
+                if s.load(Ordering::Relaxed) {
+                    return peak;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-        })
-        .collect();
-    if fixed.errors > 0 {
-        eprintln!(
-            "bench: {name}: {} of {} fixed-rate requests failed",
-            fixed.errors, fixed.sent
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn finish(self) -> Vec<(Option<f64>, Option<f64>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Runs `wrk -t1 -c<connections> -d<duration> --latency` against `addr`
+/// (with `Host: web`, which Shoal routes by) and parses its summary.
+async fn run_wrk(
+    wrk: &Path,
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Throughput> {
+    let out = tokio::process::Command::new(wrk)
+        .args(["-t1", &format!("-c{connections}")])
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .args(["--latency", "-H", "Host: web"])
+        .arg(format!("http://{addr}/bench"))
+        .output()
+        .await
+        .with_context(|| format!("running {}", wrk.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(PathReport {
-        name: name.into(),
-        skipped: None,
-        fixed_rate: Some(fixed),
-        max_rps: Some(max_rps.round()),
-        max_rps_errors: max_errors,
-        processes,
+    parse_wrk(&text).ok_or_else(|| anyhow!("could not read wrk's output:\n{text}"))
+}
+
+/// Reads requests/s, the 50 % and 99 % latencies, and errors from wrk's summary.
+fn parse_wrk(text: &str) -> Option<Throughput> {
+    let mut rps = None;
+    let (mut p50, mut p99) = (None, None);
+    let mut errors = 0u64;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => rps = v.parse::<f64>().ok(),
+            ["50%", v] => p50 = wrk_ms(v),
+            ["99%", v] => p99 = wrk_ms(v),
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>().unwrap_or(0),
+            ["Socket", "errors:", rest @ ..] => {
+                errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    Some(Throughput {
+        rps: rps?.round(),
+        p50_ms: round3(p50?),
+        p99_ms: round3(p99?),
+        errors,
     })
+}
+
+/// A wrk latency (`310.00us`, `1.20ms`, `2.00s`) in ms.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60_000.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
 }
 
 type BenchClient = Client<HttpConnector, Empty<Bytes>>;
@@ -418,21 +857,54 @@ fn request(addr: SocketAddr) -> Request<Empty<Bytes>> {
         .expect("static request")
 }
 
-/// Sends `rps` requests a second for `duration`, each at its scheduled time
-/// whatever the previous ones are doing; latency counts from that time.
-async fn open_loop(
+async fn http_ok(client: &BenchClient, addr: SocketAddr) -> bool {
+    match client.request(request(addr)).await {
+        Ok(resp) if resp.status() == 200 => resp.into_body().collect().await.is_ok(),
+        Ok(resp) => {
+            let _ = resp.into_body().collect().await;
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+type OneRequest = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// Sends `rps` requests a second for `duration` at `target`, each at its
+/// scheduled time whatever the previous ones are doing (open loop). Returns
+/// (sent, failed).
+async fn fixed_rate(
     client: &BenchClient,
-    addr: SocketAddr,
+    target: &Target,
     rps: u32,
     duration: Duration,
-) -> FixedRate {
+) -> (u64, u64) {
+    let (one, handle): (OneRequest, tokio::runtime::Handle) = match target {
+        Target::Http(addr) => {
+            let (client, addr) = (client.clone(), *addr);
+            (
+                Arc::new(move || {
+                    let client = client.clone();
+                    Box::pin(async move { http_ok(&client, addr).await })
+                }),
+                tokio::runtime::Handle::current(),
+            )
+        }
+        Target::Quic(floor) => {
+            let f = floor.clone();
+            (
+                Arc::new(move || {
+                    let f = f.clone();
+                    Box::pin(async move { f.one().await.is_ok() })
+                }),
+                floor.client.clone(),
+            )
+        }
+    };
     let total = (f64::from(rps) * duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / f64::from(rps));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Option<Duration>>();
-    let handle = tokio::runtime::Handle::current();
-    let client = client.clone();
-    // A plain thread paces the schedule: tokio's timer has 1 ms granularity,
-    // which would add up to a millisecond to every path's latency.
+    let (tx, mut rx) = mpsc::unbounded_channel::<bool>();
+    // A plain thread paces the schedule (tokio's timer has 1 ms granularity).
     let pacer = std::thread::spawn(move || {
         let start = Instant::now() + Duration::from_millis(5);
         for i in 0..total {
@@ -441,110 +913,20 @@ async fn open_loop(
             if at > now {
                 std::thread::sleep(at - now);
             }
-            let (client, tx) = (client.clone(), tx.clone());
+            let (one, tx) = (one.clone(), tx.clone());
             handle.spawn(async move {
-                let ok = match client.request(request(addr)).await {
-                    Ok(resp) if resp.status() == 200 => resp.into_body().collect().await.is_ok(),
-                    Ok(resp) => {
-                        let _ = resp.into_body().collect().await;
-                        false
-                    }
-                    Err(_) => false,
-                };
-                let _ = tx.send(ok.then(|| at.elapsed()));
+                let _ = tx.send(one().await);
             });
         }
     });
-    let mut lat: Vec<Duration> = Vec::with_capacity(total as usize);
     let mut errors = 0;
-    while let Some(r) = rx.recv().await {
-        match r {
-            Some(d) => lat.push(d),
-            None => errors += 1,
+    while let Some(ok) = rx.recv().await {
+        if !ok {
+            errors += 1;
         }
     }
     let _ = pacer.join();
-    lat.sort_unstable();
-    let q = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
-        }
-        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-        round3(lat[i].as_secs_f64() * 1e3)
-    };
-    FixedRate {
-        sent: total,
-        ok: lat.len() as u64,
-        errors,
-        p50_ms: q(0.50),
-        p90_ms: q(0.90),
-        p99_ms: q(0.99),
-        p999_ms: q(0.999),
-        max_ms: q(1.0),
-    }
-}
-
-/// `connections` keep-alive connections, each sending its next request as
-/// soon as the previous answer is read, for `duration`. Returns requests per
-/// second answered 200, and the number of failures.
-async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duration) -> (f64, u64) {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let start = tokio::time::Instant::now();
-    let end = start + duration;
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (ok, failed) = (ok.clone(), failed.clone());
-        tasks.push(tokio::spawn(async move {
-            while tokio::time::Instant::now() < end {
-                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let Ok((mut send, conn)) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-                else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                tokio::spawn(conn);
-                while tokio::time::Instant::now() < end {
-                    if send.ready().await.is_err() {
-                        break;
-                    }
-                    let req = Request::get("/bench")
-                        .header(hyper::header::HOST, "web")
-                        .body(Empty::<Bytes>::new())
-                        .expect("static request");
-                    match send.send_request(req).await {
-                        Ok(resp) => {
-                            let status = resp.status();
-                            let read = resp.into_body().collect().await.is_ok();
-                            if status == 200 && read {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Err(_) => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    (
-        ok.load(Ordering::Relaxed) as f64 / secs,
-        failed.load(Ordering::Relaxed),
-    )
+    (total, errors)
 }
 
 async fn wait_ready(addr: SocketAddr, what: &str, deadline: Duration) -> anyhow::Result<()> {
@@ -565,11 +947,209 @@ async fn wait_ready(addr: SocketAddr, what: &str, deadline: Duration) -> anyhow:
     bail!("{addr} did not serve {what} within {deadline:?}: {last}")
 }
 
+// === quic-floor ===
+
+/// Two transport endpoints, each on a one-thread runtime of its own thread:
+/// the server answers every bidirectional stream with the response body.
+struct QuicFloor {
+    client: tokio::runtime::Handle,
+    client_tid: u32,
+    server_tid: u32,
+    conn: quinn::Connection,
+    _client_ep: transport::Endpoint,
+    _stop: Vec<std::sync::mpsc::Sender<()>>,
+}
+
+/// The request the floor's client sends (about a Shoal request head's size).
+const FLOOR_REQUEST: [u8; 64] = [b'r'; 64];
+
+impl QuicFloor {
+    async fn start(shoal: &Path, dir: &Path, response_bytes: usize) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        issue_certs(shoal, dir, &[("qa", "client"), ("qb", "web")])?;
+        transport::install_crypto_provider();
+        let body = Bytes::from(vec![b'x'; response_bytes]);
+        let (server_dir, client_dir) = (dir.join("qb"), dir.join("qa"));
+        let (_server, server_addr, server_tid, stop_s) =
+            runtime_thread("floor-server", move || async move {
+                let ep = transport::Endpoint::bind(transport::EndpointConfig::new(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    transport::TlsFiles::new(server_dir),
+                ))
+                .map_err(|e| anyhow!("quic-floor server: {e}"))?;
+                let mut streams = ep
+                    .take_bi_streams()
+                    .ok_or_else(|| anyhow!("no bi-stream receiver"))?;
+                let addr = ep.local_addr();
+                tokio::spawn(async move {
+                    let _ep = ep;
+                    while let Some(mut s) = streams.recv().await {
+                        let body = body.clone();
+                        tokio::spawn(async move {
+                            if s.recv.read_to_end(64 << 10).await.is_ok()
+                                && s.send.write_chunk(body).await.is_ok()
+                            {
+                                let _ = s.send.finish();
+                            }
+                        });
+                    }
+                });
+                Ok(addr)
+            })?;
+        let (client, (client_ep, conn), client_tid, stop_c) =
+            runtime_thread("floor-client", move || async move {
+                let ep = transport::Endpoint::bind(transport::EndpointConfig::new(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    transport::TlsFiles::new(client_dir),
+                ))
+                .map_err(|e| anyhow!("quic-floor client: {e}"))?;
+                let c = ep
+                    .connect(server_addr)
+                    .await
+                    .map_err(|e| anyhow!("quic-floor connect: {e}"))?;
+                Ok((ep, c.conn))
+            })?;
+        let floor = QuicFloor {
+            client,
+            client_tid,
+            server_tid,
+            conn,
+            _client_ep: client_ep,
+            _stop: vec![stop_s, stop_c],
+        };
+        floor
+            .one()
+            .await
+            .map_err(|e| anyhow!("quic-floor first request: {e}"))?;
+        Ok(floor)
+    }
+
+    /// One request/response on a new stream.
+    fn one(&self) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
+        let conn = self.conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(&FLOOR_REQUEST).await?;
+            send.finish()?;
+            recv.read_to_end(1 << 20).await?;
+            Ok(())
+        }
+    }
+
+    /// `streams` concurrent request loops for `duration` on the client runtime.
+    async fn closed_loop(
+        self: &Arc<Self>,
+        streams: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Throughput> {
+        let me = self.clone();
+        let run = self.client.spawn(async move {
+            let start = Instant::now();
+            let end = start + duration;
+            let mut tasks = Vec::new();
+            for _ in 0..streams {
+                let me = me.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut errors = 0u64;
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        match me.one().await {
+                            Ok(()) => lat.push(t.elapsed()),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                }));
+            }
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            for t in tasks {
+                if let Ok((l, e)) = t.await {
+                    lat.extend(l);
+                    errors += e;
+                }
+            }
+            (lat, errors, start.elapsed())
+        });
+        let (mut lat, errors, took) = run.await?;
+        lat.sort_unstable();
+        let q = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            round3(lat[i].as_secs_f64() * 1e3)
+        };
+        Ok(Throughput {
+            rps: (lat.len() as f64 / took.as_secs_f64()).round(),
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            errors,
+        })
+    }
+}
+
+/// Starts a thread with a one-thread runtime, runs `setup` on it and keeps
+/// the runtime alive until the returned sender is dropped. Returns the
+/// runtime's handle, what `setup` produced, and the thread's id.
+fn runtime_thread<T, F, Fut>(
+    name: &str,
+    setup: F,
+) -> anyhow::Result<(tokio::runtime::Handle, T, u32, std::sync::mpsc::Sender<()>)>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow!("runtime: {e}")));
+                    return;
+                }
+            };
+            let tid = thread_id();
+            let out = rt.block_on(setup());
+            let ok = out.is_ok();
+            let _ = tx.send(out.map(|v| (rt.handle().clone(), v, tid)));
+            if ok {
+                // Drive the runtime until told to stop (the sender drops).
+                rt.block_on(async move {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let _ = stop_rx.recv();
+                    })
+                    .await;
+                });
+            }
+        })?;
+    let (handle, v, tid) = rx
+        .recv()
+        .map_err(|_| anyhow!("{name} thread ended early"))??;
+    Ok((handle, v, tid, stop_tx))
+}
+
+/// The calling thread's kernel id.
+fn thread_id() -> u32 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(0)
+}
+
 // === /proc ===
 
-/// User + system CPU of a process (all its threads), seconds. 0 if unreadable.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+/// User + system CPU of a process or thread (`/proc/.../stat`), seconds. 0 if unreadable.
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
         return 0.0;
     };
     // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
@@ -594,21 +1174,21 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// Peak resident set (VmHWM) of a process, KiB. 0 if unreadable.
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A KiB field (`VmRSS:`, `RssAnon:`) of a process's status. 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
 }
 
-// === upstream ===
+// === in-process upstream ===
 
-/// The small upstream every path ends at.
+/// The in-process upstream (`--upstream hyper`).
 struct Upstream {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
@@ -648,7 +1228,6 @@ impl Drop for Upstream {
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc {
-    name: String,
     child: Child,
     log: PathBuf,
 }
@@ -682,7 +1261,6 @@ impl Drop for Proc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.name;
     }
 }
 
@@ -706,15 +1284,35 @@ fn nginx_binary() -> Option<PathBuf> {
     on_path("nginx")
 }
 
-/// One nginx master with one worker, reverse-proxying to the upstream over
-/// keep-alive connections.
+/// One nginx master with one worker.
 struct Nginx {
     addr: SocketAddr,
     proc: Proc,
 }
 
 impl Nginx {
-    fn start(bin: &Path, dir: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
+    /// Serves a static file of `size` bytes at every path.
+    fn static_file(bin: &Path, dir: &Path, size: usize) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("www"))?;
+        std::fs::write(dir.join("www").join("bench.bin"), vec![b'x'; size])?;
+        let www = dir.join("www");
+        let server = format!(
+            "location / {{ root {}; try_files /bench.bin =404; }}",
+            www.display()
+        );
+        Self::start(bin, dir, "", &server)
+    }
+
+    /// Reverse-proxies to `upstream` over keep-alive connections.
+    fn proxy(bin: &Path, dir: &Path, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let http = format!(
+            "upstream next_hop {{ server {upstream}; keepalive 64; keepalive_requests 100000000; }}"
+        );
+        let server = "location / { proxy_pass http://next_hop; proxy_http_version 1.1; proxy_set_header Connection \"\"; }";
+        Self::start(bin, dir, &http, server)
+    }
+
+    fn start(bin: &Path, dir: &Path, http: &str, server: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let addr = free_tcp_port()?;
         let d = dir.display();
@@ -725,22 +1323,17 @@ error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
-    upstream bench_upstream {{
-        server {upstream};
-        keepalive 64;
-    }}
+    {http}
     server {{
         listen {addr};
-        location / {{
-            proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
+        {server}
     }}
 }}
 "#
@@ -763,28 +1356,18 @@ http {{
             .with_context(|| format!("starting {}", bin.display()))?;
         Ok(Nginx {
             addr,
-            proc: Proc {
-                name: "nginx".into(),
-                child,
-                log,
-            },
+            proc: Proc { child, log },
         })
     }
 
-    /// The worker processes (children of the master).
-    fn workers(&self) -> Vec<(String, u32)> {
+    /// The worker process (child of the master); the master if none is seen.
+    fn worker(&self) -> u32 {
         let pid = self.proc.id();
-        let kids =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        let mut out: Vec<(String, u32)> = kids
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
             .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .map(|p| ("nginx-worker".to_string(), p))
-            .collect();
-        if out.is_empty() {
-            out.push(("nginx-master".into(), pid));
-        }
-        out
+            .find_map(|p| p.parse().ok())
+            .unwrap_or(pid)
     }
 }
 
@@ -830,6 +1413,22 @@ fn shoal_binary(opts: &BenchOptions) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// A CA in `dir/ca` and, per `(name, service)`, a node certificate in `dir/<name>`.
+fn issue_certs(bin: &Path, dir: &Path, nodes: &[(&str, &str)]) -> anyhow::Result<()> {
+    let ca = dir.join("ca");
+    run(Command::new(bin)
+        .args(["cert", "init", "--trust-domain", "bench.shoal", "--out"])
+        .arg(&ca))?;
+    for (name, svc) in nodes {
+        run(Command::new(bin)
+            .args(["cert", "issue", "--ca"])
+            .arg(&ca)
+            .args(["--name", name, "--service", svc, "--out"])
+            .arg(dir.join(name)))?;
+    }
+    Ok(())
+}
+
 /// Two `shoal node` processes: A with an outbound listener, B fronting `web`.
 struct ShoalPair {
     outbound: SocketAddr,
@@ -849,17 +1448,7 @@ impl ShoalPair {
             Some(n) => vec!["--worker-threads".into(), n.to_string()],
             None => Vec::new(),
         };
-        let ca = dir.join("ca");
-        run(Command::new(bin)
-            .args(["cert", "init", "--trust-domain", "bench.shoal", "--out"])
-            .arg(&ca))?;
-        for (name, svc) in [("a", "client"), ("b", "web")] {
-            run(Command::new(bin)
-                .args(["cert", "issue", "--ca"])
-                .arg(&ca)
-                .args(["--name", name, "--service", svc, "--out"])
-                .arg(dir.join(name)))?;
-        }
+        issue_certs(bin, dir, &[("a", "client"), ("b", "web")])?;
         let (b, b_quic) = start_node(
             bin,
             dir,
@@ -941,11 +1530,7 @@ fn start_node(
         // Keep draining so the node never writes into a closed pipe.
         for _ in lines {}
     });
-    let proc = Proc {
-        name: format!("node-{name}"),
-        child,
-        log,
-    };
+    let proc = Proc { child, log };
     let line = rx
         .recv_timeout(Duration::from_secs(15))
         .map_err(|_| anyhow!("node {name} did not start:\n{}", proc.log_tail()))?;
@@ -955,4 +1540,47 @@ fn start_node(
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| anyhow!("node {name}: unexpected ready line {line:?}"))?;
     Ok((proc, quic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_summary() {
+        let out = "Running 5s test @ http://127.0.0.1:1/bench
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   612.31us  201.20us   9.87ms   90.00%
+    Req/Sec    26.10k     1.20k   28.00k    70.00%
+  Latency Distribution
+     50%  580.00us
+     75%  650.00us
+     90%  800.00us
+     99%    1.52ms
+  130000 requests in 5.00s, 150.00MB read
+  Socket errors: connect 0, read 2, write 1, timeout 0
+  Non-2xx or 3xx responses: 3
+Requests/sec:  26000.42
+Transfer/sec:     30.00MB
+";
+        let t = parse_wrk(out).expect("parsed");
+        assert_eq!(t.rps, 26000.0);
+        assert_eq!(t.p50_ms, 0.58);
+        assert_eq!(t.p99_ms, 1.52);
+        assert_eq!(t.errors, 6);
+        assert_eq!(wrk_ms("2.00s"), Some(2000.0));
+    }
+
+    #[test]
+    fn medians_per_figure() {
+        let t = |rps, p99| Throughput {
+            rps,
+            p50_ms: 1.0,
+            p99_ms: p99,
+            errors: 0,
+        };
+        let m = median_of(&[t(10.0, 3.0), t(30.0, 1.0), t(20.0, 2.0)]).unwrap();
+        assert_eq!((m.rps, m.p99_ms), (20.0, 2.0));
+    }
 }

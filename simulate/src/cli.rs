@@ -103,22 +103,26 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Latency at a fixed rate (open loop), maximum throughput, CPU and RSS
-    /// per node: direct, through one nginx hop (if installed), and through
-    /// Shoal (client -> node A -> QUIC/mTLS -> node B -> upstream), side by side.
+    /// Throughput and latency (wrk), CPU per 1,000 requests at a fixed rate
+    /// and RSS per node, side by side: direct, a plaintext two-hop nginx
+    /// chain, Shoal (client -> node A -> QUIC/mTLS -> node B -> upstream)
+    /// and the bare QUIC transport (quic-floor); medians over several runs.
     Proxy {
-        /// Requests per second of the fixed-rate phase.
+        /// Requests per second of the fixed-rate (CPU) phase.
         #[arg(long, default_value_t = 1000)]
         rps: u32,
-        /// Fixed-rate phase per path.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        /// Fixed-rate phase per path and run.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
         duration: Duration,
-        /// Closed-loop throughput phase per path.
-        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        /// wrk run per path and run.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
         throughput_duration: Duration,
-        /// Concurrent keep-alive connections of the throughput phase.
-        #[arg(long, default_value_t = 32)]
+        /// wrk connections (quic-floor: concurrent streams).
+        #[arg(long, default_value_t = 16)]
         connections: usize,
+        /// Runs; the table shows medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -128,9 +132,21 @@ enum BenchCommand {
         /// `--worker-threads` of each Shoal node (0: one per CPU).
         #[arg(long, default_value_t = 1)]
         node_threads: usize,
-        /// Paths to run, comma-separated: direct, nginx, shoal.
-        #[arg(long, value_delimiter = ',', default_value = "direct,nginx,shoal")]
+        /// Paths to run, comma-separated: direct, nginx-2hop, shoal, quic-floor.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "direct,nginx-2hop,shoal,quic-floor"
+        )]
         paths: Vec<String>,
+        /// The upstream: nginx (a static 1 KiB file) or hyper (in process)
+        /// [default: nginx when installed].
+        #[arg(long)]
+        upstream: Option<String>,
+        /// Another `shoal` binary as its own row `shoal:NAME` (repeatable):
+        /// before/after figures from one run.
+        #[arg(long, value_name = "NAME=PATH")]
+        compare: Vec<String>,
     },
 }
 
@@ -140,13 +156,28 @@ fn bench_cmd(cmd: BenchCommand) -> i32 {
         duration,
         throughput_duration,
         connections,
+        runs,
         json,
         shoal_bin,
         node_threads,
         paths,
+        upstream,
+        compare,
     } = cmd;
-    if rps == 0 || connections == 0 {
-        eprintln!("simulate: --rps and --connections must be at least 1");
+    let mut compared = Vec::new();
+    for c in &compare {
+        match c.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+                compared.push((name.to_string(), PathBuf::from(path)))
+            }
+            _ => {
+                eprintln!("simulate: --compare {c:?}: expected NAME=PATH");
+                return EXIT_USAGE;
+            }
+        }
+    }
+    if rps == 0 || connections == 0 || runs == 0 {
+        eprintln!("simulate: --rps, --connections and --runs must be at least 1");
         return EXIT_USAGE;
     }
     let opts = crate::bench::BenchOptions {
@@ -154,8 +185,11 @@ fn bench_cmd(cmd: BenchCommand) -> i32 {
         duration,
         throughput_duration,
         connections,
+        runs,
         shoal_bin,
         paths,
+        upstream,
+        compare: compared,
         node_worker_threads: (node_threads > 0).then_some(node_threads),
         ..crate::bench::BenchOptions::default()
     };
