@@ -234,6 +234,8 @@ pub struct ProxyConfig {
     /// Seed of the request path's randomness (endpoint choice, backend
     /// weights, fault percentages, backoff jitter); `None`: from entropy.
     pub rng_seed: Option<u64>,
+    /// The node's namespace (`--namespace`). Default `default`.
+    pub namespace: String,
 }
 
 impl Default for ProxyConfig {
@@ -255,6 +257,7 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             admin_max_connections: 256,
             rng_seed: None,
+            namespace: "default".into(),
         }
     }
 }
@@ -294,6 +297,11 @@ pub struct ProxyArgs {
     /// Open connections the admin listener accepts [default: 256].
     #[arg(long, env = "SHOAL_ADMIN_MAX_CONNECTIONS")]
     pub admin_max_connections: Option<usize>,
+    /// The node's namespace: a bare service name in a Host means a service
+    /// of this namespace, and consumer routes of this namespace apply to
+    /// this node's calls [default: default].
+    #[arg(long, env = "SHOAL_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Seeds the request path's randomness, so a run can be repeated
     /// (`simulate` passes each node one derived from the scenario seed).
     #[arg(long, env = "SHOAL_RNG_SEED", hide = true)]
@@ -399,6 +407,17 @@ impl ProxyConfig {
             }
         }
         c.rng_seed = args.rng_seed;
+        if let Some(ns) = args.namespace {
+            if !policy::doc::valid_namespace(&ns) {
+                return Err(ConfigError::new(
+                    "--namespace",
+                    format!(
+                        "{ns:?} is not a namespace (lowercase letters, digits and '-', at most 63)"
+                    ),
+                ));
+            }
+            c.namespace = ns;
+        }
         Ok(c)
     }
 }
