@@ -497,6 +497,22 @@ mod tests {
     }
 
     #[test]
+    fn namespace_flag_defaults_and_is_checked() {
+        let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
+        assert_eq!(c.namespace, "default");
+        let args = |ns: &str| ProxyArgs {
+            namespace: Some(ns.into()),
+            ..ProxyArgs::default()
+        };
+        let c = ProxyConfig::resolve(args("gateway-conformance-mesh"), ProxyFile::default());
+        assert_eq!(c.unwrap().namespace, "gateway-conformance-mesh");
+        for bad in ["Bad_NS", "", "-x", "a.b"] {
+            let e = ProxyConfig::resolve(args(bad), ProxyFile::default()).unwrap_err();
+            assert!(e.to_string().contains("--namespace"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn listener_limit_flags() {
         let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
         assert_eq!(c.header_read_timeout, Duration::from_secs(10));
