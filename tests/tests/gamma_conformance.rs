@@ -4,10 +4,9 @@
 //! of the matching upstream test (transcribed in `tests/src/gamma_cases.rs`)
 //! sent through a client node's outbound listener to echo backends that
 //! report what they received. Prints `test | passed/total`.
-//!
-//! Until the outbound path applies `PolicySet::decide` (issue 11), not all
-//! 85 cases pass: the test asserts the floor that passes today and prints
-//! the rest with the reason each failed.
+//! The caller nodes run in the suite's namespaces (`--namespace`): one in
+//! `gateway-conformance-mesh`, one in `gateway-conformance-mesh-consumer`.
+//! A failing case is printed with the reason it failed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,9 +22,8 @@ use tests::gamma_cases::{self, Case, GRPC_PATH};
 use tests::operator::Operator;
 use tests::traffic::{Body, Mesh, empty, full, http1, routable};
 
-/// Cases that pass today (the outbound path not yet wired to `decide`);
-/// raise it as the wiring lands, to 85.
-const FLOOR: usize = 38;
+/// Every case must pass.
+const FLOOR: usize = 85;
 
 fn manifest_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance/gateway-api-mesh")
@@ -79,6 +77,7 @@ impl Rig {
         let n2 = mesh.start(c).await;
         let caller = mesh
             .client("c-mesh", |c| {
+                c.proxy.namespace = gamma_cases::MESH_NS.into();
                 for svc in ["echo", "echo-v1", "echo-v2"] {
                     c.proxy.upstreams.push(UpstreamListener {
                         service: svc.into(),
@@ -87,7 +86,11 @@ impl Rig {
                 }
             })
             .await;
-        let consumer = mesh.client("c-consumer", |_| {}).await;
+        let consumer = mesh
+            .client("c-consumer", |c| {
+                c.proxy.namespace = gamma_cases::CONSUMER_NS.into();
+            })
+            .await;
         for n in [&caller, &consumer] {
             routable(n, "echo", 2).await;
             routable(n, "echo-v1", 1).await;

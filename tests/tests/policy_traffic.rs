@@ -269,3 +269,37 @@ async fn rate_limit_answers_429_past_the_rate_and_faults_abort_about_their_share
     assert!((109..=191).contains(&aborted), "{aborted}");
     assert_eq!(flaky.hits() - before, 500 - aborted);
 }
+
+/// RequestMirror on live traffic: every request to `web` is answered by
+/// `web`, and a copy reaches `shadow`, whose answer nobody waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_mirror_copies_reach_the_mirror_and_the_caller_gets_the_backend() {
+    let (web, shadow) = (
+        Upstream::start(ok("web")).await,
+        Upstream::start(ok("shadow")).await,
+    );
+    let mut mesh = Mesh::new();
+    let _server = mesh
+        .start(mesh.config(
+            "s1",
+            &["web", "shadow"],
+            &[("web", web.addr), ("shadow", shadow.addr)],
+        ))
+        .await;
+    let client = mesh.client("c1", |_| {}).await;
+    routable(&client, "web", 1).await;
+    routable(&client, "shadow", 1).await;
+    let doc = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-mirror}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror: {backendRef: {name: shadow}}\n";
+    push(&mesh, &client, "HTTPRoute", "web-mirror", doc).await;
+    for _ in 0..20 {
+        let (status, body, _) = call(&client, "web", &[]).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "web"));
+    }
+    assert_eq!(web.hits(), 20);
+    eventually(
+        "20 mirrored copies at shadow",
+        Duration::from_secs(10),
+        || async { (shadow.hits() == 20).then_some(()) },
+    )
+    .await;
+}

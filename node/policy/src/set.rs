@@ -422,23 +422,6 @@ impl PolicySet {
         set
     }
 
-    /// The legacy lookup the outbound path used before namespaces: the rule
-    /// of the highest-precedence match among the HTTPRoutes attached to a
-    /// service named `service` in any namespace, on any port, whoever
-    /// calls. `None` when nothing matches. [`PolicySet::decide`] is the
-    /// GAMMA entry point (namespaces, ports, consumer routes, 404).
-    pub fn route(&self, service: &str, req: &RequestInfo<'_>) -> Option<RouteDecision<'_>> {
-        let mut routes: Vec<&Attached> = self
-            .routes
-            .iter()
-            .filter(|((_, name), _)| name == service)
-            .flat_map(|(_, a)| a.iter())
-            .filter(|a| !a.grpc)
-            .collect();
-        routes.sort_by(|a, b| a.key.cmp(&b.key));
-        best_match(&routes, false, req)
-    }
-
     /// Routes one call (GAMMA semantics). The routes considered are those
     /// attached to the destination service for the caller's port (a
     /// `parentRefs[].port` limits a route to that port); for a gRPC call the
@@ -740,16 +723,15 @@ mod tests {
         let store = store_with(&[ROUTE]);
         let set = store.snapshot();
         let mut headers = HeaderMap::new();
-        let req = |h: &HeaderMap, path: &'static str| {
-            let info = RequestInfo {
-                method: "GET",
-                path,
-                query: None,
-                headers: h,
-            };
-            set.route("web", &info)
-                .map(|d| (d.backend("web", 0.95), d.backend("web", 0.5)))
+        let decide = |name: &'static str, h: &HeaderMap, path: &'static str| {
+            let mut c = call("default", name, Some(80), path, None, h);
+            c.destination.namespace = "default";
+            match set.decide(&c) {
+                Decision::Route(d) => Some((d.backend(name, 0.95), d.backend(name, 0.5))),
+                _ => None,
+            }
         };
+        let req = |h: &HeaderMap, path: &'static str| decide("web", h, path);
         assert_eq!(req(&headers, "/x"), Some(("web-v2".into(), "web".into())));
         assert_eq!(
             req(&headers, "/admin"),
@@ -760,13 +742,7 @@ mod tests {
             req(&headers, "/x"),
             Some(("web-v2".into(), "web-v2".into()))
         );
-        let info = RequestInfo {
-            method: "GET",
-            path: "/",
-            query: None,
-            headers: &headers,
-        };
-        assert!(set.route("other", &info).is_none());
+        assert!(decide("other", &headers, "/").is_none());
         assert!(prefix_matches("/api", "/api/v1"));
         assert!(!prefix_matches("/api", "/apix"));
     }
@@ -918,14 +894,6 @@ mod tests {
             panic!("{d:?}")
         };
         assert_eq!(r.backend("echo", 0.3), "echo-v1");
-        // The legacy entry point still falls through (None) on no match.
-        let info = RequestInfo {
-            method: "GET",
-            path: "/",
-            query: None,
-            headers: &h,
-        };
-        assert!(set.route(&format!("echo.{NS}"), &info).is_none());
     }
 
     fn grpc_call<'a>(path: &'a str, headers: &'a HeaderMap) -> Call<'a> {

@@ -236,6 +236,8 @@ pub struct ProxyConfig {
     pub rng_seed: Option<u64>,
     /// Which requests get a `shoal::access` log line. Default `errors`.
     pub access_log: crate::access::AccessLog,
+    /// The node's namespace (`--namespace`). Default `default`.
+    pub namespace: String,
 }
 
 impl Default for ProxyConfig {
@@ -258,6 +260,7 @@ impl Default for ProxyConfig {
             admin_max_connections: 256,
             rng_seed: None,
             access_log: crate::access::AccessLog::Errors,
+            namespace: "default".into(),
         }
     }
 }
@@ -297,6 +300,11 @@ pub struct ProxyArgs {
     /// Open connections the admin listener accepts [default: 256].
     #[arg(long, env = "SHOAL_ADMIN_MAX_CONNECTIONS")]
     pub admin_max_connections: Option<usize>,
+    /// The node's namespace: a bare service name in a Host means a service
+    /// of this namespace, and consumer routes of this namespace apply to
+    /// this node's calls [default: default].
+    #[arg(long, env = "SHOAL_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Seeds the request path's randomness, so a run can be repeated
     /// (`simulate` passes each node one derived from the scenario seed).
     #[arg(long, env = "SHOAL_RNG_SEED", hide = true)]
@@ -409,6 +417,17 @@ impl ProxyConfig {
         if let Some(a) = args.access_log {
             c.access_log = a;
         }
+        if let Some(ns) = args.namespace {
+            if !policy::doc::valid_namespace(&ns) {
+                return Err(ConfigError::new(
+                    "--namespace",
+                    format!(
+                        "{ns:?} is not a namespace (lowercase letters, digits and '-', at most 63)"
+                    ),
+                ));
+            }
+            c.namespace = ns;
+        }
         Ok(c)
     }
 }
@@ -485,6 +504,22 @@ mod tests {
         assert_eq!(u.service, "web");
         assert_eq!(u.listen, "127.0.0.1:4141".parse().unwrap());
         assert!(UpstreamListener::parse_flag("127.0.0.1:4141").is_err());
+    }
+
+    #[test]
+    fn namespace_flag_defaults_and_is_checked() {
+        let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
+        assert_eq!(c.namespace, "default");
+        let args = |ns: &str| ProxyArgs {
+            namespace: Some(ns.into()),
+            ..ProxyArgs::default()
+        };
+        let c = ProxyConfig::resolve(args("gateway-conformance-mesh"), ProxyFile::default());
+        assert_eq!(c.unwrap().namespace, "gateway-conformance-mesh");
+        for bad in ["Bad_NS", "", "-x", "a.b"] {
+            let e = ProxyConfig::resolve(args(bad), ProxyFile::default()).unwrap_err();
+            assert!(e.to_string().contains("--namespace"), "{bad}: {e}");
+        }
     }
 
     #[test]

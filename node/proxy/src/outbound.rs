@@ -19,26 +19,30 @@
 //! service's table, and the request goes to another endpoint.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, Version};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use policy::doc::HeaderMods;
 use rand::rngs::SmallRng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
-use crate::body::guarded;
+use crate::body::{full, guarded};
 use crate::error::{Marked, MeshError, grpc_failure};
+use crate::filters;
 use crate::frame::{self, ProxyBody, RequestHead};
 use crate::listen;
-use crate::plan::{self, Plan, TIMEOUT_HEADER};
+use crate::plan::{self, Action, Plan, TIMEOUT_HEADER};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
@@ -179,9 +183,6 @@ fn finish(
         };
         resp = grpc_failure(resp, service);
     }
-    if let Some(mods) = plan.and_then(|p| p.response_headers()) {
-        apply_header_mods(resp.headers_mut(), mods);
-    }
     edge.trace
         .attempt(endpoint.as_deref().unwrap_or(""), attempts);
     let exchange = stats::Exchange {
@@ -196,10 +197,13 @@ fn finish(
     shared.stats.finish(exchange, resp)
 }
 
-/// Carries out `plan`: the backend must be known, the node under its
-/// in-flight cap, FaultInjection may delay or abort; then [`run`].
+/// Carries out `plan`: a redirect or the no-match 404 is answered here; a
+/// pass-through goes straight to its address; otherwise the backend must be
+/// known, the node under its in-flight cap, FaultInjection may delay or
+/// abort; then [`run`], and the route's response header changes apply to
+/// the answer.
 async fn dispatch(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     edge: &mut Edge,
     plan: &Plan<'_>,
     head: Parts,
@@ -207,6 +211,32 @@ async fn dispatch(
     in_flight: u64,
     rng: &mut SmallRng,
 ) -> Finished {
+    match &plan.action {
+        Action::NoMatch { route } => {
+            return Finished::early(filters::no_match(route).map(full));
+        }
+        Action::Redirect {
+            status,
+            location,
+            response_headers,
+        } => {
+            return Finished::early(
+                filters::redirect(*status, location, response_headers).map(full),
+            );
+        }
+        Action::Passthrough(addr) => {
+            edge.destination = "passthrough".into();
+            let _gauge = shared.stats.in_flight(edge);
+            if in_flight > shared.config.max_in_flight {
+                return Finished::early(
+                    MeshError::Overloaded
+                        .response_with("this node has too many requests in flight"),
+                );
+            }
+            return passthrough(shared, plan, *addr, head, body).await;
+        }
+        Action::Forward(_) => {}
+    }
     if shared.targets(&plan.backend).is_none() {
         return Finished::early(
             MeshError::UnknownService.response_with("no node in the mesh serves this service"),
@@ -226,13 +256,128 @@ async fn dispatch(
         shared.policy.metrics.denied(&plan.backend, "fault");
         return Finished::early(MeshError::FaultInjected(status).response());
     }
-    run(shared, edge, plan, head, body, rng).await
+    let mut done = run(shared, edge, plan, head, body, rng).await;
+    if let Some(f) = plan.forward() {
+        filters::forward_response(done.resp.headers_mut(), f);
+    }
+    done
+}
+
+/// Mirrored copies in flight on this node, at most [`MAX_MIRRORS`]: past
+/// it, a mirror is skipped (the main request never waits for one).
+static MIRRORS: AtomicUsize = AtomicUsize::new(0);
+
+/// At most this many mirrored copies in flight per node.
+pub const MAX_MIRRORS: usize = 256;
+
+/// Sends a copy of a request to a mirror's service, fire-and-forget: one
+/// attempt at an endpoint the balancer chooses, within the request's
+/// timeout; the answer is read and dropped. Skipped when [`MAX_MIRRORS`]
+/// copies are in flight or the service has no endpoint.
+fn mirror(
+    shared: &Arc<Shared>,
+    wire: RequestHead,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+    timeout: Duration,
+) {
+    if MIRRORS.fetch_add(1, Ordering::Relaxed) >= MAX_MIRRORS {
+        MIRRORS.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(service = %wire.service, "mirror skipped: too many mirrored requests in flight");
+        return;
+    }
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            MIRRORS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let slot = Slot;
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let Some(targets) = shared.targets(&wire.service) else {
+            tracing::debug!(service = %wire.service, "mirror skipped: unknown service");
+            return;
+        };
+        let mut rng = shared.rng.request();
+        let now = tokio::time::Instant::now();
+        let Ok(target) = choose(&shared, &wire.service, &targets, &[], now, &mut rng) else {
+            return;
+        };
+        let mut wire = wire;
+        wire.deadline_ms = timeout.as_millis().max(1) as u64;
+        let mut source = Source::Replay(body, trailers);
+        let guard = target.state.start();
+        let exchange = async {
+            if let Ok((resp, _)) =
+                attempt(&shared, target, &wire, &mut source, Box::new(guard)).await
+            {
+                let _ = resp.into_body().collect().await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, exchange).await;
+    });
+}
+
+/// A request to an IP address (not a service): forwarded there directly as
+/// the caller sent it (hop-by-hop headers removed), within the request's
+/// timeout. Nothing of the mesh applies.
+async fn passthrough(
+    shared: &Shared,
+    plan: &Plan<'_>,
+    to: SocketAddr,
+    head: Parts,
+    body: Incoming,
+) -> Finished {
+    let h2 = head.version == Version::HTTP_2;
+    let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut headers = head.headers;
+    frame::strip_hop_by_hop(&mut headers);
+    if h2 {
+        headers.remove(http::header::HOST);
+    }
+    let req = Request::builder()
+        .method(head.method)
+        .uri(format!("http://{to}{pq}"))
+        .version(if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        })
+        .body(body.map_err(frame::BoxError::from).boxed_unsync());
+    let mut req = match req {
+        Ok(r) => r,
+        Err(e) => {
+            return Finished::early(
+                MeshError::BadRequest.response_with(&format!("bad request head: {e}")),
+            );
+        }
+    };
+    *req.headers_mut() = headers;
+    let endpoint = Some(to.to_string());
+    let resp =
+        match tokio::time::timeout(plan.timeout, shared.clients.speaking(h2).request(req)).await {
+            Ok(Ok(resp)) => resp.map(|b| b.map_err(frame::BoxError::from).boxed_unsync()),
+            Ok(Err(e)) if e.is_connect() => {
+                MeshError::UpstreamConnect.response_with("could not connect to the address")
+            }
+            Ok(Err(_)) => {
+                MeshError::UpstreamReset.response_with("the exchange with the address failed")
+            }
+            Err(_) => MeshError::DeadlineExceeded.response_with("the request timed out"),
+        };
+    Finished {
+        resp,
+        attempts: 1,
+        endpoint,
+    }
 }
 
 /// Attempts until one answer is final: chooses an endpoint, tries it,
 /// reports the outcome to the balancer and follows [`retry::classify`].
 async fn run(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     edge: &Edge,
     plan: &Plan<'_>,
     head: Parts,
@@ -256,7 +401,25 @@ async fn run(
             );
         }
     };
-    let mut wire = request_head(shared, plan, head, has_body);
+    let mut head = head;
+    if let Some(f) = plan.forward() {
+        filters::forward_request(&mut head, f);
+        if !f.mirrors.is_empty() {
+            match &source {
+                Source::Replay(data, trailers) => {
+                    for m in &f.mirrors {
+                        let (parts, ()) = filters::mirror_request(&head, &m.backend).into_parts();
+                        let wire = request_head(shared, &m.backend.name, parts, has_body);
+                        mirror(shared, wire, data.clone(), trailers.clone(), plan.timeout);
+                    }
+                }
+                Source::Once(_) => {
+                    tracing::debug!(service = %plan.backend, "mirror skipped: the request body streams (not buffered)");
+                }
+            }
+        }
+    }
+    let mut wire = request_head(shared, &plan.backend, head, has_body);
     let budget = shared.budget(&plan.backend);
     budget.request_at(tokio::time::Instant::now().into_std());
     let mut exclude: Vec<String> = Vec::new();
@@ -437,10 +600,10 @@ async fn try_endpoint(
     }
 }
 
-/// The head that goes on the wire: the app's headers without hop-by-hop
-/// ones, Host (sent as the authority) and `shoal-timeout`, with the route's
-/// request header changes.
-fn request_head(shared: &Shared, plan: &Plan<'_>, parts: Parts, has_body: bool) -> RequestHead {
+/// The head that goes on the wire to `backend`: the app's headers (the
+/// route's changes already applied) without hop-by-hop ones, Host (sent as
+/// the authority) and `shoal-timeout`.
+fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) -> RequestHead {
     let authority = parts
         .uri
         .authority()
@@ -452,16 +615,13 @@ fn request_head(shared: &Shared, plan: &Plan<'_>, parts: Parts, has_body: bool) 
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
         })
-        .unwrap_or_else(|| plan.backend.clone());
+        .unwrap_or_else(|| backend.to_string());
     let mut headers = parts.headers;
     frame::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     headers.remove(TIMEOUT_HEADER);
-    if let Some(mods) = plan.request_headers() {
-        apply_header_mods(&mut headers, mods);
-    }
     RequestHead {
-        service: plan.backend.clone(),
+        service: backend.to_string(),
         source: shared.source_service(),
         deadline_ms: 0,
         attempt: 1,
@@ -479,28 +639,5 @@ fn request_head(shared: &Shared, plan: &Plan<'_>, parts: Parts, has_body: bool) 
         authority,
         headers: frame::to_wire(&headers),
         has_body,
-    }
-}
-
-/// Applies an HTTPRoute header filter.
-fn apply_header_mods(headers: &mut HeaderMap, mods: &HeaderMods) {
-    for (name, value) in &mods.set {
-        if let (Ok(n), Ok(v)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_str(value),
-        ) {
-            headers.insert(n, v);
-        }
-    }
-    for (name, value) in &mods.add {
-        if let (Ok(n), Ok(v)) = (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_str(value),
-        ) {
-            headers.append(n, v);
-        }
-    }
-    for name in &mods.remove {
-        headers.remove(name.as_str());
     }
 }

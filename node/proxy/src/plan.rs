@@ -1,34 +1,45 @@
 //! The route plan: from a request head, the policy snapshot and the proxy's
 //! settings, where the request goes and under which rules — the service it
-//! addresses, the HTTPRoute rule it matches, the backend chosen by weight,
-//! header changes, timeouts, the retry policy and any FaultInjection
-//! decision. A pure function: no I/O, no clock, randomness passed in.
-//! `outbound.rs` carries a plan out.
+//! addresses (name, namespace, port), what routing decides
+//! ([`PolicySet::decide`], [`policy::RouteDecision::plan`]): answer a
+//! redirect or the no-match 404 here, or forward to the backend chosen by
+//! weight with the route's rewrites, header changes and mirrors; then
+//! timeouts, the retry policy and any FaultInjection decision. A pure
+//! function: no I/O, no clock, randomness passed in. `outbound.rs` carries
+//! a plan out.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use http::request::Parts;
 use http::{Method, StatusCode};
 use policy::doc::{HeaderMods, RouteRule};
+use policy::set::{Call, Decision, Forward, Plan as RoutePlan, ServiceAddr};
 use policy::{PolicySet, RequestInfo};
 use rand::Rng;
 
 use crate::config::{ProxyConfig, parse_duration};
 use crate::error::MeshError;
 use crate::retry::{Backoff, RetryPolicy};
+use crate::stats;
 
 /// Request header an app may set to override the default timeout (`250ms`, `2s`).
 pub const TIMEOUT_HEADER: &str = "shoal-timeout";
 
+/// The port a service address without one means (HTTP).
+pub const DEFAULT_PORT: u16 = 80;
+
 /// Where a request goes and under which rules.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Plan<'p> {
-    /// The service the request addresses.
+    /// The service the request addresses (its name).
     pub service: String,
-    /// The HTTPRoute that matched, by name.
+    /// The HTTPRoute or GRPCRoute that matched, by name.
     pub route: Option<&'p str>,
     /// The rule of it that matched.
     pub rule: Option<&'p RouteRule>,
+    /// What to do.
+    pub action: Action<'p>,
     /// The service the request goes to (the rule's weighted backend, else
     /// `service`).
     pub backend: String,
@@ -45,6 +56,31 @@ pub struct Plan<'p> {
     pub fault: Fault,
 }
 
+/// What the calling node does with a request.
+#[derive(Debug)]
+pub enum Action<'p> {
+    /// Forward to [`Plan::backend`], with the matched rule's changes
+    /// (`None`: no route applies, forwarded unchanged).
+    Forward(Option<Forward<'p>>),
+    /// Answer a redirect (RequestRedirect); nothing is forwarded.
+    Redirect {
+        /// 301, 302, 303, 307 or 308.
+        status: u16,
+        /// The absolute `Location`.
+        location: String,
+        /// The rule's response header changes.
+        response_headers: &'p HeaderMods,
+    },
+    /// Routes apply but no rule matches: answer 404 `no-route-match`.
+    NoMatch {
+        /// The first route considered.
+        route: &'p str,
+    },
+    /// The request addresses an IP address, not a service: it goes there
+    /// directly, unrouted.
+    Passthrough(SocketAddr),
+}
+
 /// A FaultInjection decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fault {
@@ -55,20 +91,21 @@ pub struct Fault {
 }
 
 impl<'p> Plan<'p> {
-    /// The rule's request header changes.
-    pub fn request_headers(&self) -> Option<&'p HeaderMods> {
-        self.rule.map(|r| &r.request_headers)
-    }
-
-    /// The rule's response header changes.
-    pub fn response_headers(&self) -> Option<&'p HeaderMods> {
-        self.rule.map(|r| &r.response_headers)
+    /// The forward's rewrites and header changes, when routed.
+    pub fn forward(&self) -> Option<&Forward<'p>> {
+        match &self.action {
+            Action::Forward(f) => f.as_ref(),
+            _ => None,
+        }
     }
 }
 
 /// Plans `head`: to `fixed` on a per-upstream listener, else to the service
-/// its URI or Host names. `rng` draws the backend and fault rolls, in that
-/// order. Fails with `no-host` when the request names no service.
+/// its URI or Host names (`name`, `name.namespace`, `name.namespace.svc`,
+/// `name.namespace.svc.cluster.local`, `:port`; the node's namespace when
+/// none is named, port 80 when none is written). `rng` draws the backend,
+/// mirror and fault rolls, in that order. Fails with `no-host` when the
+/// request names no service.
 pub fn plan<'p, R: Rng + ?Sized>(
     head: &Parts,
     fixed: Option<&str>,
@@ -76,71 +113,208 @@ pub fn plan<'p, R: Rng + ?Sized>(
     config: &ProxyConfig,
     rng: &mut R,
 ) -> Result<Plan<'p>, MeshError> {
-    let service = match fixed {
-        Some(s) => s.to_string(),
-        None => service_name(head).ok_or(MeshError::NoHost)?,
+    let namespace = config.namespace.as_str();
+    let authority = authority(head);
+    let addr = match fixed {
+        Some(s) => ServiceAddr::parse(s, namespace, DEFAULT_PORT),
+        None => {
+            let a = authority.as_deref().ok_or(MeshError::NoHost)?;
+            if let Some(ip) = ip_destination(a) {
+                return Ok(passthrough(head, ip, set, config));
+            }
+            ServiceAddr::parse(a, namespace, DEFAULT_PORT)
+        }
     };
+    let host = authority
+        .as_deref()
+        .map(strip_port)
+        .unwrap_or_default()
+        .to_string();
     let info = RequestInfo {
         method: head.method.as_str(),
         path: head.uri.path(),
         query: head.uri.query(),
         headers: &head.headers,
     };
-    let decision = set.route(&service, &info);
-    let backend = match &decision {
-        Some(d) => d.backend(&service, rng.r#gen::<f64>()),
-        None => service.clone(),
+    let (service, decision, call_plan) = match &addr {
+        Some(addr) => {
+            let call = Call {
+                caller_namespace: namespace,
+                destination: addr.destination(),
+                scheme: head.uri.scheme_str().unwrap_or("http"),
+                host: &host,
+                grpc: stats::is_grpc(&head.headers),
+                request: info,
+            };
+            let decision = set.decide(&call);
+            let planned = match &decision {
+                Decision::Route(d) => {
+                    let roll = rng.r#gen::<f64>();
+                    Some(d.plan(&call, roll, rng.r#gen::<f64>()))
+                }
+                _ => None,
+            };
+            (addr.name.clone(), decision, planned)
+        }
+        // Not a service address this mesh routes (e.g. `a.b.c.d`): the
+        // name as written, unrouted.
+        None => (
+            match fixed {
+                Some(s) => s.to_string(),
+                None => service_name(head).ok_or(MeshError::NoHost)?,
+            },
+            Decision::Unrouted,
+            None,
+        ),
     };
-    let rule = decision.as_ref().map(|d| d.rule);
-    // The app's header, else the route's, else MeshConfig's, else the node's.
-    let timeout = head
-        .headers
-        .get(TIMEOUT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_duration(v).ok())
-        .or(rule.and_then(|r| r.timeout))
-        .or(set.mesh().and_then(|m| m.request_timeout))
-        .unwrap_or(config.request_timeout);
-    let route_retry = rule.and_then(|r| r.retry.as_ref());
-    let retry = RetryPolicy {
-        max_attempts: route_retry.map_or(config.retry.max_attempts, |r| r.attempts + 1),
-        codes: route_retry.map_or(&[][..], |r| &r.codes[..]),
-        backoff: match route_retry.and_then(|r| r.backoff) {
-            Some(base) => Backoff {
-                base,
-                max: base * 16,
-            },
-            None => Backoff {
-                base: config.retry.backoff_base,
-                max: config.retry.backoff_max,
-            },
+    let (route, rule) = match &decision {
+        Decision::Route(d) => (Some(d.route), Some(d.rule)),
+        Decision::NoMatch { route } => (Some(*route), None),
+        Decision::Unrouted => (None, None),
+    };
+    let action = match (decision, call_plan) {
+        (Decision::NoMatch { route }, _) => Action::NoMatch { route },
+        (
+            _,
+            Some(RoutePlan::Redirect {
+                status,
+                location,
+                response_headers,
+            }),
+        ) => Action::Redirect {
+            status,
+            location,
+            response_headers,
         },
+        (_, Some(RoutePlan::Forward(f))) => Action::Forward(Some(f)),
+        (_, None) => Action::Forward(None),
     };
-    let mut fault = Fault::default();
-    if let Some(f) = set.fault(&backend) {
+    let backend = match &action {
+        Action::Forward(Some(f)) => f.backend.name.clone(),
+        _ => service.clone(),
+    };
+    let mut p = defaults(head, service, set, config);
+    p.route = route;
+    p.rule = rule;
+    p.action = action;
+    p.backend = backend;
+    if let Some(r) = rule {
+        p.timeout = header_timeout(head).or(r.timeout).unwrap_or(p.timeout);
+        p.attempt_timeout = r.backend_timeout;
+        if let Some(retry) = &r.retry {
+            p.retry = RetryPolicy {
+                max_attempts: retry.attempts + 1,
+                codes: &retry.codes[..],
+                backoff: match retry.backoff {
+                    Some(base) => Backoff {
+                        base,
+                        max: base * 16,
+                    },
+                    None => p.retry.backoff,
+                },
+            };
+        }
+    }
+    if matches!(p.action, Action::Forward(_))
+        && let Some(f) = set.fault(&p.backend)
+    {
         if let Some((percent, delay)) = f.delay
             && rng.r#gen::<f64>() * 100.0 < percent
         {
-            fault.delay = Some(delay);
+            p.fault.delay = Some(delay);
         }
         if let Some((percent, status)) = f.abort
             && rng.r#gen::<f64>() * 100.0 < percent
         {
-            fault.abort =
+            p.fault.abort =
                 Some(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE));
         }
     }
-    Ok(Plan {
+    Ok(p)
+}
+
+/// An unrouted plan with the node's defaults (the app's `shoal-timeout`,
+/// else MeshConfig's, else the node's).
+fn defaults<'p>(
+    head: &Parts,
+    service: String,
+    set: &'p PolicySet,
+    config: &ProxyConfig,
+) -> Plan<'p> {
+    Plan {
+        backend: service.clone(),
         service,
-        route: decision.map(|d| d.route),
-        rule,
-        backend,
-        timeout,
-        attempt_timeout: rule.and_then(|r| r.backend_timeout),
-        retry,
+        route: None,
+        rule: None,
+        action: Action::Forward(None),
+        timeout: header_timeout(head)
+            .or(set.mesh().and_then(|m| m.request_timeout))
+            .unwrap_or(config.request_timeout),
+        attempt_timeout: None,
+        retry: RetryPolicy {
+            max_attempts: config.retry.max_attempts,
+            codes: &[],
+            backoff: Backoff {
+                base: config.retry.backoff_base,
+                max: config.retry.backoff_max,
+            },
+        },
         idempotent: idempotent(&head.method),
-        fault,
-    })
+        fault: Fault::default(),
+    }
+}
+
+fn passthrough<'p>(
+    head: &Parts,
+    to: SocketAddr,
+    set: &'p PolicySet,
+    config: &ProxyConfig,
+) -> Plan<'p> {
+    let mut p = defaults(head, to.to_string(), set, config);
+    p.action = Action::Passthrough(to);
+    p
+}
+
+fn header_timeout(head: &Parts) -> Option<Duration> {
+    head.headers
+        .get(TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_duration(v).ok())
+}
+
+/// The authority a request names: the absolute-form URI's, else Host /
+/// `:authority`.
+fn authority(head: &Parts) -> Option<String> {
+    match head.uri.authority() {
+        Some(a) => Some(a.as_str().to_string()),
+        None => head
+            .headers
+            .get(http::header::HOST)?
+            .to_str()
+            .ok()
+            .map(str::to_string),
+    }
+    .filter(|a| !a.is_empty())
+}
+
+/// `host[:port]` without the port (IPv6 literals keep their brackets).
+fn strip_port(a: &str) -> &str {
+    match a.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => a,
+    }
+}
+
+/// An authority that is an IP address (`10.0.0.7:8080`, `[::1]:80`,
+/// port 80 when none is written).
+fn ip_destination(a: &str) -> Option<SocketAddr> {
+    if let Ok(s) = a.parse::<SocketAddr>() {
+        return Some(s);
+    }
+    let host = a.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_PORT))
 }
 
 /// The service a request addresses: the absolute-form URI's host, else the
@@ -303,7 +477,7 @@ spec:
             assert_eq!(p.retry.codes, &[500]);
             assert_eq!(p.retry.backoff.base, Duration::from_millis(20));
             assert_eq!(p.retry.backoff.max, Duration::from_millis(320));
-            assert_eq!(p.request_headers().unwrap().set[0].0, "x-route");
+            assert_eq!(p.forward().unwrap().request_headers[0].set[0].0, "x-route");
             match p.backend.as_str() {
                 "web-v2" => v2 += 1,
                 b => assert_eq!(b, "web-v1"),
@@ -318,8 +492,9 @@ spec:
             &mut rng,
         )
         .unwrap();
+        // Routes attach to `web` but no rule matches: 404, no fall-through.
         assert!(other.rule.is_none());
-        assert_eq!(other.backend, "web");
+        assert!(matches!(other.action, Action::NoMatch { route: "split" }));
     }
 
     #[test]
@@ -363,5 +538,61 @@ spec:
                 .filter_map(|(_, f)| f.abort)
                 .all(|s| s == StatusCode::SERVICE_UNAVAILABLE)
         );
+    }
+
+    #[test]
+    fn namespaces_ports_redirects_and_ip_addresses() {
+        let set = set(&[
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: mesh}\nspec:\n  parentRefs: [{name: echo, port: 80}]\n  rules:\n  - matches: [{path: {value: /go}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org, statusCode: 301}}]\n  - matches: [{path: {value: /x}}]\n    backendRefs: [{name: echo-v2}]\n",
+        ]);
+        let mut config = ProxyConfig::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut go = |host: &str, path: &str, config: &ProxyConfig| {
+            plan(
+                &head("GET", path, &[("host", host)]),
+                None,
+                &set,
+                config,
+                &mut rng,
+            )
+            .unwrap()
+        };
+        // In `default`, `echo` is another service: unrouted.
+        let p = go("echo", "/x", &config);
+        assert!(matches!(p.action, Action::Forward(None)));
+        assert_eq!(p.backend, "echo");
+        for host in [
+            "echo.mesh",
+            "echo.mesh.svc:80",
+            "echo.mesh.svc.cluster.local",
+        ] {
+            assert_eq!(go(host, "/x", &config).backend, "echo-v2", "{host}");
+        }
+        config.namespace = "mesh".into();
+        assert_eq!(go("echo", "/x", &config).backend, "echo-v2");
+        // The route is for port 80 only.
+        assert!(matches!(
+            go("echo:8080", "/x", &config).action,
+            Action::Forward(None)
+        ));
+        match go("echo", "/go?a=1", &config).action {
+            Action::Redirect {
+                status, location, ..
+            } => assert_eq!(
+                (status, location.as_str()),
+                (301, "http://example.org/go?a=1")
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            go("echo", "/nothing", &config).action,
+            Action::NoMatch { .. }
+        ));
+        let p = go("127.0.0.1:8080", "/x", &config);
+        assert!(
+            matches!(p.action, Action::Passthrough(a) if a == "127.0.0.1:8080".parse().unwrap())
+        );
+        let p = go("[::1]", "/", &config);
+        assert!(matches!(p.action, Action::Passthrough(a) if a == "[::1]:80".parse().unwrap()));
     }
 }
