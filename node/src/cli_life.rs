@@ -238,11 +238,7 @@ pub(crate) async fn check(config: NodeConfig) -> i32 {
     let probe = check_certificates(&config, &mut lines);
     check_ports(&config, &mut lines);
     check_seeds(&config, probe.as_ref(), &mut lines).await;
-    lines.push(Line::new(
-        "skip",
-        "clock",
-        "offset against peers not measured: nodes exchange no clock readings (gossip uses logical versions; policy timestamps come from the operator)",
-    ));
+    check_clock(&config, probe.as_ref(), &mut lines).await;
     check_data_dir(config.data_dir.as_deref(), &mut lines);
     check_token(config.admin_token_file.as_deref(), &mut lines);
     if let Some(p) = probe {
@@ -445,6 +441,57 @@ async fn check_seeds(
                     "FAIL",
                     check,
                     "no QUIC handshake within 3s (nothing listening, or UDP blocked)",
+                )),
+            }
+        }
+    }
+}
+
+/// Clocks further apart than this fail the check: operator signatures,
+/// policy versions and certificate validity all compare wall clocks.
+const MAX_CLOCK_OFFSET_MS: f64 = 5_000.0;
+
+async fn check_clock(
+    config: &NodeConfig,
+    probe: Option<&transport::Endpoint>,
+    lines: &mut Vec<Line>,
+) {
+    let Some(probe) = probe else {
+        lines.push(Line::new(
+            "skip",
+            "clock",
+            "no usable certificate to dial with",
+        ));
+        return;
+    };
+    if config.seeds.is_empty() {
+        lines.push(Line::new("skip", "clock", "no seeds to compare against"));
+        return;
+    }
+    for seed in &config.seeds {
+        let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await else {
+            continue;
+        };
+        for addr in addrs {
+            let check = format!("clock vs {seed} ({addr})");
+            match crate::clock::probe(probe, addr, Duration::from_secs(3)).await {
+                Some(r) => {
+                    let status = if r.offset_ms.abs() > MAX_CLOCK_OFFSET_MS { "FAIL" } else { "ok" };
+                    lines.push(Line::new(
+                        status,
+                        check,
+                        format!(
+                            "peer clock {:+.1} ms from ours (± {:.1} ms; fails beyond ±{} s)",
+                            r.offset_ms,
+                            r.rtt_ms / 2.0,
+                            MAX_CLOCK_OFFSET_MS / 1000.0
+                        ),
+                    ))
+                }
+                None => lines.push(Line::new(
+                    "skip",
+                    check,
+                    "no clock reading within 3s (the peer is unreachable or runs a version without clock readings)",
                 )),
             }
         }

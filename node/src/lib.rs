@@ -10,6 +10,7 @@ pub mod cli;
 mod cli_life;
 mod cli_policy;
 mod cli_stat;
+pub mod clock;
 pub mod config;
 mod demo;
 pub mod lifecycle;

@@ -166,6 +166,7 @@ impl Node {
             Arc::new(trust),
         );
         let mut tasks = sync.spawn();
+        tasks.push(tokio::spawn(crate::clock::serve(endpoint.clone())));
         let proxy = Arc::new(
             Proxy::start(
                 &proxy::NodeInfo {

@@ -415,12 +415,24 @@ fn check_reports_one_line_per_check_and_fails_on_bad_setup() {
         "ok    certificates: node n2 (services web, trust domain demo.shoal) chains to the CA",
         "ok    ports: free",
         "QUIC handshake with node n1",
-        "skip  clock:",
+        &format!("ok    clock vs {seed} ({seed}): peer clock "),
         "ok    data dir: state/n2 will be created",
         "ok    admin token:",
     ] {
         assert!(text.contains(want), "{want:?} missing in:\n{text}");
     }
+    // Both processes read this host's one clock: the measured offset must be
+    // within the probe's own uncertainty of zero (generously: 250 ms).
+    let offset: f64 = text
+        .lines()
+        .find_map(|l| l.split("peer clock ").nth(1))
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no clock offset in:\n{text}"));
+    assert!(
+        offset.abs() < 250.0,
+        "offset {offset} ms on one host:\n{text}"
+    );
     assert!(
         !dir.path().join("state").exists(),
         "check created the data dir"
@@ -459,6 +471,10 @@ fn check_reports_one_line_per_check_and_fails_on_bad_setup() {
     );
     assert!(
         text.contains(&format!("FAIL  seed {silent_addr}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("skip  clock vs {silent_addr}")),
         "{text}"
     );
     assert!(
