@@ -612,3 +612,44 @@ async fn a_real_node_process_keeps_its_memory_bounded_under_unfinished_streams()
     );
     drop((n2, n3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_readings_answer_a_flood_at_most_twenty_a_second() {
+    let mut cluster = Cluster::start(1).await;
+    let target = cluster.nodes[0].quic_addr();
+    let rogue = endpoint(&cluster.pki.issue("rogue", &["other"]));
+    // An honest reading first: the node answers, and on one host the offset
+    // is near zero.
+    let r = node::clock::probe(&rogue, target, DEADLINE)
+        .await
+        .expect("a clock reading");
+    assert!(r.offset_ms.abs() < 250.0, "{r:?}");
+    // (Subscribing replaces the probe's own subscription.)
+    let mut answers = rogue.subscribe(node::clock::CLOCK_CHANNEL, 1024);
+    // 500 probes in a burst, plus garbage of the wrong size: at most 20
+    // answers come back per second, each 16 bytes for an 8-byte question.
+    let started = Instant::now();
+    for i in 0..500u64 {
+        let _ = rogue
+            .send_message(target, node::clock::CLOCK_CHANNEL, &i.to_be_bytes())
+            .await;
+        let _ = rogue
+            .send_message(target, node::clock::CLOCK_CHANNEL, &[0; 9])
+            .await;
+    }
+    let mut got = 0u32;
+    let listen_until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(listen_until, answers.recv()).await {
+        assert_eq!(m.payload.len(), 16);
+        got += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil() as u32;
+    assert!(got >= 1, "no answer at all");
+    assert!(
+        got <= 20 * (seconds + 1),
+        "{got} answers in {seconds} s to a flood"
+    );
+    eprintln!("{got} answers to 500 probes over {seconds} s");
+    rogue.close();
+    cluster.shutdown().await;
+}
