@@ -615,7 +615,7 @@ async fn a_real_node_process_keeps_its_memory_bounded_under_unfinished_streams()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clock_readings_answer_a_flood_at_most_twenty_a_second() {
-    let mut cluster = Cluster::start(1).await;
+    let cluster = Cluster::start(1).await;
     let target = cluster.nodes[0].quic_addr();
     let rogue = endpoint(&cluster.pki.issue("rogue", &["other"]));
     // An honest reading first: the node answers, and on one host the offset
