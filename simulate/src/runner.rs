@@ -746,13 +746,22 @@ impl SimCluster {
         Ok(cluster)
     }
 
-    /// Makes `instance` the running incarnation of `name`.
+    /// Makes `instance` the running incarnation of `name`, its outbound
+    /// listener open to the workload's clients.
     fn install(&self, name: &str, instance: Instance) {
         let mut outbounds = self.outbounds.lock().unwrap();
         match instance.outbound_addr() {
             Some(a) => outbounds.insert(name.to_string(), a),
             None => outbounds.remove(name),
         };
+        drop(outbounds);
+        self.install_gated(name, instance);
+    }
+
+    /// Makes `instance` the running incarnation of `name` without letting
+    /// the workload's clients at it yet: [`Self::gate_traffic`] opens it.
+    fn install_gated(&self, name: &str, instance: Instance) {
+        self.outbounds.lock().unwrap().remove(name);
         self.live
             .lock()
             .unwrap()
@@ -1168,9 +1177,19 @@ impl SimCluster {
     /// workload's service, as an orchestrator waits for a sidecar to be
     /// ready: `/readyz` only says the node joined gossip, and until the
     /// services arrive by gossip its outbound answers `unknown-service`.
+    ///
+    /// A restarted node is installed gated (its clients see no outbound
+    /// address until this opens it), so no request reaches it before it
+    /// routes the service.
     async fn gate_traffic(&self, name: &str) -> Option<String> {
-        let service = self.workload_service.as_deref()?;
-        let addr = self.outbounds.lock().unwrap().remove(name)?;
+        let addr = self.running(name)?.outbound_addr()?;
+        let Some(service) = self.workload_service.as_deref() else {
+            self.outbounds
+                .lock()
+                .unwrap()
+                .insert(name.to_string(), addr);
+            return None;
+        };
         let start = Instant::now();
         let within = Duration::from_secs(10);
         let mut routed = false;
@@ -1246,7 +1265,7 @@ impl SimCluster {
             let p = NodeProcess::spawn(command)
                 .await
                 .with_context(|| format!("restarting {name}"))?;
-            self.install(name, Instance::Process(Box::new(p)));
+            self.install_gated(name, Instance::Process(Box::new(p)));
             return Ok("the same command again".into());
         }
         let running: BTreeSet<String> = self.live.lock().unwrap().keys().cloned().collect();
@@ -1287,7 +1306,7 @@ impl SimCluster {
         };
         n.config = config;
         n.addr = addr;
-        self.install(name, Instance::Local(Box::new(node)));
+        self.install_gated(name, Instance::Local(Box::new(node)));
         self.push_links();
         Ok(note)
     }
