@@ -265,7 +265,7 @@ fn run_forwards_sigterm_to_the_app_and_returns_its_code() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let status = wait_exit(&mut child, Duration::from_secs(30));
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("got-term"), "{rest}");
@@ -381,7 +381,7 @@ fn post_shutdown_needs_the_token_then_drains_and_exits() {
         "Authorization: Bearer 0123456789abcdef-token\r\n",
     );
     assert_eq!(status, 202, "{body}");
-    let exit = wait_exit(&mut n1.proc.0, Duration::from_secs(10));
+    let exit = wait_exit(&mut n1.proc.0, Duration::from_secs(30));
     assert_eq!(exit.code(), Some(0));
 }
 
