@@ -755,13 +755,17 @@ impl SimCluster {
             None => outbounds.remove(name),
         };
         drop(outbounds);
-        self.install_gated(name, instance);
+        self.set_live(name, instance);
     }
 
     /// Makes `instance` the running incarnation of `name` without letting
     /// the workload's clients at it yet: [`Self::gate_traffic`] opens it.
     fn install_gated(&self, name: &str, instance: Instance) {
         self.outbounds.lock().unwrap().remove(name);
+        self.set_live(name, instance);
+    }
+
+    fn set_live(&self, name: &str, instance: Instance) {
         self.live
             .lock()
             .unwrap()
