@@ -120,6 +120,7 @@ struct FileConfig {
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
     join_timeout: Option<String>,
+    egress: Option<String>,
 }
 
 /// A node's complete, validated configuration.
@@ -242,6 +243,7 @@ impl NodeConfig {
                 upstream: file.upstream,
                 request_timeout: file.request_timeout,
                 drain_timeout: file.drain_timeout,
+                egress: file.egress,
             },
         )?;
         let worker_threads = args.worker_threads.or(file.worker_threads);
@@ -325,6 +327,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         request_timeout: String,
         drain_timeout: String,
         join_timeout: String,
+        egress: String,
         service: Vec<Service>,
         upstream: Vec<Upstream>,
     }
@@ -346,6 +349,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         request_timeout: duration_text(p.request_timeout),
         drain_timeout: duration_text(p.drain_timeout),
         join_timeout: duration_text(c.join_timeout),
+        egress: p.egress.to_string(),
         service: p
             .services
             .iter()
@@ -469,6 +473,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
         ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
         ("SHOAL_JOIN_TIMEOUT", file.join_timeout.is_some()),
+        ("SHOAL_EGRESS", file.egress.is_some()),
     ];
     for (var, in_file) in set {
         if in_file && std::env::var_os(var).is_some() {

@@ -556,6 +556,7 @@ async fn inbound_refuses_unnamed_services_and_false_source_identities() {
                 authority: service.into(),
                 headers: vec![],
                 has_body: false,
+                upgrade: None,
             };
             w.frame(FRAME_HEAD, encode(&head).unwrap()).await.unwrap();
             w.end().await.unwrap();

@@ -23,6 +23,7 @@ use crate::frame::{
 };
 use crate::inbound;
 use crate::state::{Shared, peer_serves};
+use crate::upgrade::{self, MeshTunnel};
 
 /// A request body as the retry loop holds it.
 pub(crate) enum Source {
@@ -134,6 +135,14 @@ pub(crate) async fn attempt(
     let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
     writer.queue(FRAME_HEAD, encoded);
     let mut guards: Vec<Box<dyn Any + Send>> = vec![guard];
+    if head.upgrade.is_some() {
+        // An upgrade has no body and keeps the stream open after END.
+        writer
+            .end_open()
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        return upgrade_answer(writer, FrameReader::new(recv), started, guards).await;
+    }
     match source.take() {
         Some(body) if !body.is_end_stream() => {
             writer.flush().await.map_err(|e| connect(e.to_string()))?;
@@ -172,6 +181,55 @@ pub(crate) async fn attempt(
     };
     let mut resp = Response::new(guarded(body, guards));
     *resp.status_mut() = StatusCode::from_u16(rh.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = headers;
+    Ok((resp, rtt))
+}
+
+/// The answer to an upgrade request: a 101 (with its protocol) carries the
+/// stream on in its extensions ([`MeshTunnel`]), raw bytes from here on;
+/// anything else is an ordinary response, and our side of the stream is
+/// finished when `writer` drops.
+async fn upgrade_answer(
+    writer: FrameWriter,
+    mut reader: FrameReader,
+    started: Instant,
+    guards: Vec<Box<dyn Any + Send>>,
+) -> Result<(Response<ProxyBody>, Duration), Failed> {
+    let rh: ResponseHead = reader
+        .head()
+        .await
+        .map_err(|e| Failed::Reset(e.to_string()))?;
+    let rtt = started.elapsed();
+    let mut headers = frame::from_wire(&rh.headers);
+    let status = StatusCode::from_u16(rh.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        let body = if rh.has_body {
+            reader.into_body(frame::content_length(&headers))
+        } else {
+            reader
+                .end()
+                .await
+                .map_err(|e| Failed::Reset(e.to_string()))?;
+            empty()
+        };
+        let mut resp = Response::new(guarded(body, guards));
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        return Ok((resp, rtt));
+    }
+    let Some(token) = rh.upgrade.as_deref() else {
+        return Err(Failed::Reset("a 101 that names no protocol".into()));
+    };
+    reader
+        .end()
+        .await
+        .map_err(|e| Failed::Reset(e.to_string()))?;
+    upgrade::restore(&mut headers, token);
+    let (recv, ahead) = reader.into_parts();
+    let mut resp = Response::new(guarded(empty(), guards));
+    *resp.status_mut() = status;
+    resp.extensions_mut()
+        .insert(MeshTunnel::new(writer.into_send(), recv, ahead));
     *resp.headers_mut() = headers;
     Ok((resp, rtt))
 }

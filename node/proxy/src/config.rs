@@ -238,6 +238,9 @@ pub struct ProxyConfig {
     pub access_log: crate::access::AccessLog,
     /// The node's namespace (`--namespace`). Default `default`.
     pub namespace: String,
+    /// Which hosts that are not mesh services this node forwards to
+    /// directly (`--egress`). Default off.
+    pub egress: crate::egress::Egress,
 }
 
 impl Default for ProxyConfig {
@@ -261,6 +264,7 @@ impl Default for ProxyConfig {
             rng_seed: None,
             access_log: crate::access::AccessLog::Errors,
             namespace: "default".into(),
+            egress: crate::egress::Egress::Off,
         }
     }
 }
@@ -313,6 +317,11 @@ pub struct ProxyArgs {
     /// denials and rate limits) or `all` [default: errors].
     #[arg(long, env = "SHOAL_ACCESS_LOG", value_enum)]
     pub access_log: Option<crate::access::AccessLog>,
+    /// Hosts that are not mesh services: `off` (503 unknown-service),
+    /// `allow` (this node forwards to any host name) or comma-separated host
+    /// suffixes (`example.com,.corp`) [default: off].
+    #[arg(long, env = "SHOAL_EGRESS")]
+    pub egress: Option<String>,
 }
 
 /// The proxy keys of the config file.
@@ -328,6 +337,8 @@ pub struct ProxyFile {
     pub request_timeout: Option<String>,
     /// `drain_timeout`.
     pub drain_timeout: Option<String>,
+    /// `egress`.
+    pub egress: Option<String>,
 }
 
 impl ProxyConfig {
@@ -412,6 +423,10 @@ impl ProxyConfig {
                 Some(n) => *field = n,
                 None => {}
             }
+        }
+        if let Some(e) = args.egress.or(file.egress) {
+            c.egress =
+                crate::egress::Egress::parse(&e).map_err(|m| ConfigError::new("--egress", m))?;
         }
         c.rng_seed = args.rng_seed;
         if let Some(a) = args.access_log {

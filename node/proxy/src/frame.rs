@@ -65,6 +65,11 @@ pub struct RequestHead {
     pub headers: WireHeaders,
     /// Whether a body follows (false: the message ends after the head).
     pub has_body: bool,
+    /// The app asked to switch protocols (HTTP/1.1 `Upgrade`, e.g.
+    /// `websocket`): the token list as it wrote it. Such a request has no
+    /// body, and the caller keeps its side of the stream open after END: on
+    /// a 101 both sides carry raw bytes after the heads.
+    pub upgrade: Option<String>,
 }
 
 /// The head of a response.
@@ -76,6 +81,9 @@ pub struct ResponseHead {
     pub headers: WireHeaders,
     /// Whether a body follows.
     pub has_body: bool,
+    /// On a 101 answer to an upgrade: the protocol the app switched to (its
+    /// `Upgrade` field). Raw bytes follow this message's END.
+    pub upgrade: Option<String>,
 }
 
 /// Errors reading or writing frames.
@@ -190,6 +198,19 @@ impl FrameWriter {
             let chunk = data.split_to(n);
             self.queue(FRAME_DATA, chunk);
         }
+    }
+
+    /// Writes the END frame (with anything queued) and keeps the stream
+    /// open: raw bytes follow (an upgrade).
+    pub async fn end_open(&mut self) -> Result<(), FrameError> {
+        self.queue(FRAME_END, Bytes::new());
+        self.flush().await
+    }
+
+    /// Gives back the send stream (after [`FrameWriter::end_open`]: for a
+    /// splice).
+    pub fn into_send(self) -> SendStream {
+        self.send
     }
 
     /// Writes the END frame (with anything queued) and finishes the stream.
@@ -381,8 +402,11 @@ impl FrameReader {
     /// usually shares END's packet), so dropping the reader does not send
     /// the peer a needless STOP_SENDING. Never waits.
     fn take_fin(&mut self) {
-        if self.buf.is_empty() {
-            let _ = self.recv.read_chunk(1, true).now_or_never();
+        if self.buf.is_empty()
+            && let Some(Ok(Some(chunk))) = self.recv.read_chunk(1, true).now_or_never()
+        {
+            // Not a FIN but bytes after END (an upgrade's raw bytes): keep them.
+            self.buf.extend_from_slice(&chunk.bytes);
         }
     }
 
@@ -409,6 +433,12 @@ impl FrameReader {
     /// Tells the peer to stop sending.
     pub fn stop(&mut self, code: u32) {
         let _ = self.recv.stop(VarInt::from_u32(code));
+    }
+
+    /// Gives back the receive stream and the bytes already read past the
+    /// last frame (raw bytes that follow a head, for a splice).
+    pub fn into_parts(self) -> (RecvStream, Bytes) {
+        (self.recv, self.buf.freeze())
     }
 
     /// Turns the rest of the stream into an HTTP body. `length` is the
@@ -566,6 +596,7 @@ mod tests {
             authority: "web".into(),
             headers: vec![("traceparent".into(), b"00-ab-cd-01".to_vec())],
             has_body: true,
+            upgrade: Some("websocket".into()),
         };
         let back: RequestHead = decode(&encode(&head).unwrap()).unwrap();
         assert_eq!(back, head);

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use http::{HeaderValue, Response};
 use hyper::body::Body;
+use hyper::upgrade::OnUpgrade;
 use tokio::sync::mpsc;
 use transport::{BiStream, Identity};
 
@@ -34,6 +35,7 @@ use crate::frame::{
 };
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
+use crate::upgrade;
 use crate::upstream;
 
 /// Serves peer-opened streams until the receiver closes.
@@ -57,7 +59,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         }
         Err(_) => return,
     }
-    let head: RequestHead = match reader.head().await {
+    let mut head: RequestHead = match reader.head().await {
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e, peer = %caller, "bad request head");
@@ -65,9 +67,14 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
             return;
         }
     };
-    let body = if head.has_body {
+    if head.has_body {
+        // An upgrade never has a body: such a head is served as a plain request.
+        head.upgrade = None;
+    }
+    let upgrading = head.upgrade.is_some();
+    let (body, reader) = if head.has_body {
         let len = frame::content_length(&frame::from_wire(&head.headers));
-        reader.into_body(len)
+        (reader.into_body(len), None)
     } else {
         // END (and FIN) share the head's packet: read them so the stream
         // closes cleanly instead of with a STOP_SENDING.
@@ -76,7 +83,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
             writer.reset(frame::RESET_ERROR);
             return;
         }
-        empty()
+        (empty(), Some(reader))
     };
     // The caller giving up (its stream stopped) abandons the local request.
     let stopped = writer.stopped();
@@ -84,13 +91,39 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         r = handle(&shared, &caller, head, body) => r,
         _ = stopped => return,
     };
-    let (parts, body) = resp.into_parts();
+    let switched = upgrade::switched_to(&resp).filter(|_| upgrading);
+    let (mut parts, body) = resp.into_parts();
     let mut headers = parts.headers;
     frame::strip_hop_by_hop(&mut headers);
+    if let Some(token) = switched
+        && let Some(app) = parts.extensions.remove::<OnUpgrade>()
+        && let Some(reader) = reader
+    {
+        let rh = ResponseHead {
+            status: parts.status.as_u16(),
+            headers: frame::to_wire(&headers),
+            has_body: false,
+            upgrade: Some(token.clone()),
+        };
+        let Ok(encoded) = frame::encode(&rh) else {
+            writer.reset(frame::RESET_ERROR);
+            return;
+        };
+        drop(body);
+        writer.queue(FRAME_HEAD, encoded);
+        if writer.end_open().await.is_err() {
+            return;
+        }
+        let (recv, ahead) = reader.into_parts();
+        let idle = shared.config.http_idle_timeout;
+        upgrade::serve(app, writer.into_send(), recv, ahead, idle, &token).await;
+        return;
+    }
     let rh = ResponseHead {
         status: parts.status.as_u16(),
         headers: frame::to_wire(&headers),
         has_body: !body.is_end_stream(),
+        upgrade: None,
     };
     let Ok(encoded) = frame::encode(&rh) else {
         writer.reset(frame::RESET_ERROR);

@@ -21,6 +21,7 @@ mod attempt;
 pub mod balance;
 mod body;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod filters;
 pub mod frame;
@@ -34,6 +35,7 @@ pub mod retry;
 mod rng;
 mod state;
 pub mod stats;
+mod upgrade;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -51,6 +53,7 @@ pub use balance::{Balancer, EndpointView, RetryBudget, Target};
 pub use config::{
     Protocol, ProxyArgs, ProxyConfig, ProxyFile, RetryConfig, ServiceSpec, UpstreamListener,
 };
+pub use egress::Egress;
 pub use error::{ERROR_HEADER, MeshError};
 pub use plan::TIMEOUT_HEADER;
 pub use state::{EndpointInfo, ServiceInfo};

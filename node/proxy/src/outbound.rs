@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
 use crate::body::{full, guarded};
+use crate::egress;
 use crate::error::{Marked, MeshError, grpc_failure};
 use crate::filters;
 use crate::frame::{self, ProxyBody, RequestHead};
@@ -46,6 +47,7 @@ use crate::plan::{self, Action, Plan, TIMEOUT_HEADER};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
+use crate::upgrade;
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
 /// per-upstream listener: every request goes to that service, whatever it
@@ -63,18 +65,37 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         let builder = builder.clone();
         let fixed = fixed.clone();
+        // Upgraded connections (tunnels) hold a sender: the connection
+        // counts against the cap until the last one ends.
+        let (tunnels, mut tunnels_done) = tokio::sync::mpsc::channel::<()>(1);
         async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 let shared = shared.clone();
                 let fixed = fixed.clone();
-                // In flight until the response body is done.
+                let tunnels = tunnels.clone();
+                // In flight until the response body is done (or the tunnel).
                 let request = activity.begin(req.version() == Version::HTTP_2);
+                let upgrade = upgrade::requested(&req).map(|token| {
+                    req.extensions_mut().insert(upgrade::Requested(token));
+                    hyper::upgrade::on(&mut req)
+                });
                 async move {
-                    let resp = handle(shared, fixed, req).await;
-                    Ok::<_, Infallible>(resp.map(|b| guarded(b, vec![Box::new(request)])))
+                    let resp = handle(shared.clone(), fixed, req).await;
+                    let resp = match upgrade {
+                        Some(client) => {
+                            let guards: Vec<Box<dyn std::any::Any + Send>> =
+                                vec![Box::new(request), Box::new(tunnels)];
+                            upgrade::answer(resp, client, shared.config.http_idle_timeout, guards)
+                        }
+                        None => resp.map(|b| guarded(b, vec![Box::new(request)])),
+                    };
+                    Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .await;
+            let _ = tunnels_done.recv().await;
         }
     })
     .await;
@@ -144,7 +165,17 @@ async fn handle(
             )
         }
         Ok(plan) => {
-            let done = dispatch(&shared, &mut edge, &plan, head, body, in_flight, &mut rng).await;
+            let may_egress = fixed.is_none();
+            let done = dispatch(
+                &shared,
+                &mut edge,
+                &plan,
+                head,
+                body,
+                (in_flight, may_egress),
+                &mut rng,
+            )
+            .await;
             finish(&shared, edge, grpc_call, Some(&plan), done, start, line)
         }
     }
@@ -199,16 +230,17 @@ fn finish(
 
 /// Carries out `plan`: a redirect or the no-match 404 is answered here; a
 /// pass-through goes straight to its address; otherwise the backend must be
-/// known, the node under its in-flight cap, FaultInjection may delay or
-/// abort; then [`run`], and the route's response header changes apply to
-/// the answer.
+/// known (or, unrouted and not on a per-upstream listener, `may_egress`, a
+/// host `--egress` admits: sent there from this node), the node under its
+/// in-flight cap, FaultInjection may delay or abort; then [`run`], and the
+/// route's response header changes apply to the answer.
 async fn dispatch(
     shared: &Arc<Shared>,
     edge: &mut Edge,
     plan: &Plan<'_>,
     head: Parts,
     body: Incoming,
-    in_flight: u64,
+    (in_flight, may_egress): (u64, bool),
     rng: &mut SmallRng,
 ) -> Finished {
     match &plan.action {
@@ -238,6 +270,26 @@ async fn dispatch(
         Action::Forward(_) => {}
     }
     if shared.targets(&plan.backend).is_none() {
+        if may_egress
+            && plan.route.is_none()
+            && let Some(to) = egress::destination(&head)
+            && let Some(label) = shared.config.egress.admit(&to.host)
+        {
+            edge.destination = label;
+            let _gauge = shared.stats.in_flight(edge);
+            if in_flight > shared.config.max_in_flight {
+                return Finished::early(
+                    MeshError::Overloaded
+                        .response_with("this node has too many requests in flight"),
+                );
+            }
+            let resp = egress::forward(&shared.clients, &to, head, body, plan.timeout).await;
+            return Finished {
+                resp,
+                attempts: 1,
+                endpoint: Some(format!("{}:{}", to.host, to.port)),
+            };
+        }
         return Finished::early(
             MeshError::UnknownService.response_with("no node in the mesh serves this service"),
         );
@@ -334,6 +386,9 @@ async fn passthrough(
     let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut headers = head.headers;
     frame::strip_hop_by_hop(&mut headers);
+    if let Some(u) = head.extensions.get::<upgrade::Requested>() {
+        upgrade::restore(&mut headers, &u.0);
+    }
     if h2 {
         headers.remove(http::header::HOST);
     }
@@ -404,7 +459,7 @@ async fn run(
     let mut head = head;
     if let Some(f) = plan.forward() {
         filters::forward_request(&mut head, f);
-        if !f.mirrors.is_empty() {
+        if !f.mirrors.is_empty() && head.extensions.get::<upgrade::Requested>().is_none() {
             match &source {
                 Source::Replay(data, trailers) => {
                     for m in &f.mirrors {
@@ -616,11 +671,16 @@ fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) ->
                 .map(str::to_string)
         })
         .unwrap_or_else(|| backend.to_string());
+    let upgrade = parts
+        .extensions
+        .get::<upgrade::Requested>()
+        .map(|u| u.0.clone());
     let mut headers = parts.headers;
     frame::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     headers.remove(TIMEOUT_HEADER);
     RequestHead {
+        upgrade,
         service: backend.to_string(),
         source: shared.source_service(),
         deadline_ms: 0,

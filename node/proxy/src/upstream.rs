@@ -18,6 +18,7 @@ use crate::error::MeshError;
 use crate::frame::{self, ProxyBody, RequestHead};
 use crate::health;
 use crate::local::{Clients, LocalService};
+use crate::upgrade;
 
 /// Provenance header the serving node adds: `by=<node>;from=<caller node>;svc=<caller service>`.
 pub const FORWARDED_HEADER: &str = "shoal-forwarded";
@@ -36,7 +37,13 @@ pub(crate) async fn forward(
     // it speaks (found out now if the health task has not yet); the
     // caller's version if it cannot be reached to ask.
     let caller_h2 = head.version == 2;
+    if head.upgrade.is_some() && svc.spec.protocol == Protocol::H2c {
+        return MeshError::BadRequest
+            .response_with("the instance speaks h2c only: an HTTP/1.1 upgrade cannot reach it");
+    }
     let h2 = match svc.h2_for(caller_h2) {
+        // An upgrade is an HTTP/1.1 affair.
+        _ if head.upgrade.is_some() => false,
         Some(h2) => h2,
         None => match health::detect(svc.spec.addr, Duration::from_secs(1)).await {
             Some(found) => {
@@ -52,6 +59,9 @@ pub(crate) async fn forward(
     headers.remove(http::header::HOST);
     if !h2 && let Ok(v) = HeaderValue::from_str(&head.authority) {
         headers.insert(http::header::HOST, v);
+    }
+    if let Some(token) = &head.upgrade {
+        upgrade::restore(&mut headers, token);
     }
     let caller_svc = if head.source.is_empty() {
         "-"

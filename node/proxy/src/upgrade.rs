@@ -1,0 +1,355 @@
+//! HTTP/1.1 Upgrade (WebSocket and the like) through the mesh.
+//!
+//! The outbound listener keeps an upgrade request's `Upgrade` token (it is
+//! otherwise a hop-by-hop field) and carries it in the wire head
+//! ([`RequestHead::upgrade`](crate::frame::RequestHead)); the serving node
+//! sends `Connection: upgrade` and `Upgrade` to the app over HTTP/1.1
+//! (`upstream.rs`). An app's `101 Switching Protocols` comes back with the
+//! protocol it chose, and then both nodes splice raw bytes over the same
+//! QUIC stream, after the heads ([`crate::splice`]): client connection ↔
+//! stream on the calling node, stream ↔ app connection on the serving node.
+//! An answer other than 101 is passed on unchanged, and the connection goes
+//! on as plain HTTP. An upgrade to an instance behind this same node (or an
+//! egress or pass-through destination) joins the two local connections
+//! directly.
+//!
+//! Not carried: `h2c` (RFC 9113 §3.1 deprecates the HTTP/1.1 upgrade to
+//! HTTP/2; the listener ignores it and answers in HTTP/1.1, as RFC 9110
+//! §7.8 lets a server do — clients speak h2c with prior knowledge instead),
+//! upgrades over HTTP/2 (extended CONNECT), and upgrade requests with a
+//! body (their `Upgrade` is dropped and they are served as plain requests).
+//!
+//! This module owns recognising an upgrade and the two ends of the tunnel;
+//! the byte pump itself is `splice.rs`.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::Body;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::body::guarded;
+use crate::frame::{self, ProxyBody};
+use crate::splice::{Splice, Spliced};
+
+/// An upgrade request's token list (`websocket`), kept in the request's
+/// extensions from the listener to the wire head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Requested(pub String);
+
+/// The QUIC side of a tunnel: the stream a 101 came back on and the raw
+/// bytes already read past its head. In the 101 response's extensions
+/// (`attempt.rs` puts it there; the listener takes it).
+#[derive(Clone)]
+pub(crate) struct MeshTunnel(Arc<Mutex<Option<(SendStream, RecvStream, Bytes)>>>);
+
+impl MeshTunnel {
+    /// Wraps the stream halves and the bytes read ahead.
+    pub fn new(send: SendStream, recv: RecvStream, ahead: Bytes) -> Self {
+        MeshTunnel(Arc::new(Mutex::new(Some((send, recv, ahead)))))
+    }
+
+    fn take(&self) -> Option<(SendStream, RecvStream, Bytes)> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+/// The token list of a request this mesh upgrades: HTTP/1.1, `Connection`
+/// names `upgrade`, an `Upgrade` field that is not `h2c`, no body.
+pub(crate) fn requested<B: Body>(req: &Request<B>) -> Option<String> {
+    if req.version() != Version::HTTP_11 || !req.body().is_end_stream() {
+        return None;
+    }
+    let h = req.headers();
+    let asks = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks || h.contains_key(http::header::CONTENT_LENGTH) {
+        return None;
+    }
+    let token = h.get(http::header::UPGRADE)?.to_str().ok()?.trim();
+    let h2c = token
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("h2c"));
+    (!token.is_empty() && !h2c && token.len() <= 256).then(|| token.to_string())
+}
+
+/// Puts `Connection: upgrade` and `Upgrade: token` back on a request or a
+/// 101 (after hop-by-hop fields were removed).
+pub(crate) fn restore(headers: &mut HeaderMap, token: &str) {
+    if let Ok(v) = HeaderValue::from_str(token) {
+        headers.insert(http::header::UPGRADE, v);
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+}
+
+/// The protocol a response switches to: its `Upgrade` field, if a 101.
+pub(crate) fn switched_to<B>(resp: &Response<B>) -> Option<String> {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return None;
+    }
+    resp.headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Calling node: the answer to an upgrade request the app made. A 101
+/// goes back with `Connection`/`Upgrade` and the client's connection is
+/// then joined to the QUIC stream it came on (or to the local app's
+/// connection); `guards` live as long as the tunnel. Any other answer is
+/// returned as it is, `guards` living as long as its body.
+pub(crate) fn answer(
+    mut resp: Response<ProxyBody>,
+    client: OnUpgrade,
+    idle: Duration,
+    guards: Vec<Box<dyn Any + Send>>,
+) -> Response<ProxyBody> {
+    let Some(token) = switched_to(&resp) else {
+        return resp.map(|b| guarded(b, guards));
+    };
+    let mesh = resp
+        .extensions_mut()
+        .remove::<MeshTunnel>()
+        .and_then(|t| t.take());
+    let local = match mesh {
+        Some(_) => None,
+        None => resp.extensions_mut().remove::<OnUpgrade>(),
+    };
+    if mesh.is_none() && local.is_none() {
+        tracing::debug!("a 101 without a connection to join; answering 502");
+        return crate::error::MeshError::UpstreamReset
+            .response_with("the upgraded connection was lost")
+            .map(|b| guarded(b, guards));
+    }
+    frame::strip_hop_by_hop(resp.headers_mut());
+    restore(resp.headers_mut(), &token);
+    tokio::spawn(async move {
+        let _guards = guards;
+        let client = match client.await {
+            Ok(io) => TokioIo::new(io),
+            Err(e) => {
+                tracing::debug!(error = %e, "the client's connection did not upgrade");
+                return;
+            }
+        };
+        match (mesh, local) {
+            (Some((send, recv, ahead)), _) => {
+                let done = Splice::new(idle)
+                    .prefetched(ahead)
+                    .run_io(client, send, recv)
+                    .await;
+                log_end("outbound", &token, &done);
+            }
+            (None, Some(app)) => match app.await {
+                Ok(app) => join(client, TokioIo::new(app), idle, &token).await,
+                Err(e) => tracing::debug!(error = %e, "the app's connection did not upgrade"),
+            },
+            (None, None) => {}
+        }
+    });
+    resp
+}
+
+/// Serving node: the app's upgraded connection (from its 101 answer)
+/// spliced to the stream the request came on; `ahead` are raw bytes the
+/// caller sent after its head.
+pub(crate) async fn serve(
+    app: OnUpgrade,
+    send: SendStream,
+    recv: RecvStream,
+    ahead: Bytes,
+    idle: Duration,
+    token: &str,
+) {
+    match app.await {
+        Ok(io) => {
+            let done = Splice::new(idle)
+                .prefetched(ahead)
+                .run_io(TokioIo::new(io), send, recv)
+                .await;
+            log_end("inbound", token, &done);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "the app's connection did not upgrade");
+            let (mut send, mut recv) = (send, recv);
+            let _ = send.reset(frame::RESET_ERROR.into());
+            let _ = recv.stop(frame::RESET_ERROR.into());
+        }
+    }
+}
+
+/// Joins two local connections (client and app on this node) until both
+/// directions end or nothing moves for `idle`.
+async fn join<A, B>(mut a: A, mut b: B, idle: Duration, token: &str)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut a = Idle::new(&mut a);
+    let mut b = Idle::new(&mut b);
+    let watch = a.clock.clone();
+    b.clock = watch.clone();
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    let mut copy = std::pin::pin!(copy);
+    loop {
+        let quiet = watch.lock().map(|t| t.elapsed()).unwrap_or_default();
+        if quiet >= idle {
+            tracing::debug!(upgrade = token, "local upgraded connection idle; closed");
+            return;
+        }
+        tokio::select! {
+            r = &mut copy => {
+                tracing::debug!(upgrade = token, result = ?r, "local upgraded connection ended");
+                return;
+            }
+            _ = tokio::time::sleep(idle - quiet) => {}
+        }
+    }
+}
+
+/// A connection that notes when a byte last moved.
+struct Idle<'a, T> {
+    io: &'a mut T,
+    clock: Arc<Mutex<std::time::Instant>>,
+}
+
+impl<'a, T> Idle<'a, T> {
+    fn new(io: &'a mut T) -> Self {
+        Idle {
+            io,
+            clock: Arc::new(Mutex::new(std::time::Instant::now())),
+        }
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.clock.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Idle<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut *self.io).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+fn log_end(side: &str, token: &str, done: &Spliced) {
+    tracing::debug!(
+        side,
+        upgrade = token,
+        outcome = done.outcome.label(),
+        detail = done.detail.as_deref().unwrap_or("-"),
+        sent = done.local_to_mesh,
+        received = done.mesh_to_local,
+        took = ?done.duration,
+        "upgraded connection ended"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, headers: &[(&str, &str)]) -> Request<http_body_util::Empty<Bytes>> {
+        let mut b = Request::get("/chat").version(version);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(http_body_util::Empty::new()).unwrap()
+    }
+
+    #[test]
+    fn recognises_the_upgrades_it_carries() {
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ];
+        assert_eq!(
+            requested(&req(Version::HTTP_11, &ws)).as_deref(),
+            Some("websocket")
+        );
+        // No Connection token, h2c, HTTP/1.0, HTTP/2, a body: not carried.
+        assert_eq!(
+            requested(&req(Version::HTTP_11, &[("upgrade", "websocket")])),
+            None
+        );
+        let h2c = [
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ];
+        assert_eq!(requested(&req(Version::HTTP_11, &h2c)), None);
+        assert_eq!(requested(&req(Version::HTTP_10, &ws)), None);
+        assert_eq!(requested(&req(Version::HTTP_2, &ws)), None);
+        let body = [
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("content-length", "3"),
+        ];
+        assert_eq!(requested(&req(Version::HTTP_11, &body)), None);
+    }
+
+    #[test]
+    fn restores_the_fields_on_a_101() {
+        let mut h = HeaderMap::new();
+        restore(&mut h, "websocket");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        let mut r = Response::new(());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *r.headers_mut() = h;
+        assert_eq!(switched_to(&r).as_deref(), Some("websocket"));
+        *r.status_mut() = StatusCode::OK;
+        assert_eq!(switched_to(&r), None);
+    }
+}
