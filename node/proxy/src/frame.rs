@@ -411,6 +411,12 @@ impl FrameReader {
         let _ = self.recv.stop(VarInt::from_u32(code));
     }
 
+    /// Gives back the receive stream and the bytes already read past the
+    /// last frame (raw bytes that follow a head, for a splice).
+    pub fn into_parts(self) -> (RecvStream, Bytes) {
+        (self.recv, self.buf.freeze())
+    }
+
     /// Turns the rest of the stream into an HTTP body. `length` is the
     /// declared Content-Length, if any (it makes the size hint exact).
     pub fn into_body(self, length: Option<u64>) -> ProxyBody {
