@@ -12,9 +12,10 @@
 //! Beside the path: shared state and the routing table read from gossip
 //! ([`state`]), local instances ([`local`]) and their health checks and
 //! protocol detection ([`health`]), the listeners' accept loop ([`listen`]),
-//! golden signals ([`stats`]). The proxy publishes through gossip keys
-//! `svc.<name>` and the node's serving state, and must not touch membership
-//! itself.
+//! golden signals ([`stats`]), and the byte pump between a local
+//! connection and a QUIC stream for opaque TCP and upgrades ([`splice`]).
+//! The proxy publishes through gossip keys `svc.<name>` and the node's
+//! serving state, and must not touch membership itself.
 
 pub mod access;
 mod attempt;
@@ -33,6 +34,7 @@ mod outbound;
 pub mod plan;
 pub mod retry;
 mod rng;
+pub mod splice;
 mod state;
 pub mod stats;
 mod upgrade;
