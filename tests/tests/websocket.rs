@@ -185,6 +185,16 @@ async fn websocket_echo_crosses_two_nodes() {
                 && l.contains("class=\"1xx\"")),
         "{metrics}"
     );
+    let (_, metrics) = tests::admin_get(serving.admin_addr(), "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("shoal_proxy_requests_total")
+                && l.contains("direction=\"inbound\"")
+                && l.contains("destination=\"ws\"")
+                && l.contains("class=\"1xx\"")),
+        "the handshake crossed the mesh to the serving node: {metrics}"
+    );
     caller.shutdown().await;
     serving.shutdown().await;
 }

@@ -597,6 +597,37 @@ mod tests {
     }
 
     #[test]
+    fn egress_flag_and_file_key() {
+        use crate::egress::Egress;
+        let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
+        assert_eq!(c.egress, Egress::Off);
+        let file = ProxyFile {
+            egress: Some("example.com, .corp".into()),
+            ..Default::default()
+        };
+        let c = ProxyConfig::resolve(ProxyArgs::default(), file.clone()).unwrap();
+        assert_eq!(
+            c.egress,
+            Egress::Suffixes(vec!["example.com".into(), "corp".into()])
+        );
+        let args = ProxyArgs {
+            egress: Some("allow".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ProxyConfig::resolve(args, file).unwrap().egress,
+            Egress::Allow,
+            "the flag wins over the file"
+        );
+        let bad = ProxyArgs {
+            egress: Some("10.0.0.0".into()),
+            ..Default::default()
+        };
+        let e = ProxyConfig::resolve(bad, ProxyFile::default()).unwrap_err();
+        assert_eq!(e.field, "--egress", "{e}");
+    }
+
+    #[test]
     fn file_services_and_duplicates() {
         let file = ProxyFile {
             service: vec![ServiceFile {
