@@ -9,7 +9,8 @@ serve:  listens on 127.0.0.1 (port 0), prints {"port": N}, then one JSON line
         refuses the upgrade with 403 and a body. Exits when stdin closes.
 client: connects to --connect HOST:PORT (the node's outbound listener) with
         Host: --host, runs the scenario named by --scenario and prints one
-        JSON object with what it saw.
+        JSON object with what it saw (`hold`: one echo, a {"ready": true}
+        line, then how long until the connection ended).
 """
 
 import argparse
@@ -96,6 +97,24 @@ async def client(args):
             out["shoal_error"] = e.response.headers.get("shoal-error")
         say(out)
         return
+    if args.scenario == "hold":
+        # One echo, then say so and wait for the connection to end.
+        async with connect(uri, sock=open_sock(args.connect), proxy=None, open_timeout=20,
+                           ping_interval=None, close_timeout=5) as ws:
+            await ws.send("before")
+            out["echo"] = await ws.recv()
+            say({"ready": True})
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(ws.recv(), 120)
+                out["unexpected_message"] = True
+            except ConnectionClosed as e:
+                out["closed_after_s"] = round(time.monotonic() - t0, 3)
+                out["close_code"] = e.rcvd.code if e.rcvd else None
+            except asyncio.TimeoutError:
+                out["closed_after_s"] = None
+        say(out)
+        return
     async with connect(uri, sock=open_sock(args.connect), proxy=None, max_size=MAX,
                        open_timeout=20, ping_interval=None, close_timeout=20) as ws:
         out["extensions"] = [type(e).__name__ for e in ws.protocol.extensions]
@@ -158,7 +177,7 @@ def main():
     c.add_argument("--connect", required=True)
     c.add_argument("--host", required=True)
     c.add_argument("--path", default="/echo")
-    c.add_argument("--scenario", choices=["full", "small", "refuse"], default="full")
+    c.add_argument("--scenario", choices=["full", "small", "refuse", "hold"], default="full")
     c.add_argument("--messages", type=int, default=1000)
     c.add_argument("--big", type=int, default=4 * 1024 * 1024)
     args = p.parse_args()

@@ -284,3 +284,80 @@ async fn an_h2c_upgrade_is_answered_in_http1() {
     caller.shutdown().await;
     serving.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_serving_node_ends_the_websocket_promptly() {
+    require_websockets().await;
+    let server = WsServer::start().await;
+    let (_mesh, serving, caller) = rig(&server).await;
+    let mut child = Command::new("python3")
+        .arg(script())
+        .args([
+            "client",
+            "--connect",
+            &caller.outbound_addr().unwrap().to_string(),
+            "--host",
+            "ws",
+            "--scenario",
+            "hold",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the ws client");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(WAIT * 3, lines.next_line())
+        .await
+        .expect("the client is connected in time")
+        .unwrap()
+        .expect("a ready line");
+    assert!(ready.contains("ready"), "{ready}");
+    let killed = std::time::Instant::now();
+    serving.kill().await;
+    let last = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the client's connection ends well before the 60 s idle timeout")
+        .unwrap()
+        .expect("a result line");
+    let took = killed.elapsed();
+    let r: Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{last}: {e}"));
+    eprintln!("serving node killed: the client saw the end after {took:?}: {r}");
+    assert_eq!(r["echo"], "before", "{r}");
+    assert!(r["closed_after_s"].as_f64().is_some(), "{r}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    caller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_to_an_egress_host() {
+    require_websockets().await;
+    let mut server = WsServer::start().await;
+    let mut mesh = Mesh::new();
+    let caller = mesh
+        .client("caller", |c| c.proxy.egress = node::proxy::Egress::Allow)
+        .await;
+    let host = format!("localhost:{}", server.addr.port());
+    let r = client(
+        caller.outbound_addr().unwrap(),
+        &host,
+        &["--scenario", "small", "--messages", "50"],
+    )
+    .await;
+    eprintln!("websocket to an egress host: {r}");
+    assert_eq!(r["messages"], 50, "{r}");
+    assert_eq!(r["mismatched"], 0, "{r}");
+    assert_eq!(r["closed_by_server"][0], 4001, "{r}");
+    assert_eq!(server.next_end().await["close_code"], 4001);
+    let (_, metrics) = tests::admin_get(caller.admin_addr(), "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("shoal_proxy_requests_total")
+                && l.contains("destination=\"egress:localhost\"")
+                && l.contains("class=\"1xx\"")),
+        "{metrics}"
+    );
+    caller.shutdown().await;
+}
