@@ -119,6 +119,7 @@ struct FileConfig {
     upstream: Vec<proxy::config::UpstreamFile>,
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
     join_timeout: Option<String>,
 }
 
@@ -242,6 +243,7 @@ impl NodeConfig {
                 upstream: file.upstream,
                 request_timeout: file.request_timeout,
                 drain_timeout: file.drain_timeout,
+                tcp_idle_timeout: file.tcp_idle_timeout,
             },
         )?;
         let worker_threads = args.worker_threads.or(file.worker_threads);
@@ -324,6 +326,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         outbound: Option<String>,
         request_timeout: String,
         drain_timeout: String,
+        tcp_idle_timeout: String,
         join_timeout: String,
         service: Vec<Service>,
         upstream: Vec<Upstream>,
@@ -345,6 +348,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         outbound: p.outbound.map(|a| a.to_string()),
         request_timeout: duration_text(p.request_timeout),
         drain_timeout: duration_text(p.drain_timeout),
+        tcp_idle_timeout: duration_text(p.tcp_idle_timeout),
         join_timeout: duration_text(c.join_timeout),
         service: p
             .services
@@ -468,6 +472,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_UPSTREAM", !file.upstream.is_empty()),
         ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
         ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
+        ("SHOAL_TCP_IDLE_TIMEOUT", file.tcp_idle_timeout.is_some()),
         ("SHOAL_JOIN_TIMEOUT", file.join_timeout.is_some()),
     ];
     for (var, in_file) in set {

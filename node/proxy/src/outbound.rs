@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
 use crate::body::{full, guarded};
+use crate::connect;
 use crate::error::{Marked, MeshError, grpc_failure};
 use crate::filters;
 use crate::frame::{self, ProxyBody, RequestHead};
@@ -46,6 +47,7 @@ use crate::plan::{self, Action, Plan, TIMEOUT_HEADER};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
+use crate::tcp;
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
 /// per-upstream listener: every request goes to that service, whatever it
@@ -64,6 +66,14 @@ pub(crate) async fn serve(
         let builder = builder.clone();
         let fixed = fixed.clone();
         async move {
+            // A per-upstream listener of a TCP service carries bytes.
+            if let Some(service) = &fixed
+                && tcp::wait_protocol(&shared, service, tcp::HANDSHAKE_TIMEOUT).await == Some(true)
+            {
+                let _tunnel = activity.begin(false);
+                tcp::serve_connection(&shared, service, io).await;
+                return;
+            }
             let svc = service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 let fixed = fixed.clone();
@@ -74,7 +84,9 @@ pub(crate) async fn serve(
                     Ok::<_, Infallible>(resp.map(|b| guarded(b, vec![Box::new(request)])))
                 }
             });
-            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .await;
         }
     })
     .await;
@@ -104,6 +116,9 @@ async fn handle(
     fixed: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if req.method() == http::Method::CONNECT && fixed.is_none() {
+        return connect::handle(shared, req).await;
+    }
     let start = Instant::now();
     let grpc_call = stats::is_grpc(req.headers());
     let (mut head, body) = req.into_parts();
