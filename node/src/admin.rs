@@ -10,6 +10,7 @@
 //! | GET    | `/ui`         | the web dashboard (assets compiled in; see `ui.rs`) |
 //! | GET    | `/v1/services`| JSON: every service, its endpoints, health, zone, load |
 //! | GET    | `/v1/stats`   | JSON per edge (and per HTTPRoute on it) over the last minute: rps, success rate, p50/p95/p99 |
+//! | GET    | `/v1/stats/tcp` | JSON per opaque TCP edge since start: opened, open, closed by outcome, bytes each way |
 //! | GET    | `/v1/tap`     | live request events, `text/event-stream` (`?service=S&status=5xx`; token, or loopback without one; see `tap.rs`) |
 //! | GET    | `/v1/policies` | every policy: kind, name, version, origin, applied-on count |
 //! | GET    | `/v1/policies/status` | per live node, the version of each policy it runs |
@@ -94,6 +95,7 @@ async fn route(
         (&Method::GET, "/v1/members") => json(&state.gossip.members().await),
         (&Method::GET, "/v1/services") => json(&state.proxy.services()),
         (&Method::GET, "/v1/stats") => json(&state.proxy.stats()),
+        (&Method::GET, "/v1/stats/tcp") => json(&state.proxy.tcp_stats()),
         (&Method::GET, "/metrics") => {
             let body = state.metrics.render(&state.gossip).await;
             Response::builder()

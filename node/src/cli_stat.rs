@@ -1,5 +1,6 @@
 //! `shoal stat`: the golden signals of one node's edges and routes, from its
-//! admin API's `/v1/stats`, as a table (`--json`: the rows as JSON;
+//! admin API's `/v1/stats` (and its opaque TCP edges from `/v1/stats/tcp`),
+//! as tables (`--json`: the HTTP rows as JSON;
 //! `--watch`: again every 2 s). `shoal tap`: the live request stream
 //! (`/v1/tap`, see `tap.rs`).
 
@@ -75,7 +76,16 @@ pub async fn stat_command(a: StatArgs) -> i32 {
             };
             json.unwrap_or_default() + "\n"
         } else {
-            stat_table(&edges)
+            let mut t = stat_table(&edges);
+            // Opaque TCP edges, when the node has any.
+            if let Ok(tcp) =
+                crate::cli::get_json::<Vec<serde_json::Value>>(&a.admin, "/v1/stats/tcp").await
+                && !tcp.is_empty()
+            {
+                t.push('\n');
+                t.push_str(&tcp_table(&tcp));
+            }
+            t
         };
         let mut out = std::io::stdout().lock();
         let written = if a.watch && tty && !a.json {
@@ -155,9 +165,81 @@ pub fn stat_table(edges: &[serde_json::Value]) -> String {
     out
 }
 
+/// Renders `/v1/stats/tcp` JSON as a table: a row per opaque TCP edge
+/// (totals since the node started).
+pub fn tcp_table(edges: &[serde_json::Value]) -> String {
+    let mut rows: Vec<[String; 9]> = vec![
+        [
+            "TCP",
+            "SOURCE",
+            "DESTINATION",
+            "OPENED",
+            "OPEN",
+            "CLEAN",
+            "FAILED",
+            "TO-SERVICE",
+            "FROM-SERVICE",
+        ]
+        .map(String::from),
+    ];
+    for e in edges {
+        let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+        let n = |k: &str| e[k].as_u64().unwrap_or(0);
+        let closed = e["closed"].as_object();
+        let clean = closed
+            .and_then(|c| c.get("clean"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        let all: u64 = closed
+            .map(|c| c.values().filter_map(|v| v.as_u64()).sum())
+            .unwrap_or(0);
+        rows.push([
+            s("direction"),
+            s("source"),
+            s("destination"),
+            n("opened").to_string(),
+            n("open").to_string(),
+            clean.to_string(),
+            (all - clean).to_string(),
+            bytes(n("bytes_to_service")),
+            bytes(n("bytes_from_service")),
+        ]);
+    }
+    crate::cli::render_table(&rows)
+}
+
+/// `1234567` → `1.2MB`.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}GB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}MB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1}KB", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_table_counts_clean_and_failed_closes() {
+        let edge = serde_json::json!({
+            "direction": "outbound", "source": "app", "destination": "db",
+            "opened": 4, "open": 1,
+            "closed": {"clean": 2, "reset": 1, "refused": 3},
+            "bytes_to_service": 2048, "bytes_from_service": 3_145_728u64
+        });
+        let table = tcp_table(&[edge]);
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "outbound", "app", "db", "4", "1", "2", "4", "2.0KB", "3.0MB"
+            ],
+            "{table}"
+        );
+    }
 
     #[test]
     fn table_shows_rates_failure_classes_and_routes() {

@@ -119,6 +119,7 @@ struct FileConfig {
     upstream: Vec<proxy::config::UpstreamFile>,
     request_timeout: Option<String>,
     drain_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
     join_timeout: Option<String>,
     egress: Option<String>,
 }
@@ -244,6 +245,7 @@ impl NodeConfig {
                 request_timeout: file.request_timeout,
                 drain_timeout: file.drain_timeout,
                 egress: file.egress,
+                tcp_idle_timeout: file.tcp_idle_timeout,
             },
         )?;
         let worker_threads = args.worker_threads.or(file.worker_threads);
@@ -326,6 +328,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         outbound: Option<String>,
         request_timeout: String,
         drain_timeout: String,
+        tcp_idle_timeout: String,
         join_timeout: String,
         egress: String,
         service: Vec<Service>,
@@ -348,6 +351,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         outbound: p.outbound.map(|a| a.to_string()),
         request_timeout: duration_text(p.request_timeout),
         drain_timeout: duration_text(p.drain_timeout),
+        tcp_idle_timeout: duration_text(p.tcp_idle_timeout),
         join_timeout: duration_text(c.join_timeout),
         egress: p.egress.to_string(),
         service: p
@@ -472,6 +476,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_UPSTREAM", !file.upstream.is_empty()),
         ("SHOAL_REQUEST_TIMEOUT", file.request_timeout.is_some()),
         ("SHOAL_DRAIN_TIMEOUT", file.drain_timeout.is_some()),
+        ("SHOAL_TCP_IDLE_TIMEOUT", file.tcp_idle_timeout.is_some()),
         ("SHOAL_JOIN_TIMEOUT", file.join_timeout.is_some()),
         ("SHOAL_EGRESS", file.egress.is_some()),
     ];

@@ -62,6 +62,21 @@ pub enum Protocol {
     Http1,
     /// Always HTTP/2 with prior knowledge (cleartext).
     H2c,
+    /// Opaque TCP: each connection is carried as bytes (`docs/FRAMES.md`,
+    /// stream kind 0x02); no HTTP is spoken or parsed.
+    Tcp,
+}
+
+impl Protocol {
+    /// The name gossip publishes and config files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+            Protocol::Tcp => "tcp",
+        }
+    }
 }
 
 /// A local service instance this node fronts.
@@ -83,7 +98,8 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    /// Parses `NAME=ADDR`, `NAME=h2c://ADDR` or `NAME=http://ADDR` (HTTP/1.1 pinned).
+    /// Parses `NAME=ADDR`, `NAME=h2c://ADDR`, `NAME=http://ADDR` (HTTP/1.1
+    /// pinned) or `NAME=tcp://ADDR` (opaque TCP).
     pub fn parse_flag(s: &str) -> Result<Self, ConfigError> {
         let err = |m: String| ConfigError::new("--service", m);
         let (name, rest) = s
@@ -94,6 +110,12 @@ impl ServiceSpec {
             (Protocol::H2c, a)
         } else if let Some(a) = rest.strip_prefix("http://") {
             (Protocol::Http1, a)
+        } else if let Some(a) = rest.strip_prefix("tcp://") {
+            (Protocol::Tcp, a)
+        } else if let Some((scheme, _)) = rest.split_once("://") {
+            return Err(err(format!(
+                "{s:?}: unknown scheme {scheme:?} (use http://, h2c:// or tcp://, or none for auto)"
+            )));
         } else {
             (Protocol::Auto, rest)
         };
@@ -241,6 +263,9 @@ pub struct ProxyConfig {
     /// Which hosts that are not mesh services this node forwards to
     /// directly (`--egress`). Default off.
     pub egress: crate::egress::Egress,
+    /// An opaque TCP connection with no byte either way for this long is
+    /// closed (`--tcp-idle-timeout`). Default 1 h.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -265,6 +290,7 @@ impl Default for ProxyConfig {
             access_log: crate::access::AccessLog::Errors,
             namespace: "default".into(),
             egress: crate::egress::Egress::Off,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -322,6 +348,10 @@ pub struct ProxyArgs {
     /// suffixes (`example.com,.corp`) [default: off].
     #[arg(long, env = "SHOAL_EGRESS")]
     pub egress: Option<String>,
+    /// Opaque TCP connections (`tcp://` services, CONNECT tunnels) with no
+    /// byte either way for this long are closed [default: 1h].
+    #[arg(long, env = "SHOAL_TCP_IDLE_TIMEOUT")]
+    pub tcp_idle_timeout: Option<String>,
 }
 
 /// The proxy keys of the config file.
@@ -339,6 +369,8 @@ pub struct ProxyFile {
     pub drain_timeout: Option<String>,
     /// `egress`.
     pub egress: Option<String>,
+    /// `tcp_idle_timeout`.
+    pub tcp_idle_timeout: Option<String>,
 }
 
 impl ProxyConfig {
@@ -427,6 +459,10 @@ impl ProxyConfig {
         if let Some(e) = args.egress.or(file.egress) {
             c.egress =
                 crate::egress::Egress::parse(&e).map_err(|m| ConfigError::new("--egress", m))?;
+        }
+        if let Some(t) = args.tcp_idle_timeout.or(file.tcp_idle_timeout) {
+            let d = parse_duration(&t).map_err(|m| ConfigError::new("--tcp-idle-timeout", m))?;
+            c.tcp_idle_timeout = positive("--tcp-idle-timeout", d)?;
         }
         c.rng_seed = args.rng_seed;
         if let Some(a) = args.access_log {
@@ -519,6 +555,33 @@ mod tests {
         assert_eq!(u.service, "web");
         assert_eq!(u.listen, "127.0.0.1:4141".parse().unwrap());
         assert!(UpstreamListener::parse_flag("127.0.0.1:4141").is_err());
+    }
+
+    #[test]
+    fn tcp_services_and_the_idle_timeout() {
+        let s = ServiceSpec::parse_flag("db=tcp://127.0.0.1:6379").unwrap();
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.addr, "127.0.0.1:6379".parse().unwrap());
+        let e = ServiceSpec::parse_flag("db=udp://127.0.0.1:53").unwrap_err();
+        assert!(e.to_string().contains("unknown scheme \"udp\""), "{e}");
+        let c = ProxyConfig::resolve(ProxyArgs::default(), ProxyFile::default()).unwrap();
+        assert_eq!(c.tcp_idle_timeout, Duration::from_secs(3600));
+        let args = |t: &str| ProxyArgs {
+            tcp_idle_timeout: Some(t.into()),
+            ..ProxyArgs::default()
+        };
+        let c = ProxyConfig::resolve(args("90s"), ProxyFile::default()).unwrap();
+        assert_eq!(c.tcp_idle_timeout, Duration::from_secs(90));
+        let file = ProxyFile {
+            tcp_idle_timeout: Some("5m".into()),
+            ..ProxyFile::default()
+        };
+        let c = ProxyConfig::resolve(ProxyArgs::default(), file).unwrap();
+        assert_eq!(c.tcp_idle_timeout, Duration::from_secs(300));
+        for bad in ["0s", "soon"] {
+            let e = ProxyConfig::resolve(args(bad), ProxyFile::default()).unwrap_err();
+            assert!(e.to_string().contains("--tcp-idle-timeout"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,56 @@ use serde::{Deserialize, Serialize};
 
 /// First byte of a bidirectional stream that carries one HTTP exchange.
 pub const STREAM_KIND_HTTP: u8 = 0x01;
+/// First byte of a bidirectional stream that carries one opaque TCP
+/// connection: a HEAD frame ([`TcpHead`]), one status byte back
+/// ([`TCP_OK`] and the refusals after it), then raw bytes both ways.
+pub const STREAM_KIND_TCP: u8 = 0x02;
+/// TCP status: connected to the local instance; raw bytes follow.
+pub const TCP_OK: u8 = 0x00;
+/// TCP status: the local instance refused the connection or is unhealthy
+/// (nothing was sent to it: the caller may try another endpoint).
+pub const TCP_REFUSED: u8 = 0x01;
+/// TCP status: no AuthorizationPolicy admits the caller's identity.
+pub const TCP_DENIED: u8 = 0x02;
+/// TCP status: this node fronts no instance of the service.
+pub const TCP_UNKNOWN_SERVICE: u8 = 0x03;
+/// TCP status: the caller's certificate does not name its source service.
+pub const TCP_UNAUTHORIZED: u8 = 0x04;
+/// TCP status: this node's certificate does not name the service.
+pub const TCP_NOT_SERVED: u8 = 0x05;
+/// TCP status: the service is not a `tcp` service (it speaks HTTP).
+pub const TCP_NOT_TCP: u8 = 0x06;
+/// TCP status: the head is malformed.
+pub const TCP_BAD_HEAD: u8 = 0x07;
+
+/// The name of a TCP status byte (for logs and metrics).
+pub fn tcp_status_name(status: u8) -> &'static str {
+    match status {
+        TCP_OK => "ok",
+        TCP_REFUSED => "refused",
+        TCP_DENIED => "denied",
+        TCP_UNKNOWN_SERVICE => "unknown-service",
+        TCP_UNAUTHORIZED => "unauthorized",
+        TCP_NOT_SERVED => "not-served",
+        TCP_NOT_TCP => "not-tcp",
+        TCP_BAD_HEAD => "bad-head",
+        _ => "unknown-status",
+    }
+}
+
+/// The head of an opaque TCP connection (stream kind [`STREAM_KIND_TCP`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TcpHead {
+    /// Target service name.
+    pub service: String,
+    /// Service identity the caller speaks for (must be named by its certificate).
+    pub source: String,
+    /// Attempt number, 1 for the first try.
+    pub attempt: u32,
+    /// `host:port` the app asked for (CONNECT), or empty.
+    pub authority: String,
+}
+
 /// Frame type: the message head (bincode).
 pub const FRAME_HEAD: u8 = 0x01;
 /// Frame type: body bytes.

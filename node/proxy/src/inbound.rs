@@ -1,4 +1,5 @@
-//! The inbound side: serves HTTP exchanges peers open as QUIC streams (and
+//! The inbound side: serves HTTP exchanges peers open as QUIC streams (TCP
+//! streams, kind 0x02, go to `tcp.rs`) (and
 //! requests this node's own outbound routes to itself), checks the caller's
 //! certificate identity and this node's, applies AuthorizationPolicy and
 //! RateLimit, and hands the request to the local instance (`upstream.rs`).
@@ -31,10 +32,11 @@ use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{
     self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead, ResponseHead,
-    STREAM_KIND_HTTP,
+    STREAM_KIND_HTTP, STREAM_KIND_TCP,
 };
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
+use crate::tcp;
 use crate::upgrade;
 use crate::upstream;
 
@@ -49,16 +51,20 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
     let _count = shared.inbound_request();
     let caller = bi.from.peer.clone();
     let mut reader = FrameReader::new(bi.recv);
-    let mut writer = FrameWriter::new(bi.send);
+    let mut send = bi.send;
     match reader.kind().await {
         Ok(STREAM_KIND_HTTP) => {}
+        Ok(STREAM_KIND_TCP) => {
+            return tcp::serve_stream(shared.clone(), caller, reader, send).await;
+        }
         Ok(kind) => {
             tracing::debug!(kind, peer = %caller, "unknown stream kind");
-            writer.reset(frame::RESET_ERROR);
+            let _ = send.reset(frame::RESET_ERROR.into());
             return;
         }
         Err(_) => return,
     }
+    let mut writer = FrameWriter::new(send);
     let mut head: RequestHead = match reader.head().await {
         Ok(h) => h,
         Err(e) => {

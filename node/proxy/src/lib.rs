@@ -22,6 +22,7 @@ mod attempt;
 pub mod balance;
 mod body;
 pub mod config;
+mod connect;
 pub mod egress;
 pub mod error;
 pub mod filters;
@@ -37,6 +38,7 @@ mod rng;
 pub mod splice;
 mod state;
 pub mod stats;
+pub mod tcp;
 mod upgrade;
 mod upstream;
 
@@ -177,6 +179,7 @@ impl Proxy {
             endpoint.clone(),
             gossip.clone(),
             Stats::new(registry),
+            tcp::TcpStats::new(registry),
             policy,
             down_base,
         ));
@@ -266,6 +269,11 @@ impl Proxy {
     /// Per-edge figures over the last minute.
     pub fn stats(&self) -> Vec<EdgeStats> {
         self.shared.stats.window()
+    }
+
+    /// Opaque TCP totals per edge since the node started.
+    pub fn tcp_stats(&self) -> Vec<tcp::TcpEdgeStats> {
+        self.shared.tcp.edges()
     }
 
     /// A live tap: every request's event from now on (see [`access`]).

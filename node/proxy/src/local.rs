@@ -60,7 +60,7 @@ impl LocalService {
     pub fn h2_for(&self, caller_h2: bool) -> Option<bool> {
         match self.spec.protocol {
             Protocol::H2c => Some(true),
-            Protocol::Http1 => Some(false),
+            Protocol::Http1 | Protocol::Tcp => Some(false),
             Protocol::Auto => {
                 let (h1, h2) = self.detected()?;
                 Some(match (h1, h2) {

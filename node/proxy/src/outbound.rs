@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
 use crate::body::{full, guarded};
+use crate::connect;
 use crate::egress;
 use crate::error::{Marked, MeshError, grpc_failure};
 use crate::filters;
@@ -47,6 +48,7 @@ use crate::plan::{self, Action, Plan, TIMEOUT_HEADER};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
+use crate::tcp;
 use crate::upgrade;
 
 /// Serves an outbound listener until `shutdown` flips. With `fixed`, it is a
@@ -69,6 +71,14 @@ pub(crate) async fn serve(
         // counts against the cap until the last one ends.
         let (tunnels, mut tunnels_done) = tokio::sync::mpsc::channel::<()>(1);
         async move {
+            // A per-upstream listener of a TCP service carries bytes.
+            if let Some(service) = &fixed
+                && tcp::wait_protocol(&shared, service, tcp::HANDSHAKE_TIMEOUT).await == Some(true)
+            {
+                let _tunnel = activity.begin(false);
+                tcp::serve_connection(&shared, service, io).await;
+                return;
+            }
             let svc = service_fn(move |mut req: Request<Incoming>| {
                 let shared = shared.clone();
                 let fixed = fixed.clone();
@@ -125,6 +135,9 @@ async fn handle(
     fixed: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    if req.method() == http::Method::CONNECT && fixed.is_none() {
+        return connect::handle(shared, req).await;
+    }
     let start = Instant::now();
     let grpc_call = stats::is_grpc(req.headers());
     let (mut head, body) = req.into_parts();

@@ -16,7 +16,7 @@ use serde::Serialize;
 use transport::{Endpoint, Identity};
 
 use crate::balance::{Balancer, EndpointView, RetryBudget, Target};
-use crate::config::{Protocol, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::local::{Clients, LocalService};
 use crate::rng::Seeder;
 use crate::stats::Stats;
@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     pub balancer: Balancer,
     /// Golden signals.
     pub stats: Arc<Stats>,
+    /// Opaque TCP connection metrics.
+    pub tcp: Arc<crate::tcp::TcpStats>,
     /// Policy snapshots, rate limiter, refusal metrics.
     pub policy: PolicyPlane,
     /// Local instances by service.
@@ -128,6 +130,7 @@ impl Shared {
         endpoint: Endpoint,
         gossip: Gossip,
         stats: Arc<Stats>,
+        tcp: Arc<crate::tcp::TcpStats>,
         policy: PolicyPlane,
         down_base: Duration,
     ) -> Self {
@@ -144,6 +147,7 @@ impl Shared {
             local,
             clients: Clients::new(),
             stats,
+            tcp,
             outbound_in_flight: AtomicU64::new(0),
             inbound_in_flight: AtomicU64::new(0),
             routes_ready: AtomicBool::new(false),
@@ -355,12 +359,7 @@ impl Shared {
                 .ewma_ns()
                 .map(|n| (n / 1e5).round() / 10.0)
                 .unwrap_or(0.0),
-            protocol: match svc.spec.protocol {
-                Protocol::Auto => "auto",
-                Protocol::Http1 => "http1",
-                Protocol::H2c => "h2c",
-            }
-            .into(),
+            protocol: svc.spec.protocol.as_str().into(),
         };
         let Ok(json) = serde_json::to_string(&record) else {
             return;
