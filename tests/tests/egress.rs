@@ -49,6 +49,33 @@ async fn curl(args: &[&str], url: &str) -> (u16, Vec<(String, String)>, String) 
     (status, headers, body.to_string())
 }
 
+/// `curl -p -x` (CONNECT through the outbound listener, then HTTP inside
+/// the tunnel): the CONNECT answer's status and, when the tunnel opened,
+/// the inner response's status and body.
+async fn curl_connect(outbound: SocketAddr, url: &str) -> (u16, Option<(u16, String)>) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("curl")
+            .args(["-s", "-p", "-x", &format!("http://{outbound}")])
+            .args(["-w", "\n%{http_connect} %{http_code}"])
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("curl within 30 s")
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, codes) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut codes = codes
+        .split_whitespace()
+        .map(|c| c.parse::<u16>().unwrap_or(0));
+    let connect = codes.next().unwrap_or(0);
+    let inner = codes.next().unwrap_or(0);
+    let tunnel = out.status.success().then(|| (inner, body.to_string()));
+    (connect, tunnel)
+}
+
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -93,6 +120,8 @@ async fn egress_is_off_by_default() {
     .await;
     assert_eq!(status, 503);
     assert_eq!(header(&headers, "shoal-error"), Some("unknown-service"));
+    let (connect, tunnel) = curl_connect(out, &format!("http://{host}/z")).await;
+    assert_eq!((connect, tunnel), (503, None), "CONNECT refused");
     assert_eq!(outside.hits(), 0, "nothing left the node");
     assert!(!metrics(&caller).await.contains("egress:"));
     caller.shutdown().await;
@@ -155,11 +184,35 @@ async fn egress_allow_forwards_from_the_node() {
     assert_eq!(status, 502);
     assert_eq!(header(&headers, "shoal-error"), Some("upstream-connect"));
 
+    // CONNECT to the same host: a tunnel from the node, HTTP inside it.
+    let (connect, tunnel) = curl_connect(out, &format!("http://localhost:{port}/tunnel")).await;
+    assert_eq!(connect, 200);
+    assert_eq!(
+        tunnel,
+        Some((200, String::new())),
+        "the echo of a bodiless GET"
+    );
+    assert_eq!(outside.hits(), 3);
+    let (connect, tunnel) =
+        curl_connect(out, &format!("http://localhost:{}/x", closed.port())).await;
+    assert_eq!((connect, tunnel), (502, None), "CONNECT to a closed port");
+
     let m = metrics(&caller).await;
-    let want = "shoal_proxy_requests_total{direction=\"outbound\",source=\"client\",destination=\"egress:localhost\",class=\"2xx\"} 2";
+    let tcp_closed = "shoal_tcp_connections_closed_total{direction=\"outbound\",source=\"client\",destination=\"egress:localhost\",outcome=\"clean\"} 1";
+    let ok = tests::eventually(
+        "the CONNECT tunnel is counted closed",
+        Duration::from_secs(10),
+        || async {
+            let m = metrics(&caller).await;
+            m.contains(tcp_closed).then_some(m)
+        },
+    )
+    .await;
+    assert!(ok.contains("shoal_tcp_connections_closed_total{direction=\"outbound\",source=\"client\",destination=\"egress:localhost\",outcome=\"refused\"} 1"), "{ok}");
+    let want = "shoal_proxy_requests_total{direction=\"outbound\",source=\"client\",destination=\"egress:localhost\",class=\"2xx\"} 3";
     assert!(m.contains(want), "{want} in\n{m}");
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    while seen.len() < 3 {
         let e = tokio::time::timeout(Duration::from_secs(10), tap.recv())
             .await
             .expect("tap event")
@@ -168,7 +221,7 @@ async fn egress_allow_forwards_from_the_node() {
             seen.push(e.endpoint.clone());
         }
     }
-    assert_eq!(seen, vec![format!("localhost:{port}"); 2]);
+    assert_eq!(seen, vec![format!("localhost:{port}"); 3]);
     caller.shutdown().await;
     serving.shutdown().await;
 }
@@ -202,6 +255,8 @@ async fn an_egress_suffix_list_admits_only_matching_hosts() {
             "{host}"
         );
     }
+    let (connect, _) = curl_connect(out, &format!("http://notlocalhost:{port}/c")).await;
+    assert_eq!(connect, 503, "CONNECT to a host off the list");
     assert_eq!(outside.hits(), 1);
     let m = metrics(&caller).await;
     assert!(

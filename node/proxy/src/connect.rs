@@ -7,7 +7,7 @@
 //! | status | `shoal-error`         | meaning                                        |
 //! |--------|-----------------------|------------------------------------------------|
 //! | 400    | `bad-request`         | the CONNECT target is not `host:port`          |
-//! | 503    | `unknown-service`     | the host is not a mesh service ([`not_a_service`]) |
+//! | 503    | `unknown-service`     | the host is not a mesh service ([`not_a_service`]) and `--egress` does not admit it |
 //! | 502    | `upstream-connect`    | the service is not a TCP service, or no endpoint took the connection |
 //! | 403    | `forbidden`           | the serving node's policy does not admit this node |
 
@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use policy::set::ServiceAddr;
 
 use crate::body::empty;
+use crate::egress;
 use crate::error::MeshError;
 use crate::frame::ProxyBody;
 use crate::state::Shared;
@@ -80,14 +81,17 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     resp
 }
 
-/// A CONNECT to a host that is not a mesh service: 503 `unknown-service`.
-/// (The hook where egress, when allowed, takes such a request instead.)
+/// A CONNECT to a host that is not a mesh service: 503 `unknown-service`,
+/// unless `--egress` admits the host (then `egress::connect` dials it).
 pub(crate) async fn not_a_service(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
     authority: &str,
 ) -> Response<ProxyBody> {
-    let _ = (shared, req);
+    if let Some((to, label)) = egress::connect_target(&shared.config.egress, authority) {
+        return egress::connect(shared, req, to, label).await;
+    }
+    let _ = req;
     tracing::debug!(%authority, "CONNECT to a host that is not a mesh service");
     MeshError::UnknownService.response_with("no node in the mesh serves this host")
 }

@@ -10,20 +10,29 @@
 //! the Host header (port 80 when none is written); it is resolved and
 //! dialled from this node, outside QUIC and mTLS.
 //!
-//! This module owns the rule, the destination of an HTTP request and its
-//! forwarding; it knows nothing of mesh routing or the QUIC side.
+//! `CONNECT host:port` for such a host (`connect.rs` hands it here) is
+//! dialled from this node and joined to the client's connection as bytes.
+//!
+//! This module owns the rule, the destination of a request and forwarding
+//! it; it knows nothing of mesh routing or the QUIC side.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::request::Parts;
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
+use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{self, BoxError, ProxyBody};
 use crate::local::Clients;
 use crate::plan::{DEFAULT_PORT, TIMEOUT_HEADER};
+use crate::state::Shared;
+use crate::stats::{Direction, Edge, Exchange};
 use crate::upgrade;
 
 /// Which non-mesh hosts this node forwards to directly.
@@ -170,15 +179,110 @@ pub fn destination(head: &Parts) -> Option<Destination> {
 /// `host[:port]` as a [`Destination`] (port 80 when none is written), if
 /// the host is a valid name.
 pub fn parse_authority(authority: &str) -> Option<Destination> {
+    parse_authority_or(authority, DEFAULT_PORT)
+}
+
+/// `host[:port]` as a [`Destination`], `default_port` when none is written.
+fn parse_authority_or(authority: &str, default_port: u16) -> Option<Destination> {
     if authority.contains('@') || authority.starts_with('[') {
         return None;
     }
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) => (h, p.parse::<u16>().ok().filter(|p| *p != 0)?),
-        None => (authority, DEFAULT_PORT),
+        None => (authority, default_port),
     };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     valid_host(&host).then_some(Destination { host, port })
+}
+
+/// The port a CONNECT target without one means.
+const CONNECT_PORT: u16 = 443;
+/// How long dialling an egress CONNECT destination may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A CONNECT target (`host:port`, 443 when none is written) that `egress`
+/// admits: where it goes and its metrics label.
+pub(crate) fn connect_target(egress: &Egress, authority: &str) -> Option<(Destination, String)> {
+    let to = parse_authority_or(authority, CONNECT_PORT)?;
+    let label = egress.admit(&to.host)?;
+    Some((to, label))
+}
+
+/// Answers a CONNECT to a non-mesh host [`connect_target`] admitted: this
+/// node dials the destination (a name that does not resolve or a refused
+/// connection: 502 `upstream-connect`), answers 200 and joins the client's
+/// connection to it as bytes, until both ends close, either fails or
+/// nothing moves for `--tcp-idle-timeout`. The answer is counted on the
+/// edge `egress:<host or rule>` (request metrics, access log, tap) and the
+/// tunnel in the TCP metrics on the same label.
+pub(crate) async fn connect(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    to: Destination,
+    label: String,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let source = match shared.source_service() {
+        s if s.is_empty() => "unknown".to_string(),
+        s => s,
+    };
+    let exchange = Exchange {
+        edge: Edge::new(Direction::Outbound, source.clone(), label.clone()),
+        route: String::new(),
+        method: "CONNECT".into(),
+        path: format!("{}:{}", to.host, to.port),
+        grpc_call: false,
+        start,
+        access_log: shared.config.access_log,
+    };
+    exchange
+        .edge
+        .trace
+        .attempt(&format!("{}:{}", to.host, to.port), 1);
+    let dial = TcpStream::connect((to.host.as_str(), to.port));
+    let stream = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(host = %to.host, port = to.port, error = %e, "egress CONNECT: dial failed");
+            shared
+                .tcp
+                .refused(Direction::Outbound, &source, &label, "refused");
+            let resp = MeshError::UpstreamConnect
+                .response_with("could not connect to the egress destination (or resolve its name)");
+            return shared.stats.finish(exchange, resp);
+        }
+        Err(_) => {
+            shared
+                .tcp
+                .refused(Direction::Outbound, &source, &label, "refused");
+            let resp = MeshError::UpstreamConnect
+                .response_with("connecting to the egress destination timed out");
+            return shared.stats.finish(exchange, resp);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut req = req;
+    let client = hyper::upgrade::on(&mut req);
+    let shared2 = shared.clone();
+    tokio::spawn(async move {
+        let shared = shared2;
+        let (_count, _) = shared.outbound_request();
+        match client.await {
+            Ok(io) => {
+                let open = shared.tcp.opened(Direction::Outbound, &source, &label);
+                let idle = shared.config.tcp_idle_timeout;
+                let done = upgrade::join(TokioIo::new(io), stream, idle).await;
+                tracing::debug!(destination = %label, outcome = done.outcome.label(), sent = done.local_to_mesh, received = done.mesh_to_local, "egress CONNECT tunnel ended");
+                shared.tcp.closed(open, &done);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "egress CONNECT: the client went away before the tunnel");
+            }
+        }
+    });
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::OK;
+    shared.stats.finish(exchange, resp)
 }
 
 /// Forwards an HTTP request to `to` from this node over HTTP/1.1 (hop-by-hop

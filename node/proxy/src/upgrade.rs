@@ -23,6 +23,7 @@
 //! the byte pump itself is `splice.rs`.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::guarded;
 use crate::frame::{self, ProxyBody};
-use crate::splice::{Splice, Spliced};
+use crate::splice::{Outcome, Side, Splice, Spliced};
 
 /// An upgrade request's token list (`websocket`), kept in the request's
 /// extensions from the listener to the wire head.
@@ -154,7 +155,10 @@ pub(crate) fn answer(
                 log_end("outbound", &token, &done);
             }
             (None, Some(app)) => match app.await {
-                Ok(app) => join(client, TokioIo::new(app), idle, &token).await,
+                Ok(app) => {
+                    let done = join(client, TokioIo::new(app), idle).await;
+                    log_end("local", &token, &done);
+                }
                 Err(e) => tracing::debug!(error = %e, "the app's connection did not upgrade"),
             },
             (None, None) => {}
@@ -191,57 +195,96 @@ pub(crate) async fn serve(
     }
 }
 
-/// Joins two local connections (client and app on this node) until both
-/// directions end or nothing moves for `idle`.
-async fn join<A, B>(mut a: A, mut b: B, idle: Duration, token: &str)
+/// Joins two local connections (`a`, the client; `b`, the app or
+/// destination) until both directions end, one fails, or nothing moves for
+/// `idle`; what it did, in [`Spliced`] terms (`local_to_mesh` = `a` → `b`).
+pub(crate) async fn join<A, B>(mut a: A, mut b: B, idle: Duration) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut a = Idle::new(&mut a);
-    let mut b = Idle::new(&mut b);
-    let watch = a.clock.clone();
-    b.clock = watch.clone();
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    let start = std::time::Instant::now();
+    let meter = Arc::new(Meter::new());
+    let mut ma = Metered {
+        io: &mut a,
+        meter: meter.clone(),
+        from_a: true,
+    };
+    let mut mb = Metered {
+        io: &mut b,
+        meter: meter.clone(),
+        from_a: false,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut ma, &mut mb);
     let mut copy = std::pin::pin!(copy);
-    loop {
-        let quiet = watch.lock().map(|t| t.elapsed()).unwrap_or_default();
+    let (outcome, detail) = loop {
+        let quiet = meter.quiet();
         if quiet >= idle {
-            tracing::debug!(upgrade = token, "local upgraded connection idle; closed");
-            return;
+            break (Outcome::Idle, None);
         }
         tokio::select! {
-            r = &mut copy => {
-                tracing::debug!(upgrade = token, result = ?r, "local upgraded connection ended");
-                return;
-            }
+            r = &mut copy => break match r {
+                Ok(_) => (Outcome::Clean, None),
+                Err(e) => {
+                    use std::io::ErrorKind::*;
+                    let o = match e.kind() {
+                        ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+                        | UnexpectedEof => Outcome::Reset(Side::Local),
+                        _ => Outcome::Error(Side::Local),
+                    };
+                    (o, Some(e.to_string()))
+                }
+            },
             _ = tokio::time::sleep(idle - quiet) => {}
         }
+    };
+    Spliced {
+        local_to_mesh: meter.a_to_b.load(Ordering::Relaxed),
+        mesh_to_local: meter.b_to_a.load(Ordering::Relaxed),
+        outcome,
+        detail,
+        duration: start.elapsed(),
     }
 }
 
-/// A connection that notes when a byte last moved.
-struct Idle<'a, T> {
-    io: &'a mut T,
-    clock: Arc<Mutex<std::time::Instant>>,
+/// Bytes each way and when one last moved.
+struct Meter {
+    start: std::time::Instant,
+    /// Milliseconds from `start` to the last byte moved.
+    last_ms: AtomicU64,
+    a_to_b: AtomicU64,
+    b_to_a: AtomicU64,
 }
 
-impl<'a, T> Idle<'a, T> {
-    fn new(io: &'a mut T) -> Self {
-        Idle {
-            io,
-            clock: Arc::new(Mutex::new(std::time::Instant::now())),
+impl Meter {
+    fn new() -> Self {
+        Meter {
+            start: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            a_to_b: AtomicU64::new(0),
+            b_to_a: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        if let Ok(mut t) = self.clock.lock() {
-            *t = std::time::Instant::now();
-        }
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn quiet(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Idle<'_, T> {
+/// One side of a join, counting what is read from it.
+struct Metered<'a, T> {
+    io: &'a mut T,
+    meter: Arc<Meter>,
+    from_a: bool,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -249,14 +292,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Idle<'_, T> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut *self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.touch();
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let c = if self.from_a {
+                &self.meter.a_to_b
+            } else {
+                &self.meter.b_to_a
+            };
+            c.fetch_add(n, Ordering::Relaxed);
+            self.meter.touch();
         }
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<'_, T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -264,7 +314,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<'_, T> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut *self.io).poll_write(cx, data);
         if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.meter.touch();
         }
         r
     }
