@@ -361,3 +361,141 @@ async fn websocket_to_an_egress_host() {
     );
     caller.shutdown().await;
 }
+
+/// A bare upgrade app on 127.0.0.1: reads a request head, answers 101 with
+/// `Upgrade: shoal-test` and, in the same write, a banner; then echoes
+/// every byte upper-cased until the client's end of file, writes "bye" and
+/// closes. Requests to `/no` get 426 with a body instead.
+async fn raw_upgrade_app() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut heads = Vec::new();
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                break;
+            };
+            let mut buf = Vec::new();
+            let mut b = [0u8; 4096];
+            // The head (and whatever came with it).
+            let split = loop {
+                let n = s.read(&mut b).await.unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&b[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(split) = split else { continue };
+            let head = String::from_utf8_lossy(&buf[..split]).to_string();
+            heads.push(head.clone());
+            if head.starts_with("GET /no ") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 11\r\nx-app: raw\r\n\r\nnot for you")
+                    .await;
+                continue;
+            }
+            if !head.to_ascii_lowercase().contains("upgrade: shoal-test") {
+                continue; // health checks and the like
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: shoal-test\r\n\r\nBANNER;")
+                .await;
+            let mut early = buf[split..].to_vec();
+            loop {
+                for c in &mut early {
+                    c.make_ascii_uppercase();
+                }
+                if !early.is_empty() && s.write_all(&early).await.is_err() {
+                    break;
+                }
+                let n = s.read(&mut b).await.unwrap_or(0);
+                if n == 0 {
+                    let _ = s.write_all(b"bye").await;
+                    let _ = s.shutdown().await;
+                    break;
+                }
+                early = b[..n].to_vec();
+            }
+        }
+        heads
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_upgrade_keeps_early_bytes_and_half_close_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (app, _task) = raw_upgrade_app().await;
+    let mut mesh = Mesh::new();
+    let mut c = mesh.config("n-raw", &["raw"], &[]);
+    c.proxy
+        .services
+        .push(ServiceSpec::new("raw", app, Protocol::Http1));
+    let serving = mesh.start(c).await;
+    let caller = mesh.client("caller", |_| {}).await;
+    routable(&caller, "raw", 1).await;
+    let out = caller.outbound_addr().unwrap();
+
+    // The request head and the first tunnel bytes in one write, before the
+    // 101: they must reach the app after the head.
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(
+        b"GET /t HTTP/1.1\r\nHost: raw\r\nConnection: Upgrade\r\nUpgrade: shoal-test\r\n\r\nearly,",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    let want_first = b"BANNER;EARLY,";
+    while !got.ends_with(want_first) {
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("the 101, banner and early echo in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("upgrade: shoal-test"),
+        "{text}"
+    );
+    assert!(text.ends_with("\r\n\r\nBANNER;EARLY,"), "{text}");
+    // Interactive bytes, then our end of file; the app still answers.
+    s.write_all(b"more").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("the rest and the app's close in time")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&rest), "MOREbye");
+
+    // A refusal on the same path is an ordinary answer.
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(
+        b"GET /no HTTP/1.1\r\nHost: raw\r\nConnection: Upgrade\r\nUpgrade: shoal-test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"not for you") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("the 426 in time")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 426"), "{text}");
+    assert!(text.contains("x-app: raw"), "{text}");
+    assert!(!text.contains("shoal-error"), "{text}");
+    caller.shutdown().await;
+    serving.shutdown().await;
+}

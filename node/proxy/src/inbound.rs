@@ -121,7 +121,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
             return;
         }
         let (recv, ahead) = reader.into_parts();
-        let idle = shared.config.http_idle_timeout;
+        let idle = shared.config.tcp_idle_timeout;
         upgrade::serve(app, writer.into_send(), recv, ahead, idle, &token).await;
         return;
     }

@@ -95,7 +95,7 @@ pub(crate) async fn serve(
                         Some(client) => {
                             let guards: Vec<Box<dyn std::any::Any + Send>> =
                                 vec![Box::new(request), Box::new(tunnels)];
-                            upgrade::answer(resp, client, shared.config.http_idle_timeout, guards)
+                            upgrade::answer(resp, client, shared.config.tcp_idle_timeout, guards)
                         }
                         None => resp.map(|b| guarded(b, vec![Box::new(request)])),
                     };
