@@ -365,7 +365,8 @@ async fn websocket_to_an_egress_host() {
 /// A bare upgrade app on 127.0.0.1: reads a request head, answers 101 with
 /// `Upgrade: shoal-test` and, in the same write, a banner; then echoes
 /// every byte upper-cased until the client's end of file, writes "bye" and
-/// closes. Requests to `/no` get 426 with a body instead.
+/// closes. Requests to `/no` get 426 with a body instead; `/sneaky` gets a
+/// 101 without having asked for an upgrade.
 async fn raw_upgrade_app() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -395,6 +396,13 @@ async fn raw_upgrade_app() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>)
             if head.starts_with("GET /no ") {
                 let _ = s
                     .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 11\r\nx-app: raw\r\n\r\nnot for you")
+                    .await;
+                continue;
+            }
+            if head.starts_with("GET /sneaky ") {
+                // Switches protocols though nobody asked.
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: shoal-test\r\n\r\nSURPRISE")
                     .await;
                 continue;
             }
@@ -496,6 +504,23 @@ async fn raw_upgrade_keeps_early_bytes_and_half_close_both_ways() {
     assert!(text.starts_with("http/1.1 426"), "{text}");
     assert!(text.contains("x-app: raw"), "{text}");
     assert!(!text.contains("shoal-error"), "{text}");
+
+    // A 101 nobody asked for never reaches the client as a switch.
+    let curl = tokio::time::timeout(
+        WAIT,
+        Command::new("curl")
+            .args(["-s", "-i", "-H", "Host: raw"])
+            .arg(format!("http://{out}/sneaky"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("curl in time")
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&curl.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 502"), "{text}");
+    assert!(text.contains("shoal-error: upstream-reset"), "{text}");
+    assert!(!text.contains("surprise"), "{text}");
     caller.shutdown().await;
     serving.shutdown().await;
 }

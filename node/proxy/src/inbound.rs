@@ -37,7 +37,7 @@ use crate::frame::{
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
 use crate::tcp;
-use crate::upgrade;
+use crate::upgrade::{self, MAX_UPGRADE};
 use crate::upstream;
 
 /// Serves peer-opened streams until the receiver closes.
@@ -73,8 +73,9 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
             return;
         }
     };
-    if head.has_body {
-        // An upgrade never has a body: such a head is served as a plain request.
+    if head.has_body || head.upgrade.as_ref().is_some_and(|t| t.len() > MAX_UPGRADE) {
+        // An upgrade never has a body (nor a token list longer than the
+        // calling side sends): such a head is served as a plain request.
         head.upgrade = None;
     }
     let upgrading = head.upgrade.is_some();

@@ -37,7 +37,7 @@ use tokio::sync::watch;
 
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
-use crate::body::{full, guarded};
+use crate::body::full;
 use crate::connect;
 use crate::egress;
 use crate::error::{Marked, MeshError, grpc_failure};
@@ -97,7 +97,7 @@ pub(crate) async fn serve(
                                 vec![Box::new(request), Box::new(tunnels)];
                             upgrade::answer(resp, client, shared.config.tcp_idle_timeout, guards)
                         }
-                        None => resp.map(|b| guarded(b, vec![Box::new(request)])),
+                        None => upgrade::plain_answer(resp, vec![Box::new(request)]),
                     };
                     Ok::<_, Infallible>(resp)
                 }

@@ -39,6 +39,9 @@ use crate::body::guarded;
 use crate::frame::{self, ProxyBody};
 use crate::splice::{Outcome, Side, Splice, Spliced};
 
+/// Longest `Upgrade` token list carried (longer ones are not upgrades).
+pub(crate) const MAX_UPGRADE: usize = 256;
+
 /// An upgrade request's token list (`websocket`), kept in the request's
 /// extensions from the listener to the wire head.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +84,7 @@ pub(crate) fn requested<B: Body>(req: &Request<B>) -> Option<String> {
     let h2c = token
         .split(',')
         .any(|t| t.trim().eq_ignore_ascii_case("h2c"));
-    (!token.is_empty() && !h2c && token.len() <= 256).then(|| token.to_string())
+    (!token.is_empty() && !h2c && token.len() <= MAX_UPGRADE).then(|| token.to_string())
 }
 
 /// Puts `Connection: upgrade` and `Upgrade: token` back on a request or a
@@ -105,6 +108,23 @@ pub(crate) fn switched_to<B>(resp: &Response<B>) -> Option<String> {
         .get(http::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
+}
+
+/// Calling node: the answer to a request that asked for no upgrade. A 101
+/// (a confused or lying app or peer) would leave the client's connection in
+/// an unknown protocol: it becomes 502 `upstream-reset`.
+pub(crate) fn plain_answer(
+    resp: Response<ProxyBody>,
+    guards: Vec<Box<dyn Any + Send>>,
+) -> Response<ProxyBody> {
+    let resp = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        tracing::debug!("a 101 answer to a request that asked for no upgrade; answering 502");
+        crate::error::MeshError::UpstreamReset
+            .response_with("the service switched protocols without being asked")
+    } else {
+        resp
+    };
+    resp.map(|b| guarded(b, guards))
 }
 
 /// Calling node: the answer to an upgrade request the app made. A 101
