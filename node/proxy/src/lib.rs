@@ -7,7 +7,10 @@
 //! serving node as wire frames over one QUIC stream ([`frame`], documented
 //! in `docs/FRAMES.md`), where the inbound side ([`inbound`]) authorizes it
 //! and hands it to the local instance ([`upstream`]). Failures the mesh
-//! answers itself are one typed enum ([`error::MeshError`]).
+//! answers itself are one typed enum ([`error::MeshError`]). An HTTP/1.1
+//! upgrade (WebSocket) rides the same stream, spliced after the 101
+//! ([`upgrade`]); a host that is not a mesh service may go out from this
+//! node when `--egress` admits it ([`egress`]).
 //!
 //! Beside the path: shared state and the routing table read from gossip
 //! ([`state`]), local instances ([`local`]) and their health checks and

@@ -77,7 +77,7 @@ pub(crate) fn requested<B: Body>(req: &Request<B>) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !asks || h.contains_key(http::header::CONTENT_LENGTH) {
+    if !asks {
         return None;
     }
     let token = h.get(http::header::UPGRADE)?.to_str().ok()?.trim();
@@ -371,12 +371,23 @@ fn log_end(side: &str, token: &str, done: &Spliced) {
 mod tests {
     use super::*;
 
-    fn req(version: Version, headers: &[(&str, &str)]) -> Request<http_body_util::Empty<Bytes>> {
+    fn req(version: Version, headers: &[(&str, &str)]) -> Request<http_body_util::Full<Bytes>> {
+        with_body(version, headers, "")
+    }
+
+    fn with_body(
+        version: Version,
+        headers: &[(&str, &str)],
+        body: &'static str,
+    ) -> Request<http_body_util::Full<Bytes>> {
         let mut b = Request::get("/chat").version(version);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(http_body_util::Empty::new()).unwrap()
+        b.body(http_body_util::Full::new(Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap()
     }
 
     #[test]
@@ -401,12 +412,10 @@ mod tests {
         assert_eq!(requested(&req(Version::HTTP_11, &h2c)), None);
         assert_eq!(requested(&req(Version::HTTP_10, &ws)), None);
         assert_eq!(requested(&req(Version::HTTP_2, &ws)), None);
-        let body = [
-            ("connection", "upgrade"),
-            ("upgrade", "websocket"),
-            ("content-length", "3"),
-        ];
-        assert_eq!(requested(&req(Version::HTTP_11, &body)), None);
+        assert_eq!(requested(&with_body(Version::HTTP_11, &ws, "abc")), None);
+        let long = "x".repeat(MAX_UPGRADE + 1);
+        let too_long = [("connection", "upgrade"), ("upgrade", long.as_str())];
+        assert_eq!(requested(&req(Version::HTTP_11, &too_long)), None);
     }
 
     #[test]
