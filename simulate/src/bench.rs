@@ -27,6 +27,13 @@
 //! `quic-floor`). Runs alternate the paths, so a burst of noise from other
 //! processes on the machine lands on all of them; the table shows medians.
 //!
+//! TCP rows (path `tcp`): an in-process TCP server behind a `tcp://`
+//! service; `direct` connects to it, `shoal` goes through node A's
+//! `--upstream` listener → QUIC/mTLS → node B. Per run: a bulk transfer (the
+//! client writes 64 MiB, shuts its write side, the server answers once it
+//! read them all: MB/s) and a ping-pong (64 B each way on one connection for
+//! the throughput duration: round trips per second).
+//!
 //! This module drives processes and sockets only; it must not reach into a
 //! node's internals (it uses the `shoal` binary the way an operator would).
 
@@ -67,7 +74,11 @@ pub const TARGET_P99_RATIO: f64 = 1.5;
 pub const TARGET_FLOOR_RATIO: f64 = 0.8;
 
 /// The rows, in the order they run.
-pub const PATHS: [&str; 4] = ["direct", "nginx-2hop", "shoal", "quic-floor"];
+pub const PATHS: [&str; 5] = ["direct", "nginx-2hop", "shoal", "quic-floor", "tcp"];
+/// Bytes of the TCP bulk transfer.
+pub const TCP_BULK_BYTES: usize = 64 << 20;
+/// Bytes of each TCP ping-pong message.
+pub const TCP_PING_BYTES: usize = 64;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -140,6 +151,8 @@ pub struct BenchReport {
     pub upstream: String,
     /// One entry per path, in the order run.
     pub paths: Vec<PathReport>,
+    /// Opaque TCP rows (`direct`, `shoal`), when path `tcp` ran.
+    pub tcp: Vec<TcpReport>,
     /// The issue's targets.
     pub targets: Targets,
     /// Things the reader should know (skipped paths, binary used).
@@ -184,6 +197,21 @@ pub struct PathReport {
     pub rps_vs_floor: Option<f64>,
     /// The path's proxy processes (threads for quic-floor).
     pub processes: Vec<ProcessUsage>,
+}
+
+/// One opaque TCP path's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpReport {
+    /// `direct` or `shoal`.
+    pub name: String,
+    /// Bulk transfer MB/s (10^6 bytes) per run.
+    pub bulk_mb_s_runs: Vec<f64>,
+    /// Ping-pong round trips per second per run.
+    pub round_trips_s_runs: Vec<f64>,
+    /// Median bulk MB/s.
+    pub bulk_mb_s: f64,
+    /// Median round trips per second.
+    pub round_trips_s: f64,
 }
 
 /// One throughput run.
@@ -371,6 +399,9 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     }
     for (path, bin) in &wanted {
         let name = path.as_str();
+        if name == "tcp" {
+            continue;
+        }
         let kind = if name.starts_with("shoal:") {
             "shoal"
         } else {
@@ -563,6 +594,11 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     drop(keep);
+    let tcp = if opts.paths.iter().any(|p| p == "tcp") {
+        bench_tcp(&shoal, &dir.path().join("tcp"), &opts).await?
+    } else {
+        Vec::new()
+    };
     Ok(BenchReport {
         runs: opts.runs,
         rps: opts.rps,
@@ -572,6 +608,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         response_bytes: opts.response_bytes,
         upstream: upstream_desc,
         paths,
+        tcp,
         targets: Targets {
             rps_ratio_vs_nginx: TARGET_RPS_RATIO,
             p99_ratio_vs_nginx: TARGET_P99_RATIO,
@@ -654,9 +691,211 @@ pub fn print_table(r: &BenchReport) {
         "(targets per Shoal node: ≤ {} cpu-s per 1,000 requests, RSS ≤ {} MiB under load, ≤ {} MiB idle; quic-floor's two endpoints share this process, so no RSS)",
         r.targets.cpu_s_per_1k_per_node, r.targets.rss_load_mib, r.targets.rss_idle_mib
     );
+    if !r.tcp.is_empty() {
+        println!();
+        println!(
+            "opaque TCP: bulk = one connection writes {} MiB then shuts its write side; ping-pong = {} B each way on one connection for {:.0}s; median of {} runs",
+            TCP_BULK_BYTES >> 20,
+            TCP_PING_BYTES,
+            r.throughput_s,
+            r.runs
+        );
+        println!("{:<13} {:>10} {:>14}", "path", "bulk MB/s", "round trips/s");
+        for t in &r.tcp {
+            println!(
+                "{:<13} {:>10.1} {:>14.0}",
+                format!("tcp-{}", t.name),
+                t.bulk_mb_s,
+                t.round_trips_s
+            );
+        }
+    }
     for n in &r.notes {
         println!("note: {n}");
     }
+}
+
+// === opaque TCP ===
+
+/// Runs the TCP rows: `direct` and `shoal` (two nodes, `tcp://` service).
+async fn bench_tcp(
+    shoal: &Path,
+    dir: &Path,
+    opts: &BenchOptions,
+) -> anyhow::Result<Vec<TcpReport>> {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server_addr = server.local_addr()?;
+    let serving = tokio::spawn(tcp_bench_server(server));
+    std::fs::create_dir_all(dir)?;
+    let common: Vec<String> = match opts.node_worker_threads {
+        Some(n) => vec!["--worker-threads".into(), n.to_string()],
+        None => Vec::new(),
+    };
+    issue_certs(shoal, dir, &[("a", "client"), ("b", "bulk")])?;
+    let (b, b_quic) = start_node(
+        shoal,
+        dir,
+        "b",
+        &[
+            &common[..],
+            &["--service".into(), format!("bulk=tcp://{server_addr}")],
+        ]
+        .concat(),
+    )?;
+    let upstream = free_tcp_port()?;
+    let (a, _) = start_node(
+        shoal,
+        dir,
+        "a",
+        &[
+            &common[..],
+            &[
+                "--seed".into(),
+                b_quic.to_string(),
+                "--upstream".into(),
+                format!("bulk={upstream}"),
+            ],
+        ]
+        .concat(),
+    )?;
+    // Ready once a ping-pong goes through the mesh.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if tcp_ping_pong(upstream, Duration::from_millis(100))
+            .await
+            .is_ok_and(|n| n > 0)
+        {
+            break;
+        }
+        if Instant::now() > end {
+            bail!(
+                "the TCP path through shoal never answered\n--- node a log ---\n{}\n--- node b log ---\n{}",
+                a.log_tail(),
+                b.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut rows = vec![
+        ("direct", server_addr, Vec::new(), Vec::new()),
+        ("shoal", upstream, Vec::new(), Vec::new()),
+    ];
+    for run in 1..=opts.runs {
+        for (name, addr, bulk, pp) in rows.iter_mut() {
+            let mb_s = tcp_bulk(*addr).await?;
+            let rt_s = tcp_ping_pong(*addr, opts.throughput_duration).await? as f64
+                / opts.throughput_duration.as_secs_f64();
+            eprintln!(
+                "bench: run {run}/{} tcp-{name:<6} bulk {mb_s:.1} MB/s  ping-pong {rt_s:.0} round trips/s",
+                opts.runs
+            );
+            bulk.push(round1(mb_s));
+            pp.push(rt_s.round());
+        }
+    }
+    drop((a, b));
+    serving.abort();
+    Ok(rows
+        .into_iter()
+        .map(|(name, _, bulk, pp)| TcpReport {
+            name: name.into(),
+            bulk_mb_s: round1(median(&bulk)),
+            round_trips_s: median(&pp).round(),
+            bulk_mb_s_runs: bulk,
+            round_trips_s_runs: pp,
+        })
+        .collect())
+}
+
+/// The TCP bench server: the first byte picks the mode. `B`: reads to end
+/// of file, then answers the byte count (8 bytes, big-endian) and closes.
+/// `P`: echoes everything.
+async fn tcp_bench_server(l: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut s, _)) = l.accept().await {
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut mode = [0u8; 1];
+            if s.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; 64 << 10];
+            match mode[0] {
+                b'B' => {
+                    let mut n = 0u64;
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(k) => n += k as u64,
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                    let _ = s.shutdown().await;
+                }
+                _ => loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => {
+                            if s.write_all(&buf[..k]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                },
+            }
+        });
+    }
+}
+
+/// Writes [`TCP_BULK_BYTES`] to `addr` (mode `B`); MB/s until the server
+/// confirmed it read them all.
+async fn tcp_bulk(addr: SocketAddr) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let _ = s.set_nodelay(true);
+    let chunk = vec![0x5au8; 256 << 10];
+    let t0 = Instant::now();
+    s.write_all(b"B").await?;
+    let mut left = TCP_BULK_BYTES;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(120), s.read_exact(&mut count))
+        .await
+        .context("bulk: no answer")??;
+    let secs = t0.elapsed().as_secs_f64();
+    let got = u64::from_be_bytes(count);
+    if got != TCP_BULK_BYTES as u64 {
+        bail!("bulk: the server read {got} of {TCP_BULK_BYTES} bytes");
+    }
+    Ok(TCP_BULK_BYTES as f64 / 1e6 / secs)
+}
+
+/// Ping-pongs [`TCP_PING_BYTES`] with `addr` (mode `P`) for `d`; round trips.
+async fn tcp_ping_pong(addr: SocketAddr, d: Duration) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    let _ = s.set_nodelay(true);
+    s.write_all(b"P").await?;
+    let msg = [0x42u8; TCP_PING_BYTES];
+    let mut back = [0u8; TCP_PING_BYTES];
+    let end = Instant::now() + d;
+    let mut n = 0;
+    while Instant::now() < end {
+        s.write_all(&msg).await?;
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .context("ping-pong: no answer")??;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn empty_report(name: &str, skipped: Option<String>) -> PathReport {

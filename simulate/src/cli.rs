@@ -132,11 +132,12 @@ enum BenchCommand {
         /// `--worker-threads` of each Shoal node (0: one per CPU).
         #[arg(long, default_value_t = 1)]
         node_threads: usize,
-        /// Paths to run, comma-separated: direct, nginx-2hop, shoal, quic-floor.
+        /// Paths to run, comma-separated: direct, nginx-2hop, shoal,
+        /// quic-floor, tcp (opaque TCP bulk and ping-pong, direct vs shoal).
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "direct,nginx-2hop,shoal,quic-floor"
+            default_value = "direct,nginx-2hop,shoal,quic-floor,tcp"
         )]
         paths: Vec<String>,
         /// The upstream: nginx (a static 1 KiB file) or hyper (in process)
