@@ -195,6 +195,40 @@ async fn websocket_echo_crosses_two_nodes() {
                 && l.contains("class=\"1xx\"")),
         "the handshake crossed the mesh to the serving node: {metrics}"
     );
+    // The tunnels are counted as opaque connections on both nodes, with
+    // their bytes (the 4 MiB message went both ways).
+    for (node, direction) in [(&caller, "outbound"), (&serving, "inbound")] {
+        let edge = format!("direction=\"{direction}\",source=\"client\",destination=\"ws\"");
+        let m = tests::eventually(&format!("{direction} tunnels counted closed"), WAIT, || {
+            let edge = edge.clone();
+            async move {
+                let (_, m) = tests::admin_get(node.admin_addr(), "/metrics").await;
+                let closed: u64 = m
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("shoal_tcp_connections_closed_total") && l.contains(&edge)
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum();
+                (closed == 2).then_some(m)
+            }
+        })
+        .await;
+        assert!(
+            m.contains(&format!("shoal_tcp_connections_opened_total{{{edge}}} 2")),
+            "{m}"
+        );
+        for flow in ["to_service", "from_service"] {
+            let bytes: u64 = m
+                .lines()
+                .find(|l| {
+                    l.starts_with("shoal_tcp_bytes_total") && l.contains(&edge) && l.contains(flow)
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0);
+            assert!(bytes > 4 << 20, "{direction} {flow}: {bytes} bytes\n{m}");
+        }
+    }
     caller.shutdown().await;
     serving.shutdown().await;
 }

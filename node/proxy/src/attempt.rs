@@ -141,7 +141,8 @@ pub(crate) async fn attempt(
             .end_open()
             .await
             .map_err(|e| connect(e.to_string()))?;
-        return upgrade_answer(writer, FrameReader::new(recv), started, guards).await;
+        let reader = FrameReader::new(recv);
+        return upgrade_answer(writer, reader, &head.service, started, guards).await;
     }
     match source.take() {
         Some(body) if !body.is_end_stream() => {
@@ -192,6 +193,7 @@ pub(crate) async fn attempt(
 async fn upgrade_answer(
     writer: FrameWriter,
     mut reader: FrameReader,
+    service: &str,
     started: Instant,
     guards: Vec<Box<dyn Any + Send>>,
 ) -> Result<(Response<ProxyBody>, Duration), Failed> {
@@ -228,8 +230,12 @@ async fn upgrade_answer(
     let (recv, ahead) = reader.into_parts();
     let mut resp = Response::new(guarded(empty(), guards));
     *resp.status_mut() = status;
-    resp.extensions_mut()
-        .insert(MeshTunnel::new(writer.into_send(), recv, ahead));
+    resp.extensions_mut().insert(MeshTunnel::new(
+        writer.into_send(),
+        recv,
+        ahead,
+        service.to_string(),
+    ));
     *resp.headers_mut() = headers;
     Ok((resp, rtt))
 }

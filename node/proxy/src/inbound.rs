@@ -79,6 +79,14 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         head.upgrade = None;
     }
     let upgrading = head.upgrade.is_some();
+    // The tunnel's TCP metrics edge, for an upgrade only.
+    let names = upgrading.then(|| {
+        let source = match head.source.as_str() {
+            "" => "unknown".to_string(),
+            s => s.to_string(),
+        };
+        (source, head.service.clone())
+    });
     let (body, reader) = if head.has_body {
         let len = frame::content_length(&frame::from_wire(&head.headers));
         (reader.into_body(len), None)
@@ -105,6 +113,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
     if let Some(token) = switched
         && let Some(app) = parts.extensions.remove::<OnUpgrade>()
         && let Some(reader) = reader
+        && let Some((source, service)) = &names
     {
         let rh = ResponseHead {
             status: parts.status.as_u16(),
@@ -122,8 +131,8 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
             return;
         }
         let (recv, ahead) = reader.into_parts();
-        let idle = shared.config.tcp_idle_timeout;
-        upgrade::serve(app, writer.into_send(), recv, ahead, idle, &token).await;
+        let streams = (writer.into_send(), recv, ahead);
+        upgrade::serve(&shared, app, streams, &token, (source, service)).await;
         return;
     }
     let rh = ResponseHead {

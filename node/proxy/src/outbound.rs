@@ -95,7 +95,7 @@ pub(crate) async fn serve(
                         Some(client) => {
                             let guards: Vec<Box<dyn std::any::Any + Send>> =
                                 vec![Box::new(request), Box::new(tunnels)];
-                            upgrade::answer(resp, client, shared.config.tcp_idle_timeout, guards)
+                            upgrade::answer(&shared, resp, client, guards)
                         }
                         None => upgrade::plain_answer(resp, vec![Box::new(request)]),
                     };

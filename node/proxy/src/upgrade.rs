@@ -38,6 +38,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::body::guarded;
 use crate::frame::{self, ProxyBody};
 use crate::splice::{Outcome, Side, Splice, Spliced};
+use crate::state::Shared;
+use crate::stats::Direction;
 
 /// Longest `Upgrade` token list carried (longer ones are not upgrades).
 pub(crate) const MAX_UPGRADE: usize = 256;
@@ -51,16 +53,24 @@ pub(crate) struct Requested(pub String);
 /// bytes already read past its head. In the 101 response's extensions
 /// (`attempt.rs` puts it there; the listener takes it).
 #[derive(Clone)]
-pub(crate) struct MeshTunnel(Arc<Mutex<Option<(SendStream, RecvStream, Bytes)>>>);
+pub(crate) struct MeshTunnel {
+    streams: Arc<Mutex<Option<(SendStream, RecvStream, Bytes)>>>,
+    /// The service the tunnel reaches (its TCP metrics edge).
+    service: String,
+}
 
 impl MeshTunnel {
-    /// Wraps the stream halves and the bytes read ahead.
-    pub fn new(send: SendStream, recv: RecvStream, ahead: Bytes) -> Self {
-        MeshTunnel(Arc::new(Mutex::new(Some((send, recv, ahead)))))
+    /// Wraps the stream halves and the bytes read ahead, to `service`.
+    pub fn new(send: SendStream, recv: RecvStream, ahead: Bytes, service: String) -> Self {
+        MeshTunnel {
+            streams: Arc::new(Mutex::new(Some((send, recv, ahead)))),
+            service,
+        }
     }
 
-    fn take(&self) -> Option<(SendStream, RecvStream, Bytes)> {
-        self.0.lock().ok()?.take()
+    fn take(&self) -> Option<(SendStream, RecvStream, Bytes, String)> {
+        let (s, r, a) = self.streams.lock().ok()?.take()?;
+        Some((s, r, a, self.service.clone()))
     }
 }
 
@@ -130,14 +140,17 @@ pub(crate) fn plain_answer(
 /// Calling node: the answer to an upgrade request the app made. A 101
 /// goes back with `Connection`/`Upgrade` and the client's connection is
 /// then joined to the QUIC stream it came on (or to the local app's
-/// connection); `guards` live as long as the tunnel. Any other answer is
+/// connection); `guards` live as long as the tunnel, which ends after
+/// `--tcp-idle-timeout` without a byte and is counted in the TCP metrics
+/// (edge: this node's source service → the service). Any other answer is
 /// returned as it is, `guards` living as long as its body.
 pub(crate) fn answer(
+    shared: &Shared,
     mut resp: Response<ProxyBody>,
     client: OnUpgrade,
-    idle: Duration,
     guards: Vec<Box<dyn Any + Send>>,
 ) -> Response<ProxyBody> {
+    let idle = shared.config.tcp_idle_timeout;
     let Some(token) = switched_to(&resp) else {
         return resp.map(|b| guarded(b, guards));
     };
@@ -157,6 +170,11 @@ pub(crate) fn answer(
     }
     frame::strip_hop_by_hop(resp.headers_mut());
     restore(resp.headers_mut(), &token);
+    let tcp = shared.tcp.clone();
+    let source = match shared.source_service() {
+        s if s.is_empty() => "unknown".to_string(),
+        s => s,
+    };
     tokio::spawn(async move {
         let _guards = guards;
         let client = match client.await {
@@ -167,12 +185,14 @@ pub(crate) fn answer(
             }
         };
         match (mesh, local) {
-            (Some((send, recv, ahead)), _) => {
+            (Some((send, recv, ahead, service)), _) => {
+                let open = tcp.opened(Direction::Outbound, &source, &service);
                 let done = Splice::new(idle)
                     .prefetched(ahead)
                     .run_io(client, send, recv)
                     .await;
                 log_end("outbound", &token, &done);
+                tcp.closed(open, &done);
             }
             (None, Some(app)) => match app.await {
                 Ok(app) => {
@@ -189,22 +209,24 @@ pub(crate) fn answer(
 
 /// Serving node: the app's upgraded connection (from its 101 answer)
 /// spliced to the stream the request came on; `ahead` are raw bytes the
-/// caller sent after its head.
+/// caller sent after its head. Counted in the TCP metrics on the edge
+/// `(source, service)`, ended after `--tcp-idle-timeout` without a byte.
 pub(crate) async fn serve(
+    shared: &Shared,
     app: OnUpgrade,
-    send: SendStream,
-    recv: RecvStream,
-    ahead: Bytes,
-    idle: Duration,
+    (send, recv, ahead): (SendStream, RecvStream, Bytes),
     token: &str,
+    (source, service): (&str, &str),
 ) {
     match app.await {
         Ok(io) => {
-            let done = Splice::new(idle)
+            let open = shared.tcp.opened(Direction::Inbound, source, service);
+            let done = Splice::new(shared.config.tcp_idle_timeout)
                 .prefetched(ahead)
                 .run_io(TokioIo::new(io), send, recv)
                 .await;
             log_end("inbound", token, &done);
+            shared.tcp.closed(open, &done);
         }
         Err(e) => {
             tracing::debug!(error = %e, "the app's connection did not upgrade");
