@@ -181,19 +181,33 @@ fn zone_of(gossip: &Gossip) -> Option<(String, usize)> {
     }
 }
 
+/// How long a dead representative's relayed summaries still stand in for
+/// a zone no current representative relays yet (while its successor joins
+/// the backbone).
+pub const STALE_RELAY: Duration = Duration::from_secs(30);
+
 /// Endpoints in other zones as this zone's current representatives relay
 /// them (empty unless `zone_gossip` runs a zone's pool). For each remote
-/// zone the first representative (by the rule) that relays it is used.
+/// zone the first representative (by the rule) that relays it is used; a
+/// zone none of them relays yet keeps what a member that died within
+/// [`STALE_RELAY`] relayed (a representative just lost), so callers keep
+/// routing across zones while the zone re-elects.
 pub async fn remote_endpoints(zone_gossip: &Gossip) -> Vec<RemoteEndpoint> {
     let Some((zone, n)) = zone_of(zone_gossip) else {
         return Vec::new();
     };
     let members = zone_gossip.members().await;
-    let reps: Vec<String> = representatives(&members, &zone, n)
+    let mut reps: Vec<String> = representatives(&members, &zone, n)
         .into_iter()
         .map(|m| m.name.clone())
         .collect();
-    let published = zone_gossip.scan(RELAYED_PREFIX).await;
+    let mut recently_dead: Vec<&Member> = members
+        .iter()
+        .filter(|m| m.state == MemberState::Dead && m.last_seen_ms < STALE_RELAY.as_millis() as u64)
+        .collect();
+    recently_dead.sort_by_key(|m| m.last_seen_ms);
+    reps.extend(recently_dead.into_iter().map(|m| m.name.clone()));
+    let published = zone_gossip.scan_all(RELAYED_PREFIX).await;
     let by_node: HashMap<&str, &crate::Published> =
         published.iter().map(|p| (p.node.as_str(), p)).collect();
     let mut taken: HashSet<String> = HashSet::new();
