@@ -360,10 +360,11 @@ pub enum InvariantSpec {
         /// Each node's zone, as the scenario declares it.
         zones: BTreeMap<String, String>,
     },
-    /// Zone pools: within `within` of the last fault or repair, every
-    /// healthy node knows, for every other zone, the representatives the
-    /// rule gives over that zone's healthy nodes (the `representatives`
-    /// lowest FNV-1a hashes of their names), computed from the scenario.
+    /// Zone pools: within `within` of each crash and of the last fault or
+    /// repair, every healthy node knows, for every other zone, the
+    /// representatives the rule gives over that zone's healthy nodes (the
+    /// `representatives` lowest FNV-1a hashes of their names), computed
+    /// from the scenario.
     ZoneRepresentatives {
         /// The bound.
         within: Duration,
@@ -722,7 +723,7 @@ impl fmt::Display for InvariantSpec {
                 ..
             } => write!(
                 f,
-                "every node knows every other zone's {representatives} representative(s) by the rule within {} of the last fault or repair",
+                "every node knows every other zone's {representatives} representative(s) by the rule within {} of each crash and of the last change",
                 ms(*within)
             ),
         }

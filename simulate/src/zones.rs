@@ -98,7 +98,8 @@ pub fn zone_converges(
 }
 
 /// Every healthy node knows, for every other zone with healthy nodes, the
-/// representatives the rule gives.
+/// representatives the rule gives: judged after each crash (until the next
+/// change: the re-election time) and after the last change.
 pub fn zone_representatives(
     within: Duration,
     zones: &BTreeMap<String, String>,
@@ -106,45 +107,100 @@ pub fn zone_representatives(
     truth: &Truth,
     trace: &Trace,
 ) -> Verdict {
-    first_agreement(
+    let check = |s: &Sample, healthy: &BTreeSet<String>| -> Result<(), String> {
+        let mut by_zone: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+        for h in healthy {
+            if let Some(z) = zones.get(h) {
+                by_zone.entry(z.as_str()).or_default().push(h);
+            }
+        }
+        for o in healthy {
+            let own = zones.get(o).map(String::as_str).unwrap_or("");
+            let Some(v) = s.views.iter().find(|v| v.observer == *o) else {
+                return Err(format!("{o} has no view"));
+            };
+            for (z, members) in &by_zone {
+                if *z == own {
+                    continue;
+                }
+                let mut want = expected_representatives(members, n);
+                want.sort();
+                let mut seen = v.reps.get(*z).cloned().unwrap_or_default();
+                seen.sort();
+                if seen != want {
+                    return Err(format!(
+                        "{o} knows {seen:?} as zone {z}'s representatives, expected {want:?}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    };
+    let changes: Vec<f64> = trace
+        .steps
+        .iter()
+        .filter(|r| r.step.action.changes_membership())
+        .map(|r| r.effective)
+        .collect();
+    let crashes: Vec<(f64, String)> = trace
+        .steps
+        .iter()
+        .filter_map(|r| match &r.step.action {
+            crate::scenario::Action::Crash { node } => Some((r.effective, node.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut details = Vec::new();
+    let mut worst: Option<f64> = None;
+    let mut passed = true;
+    for (t0, node) in &crashes {
+        let until = changes
+            .iter()
+            .copied()
+            .filter(|t| t > t0)
+            .fold(trace.ended, f64::min);
+        let healthy = truth.healthy_set(*t0 + 1e-6);
+        let hit = trace
+            .samples
+            .iter()
+            .filter(|s| s.t >= *t0 && s.t < until)
+            .find(|s| check(s, &healthy).is_ok());
+        match hit {
+            Some(s) => {
+                let took = s.t - t0;
+                worst = Some(worst.map_or(took, |w: f64| w.max(took)));
+                passed &= took <= within.as_secs_f64();
+                details.push(format!("after {node} crashed at {t0:.1}s: {took:.1}s"));
+            }
+            None => {
+                passed = false;
+                details.push(format!(
+                    "after {node} crashed at {t0:.1}s: never before the next change at {until:.1}s"
+                ));
+            }
+        }
+    }
+    let last = first_agreement(
         truth,
         trace,
         within,
         "every node knew every other zone's representatives",
-        |s, healthy| {
-            let mut by_zone: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
-            for h in healthy {
-                if let Some(z) = zones.get(h) {
-                    by_zone.entry(z.as_str()).or_default().push(h);
-                }
-            }
-            let expected: BTreeMap<&str, Vec<String>> = by_zone
-                .iter()
-                .map(|(z, members)| (*z, expected_representatives(members, n)))
-                .collect();
-            for o in healthy {
-                let own = zones.get(o).map(String::as_str).unwrap_or("");
-                let Some(v) = s.views.iter().find(|v| v.observer == *o) else {
-                    return Err(format!("{o} has no view"));
-                };
-                for (z, want) in &expected {
-                    if *z == own {
-                        continue;
-                    }
-                    let mut seen = v.reps.get(*z).cloned().unwrap_or_default();
-                    seen.sort();
-                    let mut want = want.clone();
-                    want.sort();
-                    if seen != want {
-                        return Err(format!(
-                            "{o} knows {seen:?} as zone {z}'s representatives, expected {want:?}"
-                        ));
-                    }
-                }
-            }
-            Ok(())
-        },
-    )
+        check,
+    );
+    passed &= last.passed;
+    details.push(format!("after the last change: {}", last.detail));
+    let figure = match (worst, last.seconds) {
+        (Some(w), Some(l)) => format!("{w:.1}s / {l:.1}s"),
+        _ => last.figure.clone(),
+    };
+    Verdict {
+        name: String::new(),
+        passed,
+        figure,
+        bound: last.bound,
+        seconds: worst.or(last.seconds),
+        detail: details.join("; "),
+    }
 }
 
 #[cfg(test)]
