@@ -642,6 +642,56 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.field, "--gossip-interval");
     }
+
+    #[test]
+    fn zone_pools_from_file_and_flags_with_their_bounds() {
+        let certs = certs_dir();
+        let file = certs.path().join("shoal.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"n1\"\nzone = \"eu-1\"\nzone_pools = true\nzone_representatives = 2\ncerts = \"{}\"\n",
+                certs.path().display()
+            ),
+        )
+        .unwrap();
+        let cfg = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(cfg.zone_pools);
+        assert_eq!(cfg.zone_representatives, 2);
+        let back = to_toml(&cfg);
+        assert!(back.contains("zone_pools = true"), "{back}");
+
+        let off = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!off.zone_pools);
+        assert_eq!(off.zone_representatives, DEFAULT_ZONE_REPRESENTATIVES);
+
+        let err = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            zone: Some("eu.1".into()),
+            zone_pools: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "--zone");
+        let err = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            zone_representatives: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "--zone-representatives");
+    }
 }
 
 #[cfg(test)]

@@ -378,6 +378,10 @@ async fn forged_zone_summaries_and_foreign_pools_are_refused() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The liar never became a backbone member nor a zone a member.
+    let names: Vec<String> = bb.members().await.into_iter().map(|m| m.name).collect();
+    assert!(!names.iter().any(|n| n == "liar"), "{names:?}");
+    assert!(!tests::alive(&a1).await.iter().any(|n| n == "liar"));
     let refused = |g: &gossip::Gossip, r: Refusal| g.guard_stats().count(r);
     assert!(
         refused(&bb, Refusal::ForeignZone) >= 10,
@@ -391,9 +395,6 @@ async fn forged_zone_summaries_and_foreign_pools_are_refused() {
         refused(a1.gossip(), Refusal::ForeignCluster) >= 10,
         "zone b's cluster refused"
     );
-    let names: Vec<String> = bb.members().await.into_iter().map(|m| m.name).collect();
-    assert!(!names.iter().any(|n| n == "liar"), "{names:?}");
-    assert!(!tests::alive(&a1).await.iter().any(|n| n == "liar"));
 
     // The control: the honest summary was admitted and relayed, so a1
     // routes web to `honest` — and the mTLS check then refuses it, since
