@@ -30,7 +30,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use transport::signing::{CertChecker, CheckedCert, Signer};
 
+use crate::membership::Pool;
+use crate::schema::keys;
 use crate::wire::{Body, DigestEntry, KvStatus, Message, NodeDelta, NodeId, WireError};
+use crate::zone::{MAX_SUMMARY_KEYS, SUMMARY_PREFIX};
 
 /// The key under which each node publishes its certificate (base64 DER).
 pub const CERT_KEY: &str = "cert";
@@ -75,11 +78,17 @@ pub enum Refusal {
     /// A relayed heartbeat further ahead than the node itself could be
     /// (lowered to what is plausible).
     HeartbeatAhead,
+    /// A message from a pool with another cluster id (another zone's pool,
+    /// or the backbone on the wrong channel).
+    ForeignCluster,
+    /// A member of another zone in a zone's pool, a zone summary for a zone
+    /// its publisher is not in, or a member changing its zone.
+    ForeignZone,
 }
 
 impl Refusal {
     /// Every reason, for metrics.
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 13] = [
         Refusal::Oversize,
         Refusal::Malformed,
         Refusal::BadId,
@@ -91,6 +100,8 @@ impl Refusal {
         Refusal::MemberCap,
         Refusal::UnknownMember,
         Refusal::HeartbeatAhead,
+        Refusal::ForeignCluster,
+        Refusal::ForeignZone,
     ];
 
     /// Metric label.
@@ -107,6 +118,8 @@ impl Refusal {
             Refusal::MemberCap => "member_cap",
             Refusal::UnknownMember => "unknown_member",
             Refusal::HeartbeatAhead => "heartbeat_ahead",
+            Refusal::ForeignCluster => "foreign_cluster",
+            Refusal::ForeignZone => "foreign_zone",
         }
     }
 
@@ -118,7 +131,7 @@ impl Refusal {
 /// Refusal counters, by reason.
 #[derive(Debug, Default)]
 pub struct GuardStats {
-    counts: [AtomicU64; 11],
+    counts: [AtomicU64; 13],
     /// Signatures checked.
     pub verified: AtomicU64,
     /// Nanoseconds spent checking signatures and certificates.
@@ -253,6 +266,8 @@ impl Beat {
 struct Verified {
     beat: Beat,
     cert: CheckedCert,
+    /// The zone the node published (fixed for an incarnation).
+    zone: Option<String>,
     /// Newest verified version of each key, with its value length.
     keys: HashMap<String, (u64, usize)>,
     bytes: usize,
@@ -282,6 +297,10 @@ fn der_key(der: &[u8]) -> u64 {
 pub struct Guard {
     self_id: NodeId,
     checker: CertChecker,
+    /// This pool's cluster id; a `Syn` naming another is refused.
+    cluster: Option<String>,
+    /// The pool's rules (zone membership, summary ownership).
+    pool: Pool,
     state: Mutex<State>,
     /// Counters.
     pub stats: GuardStats,
@@ -294,6 +313,8 @@ impl Guard {
         Guard {
             self_id,
             checker,
+            cluster: None,
+            pool: Pool::Mesh,
             state: Mutex::new(State {
                 verified: HashMap::new(),
                 digest_bytes,
@@ -301,6 +322,16 @@ impl Guard {
             }),
             stats: GuardStats::default(),
         }
+    }
+
+    /// The same guard enforcing a pool's rules: a `Syn` must name
+    /// `cluster_id`; in a zone's pool every member must publish that zone;
+    /// on the backbone a member may publish `zsum.<zone>.*` only for its own
+    /// zone, at most [`MAX_SUMMARY_KEYS`] of them.
+    pub fn for_pool(mut self, cluster_id: &str, pool: &Pool) -> Self {
+        self.cluster = Some(cluster_id.to_string());
+        self.pool = pool.clone();
+        self
     }
 
     /// Reads a message from the peer whose certificate names node `sender`
@@ -317,6 +348,12 @@ impl Guard {
                 return None;
             }
         };
+        if let (Body::Syn { cluster_id, .. }, Some(ours)) = (&msg.body, &self.cluster)
+            && cluster_id != ours
+        {
+            self.stats.add(Refusal::ForeignCluster);
+            return None;
+        }
         let mut cut = false;
         let now = SystemTime::now();
         if let Body::SynAck { delta, .. } | Body::Ack { delta } = &mut msg.body {
@@ -410,7 +447,10 @@ impl Guard {
             Ok(()) => true,
             Err(reason) => {
                 self.stats.add(reason);
-                if matches!(reason, Refusal::BadSignature | Refusal::Unverified) {
+                if matches!(
+                    reason,
+                    Refusal::BadSignature | Refusal::Unverified | Refusal::ForeignZone
+                ) {
                     tracing::debug!(node = %nd.id.name, reason = reason.as_str(), "refused gossip about a node");
                 }
                 false
@@ -449,6 +489,32 @@ impl Guard {
         result
     }
 
+    /// Zone rules for one verified key-value: a member's zone never changes
+    /// and, in a zone's pool, is that zone; a backbone summary key names the
+    /// publisher's own zone.
+    fn check_zone(&self, key: &str, value: &str, zone: &mut Option<String>) -> Result<(), Refusal> {
+        if key == keys::ZONE {
+            if zone.as_deref().is_some_and(|z| z != value) {
+                return Err(Refusal::ForeignZone);
+            }
+            if let Pool::Zone { zone: ours, .. } = &self.pool
+                && value != ours
+            {
+                return Err(Refusal::ForeignZone);
+            }
+            *zone = Some(value.to_string());
+        }
+        if self.pool == Pool::Backbone
+            && let Some(rest) = key.strip_prefix(SUMMARY_PREFIX)
+        {
+            let claimed = rest.split('.').next().unwrap_or("");
+            if zone.as_deref() != Some(claimed) {
+                return Err(Refusal::ForeignZone);
+            }
+        }
+        Ok(())
+    }
+
     fn check_cert(&self, der: &[u8], now: SystemTime) -> Option<CheckedCert> {
         let key = der_key(der);
         if let Some(cached) = self.state.lock().unwrap().certs.get(&key) {
@@ -464,11 +530,17 @@ impl Guard {
     }
 
     fn verify_delta(&self, nd: &NodeDelta, now: SystemTime) -> Result<(), Refusal> {
-        let (mut cert, mut keys, mut bytes, known) = {
+        let (mut cert, mut keys, mut bytes, known, mut zone) = {
             let st = self.state.lock().unwrap();
             match st.verified.get(&nd.id) {
-                Some(v) => (Some(v.cert.clone()), v.keys.clone(), v.bytes, true),
-                None => (None, HashMap::new(), 0, false),
+                Some(v) => (
+                    Some(v.cert.clone()),
+                    v.keys.clone(),
+                    v.bytes,
+                    true,
+                    v.zone.clone(),
+                ),
+                None => (None, HashMap::new(), 0, false, None),
             }
         };
         for kv in &nd.key_values {
@@ -492,6 +564,7 @@ impl Guard {
             self.stats.verified.fetch_add(1, Ordering::Relaxed);
             c.verify(&payload, &sig)
                 .map_err(|_| Refusal::BadSignature)?;
+            self.check_zone(&kv.key, value, &mut zone)?;
             let old = keys.get(&kv.key).copied();
             if old.is_none_or(|(v, _)| v < kv.version) {
                 keys.insert(kv.key.clone(), (kv.version, kv.value.len()));
@@ -510,6 +583,22 @@ impl Guard {
                 Ok(())
             };
         };
+        if let Pool::Zone { zone: ours, .. } = &self.pool
+            && zone.as_deref() != Some(ours.as_str())
+        {
+            // Its first delta (certificate, then its record) must name
+            // this zone.
+            return Err(Refusal::ForeignZone);
+        }
+        if self.pool == Pool::Backbone
+            && keys
+                .keys()
+                .filter(|k| k.starts_with(SUMMARY_PREFIX))
+                .count()
+                > MAX_SUMMARY_KEYS
+        {
+            return Err(Refusal::KeyCap);
+        }
         let mut st = self.state.lock().unwrap();
         if !st.verified.contains_key(&nd.id) {
             let need = entry_bytes(&nd.id);
@@ -528,6 +617,7 @@ impl Guard {
             Verified {
                 beat,
                 cert,
+                zone,
                 keys,
                 bytes,
                 since,

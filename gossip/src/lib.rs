@@ -14,11 +14,19 @@ mod relay;
 pub mod schema;
 pub mod seeds;
 pub mod wire;
+pub mod zone;
 
 pub use membership::{
-    Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState, Published, Trust,
+    Gossip, GossipConfig, GossipError, Member, MemberEvent, MemberState, Pool, Published, Trust,
 };
 pub use schema::{Health, NodeRecord, ServiceRecord, ServingState};
 
 /// The transport channel tag gossip messages travel on.
 pub const GOSSIP_CHANNEL: u8 = 1;
+
+/// The transport channel of the zone backbone pool (zone pools on).
+pub const BACKBONE_CHANNEL: u8 = 7;
+
+/// The transport channel on which a zone representative asks a seed for its
+/// zone's representatives (how backbones in different zones first meet).
+pub const ZONE_HINT_CHANNEL: u8 = 8;

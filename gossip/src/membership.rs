@@ -76,6 +76,31 @@ pub struct GossipConfig {
     /// nodes come and go); each resolved address that is not a live member
     /// gets a gossip exchange. Default 10 s.
     pub seed_refresh: Duration,
+    /// The transport channel this pool's messages travel on. Default
+    /// [`crate::GOSSIP_CHANNEL`]; the zone backbone uses
+    /// [`crate::BACKBONE_CHANNEL`] over the same QUIC endpoint.
+    pub channel: u8,
+    /// Which pool this is (one mesh-wide pool, a zone's pool or the zone
+    /// backbone); the guard enforces its membership rules. Default
+    /// [`Pool::Mesh`].
+    pub pool: Pool,
+}
+
+/// Which gossip pool a [`Gossip`] runs (see [`crate::zone`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pool {
+    /// One pool for the whole mesh (zone pools off).
+    Mesh,
+    /// The pool of one zone: only members publishing this zone are admitted.
+    Zone {
+        /// The zone.
+        zone: String,
+        /// How many members of the zone represent it on the backbone.
+        representatives: usize,
+    },
+    /// The backbone of zone representatives: a member may publish summaries
+    /// (`zsum.<zone>.*`) only for the zone it publishes as its own.
+    Backbone,
 }
 
 impl GossipConfig {
@@ -89,6 +114,8 @@ impl GossipConfig {
             phi_threshold: 8.0,
             dead_grace: Duration::from_secs(3600),
             seed_refresh: Duration::from_secs(10),
+            channel: crate::GOSSIP_CHANNEL,
+            pool: Pool::Mesh,
         }
     }
 
@@ -238,8 +265,11 @@ impl Gossip {
             .filter(|s| s.parse::<SocketAddr>().ok() != Some(advertise))
             .cloned()
             .collect();
-        let guard = Arc::new(Guard::new(node_id(&self_id), trust.checker.clone()));
-        let relays = Relays::new(endpoint, guard.clone());
+        let guard = Arc::new(
+            Guard::new(node_id(&self_id), trust.checker.clone())
+                .for_pool(&config.cluster_id, &config.pool),
+        );
+        let relays = Relays::new(endpoint, guard.clone(), config.channel);
         let inbound = relays.spawn_inbound();
         let chitchat_config = ChitchatConfig {
             chitchat_id: self_id.clone(),
@@ -379,6 +409,14 @@ impl Gossip {
         }
         let list = members(&self.shared).await;
         latch_joined(&self.shared, &list)
+    }
+
+    /// Opens a gossip exchange with `addr` now (a peer learnt outside this
+    /// pool's seeds, e.g. a representative of another zone).
+    pub fn gossip_with(&self, addr: SocketAddr) {
+        if addr != self.shared.self_id.gossip_advertise_addr {
+            let _ = self.shared.handle.gossip(addr);
+        }
     }
 
     /// Gossip traffic counters.

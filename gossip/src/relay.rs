@@ -28,7 +28,6 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use transport::Endpoint;
 
-use crate::GOSSIP_CHANNEL;
 use crate::guard::Guard;
 
 /// Gossip traffic counters (bytes are chitchat payload bytes).
@@ -66,10 +65,12 @@ pub(crate) struct Relays {
     self_addr: SocketAddr,
     guard: Arc<Guard>,
     inbound_done: std::sync::atomic::AtomicBool,
+    /// The transport channel this pool travels on.
+    channel: u8,
 }
 
 impl Relays {
-    pub(crate) fn new(endpoint: Endpoint, guard: Arc<Guard>) -> Arc<Self> {
+    pub(crate) fn new(endpoint: Endpoint, guard: Arc<Guard>, channel: u8) -> Arc<Self> {
         let self_addr = endpoint.local_addr();
         Arc::new(Relays {
             endpoint,
@@ -80,6 +81,7 @@ impl Relays {
             self_addr,
             guard,
             inbound_done: std::sync::atomic::AtomicBool::new(false),
+            channel,
         })
     }
 
@@ -88,7 +90,7 @@ impl Relays {
     /// verifying runs on the blocking pool, one message at a time, so a flood
     /// of expensive messages never occupies the node's async workers.
     pub(crate) fn spawn_inbound(self: &Arc<Self>) -> JoinHandle<()> {
-        let mut rx = self.endpoint.subscribe(GOSSIP_CHANNEL, 1024);
+        let mut rx = self.endpoint.subscribe(self.channel, 1024);
         let weak = Arc::downgrade(self);
         let guard = self.guard.clone();
         tokio::spawn(async move {
@@ -200,7 +202,7 @@ async fn relay_outbound(weak: std::sync::Weak<Relays>, socket: Arc<UdpSocket>, p
         }
         match relays
             .endpoint
-            .send_message(peer, GOSSIP_CHANNEL, &buf[..n])
+            .send_message(peer, relays.channel, &buf[..n])
             .await
         {
             Ok(()) => {

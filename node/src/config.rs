@@ -18,6 +18,8 @@ pub const EXIT_USAGE: i32 = 64;
 
 /// Default `--join-timeout`.
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Representatives per zone on the backbone unless told (`--zone-representatives`).
+pub const DEFAULT_ZONE_REPRESENTATIVES: usize = 3;
 
 pub use proxy::config::{ConfigError, parse_duration};
 
@@ -57,6 +59,14 @@ pub struct NodeArgs {
     /// Zone this node runs in [default: default].
     #[arg(long, env = "SHOAL_ZONE")]
     pub zone: Option<String>,
+    /// Zone pools: each zone gossips in its own pool, and a few
+    /// representatives per zone carry zone summaries over a backbone pool
+    /// [default: off].
+    #[arg(long, env = "SHOAL_ZONE_POOLS")]
+    pub zone_pools: bool,
+    /// Representatives per zone on the backbone (with --zone-pools) [default: 3].
+    #[arg(long, env = "SHOAL_ZONE_REPRESENTATIVES")]
+    pub zone_representatives: Option<usize>,
     /// Folder for durable state (created if missing).
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -106,6 +116,8 @@ struct FileConfig {
     seeds: Vec<String>,
     certs: Option<PathBuf>,
     zone: Option<String>,
+    zone_pools: Option<bool>,
+    zone_representatives: Option<usize>,
     data_dir: Option<PathBuf>,
     gossip_interval: Option<String>,
     phi_threshold: Option<f64>,
@@ -139,6 +151,11 @@ pub struct NodeConfig {
     pub certs: PathBuf,
     /// Zone.
     pub zone: String,
+    /// Whether each zone gossips in its own pool, with a backbone of
+    /// representatives between zones.
+    pub zone_pools: bool,
+    /// Representatives per zone (zone pools on).
+    pub zone_representatives: usize,
     /// Durable state folder.
     pub data_dir: Option<PathBuf>,
     /// Gossip interval.
@@ -171,6 +188,8 @@ impl NodeConfig {
             seeds: Vec::new(),
             certs: certs.into(),
             zone: "default".into(),
+            zone_pools: false,
+            zone_representatives: DEFAULT_ZONE_REPRESENTATIVES,
             data_dir: None,
             gossip_interval: Duration::from_millis(500),
             phi_threshold: 8.0,
@@ -261,6 +280,27 @@ impl NodeConfig {
             Some(s) => parse_duration(&s).map_err(|m| ConfigError::new("--join-timeout", m))?,
             None => DEFAULT_JOIN_TIMEOUT,
         };
+        let zone = args.zone.or(file.zone).unwrap_or("default".into());
+        let zone_pools = args.zone_pools || file.zone_pools.unwrap_or(false);
+        if zone_pools && !gossip::zone::valid_zone(&zone) {
+            return Err(ConfigError::new(
+                "--zone",
+                "with --zone-pools, must be 1-64 characters of A-Z a-z 0-9 _ -",
+            ));
+        }
+        let zone_representatives = args
+            .zone_representatives
+            .or(file.zone_representatives)
+            .unwrap_or(DEFAULT_ZONE_REPRESENTATIVES);
+        if !(1..=gossip::zone::MAX_REPRESENTATIVES).contains(&zone_representatives) {
+            return Err(ConfigError::new(
+                "--zone-representatives",
+                format!(
+                    "must be between 1 and {}",
+                    gossip::zone::MAX_REPRESENTATIVES
+                ),
+            ));
+        }
         let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
         if !(1.0..=100.0).contains(&phi_threshold) {
             return Err(ConfigError::new(
@@ -274,7 +314,9 @@ impl NodeConfig {
             admin,
             seeds,
             certs,
-            zone: args.zone.or(file.zone).unwrap_or("default".into()),
+            zone,
+            zone_pools,
+            zone_representatives,
             data_dir: args.data_dir.or(file.data_dir),
             gossip_interval,
             phi_threshold,
@@ -315,6 +357,8 @@ pub fn to_toml(c: &NodeConfig) -> String {
         seeds: Vec<String>,
         certs: PathBuf,
         zone: String,
+        zone_pools: bool,
+        zone_representatives: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         data_dir: Option<PathBuf>,
         gossip_interval: String,
@@ -342,6 +386,8 @@ pub fn to_toml(c: &NodeConfig) -> String {
         seeds: c.seeds.clone(),
         certs: c.certs.clone(),
         zone: c.zone.clone(),
+        zone_pools: c.zone_pools,
+        zone_representatives: c.zone_representatives,
         data_dir: c.data_dir.clone(),
         gossip_interval: duration_text(c.gossip_interval),
         phi_threshold: c.phi_threshold,
@@ -465,6 +511,11 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_SEED", !file.seeds.is_empty()),
         ("SHOAL_CERTS", file.certs.is_some()),
         ("SHOAL_ZONE", file.zone.is_some()),
+        ("SHOAL_ZONE_POOLS", file.zone_pools.is_some()),
+        (
+            "SHOAL_ZONE_REPRESENTATIVES",
+            file.zone_representatives.is_some(),
+        ),
         ("SHOAL_DATA_DIR", file.data_dir.is_some()),
         ("SHOAL_GOSSIP_INTERVAL", file.gossip_interval.is_some()),
         ("SHOAL_PHI_THRESHOLD", file.phi_threshold.is_some()),
@@ -600,6 +651,56 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(err.field, "--gossip-interval");
+    }
+
+    #[test]
+    fn zone_pools_from_file_and_flags_with_their_bounds() {
+        let certs = certs_dir();
+        let file = certs.path().join("shoal.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"n1\"\nzone = \"eu-1\"\nzone_pools = true\nzone_representatives = 2\ncerts = \"{}\"\n",
+                certs.path().display()
+            ),
+        )
+        .unwrap();
+        let cfg = NodeConfig::resolve(NodeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(cfg.zone_pools);
+        assert_eq!(cfg.zone_representatives, 2);
+        let back = to_toml(&cfg);
+        assert!(back.contains("zone_pools = true"), "{back}");
+
+        let off = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!off.zone_pools);
+        assert_eq!(off.zone_representatives, DEFAULT_ZONE_REPRESENTATIVES);
+
+        let err = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            zone: Some("eu.1".into()),
+            zone_pools: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "--zone");
+        let err = NodeConfig::resolve(NodeArgs {
+            name: Some("n".into()),
+            certs: Some(certs.path().into()),
+            zone_representatives: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.field, "--zone-representatives");
     }
 }
 

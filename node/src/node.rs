@@ -74,6 +74,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     state: Arc<NodeState>,
+    zones: Option<Arc<gossip::zone::ZoneAgent>>,
 }
 
 impl Node {
@@ -133,13 +134,34 @@ impl Node {
         gossip_config.seeds = seeds.clone();
         gossip_config.interval = config.gossip_interval;
         gossip_config.phi_threshold = config.phi_threshold;
+        if config.zone_pools {
+            gossip_config.cluster_id = gossip::zone::zone_cluster(&config.zone);
+            gossip_config.pool = gossip::Pool::Zone {
+                zone: config.zone.clone(),
+                representatives: config.zone_representatives,
+            };
+        }
         let record = NodeRecord::new(
             config.zone.clone(),
             admin_addr.to_string(),
             identity.services.clone(),
         );
-        let trust = gossip::Trust::from_dir(&config.certs)?;
-        let gossip = Gossip::start(endpoint.clone(), gossip_config, record, trust).await?;
+        let gossip_trust = gossip::Trust::from_dir(&config.certs)?;
+        let gossip = Gossip::start(
+            endpoint.clone(),
+            gossip_config,
+            record.clone(),
+            gossip_trust.clone(),
+        )
+        .await?;
+        let zones = gossip::zone::ZoneAgent::spawn(
+            gossip.clone(),
+            endpoint.clone(),
+            gossip_trust,
+            record,
+            seeds.clone(),
+        )
+        .map(Arc::new);
 
         let admin_token = match &config.admin_token_file {
             Some(path) => Some(read_token(path)?),
@@ -166,6 +188,12 @@ impl Node {
             Arc::new(trust),
         );
         let mut tasks = sync.spawn();
+        if let Some(z) = &zones {
+            tasks.push(tokio::spawn(relay_policy_over_backbone(
+                sync.clone(),
+                z.backbone(),
+            )));
+        }
         tasks.push(tokio::spawn(crate::clock::serve(endpoint.clone())));
         let proxy = Arc::new(
             Proxy::start(
@@ -231,6 +259,7 @@ impl Node {
             shutdown,
             tasks,
             state,
+            zones,
         })
     }
 
@@ -295,6 +324,12 @@ impl Node {
         &self.gossip
     }
 
+    /// The zone agent (zone pools on): whether this node represents its
+    /// zone, and its backbone pool while it does.
+    pub fn zones(&self) -> Option<&gossip::zone::ZoneAgent> {
+        self.zones.as_deref()
+    }
+
     /// The QUIC endpoint.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -340,6 +375,9 @@ impl Node {
 
     /// Graceful stop: announce `left` to peers, then close everything.
     pub async fn shutdown(self) {
+        if let Some(z) = &self.zones {
+            z.shutdown(true).await;
+        }
         self.gossip.leave().await;
         self.stop().await;
     }
@@ -355,8 +393,42 @@ impl Node {
         for t in &self.tasks {
             t.abort();
         }
+        if let Some(z) = &self.zones {
+            z.shutdown(false).await;
+        }
         self.gossip.shutdown().await;
         self.endpoint.close();
+    }
+}
+
+/// While this node represents its zone, advertises and pulls policy over
+/// the backbone too (same store): a write in any zone reaches the other
+/// zones' representatives, whose own zone pools then carry it to every
+/// member.
+async fn relay_policy_over_backbone(
+    sync: PolicySync,
+    mut backbone: watch::Receiver<Option<Gossip>>,
+) {
+    /// Aborts the relay tasks when replaced or when this task is aborted.
+    struct Running(Vec<JoinHandle<()>>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            for t in &self.0 {
+                t.abort();
+            }
+        }
+    }
+    let mut running = Running(Vec::new());
+    loop {
+        let current = backbone.borrow_and_update().clone();
+        let next = Running(match current {
+            Some(bb) => sync.over(bb).spawn_relay(),
+            None => Vec::new(),
+        });
+        drop(std::mem::replace(&mut running, next));
+        if backbone.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -44,7 +44,9 @@ pub fn horizon(scenario: &Scenario) -> Duration {
     let last = scenario.last_change();
     for inv in &scenario.invariants {
         match inv {
-            InvariantSpec::Converges { within } => end = end.max(last + *within),
+            InvariantSpec::Converges { within }
+            | InvariantSpec::ZoneConverges { within, .. }
+            | InvariantSpec::ZoneRepresentatives { within, .. } => end = end.max(last + *within),
             InvariantSpec::DeadDetected { within } | InvariantSpec::LeftDetected { within } => {
                 for s in &scenario.steps {
                     if matches!(
@@ -124,6 +126,14 @@ pub fn judge_one(inv: &InvariantSpec, truth: &Truth, trace: &Trace) -> Verdict {
         InvariantSpec::Authz => authz(truth, trace),
         InvariantSpec::NoRogueTraffic => no_rogue_traffic(truth, trace),
         InvariantSpec::NoForgedPolicy => no_forged_policy(trace),
+        InvariantSpec::ZoneConverges { within, zones } => {
+            crate::zones::zone_converges(*within, zones, truth, trace)
+        }
+        InvariantSpec::ZoneRepresentatives {
+            within,
+            zones,
+            representatives,
+        } => crate::zones::zone_representatives(*within, zones, *representatives, truth, trace),
     }
     .named(inv.to_string())
 }
@@ -365,6 +375,11 @@ impl Truth {
     /// Running and not paused at `t`.
     pub fn healthy(&self, node: &str, t: f64) -> bool {
         !within(&self.down, node, t, 0.0) && !within(&self.paused, node, t, 0.0)
+    }
+
+    /// When the last step that changed nodes or the network took effect.
+    pub fn last_change(&self) -> f64 {
+        self.last_change
     }
 
     /// Healthy nodes at `t`.

@@ -27,6 +27,7 @@ pub mod runner;
 pub mod scenario;
 pub mod stall;
 pub mod workload;
+pub mod zones;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -190,6 +190,10 @@ pub struct View {
     /// Attempts it has sent to each endpoint (node) of the workload's
     /// service, since it started.
     pub attempts: BTreeMap<String, u64>,
+    /// Zone pools: for each other zone, the representatives it learns from
+    /// its own representatives' relayed summaries (`xz.<zone>.reps`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub reps: BTreeMap<String, Vec<String>>,
 }
 
 impl View {
@@ -474,6 +478,23 @@ impl Instance {
             };
             view.policies.insert(format!("{}/{}", e.kind, e.name), v);
         }
+        if node.zones().is_some() {
+            for p in node.gossip().scan("xz.").await {
+                for (k, v) in p.keys {
+                    let Some(zone) = k.strip_prefix("xz.").and_then(|r| r.strip_suffix(".reps"))
+                    else {
+                        continue;
+                    };
+                    if view.reps.contains_key(zone) {
+                        continue;
+                    }
+                    if let Ok(list) = serde_json::from_str::<Vec<(String, SocketAddr)>>(&v) {
+                        view.reps
+                            .insert(zone.to_string(), list.into_iter().map(|(n, _)| n).collect());
+                    }
+                }
+            }
+        }
         if let Some(svc) = service
             && node.outbound_addr().is_some()
         {
@@ -682,6 +703,8 @@ impl SimCluster {
             write_node_dir(&certs, &ca.cert_pem(), &cert, false).context("writing certs")?;
             let mut config = NodeConfig::local(name, &certs);
             config.zone = zone.clone();
+            config.zone_pools = spec.zone_pools;
+            config.zone_representatives = spec.representatives;
             config.data_dir = Some(dir.path().join(name).join("data"));
             config.gossip_interval = spec.gossip_interval;
             config.phi_threshold = spec.phi_threshold;
@@ -792,20 +815,44 @@ impl SimCluster {
         self.live.lock().unwrap().get(name).cloned()
     }
 
-    /// Waits until every node sees every node alive.
+    /// Waits until every node sees every node alive (with zone pools:
+    /// every node of its own zone, and a representative for every other
+    /// zone).
     async fn wait_formed(&self, within: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
         let all: BTreeSet<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let zone_of: BTreeMap<&str, &str> = self
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.config.zone.as_str()))
+            .collect();
+        let pools = self.nodes.iter().any(|n| n.config.zone_pools);
+        let zones: BTreeSet<&str> = zone_of.values().copied().collect();
+        let formed = |v: &View| {
+            if !pools {
+                return v.alive == all;
+            }
+            let own = zone_of.get(v.observer.as_str()).copied().unwrap_or("");
+            let want: BTreeSet<String> = all
+                .iter()
+                .filter(|n| zone_of.get(n.as_str()).copied() == Some(own))
+                .cloned()
+                .collect();
+            v.alive == want
+                && zones
+                    .iter()
+                    .all(|z| *z == own || v.reps.get(*z).is_some_and(|r| !r.is_empty()))
+        };
         loop {
             let sample = sample(&self.live, None, 0.0).await;
-            if sample.views.len() == all.len() && sample.views.iter().all(|v| v.alive == all) {
+            if sample.views.len() == all.len() && sample.views.iter().all(formed) {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > within {
                 let lagging: Vec<String> = sample
                     .views
                     .iter()
-                    .filter(|v| v.alive != all)
+                    .filter(|v| !formed(v))
                     .map(|v| format!("{} sees {} alive", v.observer, v.alive.len()))
                     .collect();
                 anyhow::bail!(

@@ -93,6 +93,11 @@ pub struct ClusterSpec {
     pub form_within: Duration,
     /// Service → the nodes that front an instance of it.
     pub services: BTreeMap<String, Vec<String>>,
+    /// Zone pools: each zone gossips in its own pool, representatives
+    /// carry summaries over a backbone (`--zone-pools`).
+    pub zone_pools: bool,
+    /// Representatives per zone (`--zone-representatives`).
+    pub representatives: usize,
 }
 
 /// Certificate identity of a workload client.
@@ -347,6 +352,27 @@ pub enum InvariantSpec {
     /// No node ever runs a policy version the scenario did not push and
     /// have acknowledged (a rogue's forged records included).
     NoForgedPolicy,
+    /// Zone pools: every healthy node sees exactly the healthy nodes of its
+    /// own zone alive within `within` of the last fault or repair.
+    ZoneConverges {
+        /// The bound.
+        within: Duration,
+        /// Each node's zone, as the scenario declares it.
+        zones: BTreeMap<String, String>,
+    },
+    /// Zone pools: within `within` of each crash and of the last fault or
+    /// repair, every healthy node knows, for every other zone, the
+    /// representatives the rule gives over that zone's healthy nodes (the
+    /// `representatives` lowest FNV-1a hashes of their names), computed
+    /// from the scenario.
+    ZoneRepresentatives {
+        /// The bound.
+        within: Duration,
+        /// Each node's zone, as the scenario declares it.
+        zones: BTreeMap<String, String>,
+        /// Representatives per zone.
+        representatives: usize,
+    },
 }
 
 /// Why a scenario file could not be used.
@@ -622,6 +648,8 @@ impl InvariantSpec {
             InvariantSpec::Authz => "authz",
             InvariantSpec::NoRogueTraffic => "no-rogue-traffic",
             InvariantSpec::NoForgedPolicy => "no-forged-policy",
+            InvariantSpec::ZoneConverges { .. } => "zone-converges",
+            InvariantSpec::ZoneRepresentatives { .. } => "zone-representatives",
         }
     }
 }
@@ -684,6 +712,20 @@ impl fmt::Display for InvariantSpec {
             InvariantSpec::NoForgedPolicy => {
                 f.write_str("no node runs a policy version the scenario did not push")
             }
+            InvariantSpec::ZoneConverges { within, .. } => write!(
+                f,
+                "every zone's membership converges within {} of the last fault or repair",
+                ms(*within)
+            ),
+            InvariantSpec::ZoneRepresentatives {
+                within,
+                representatives,
+                ..
+            } => write!(
+                f,
+                "every node knows every other zone's {representatives} representative(s) by the rule within {} of each crash and of the last change",
+                ms(*within)
+            ),
         }
     }
 }
@@ -744,6 +786,8 @@ struct RawCluster {
     form_within: Option<String>,
     #[serde(default)]
     services: BTreeMap<String, Vec<String>>,
+    zone_pools: Option<bool>,
+    representatives: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -815,6 +859,25 @@ impl RawScenario {
         let zones: Vec<String> = (0..c.nodes)
             .map(|i| zone_names[i % zone_names.len()].clone())
             .collect();
+        let zone_pools = c.zone_pools.unwrap_or(false);
+        if zone_pools
+            && let Some(z) = zone_names
+                .iter()
+                .find(|z| !node::gossip::zone::valid_zone(z))
+        {
+            return invalid(format!(
+                "cluster.zones: {z:?} cannot name a zone pool (1-64 characters of A-Z a-z 0-9 _ -)"
+            ));
+        }
+        let representatives = c.representatives.unwrap_or(3);
+        if !(1..=node::gossip::zone::MAX_REPRESENTATIVES).contains(&representatives) {
+            return invalid(format!(
+                "cluster.representatives: must be 1 to {}",
+                node::gossip::zone::MAX_REPRESENTATIVES
+            ));
+        }
+        let zone_map: BTreeMap<String, String> =
+            nodes.iter().cloned().zip(zones.iter().cloned()).collect();
         let gossip_interval = match &c.gossip_interval {
             Some(s) => dur("cluster.gossip_interval", s)?,
             None => Duration::from_millis(100),
@@ -1016,13 +1079,26 @@ impl RawScenario {
                 {
                     return invalid(field("needs a byzantine step to measure"));
                 }
+                "zone-converges" | "zone-representatives" if !zone_pools => {
+                    return invalid(field("needs cluster.zone_pools = true"));
+                }
+                "zone-converges" => InvariantSpec::ZoneConverges {
+                    within: need(&raw.within, "within")?,
+                    zones: zone_map.clone(),
+                },
+                "zone-representatives" => InvariantSpec::ZoneRepresentatives {
+                    within: need(&raw.within, "within")?,
+                    zones: zone_map.clone(),
+                    representatives,
+                },
                 "no-rogue-traffic" => InvariantSpec::NoRogueTraffic,
                 "no-forged-policy" => InvariantSpec::NoForgedPolicy,
                 other => {
                     return invalid(field(&format!(
                         "unknown kind {other:?} (converges, no-false-dead, dead-detected, \
                          left-detected, request-success, no-traffic-to-dead, policy-converges, \
-                         no-ack-lost, authz, no-rogue-traffic, no-forged-policy)"
+                         no-ack-lost, authz, no-rogue-traffic, no-forged-policy, zone-converges, \
+                         zone-representatives)"
                     )));
                 }
             };
@@ -1048,6 +1124,8 @@ impl RawScenario {
                 phi_threshold,
                 form_within,
                 services,
+                zone_pools,
+                representatives,
             },
             steps,
             invariants,

@@ -290,6 +290,26 @@ impl PolicySync {
         ]
     }
 
+    /// The same store, pending asks and refusals, advertising and pulling
+    /// through another gossip pool: a zone representative's backbone, so
+    /// policy written in one zone reaches the others (see
+    /// [`PolicySync::spawn_relay`]).
+    pub fn over(&self, gossip: Gossip) -> Self {
+        let mut s = self.clone();
+        s.gossip = gossip;
+        s
+    }
+
+    /// Starts advertising and pulling only (bodies are answered and applied
+    /// by the tasks of [`PolicySync::spawn`], once per node, which share this
+    /// one's pending asks).
+    pub fn spawn_relay(&self) -> Vec<JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.clone().publish_loop()),
+            tokio::spawn(self.clone().pull_loop()),
+        ]
+    }
+
     /// For each member not declared dead or left, the version of
     /// `kind/name` it advertises (a suspected member is included).
     pub async fn status_of(&self, kind: Kind, name: &str) -> Vec<NodeVersion> {

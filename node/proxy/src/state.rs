@@ -376,6 +376,64 @@ impl Shared {
             .await;
     }
 
+    /// Adds endpoints in other zones (zone pools on), as their zones'
+    /// summaries list them: routable unless refused, and the balancer
+    /// prefers this node's zone while it has a usable endpoint. An attempt
+    /// still checks that the peer's certificate names the node and the
+    /// service, as for any endpoint.
+    fn add_remote(
+        &self,
+        table: &mut Table,
+        refused_now: &mut HashMap<(String, String), Refusal>,
+        remote: Vec<gossip::zone::RemoteEndpoint>,
+    ) {
+        for ep in remote {
+            if ep.zone == self.zone
+                || table
+                    .all
+                    .get(&ep.service)
+                    .is_some_and(|v| v.iter().any(|e| e.node == ep.node))
+            {
+                continue;
+            }
+            let refused = (!refused_now.is_empty()
+                && self.still_refused(refused_now, &ep.service, &ep.node, ep.addr))
+            .then_some("peer-not-serving");
+            let routable = refused.is_none();
+            if routable {
+                let t = self.balancer.target(
+                    &ep.service,
+                    &ep.node,
+                    ep.addr,
+                    &ep.zone,
+                    ep.weight,
+                    false,
+                    ep.ewma_ms,
+                );
+                let list = table.targets.entry(ep.service.clone()).or_default();
+                let mut v: Vec<Target> = list.to_vec();
+                v.push(t);
+                *list = v.into();
+            }
+            table.all.entry(ep.service).or_default().push(EndpointInfo {
+                node: ep.node,
+                addr: ep.addr,
+                state: MemberState::Alive,
+                serving: ServingState::Serving,
+                routable,
+                refused,
+                record: ServiceRecord {
+                    health: Health::Healthy,
+                    weight: ep.weight,
+                    zone: ep.zone,
+                    ewma_ms: ep.ewma_ms,
+                    ..ServiceRecord::default()
+                },
+                from_here: None,
+            });
+        }
+    }
+
     /// Rebuilds the routing table from gossip.
     pub async fn refresh(&self) {
         let joined = self.gossip.joined().await;
@@ -384,6 +442,7 @@ impl Shared {
             members.iter().map(|m| (m.name.as_str(), m)).collect();
         let mut table = Table::default();
         let published = self.gossip.scan_all(keys::SERVICE_PREFIX).await;
+        let remote = gossip::zone::remote_endpoints(&self.gossip).await;
         let mut refused_now = self.refused.lock().unwrap();
         for (node, key, value) in published
             .into_iter()
@@ -428,6 +487,7 @@ impl Shared {
                 from_here: None,
             });
         }
+        self.add_remote(&mut table, &mut refused_now, remote);
         drop(refused_now);
         *self.table.write().unwrap() = Arc::new(table);
         if joined {
