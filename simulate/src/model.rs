@@ -816,7 +816,7 @@ impl Model<'_> {
         if self.config.zones > 1 {
             self.republish().await;
         }
-        if self.tick % 4 == 0 {
+        if self.tick.is_multiple_of(4) {
             if self.config.zones > 1 {
                 self.elect().await;
             }
