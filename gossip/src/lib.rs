@@ -13,6 +13,7 @@ mod membership;
 mod relay;
 pub mod schema;
 pub mod seeds;
+pub mod settings;
 pub mod wire;
 pub mod zone;
 

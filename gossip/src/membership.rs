@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use chitchat::{ChitchatHandle, ChitchatId};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -19,6 +19,7 @@ use transport::signing::{CertChecker, Signer};
 use crate::guard::{CERT_KEY, Guard, GuardStats, sign_value, valid_name, value_of};
 use crate::relay::{RelayStats, RelayTransport, Relays};
 use crate::schema::{NodeRecord, ServingState, keys};
+use crate::settings;
 use crate::wire::NodeId;
 
 /// What a node needs to sign what it publishes and to check what others do.
@@ -69,6 +70,10 @@ pub struct GossipConfig {
     /// heartbeat exceeds `phi_threshold` × its mean heartbeat interval.
     /// Default 8 (about 4 s of silence at the default interval).
     pub phi_threshold: f64,
+    /// Heartbeat intervals the failure detector keeps per peer (memory per
+    /// node grows as members × window). Default
+    /// [`crate::settings::SAMPLING_WINDOW`].
+    pub sampling_window: usize,
     /// How long dead and left members stay listed before they are forgotten.
     /// Default 1 h.
     pub dead_grace: Duration,
@@ -108,11 +113,12 @@ impl GossipConfig {
     pub fn new(name: impl Into<String>) -> Self {
         GossipConfig {
             name: name.into(),
-            cluster_id: "shoal".into(),
+            cluster_id: settings::CLUSTER_ID.into(),
             seeds: Vec::new(),
-            interval: Duration::from_millis(500),
-            phi_threshold: 8.0,
-            dead_grace: Duration::from_secs(3600),
+            interval: settings::INTERVAL,
+            phi_threshold: settings::PHI_THRESHOLD,
+            sampling_window: settings::SAMPLING_WINDOW,
+            dead_grace: settings::DEAD_GRACE,
             seed_refresh: Duration::from_secs(10),
             channel: crate::GOSSIP_CHANNEL,
             pool: Pool::Mesh,
@@ -122,6 +128,16 @@ impl GossipConfig {
     /// Roughly how long after its last heartbeat a silent member is declared dead.
     pub fn detection_window(&self) -> Duration {
         self.interval.mul_f64(self.phi_threshold)
+    }
+
+    /// The chitchat tuning these settings give (see [`settings`]).
+    pub fn tuning(&self) -> settings::Tuning {
+        settings::Tuning {
+            interval: self.interval,
+            phi_threshold: self.phi_threshold,
+            sampling_window: self.sampling_window,
+            dead_grace: self.dead_grace,
+        }
     }
 }
 
@@ -258,37 +274,20 @@ impl Gossip {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let self_id = ChitchatId::new(config.name.clone(), generation, advertise);
-        let seeds: Vec<String> = config
-            .seeds
-            .iter()
-            .filter(|s| s.parse::<SocketAddr>().ok() != Some(advertise))
-            .cloned()
-            .collect();
+        let self_id = settings::node_id(&config.name, generation, advertise);
+        let seeds = settings::seeds_without_self(&config.seeds, advertise);
         let guard = Arc::new(
             Guard::new(node_id(&self_id), trust.checker.clone())
                 .for_pool(&config.cluster_id, &config.pool),
         );
         let relays = Relays::new(endpoint, guard.clone(), config.channel);
         let inbound = relays.spawn_inbound();
-        let chitchat_config = ChitchatConfig {
-            chitchat_id: self_id.clone(),
-            cluster_id: config.cluster_id.clone(),
-            gossip_interval: config.interval,
-            listen_addr: advertise,
-            seed_nodes: seeds.clone(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: config.phi_threshold,
-                sampling_window_size: 1000,
-                max_interval: (config.interval * 20).max(Duration::from_secs(2)),
-                initial_interval: config.interval,
-                dead_node_grace_period: config.dead_grace,
-            },
-            marked_for_deletion_grace_period: config.dead_grace.max(Duration::from_secs(3600)),
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: chitchat::ProtocolVersion::V1,
-        };
+        let chitchat_config = settings::chitchat_config(
+            self_id.clone(),
+            &config.cluster_id,
+            seeds.clone(),
+            &config.tuning(),
+        );
         let transport = RelayTransport {
             relays: relays.clone(),
         };

@@ -73,23 +73,41 @@ enum Command {
     /// Benchmarks (commands that print figures, never timed tests).
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Model only the gossip layer: many chitchat nodes in one process,
+    /// Model only the gossip layer: many chitchat nodes (the gossip crate's
+    /// settings and schema) in one process, zone pools and a backbone,
     /// virtual time.
     Model {
         /// Node counts; repeat or comma-separate (each count runs in its own
         /// process so its peak memory is its own).
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<usize>,
-        /// Gossip interval.
-        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
-        gossip_interval: Duration,
+        /// Zones: each its own gossip pool; 3 representatives per zone in a
+        /// backbone pool carry summaries between them.
+        #[arg(long, default_value_t = 1)]
+        zones: usize,
+        /// Gossip interval [default: the shipped 500ms].
+        #[arg(long, alias = "gossip-interval", value_parser = parse_duration)]
+        interval: Option<Duration>,
         /// Fraction of messages lost, 0 to <1.
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
-        /// Failure-detector phi threshold.
-        #[arg(long, default_value_t = 8.0)]
-        phi_threshold: f64,
-        /// Seed for loss decisions [default: from the clock].
+        /// Failure-detector phi threshold [default: the shipped 8].
+        #[arg(long)]
+        phi_threshold: Option<f64>,
+        /// Failure-detector samples kept per peer [default: the shipped 100].
+        #[arg(long)]
+        sampling_window: Option<usize>,
+        /// Joins plus leaves per second after formation.
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Cut this zone (0-based) off from the others after the detection
+        /// phase, then heal.
+        #[arg(long)]
+        partition_zone: Option<usize>,
+        /// Stop after this much wall time, printing what was measured.
+        #[arg(long, default_value = "50m", value_parser = parse_duration)]
+        wall_limit: Duration,
+        /// Seed for loss, churn and choices [default: from the clock].
         #[arg(long)]
         seed: Option<u64>,
         /// Print JSON lines instead of a table.
@@ -380,9 +398,14 @@ pub fn main() -> i32 {
         Command::Bench(cmd) => bench_cmd(cmd),
         Command::Model {
             nodes,
-            gossip_interval,
+            zones,
+            interval,
             loss,
             phi_threshold,
+            sampling_window,
+            churn,
+            partition_zone,
+            wall_limit,
             seed,
             json,
             report,
@@ -391,15 +414,42 @@ pub fn main() -> i32 {
                 eprintln!("simulate: --loss: must be at least 0 and below 1");
                 return EXIT_USAGE;
             }
-            if gossip_interval < Duration::from_millis(10) {
-                eprintln!("simulate: --gossip-interval: must be at least 10ms");
+            if interval.is_some_and(|i| i < Duration::from_millis(10)) {
+                eprintln!("simulate: --interval: must be at least 10ms");
+                return EXIT_USAGE;
+            }
+            if !(0.0..=1000.0).contains(&churn) {
+                eprintln!("simulate: --churn: must be between 0 and 1000 per second");
+                return EXIT_USAGE;
+            }
+            if sampling_window.is_some_and(|w| w == 0 || w > 100_000) {
+                eprintln!("simulate: --sampling-window: must be 1 to 100000");
+                return EXIT_USAGE;
+            }
+            if phi_threshold.is_some_and(|p| !(p > 0.0 && p <= 1000.0)) {
+                eprintln!("simulate: --phi-threshold: must be above 0 and at most 1000");
+                return EXIT_USAGE;
+            }
+            if partition_zone.is_some_and(|p| p >= zones) {
+                eprintln!("simulate: --partition-zone: must be below --zones ({zones})");
                 return EXIT_USAGE;
             }
             let seed = seed.unwrap_or_else(clock_seed);
             let mut config = ModelConfig::new(0);
-            config.gossip_interval = gossip_interval;
+            config.zones = zones;
+            if let Some(i) = interval {
+                config.tuning.interval = i;
+            }
+            if let Some(p) = phi_threshold {
+                config.tuning.phi_threshold = p;
+            }
+            if let Some(w) = sampling_window {
+                config.tuning.sampling_window = w;
+            }
             config.loss = loss;
-            config.phi_threshold = phi_threshold;
+            config.churn = churn;
+            config.partition_zone = partition_zone;
+            config.wall_limit = wall_limit;
             config.seed = seed;
             model_cmd(&nodes, &config, json, report.as_deref())
         }
@@ -416,19 +466,26 @@ fn clock_seed() -> u64 {
 
 fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&Path>) -> i32 {
     for &n in counts {
-        if let Err(e) = model::check_ceiling(n, base.memory_limit_bytes) {
+        let mut c = base.clone();
+        c.nodes = n;
+        if let Err(e) = model::check_ceiling(&c) {
             eprintln!("simulate model: {e}");
             return EXIT_USAGE;
         }
     }
     if !json {
         println!(
-            "model: gossip interval {:?}, loss {:.0}%, phi {}, seed {} \
-             (chitchat's own peer choice is not seeded); virtual time; epidemic baseline \
-             log2 N + ln N rounds",
-            base.gossip_interval,
+            "model: {} zone(s), interval {:?}, phi {}, sampling window {}, loss {:.0}%, churn {}/s{}, seed {} \
+             (chitchat's own peer choice is not seeded); virtual time",
+            base.zones,
+            base.tuning.interval,
+            base.tuning.phi_threshold,
+            base.tuning.sampling_window,
             base.loss * 100.0,
-            base.phi_threshold,
+            base.churn,
+            base.partition_zone.map_or(String::new(), |p| format!(
+                ", zone {p} partitioned after detection"
+            )),
             base.seed
         );
         println!("{}", model_header());
@@ -440,9 +497,8 @@ fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&P
         config.nodes = n;
         if !json && n >= 300 {
             eprintln!(
-                "simulate model: N = {n}: expect about {:.0?} of wall time and {} MB",
-                model::estimated_wall(n),
-                model::estimated_peak_bytes(n) >> 20
+                "simulate model: N = {n}: expect about {} MB",
+                model::estimated_peak_bytes(&config) >> 20
             );
         }
         let outcome = if counts.len() == 1 {
@@ -456,8 +512,20 @@ fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&P
                     println!("{}", serde_json::to_string(&r).unwrap_or_default());
                 } else {
                     println!("{}", model_row(&r));
+                    if let Some(p) = &r.partition {
+                        println!(
+                            "partition of zone {}: others dropped its endpoint in {}, routed to it again {} after the heal; {} false dead inside it",
+                            p.zone,
+                            secs_or_never(p.withdrawn_99_ms),
+                            secs_or_never(p.restored_99_ms),
+                            p.false_dead_inside
+                        );
+                    }
+                    if let Some(why) = &r.stopped {
+                        println!("stopped early: {why}");
+                    }
                 }
-                if r.converge_100_ms.is_none() || r.oversize_sends > 0 {
+                if r.endpoint_100_ms.is_none() || r.oversize_sends > 0 || r.stopped.is_some() {
                     code = EXIT_FAILED;
                 }
                 results.push(r);
@@ -470,9 +538,11 @@ fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&P
     }
     if !json {
         println!(
-            "times are virtual; r = rounds of {:?}; B and msg are chitchat payload per node per \
-             second in steady state (QUIC adds its own overhead); peak MB is the process's VmHWM",
-            base.gossip_interval
+            "times are virtual (99% of every zone / every node); endpoint = a new svc key routable \
+             (own zone: its key; other zones: a representative's summary); policy = an advert \
+             reaching every node; detect = a silent node seen dead by its zone; B/node/s = \
+             chitchat payload sent per node per second in steady state, mean / busiest node \
+             (QUIC adds its own overhead); peak MB is the process's VmHWM"
         );
     }
     if let Some(dir) = report {
@@ -494,21 +564,33 @@ fn model_cmd(counts: &[usize], base: &ModelConfig, json: bool, report: Option<&P
 /// out-of-memory kill cannot take the whole table down.
 fn model_in_child(config: &ModelConfig) -> Result<ModelReport, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut args = vec![
+        "model".to_string(),
+        "--json".into(),
+        "--nodes".into(),
+        config.nodes.to_string(),
+        "--zones".into(),
+        config.zones.to_string(),
+        "--interval".into(),
+        format!("{}ms", config.tuning.interval.as_millis()),
+        "--loss".into(),
+        config.loss.to_string(),
+        "--phi-threshold".into(),
+        config.tuning.phi_threshold.to_string(),
+        "--sampling-window".into(),
+        config.tuning.sampling_window.to_string(),
+        "--churn".into(),
+        config.churn.to_string(),
+        "--wall-limit".into(),
+        format!("{}s", config.wall_limit.as_secs()),
+        "--seed".into(),
+        config.seed.to_string(),
+    ];
+    if let Some(p) = config.partition_zone {
+        args.extend(["--partition-zone".into(), p.to_string()]);
+    }
     let out = std::process::Command::new(exe)
-        .args([
-            "model",
-            "--json",
-            "--nodes",
-            &config.nodes.to_string(),
-            "--gossip-interval",
-            &format!("{}ms", config.gossip_interval.as_millis()),
-            "--loss",
-            &config.loss.to_string(),
-            "--phi-threshold",
-            &config.phi_threshold.to_string(),
-            "--seed",
-            &config.seed.to_string(),
-        ])
+        .args(&args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| e.to_string())?;
@@ -525,45 +607,47 @@ fn model_in_child(config: &ModelConfig) -> Result<ModelReport, String> {
         .map_err(|e| format!("unreadable child output ({e}): {text}"))
 }
 
+fn secs_or_never(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+        None => "never".into(),
+    }
+}
+
 fn model_header() -> String {
     format!(
-        "{:>6} | {:>15} | {:>15} | {:>8} | {:>15} | {:>15} | {:>9} | {:>6} | {:>8} | {:>8} | {:>7}",
+        "{:>6} | {:>5} | {:>13} | {:>13} | {:>13} | {:>13} | {:>10} | {:>15} | {:>8} | {:>8} | {:>7} | {:>8}",
         "N",
-        "converge 99%",
-        "converge 100%",
-        "baseline",
-        "key 99% / 100%",
-        "dead 99% / 100%",
-        "B/node/s",
-        "msg/s",
+        "zones",
+        "formed 99/100",
+        "endpoint 99%",
+        "policy 100%",
+        "detect 99/100",
+        "false dead",
+        "B/node/s mean/max",
         "max msg",
+        "peak MB",
         "wall",
-        "peak MB"
+        "churn j/l"
     )
 }
 
 fn model_row(r: &ModelReport) -> String {
-    let t = |ms: Option<u64>| match ms {
-        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
-        None => "never".into(),
-    };
-    let tr = |ms: Option<u64>| match (ms, r.rounds(ms)) {
-        (Some(ms), Some(rounds)) => format!("{:.1}s ({:.1} r)", ms as f64 / 1000.0, rounds),
-        _ => "never".into(),
-    };
+    let t = secs_or_never;
     format!(
-        "{:>6} | {:>15} | {:>15} | {:>6.1} r | {:>15} | {:>15} | {:>9.0} | {:>6.1} | {:>8} | {:>7.1}s | {:>7}",
+        "{:>6} | {:>5} | {:>13} | {:>13} | {:>13} | {:>13} | {:>10} | {:>15} | {:>8} | {:>8} | {:>6.0}s | {:>8}",
         r.nodes,
-        tr(r.converge_99_ms),
-        tr(r.converge_100_ms),
-        r.baseline_rounds,
-        format!("{} / {}", t(r.key_99_ms), t(r.key_100_ms)),
-        format!("{} / {}", t(r.dead_99_ms), t(r.dead_100_ms)),
-        r.bytes_per_node_s,
-        r.messages_per_node_s,
+        r.zones,
+        format!("{} / {}", t(r.formed_99_ms), t(r.formed_100_ms)),
+        format!("{} ({})", t(r.endpoint_99_ms), t(r.endpoint_100_ms)),
+        format!("{} ({})", t(r.policy_100_ms), t(r.policy_99_ms)),
+        format!("{} / {}", t(r.detect_99_ms), t(r.detect_100_ms)),
+        r.false_dead,
+        format!("{:.0} / {:.0}", r.bytes_per_node_s, r.bytes_max_node_s),
         r.max_message_bytes,
-        r.wall_ms as f64 / 1000.0,
         r.peak_rss_mb,
+        r.wall_ms as f64 / 1000.0,
+        format!("{}/{}", r.joins, r.leaves),
     )
 }
 

@@ -9,15 +9,15 @@
 //! To add an invariant: add a variant to [`InvariantSpec`], record what it
 //! needs in the trace, and add its arm to [`judge_one`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use node::policy::{Document, Entry, PolicySet, Version};
 use serde::Serialize;
 
 use crate::runner::{Sample, Trace, View};
-use crate::scenario::{Action, CLIENT_IDENTITY, Check, DENIED_IDENTITY, InvariantSpec, Scenario};
+use crate::scenario::{
+    Action, AuthzExpectation, CLIENT_IDENTITY, Check, DENIED_IDENTITY, InvariantSpec, Scenario,
+};
 use crate::workload::RequestRecord;
 
 /// The outcome of one invariant or assert.
@@ -870,6 +870,39 @@ fn no_traffic_to_dead(within: Duration, truth: &Truth, trace: &Trace) -> Verdict
     }
 }
 
+/// A policy version as the harness reads it, `<wall_ms>.<logical>@<node>`,
+/// ordered by (wall, logical, node): the documented order of hybrid logical
+/// clock stamps, parsed and compared here rather than by the mesh's own
+/// `Version`, so a bug in the mesh's ordering cannot pass its own check.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    wall_ms: u64,
+    logical: u32,
+    node: String,
+}
+
+impl std::str::FromStr for Version {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (ts, node) = s.split_once('@').ok_or(())?;
+        let (ms, logical) = ts.split_once('.').ok_or(())?;
+        if node.is_empty() {
+            return Err(());
+        }
+        Ok(Version {
+            wall_ms: ms.parse().map_err(|_| ())?,
+            logical: logical.parse().map_err(|_| ())?,
+            node: node.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}@{}", self.wall_ms, self.logical, self.node)
+    }
+}
+
 /// Per policy, the highest version acknowledged at or before `t`.
 pub fn highest_acked(trace: &Trace, t: f64) -> BTreeMap<String, Version> {
     let mut out: BTreeMap<String, Version> = BTreeMap::new();
@@ -1025,93 +1058,170 @@ fn no_ack_lost(truth: &Truth, trace: &Trace) -> Verdict {
     }
 }
 
-/// Builds the policy set a view ran, from the pushed documents.
-fn set_of(v: &View, trace: &Trace) -> PolicySet {
-    let entries: Vec<Entry> = v
-        .policies
-        .values()
-        .filter_map(|ver| {
-            let ver_s = ver.split(' ').next()?;
-            let doc = trace.policy_docs.get(ver_s)?;
-            let parsed = Document::parse(&doc.document).ok()?;
-            Some(Entry {
-                kind: parsed.kind,
-                name: parsed.name.clone(),
-                version: ver_s.parse().ok()?,
-                hash: node::policy::store::content_hash(&parsed.canonical),
-                doc: Some(Arc::new(parsed)),
-                provenance: None,
-            })
-        })
-        .collect();
-    PolicySet::build(entries.iter())
+/// The declared outcomes in force on a node: the `expect_authz` lists of
+/// the push steps whose documents the node runs (a version maps to the
+/// document pushed under it, and the document to its step).
+fn expectations_in_force<'a>(
+    v: &View,
+    trace: &Trace,
+    declared: &'a [(String, String, Vec<AuthzExpectation>)],
+) -> Vec<&'a AuthzExpectation> {
+    let mut out = Vec::new();
+    for ver in v.policies.values() {
+        let Some(ver) = ver.split(' ').next() else {
+            continue;
+        };
+        let Some(doc) = trace.policy_docs.get(ver) else {
+            continue;
+        };
+        for (policy, document, list) in declared {
+            if *policy == doc.policy && *document == doc.document {
+                out.extend(list.iter());
+            }
+        }
+    }
+    out
 }
 
+/// What the scenario declares for one request under some expectations:
+/// `Some(false)` if any covering expectation refuses it, else `Some(true)`
+/// if one allows it, else `None` (nothing declared: not judged).
+fn declared_outcome(
+    list: &[&AuthzExpectation],
+    r: &RequestRecord,
+    identity: &str,
+    service: &str,
+) -> Option<bool> {
+    // The workload asks for `/work/<n>` (workload.rs).
+    let path = "/work/";
+    let covering: Vec<bool> = list
+        .iter()
+        .filter(|e| e.covers(&r.client, identity, service, &r.method, path))
+        .map(|e| e.allowed)
+        .collect();
+    if covering.contains(&false) {
+        Some(false)
+    } else if covering.is_empty() {
+        None
+    } else {
+        Some(true)
+    }
+}
+
+/// Judges every answer against the outcomes the scenario declares
+/// (`expect_authz` on its push steps), never against the mesh's own
+/// authorization code. A 2xx is a violation when the serving node's policy
+/// versions just before the request and just after its answer both carry a
+/// declared refusal; a 403 `forbidden` is a violation when every node
+/// serving the service was declared to allow it before and after.
 fn authz(truth: &Truth, trace: &Trace) -> Verdict {
-    let mut cache: HashMap<String, Arc<PolicySet>> = HashMap::new();
-    let mut denies = |v: &View, r: &RequestRecord, service: &str| -> bool {
-        let key = format!("{:?}", v.policies);
-        let set = cache
-            .entry(key)
-            .or_insert_with(|| Arc::new(set_of(v, trace)))
-            .clone();
-        let caller = node::Identity {
-            trust_domain: "sim.shoal".into(),
-            node: r.client.clone(),
-            services: vec![
-                truth
-                    .callers
-                    .get(&r.client)
-                    .cloned()
-                    .unwrap_or_else(|| CLIENT_IDENTITY.into()),
-            ],
-        };
-        !set.authorize(service, &caller, &r.method, "/work/")
-    };
+    let declared: Vec<(String, String, Vec<AuthzExpectation>)> = trace
+        .steps
+        .iter()
+        .filter_map(|rec| match &rec.step.action {
+            Action::PushPolicy {
+                kind,
+                name,
+                document,
+                expect_authz,
+                ..
+            } if !expect_authz.is_empty() => Some((
+                format!("{kind}/{name}"),
+                document.clone(),
+                expect_authz.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
     let service = trace.service.clone().unwrap_or_default();
-    let mut checked = 0usize;
-    let mut violations = Vec::new();
-    for r in trace.requests.iter().filter(|r| r.ok()) {
-        let Some(by) = &r.served_by else { continue };
+    let identity = |r: &RequestRecord| -> String {
+        truth.callers.get(&r.client).cloned().unwrap_or_else(|| {
+            if r.denied {
+                DENIED_IDENTITY
+            } else {
+                CLIENT_IDENTITY
+            }
+            .into()
+        })
+    };
+    // The outcome declared on `node` around the request: both ends agree, or
+    // nothing is asserted (a policy changed while the request was out).
+    let around = |node: &str, r: &RequestRecord| -> Option<bool> {
         let before = trace
             .samples
             .iter()
             .rev()
-            .find(|s| s.t <= r.sent_at && view(s, by).is_some());
+            .find(|s| s.t <= r.sent_at && view(s, node).is_some())?;
         let after = trace
             .samples
             .iter()
-            .find(|s| s.t >= r.ended() && view(s, by).is_some());
-        let (Some(b), Some(a)) = (before, after) else {
-            continue;
-        };
-        checked += 1;
-        let vb = view(b, by).expect("found above");
-        let va = view(a, by).expect("found above");
-        if denies(vb, r, &service) && denies(va, r, &service) {
-            violations.push(describe(r) + &format!(" (served by {by})"));
+            .find(|s| s.t >= r.ended() && view(s, node).is_some())?;
+        let id = identity(r);
+        let b = declared_outcome(
+            &expectations_in_force(view(before, node)?, trace, &declared),
+            r,
+            &id,
+            &service,
+        )?;
+        let a = declared_outcome(
+            &expectations_in_force(view(after, node)?, trace, &declared),
+            r,
+            &id,
+            &service,
+        )?;
+        (a == b).then_some(a)
+    };
+    let mut judged = 0usize;
+    let mut served_against = Vec::new();
+    let mut refused_against = Vec::new();
+    for r in &trace.requests {
+        if r.ok() {
+            let Some(by) = &r.served_by else { continue };
+            match around(by, r) {
+                Some(false) => served_against.push(describe(r) + &format!(" (served by {by})")),
+                Some(true) => judged += 1,
+                None => {}
+            }
+        } else if r.error.as_deref() == Some("forbidden") {
+            // A refusal names no node: it is wrong only if every server
+            // was declared to allow it.
+            let verdicts: Vec<Option<bool>> = truth.servers.iter().map(|n| around(n, r)).collect();
+            if !verdicts.is_empty() && verdicts.iter().all(|v| *v == Some(true)) {
+                refused_against.push(describe(r));
+            } else if verdicts.iter().any(|v| v.is_some()) {
+                judged += 1;
+            }
         }
     }
+    judged += served_against.len() + refused_against.len();
     let denied: Vec<&RequestRecord> = trace.requests.iter().filter(|r| r.denied).collect();
     let refused = denied
         .iter()
         .filter(|r| r.error.as_deref() == Some("forbidden"))
         .count();
-    let admitted = denied.iter().filter(|r| r.ok()).count();
+    let violations = served_against.len() + refused_against.len();
     let mut detail = format!(
-        "{checked} 2xx answers checked against the serving node's policies; denied callers sent {}: {refused} refused 403 forbidden, {admitted} 2xx while no denying policy was in force there",
+        "{judged} answers judged against the declared expect_authz outcomes; {} 2xx declared refused, {} 403 declared allowed; denied callers sent {}, {refused} refused 403 forbidden",
+        served_against.len(),
+        refused_against.len(),
         denied.len()
     );
-    if let Some(v) = violations.first() {
+    if let Some(v) = served_against.first().or(refused_against.first()) {
         detail.push_str(&format!("; first violation: {v}"));
     }
     Verdict {
         name: String::new(),
-        passed: violations.is_empty(),
-        figure: format!("{} violations", violations.len()),
+        passed: violations == 0 && judged > 0,
+        figure: format!("{violations} violations"),
         bound: "0".into(),
         seconds: None,
-        detail,
+        detail: if judged == 0 {
+            format!(
+                "{detail}; nothing was judged (no answer fell where an expectation was in force)"
+            )
+        } else {
+            detail
+        },
     }
 }
 
@@ -1730,5 +1840,147 @@ mod tests {
                 .starts_with("during faults 0.0% (0/1), outside 100.0% (1/1)"),
             "{v:?}"
         );
+    }
+
+    /// A trace of the policy-race shape: n1 pushes web-allow (clients only)
+    /// at 1 s; n2 serves web and runs the pushed version from 1.5 s; n3 is
+    /// a denied caller. `answers` are n3's requests (sent_at, status).
+    fn authz_trace(answers: &[(f64, u16)]) -> (Truth, Trace) {
+        let doc = "apiVersion: shoal.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-allow}\nspec:\n  target: web\n  rules:\n  - from: [client]\n";
+        let push = Action::PushPolicy {
+            node: "n1".into(),
+            kind: "AuthorizationPolicy".into(),
+            name: "web-allow".into(),
+            document: doc.into(),
+            source: "inline".into(),
+            expect_authz: vec![
+                AuthzExpectation {
+                    from: "client".into(),
+                    service: "web".into(),
+                    path: "/".into(),
+                    method: None,
+                    allowed: true,
+                },
+                AuthzExpectation {
+                    from: "denied".into(),
+                    service: "web".into(),
+                    path: "/".into(),
+                    method: None,
+                    allowed: false,
+                },
+            ],
+        };
+        let version = "1764072000123.0@n1";
+        let view_at = |t: f64| {
+            let mut v = View::empty("n2");
+            v.alive = names(ALL);
+            if t >= 1.5 {
+                v.policies.insert(
+                    "AuthorizationPolicy/web-allow".into(),
+                    format!("{version} abc123"),
+                );
+            }
+            Sample { t, views: vec![v] }
+        };
+        let mut t = trace(
+            vec![step(1.0, push)],
+            (0..10).map(|i| view_at(i as f64 * 0.5)).collect(),
+        );
+        t.service = Some("web".into());
+        t.policy_docs.insert(
+            version.into(),
+            crate::runner::PolicyDoc {
+                policy: "AuthorizationPolicy/web-allow".into(),
+                document: doc.into(),
+            },
+        );
+        t.requests = answers
+            .iter()
+            .map(|&(at, status)| RequestRecord {
+                t: at,
+                sent_at: at,
+                client: "n3".into(),
+                denied: true,
+                method: "GET".into(),
+                idempotent: true,
+                status: Some(status),
+                error: (status == 403).then(|| "forbidden".into()),
+                latency: 0.01,
+                served_by: (status < 300).then(|| "n2".into()),
+            })
+            .collect();
+        let mut truth = Truth::new(&t);
+        truth.callers = BTreeMap::from([
+            ("n1".to_string(), CLIENT_IDENTITY.to_string()),
+            ("n2".to_string(), "web".to_string()),
+            ("n3".to_string(), DENIED_IDENTITY.to_string()),
+        ]);
+        truth.servers = names(&["n2"]);
+        (truth, t)
+    }
+
+    #[test]
+    fn authz_passes_when_answers_match_the_declared_outcomes() {
+        // Before the policy is in force nothing is declared (a 200 then is
+        // not judged); after it, the denied caller is refused.
+        let (truth, t) = authz_trace(&[(0.2, 200), (2.2, 403), (3.1, 403)]);
+        let v = authz(&truth, &t);
+        assert!(v.passed, "{v:?}");
+        assert!(v.detail.starts_with("2 answers judged"), "{v:?}");
+    }
+
+    #[test]
+    fn a_broken_authorize_that_admits_everyone_fails_authz() {
+        // What a mesh whose authorize allowed every caller would record:
+        // the denied caller served 200 while its refusal was in force. The
+        // oracle is the scenario's declaration, not the mesh's code, so the
+        // same broken code cannot vouch for itself.
+        let (truth, t) = authz_trace(&[(2.2, 200), (3.1, 403)]);
+        let v = authz(&truth, &t);
+        assert!(!v.passed, "{v:?}");
+        assert_eq!(v.figure, "1 violations");
+        assert!(v.detail.contains("first violation"), "{v:?}");
+        assert!(v.detail.contains("served by n2"), "{v:?}");
+    }
+
+    #[test]
+    fn a_refusal_of_a_declared_allowed_caller_fails_authz() {
+        let (truth, mut t) = authz_trace(&[]);
+        t.requests = vec![RequestRecord {
+            t: 2.2,
+            sent_at: 2.2,
+            client: "n1".into(),
+            denied: false,
+            method: "PUT".into(),
+            idempotent: true,
+            status: Some(403),
+            error: Some("forbidden".into()),
+            latency: 0.01,
+            served_by: None,
+        }];
+        let v = authz(&truth, &t);
+        assert!(!v.passed, "{v:?}");
+        assert!(v.detail.contains("1 403 declared allowed"), "{v:?}");
+    }
+
+    #[test]
+    fn authz_that_judged_nothing_does_not_pass() {
+        // Every answer came before the policy was in force.
+        let (truth, t) = authz_trace(&[(0.2, 200), (0.6, 200)]);
+        let v = authz(&truth, &t);
+        assert!(!v.passed, "{v:?}");
+        assert!(v.detail.contains("nothing was judged"), "{v:?}");
+    }
+
+    #[test]
+    fn versions_order_by_wall_then_logical_then_node() {
+        let v = |s: &str| s.parse::<Version>().unwrap();
+        assert!(v("10.0@a") < v("10.1@a"));
+        assert!(v("10.9@z") < v("11.0@a"));
+        assert!(v("10.1@a") < v("10.1@b"));
+        assert_eq!(v("1764072000123.4@n1").to_string(), "1764072000123.4@n1");
+        for bad in ["", "10@a", "10.0@", "x.0@a", "10.0"] {
+            assert!(bad.parse::<Version>().is_err(), "{bad:?}");
+        }
     }
 }

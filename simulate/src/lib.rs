@@ -21,6 +21,7 @@ pub mod cli;
 pub mod faults;
 pub mod invariants;
 pub mod model;
+pub mod model_net;
 pub mod process;
 pub mod report;
 pub mod runner;

@@ -178,6 +178,10 @@ pub enum Action {
         document: String,
         /// Where it came from: a file name, or `inline`.
         source: String,
+        /// What the scenario's author says this document allows: the
+        /// `authz` invariant's oracle, judged on every node that runs the
+        /// version this step pushed (never by asking the mesh's code).
+        expect_authz: Vec<AuthzExpectation>,
     },
     /// Offset `node`'s hybrid-logical-clock wall time by `offset_ms`.
     Skew { node: String, offset_ms: i64 },
@@ -188,6 +192,51 @@ pub enum Action {
     /// that, for a window, forges gossip and policy (see
     /// [`crate::byzantine`]).
     Byzantine(Box<Byzantine>),
+}
+
+/// One declared authorization outcome: whether a caller may reach a path of
+/// a service while the document of its push step is in force.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzExpectation {
+    /// The caller: a node name (`n3`) or the service identity its
+    /// certificate names (`client`, `denied`, or a service it fronts).
+    pub from: String,
+    /// The target service.
+    pub service: String,
+    /// Path prefix the expectation covers (`/` for every path).
+    #[serde(default = "root_path")]
+    pub path: String,
+    /// Method the expectation covers (every method when absent).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Whether the request should be answered (true) or refused 403 (false).
+    pub allowed: bool,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+impl AuthzExpectation {
+    /// Whether this expectation speaks about a request from `node` (whose
+    /// certificate names `identity`) to `service` with `method` and `path`.
+    pub fn covers(
+        &self,
+        node: &str,
+        identity: &str,
+        service: &str,
+        method: &str,
+        path: &str,
+    ) -> bool {
+        (self.from == node || self.from == identity)
+            && self.service == service
+            && path.starts_with(&self.path)
+            && self
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+    }
 }
 
 /// What a `byzantine` rogue forges each round.
@@ -343,7 +392,9 @@ pub enum InvariantSpec {
     /// No acknowledged policy write is lost: at the end every healthy node
     /// runs, per policy, a version at least as high as every acknowledged one.
     NoAckLost,
-    /// No caller gets a 2xx from a node whose policy in force denies it.
+    /// No caller gets a 2xx where the scenario's `expect_authz` says it is
+    /// refused, and no caller is refused 403 where it says it is allowed
+    /// (judged on the serving node's policy versions before and after).
     Authz,
     /// No data-plane stream reaches a byzantine rogue, every 2xx comes from
     /// a node the scenario says serves the service, and no node lists a
@@ -703,9 +754,9 @@ impl fmt::Display for InvariantSpec {
                 ms(*within)
             ),
             InvariantSpec::NoAckLost => f.write_str("no acknowledged policy write is lost"),
-            InvariantSpec::Authz => {
-                f.write_str("no caller gets a 2xx from a node whose policy in force denies it")
-            }
+            InvariantSpec::Authz => f.write_str(
+                "every answer matches the outcomes the scenario declares (expect_authz)",
+            ),
             InvariantSpec::NoRogueTraffic => f.write_str(
                 "no request reaches a rogue or is answered by a node not serving the service",
             ),
@@ -818,6 +869,7 @@ struct RawStep {
     every: Option<String>,
     flood: Option<usize>,
     join: Option<bool>,
+    expect_authz: Option<Vec<AuthzExpectation>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1071,6 +1123,15 @@ impl RawScenario {
                     within: need(&raw.within, "within")?,
                 },
                 "no-ack-lost" => InvariantSpec::NoAckLost,
+                "authz"
+                    if !steps.iter().any(|s| {
+                        matches!(&s.action, Action::PushPolicy { expect_authz, .. } if !expect_authz.is_empty())
+                    }) =>
+                {
+                    return invalid(field(
+                        "needs a push-policy step with `expect_authz` (the declared outcomes it judges by)",
+                    ));
+                }
                 "authz" => InvariantSpec::Authz,
                 "no-rogue-traffic" | "no-forged-policy"
                     if !steps
@@ -1393,7 +1454,7 @@ impl RawStep {
                 }
             }
             "push-policy" => {
-                allow(&["node", "file", "policy"])?;
+                allow(&["node", "file", "policy", "expect_authz"])?;
                 let node = r.node(&self.node)?;
                 let (document, source) = match (&self.file, &self.policy) {
                     (Some(f), None) => {
@@ -1407,12 +1468,28 @@ impl RawStep {
                 };
                 let doc = node::policy::Document::parse(&document)
                     .map_err(|p| format!("the policy is invalid: {p}"))?;
+                let expect_authz = self.expect_authz.clone().unwrap_or_default();
+                for (i, e) in expect_authz.iter().enumerate() {
+                    let bad = |m: &str| Err(format!("expect_authz[{i}]: {m}"));
+                    if e.from.trim().is_empty() || e.service.trim().is_empty() {
+                        return bad("`from` and `service` must not be empty");
+                    }
+                    if !e.path.starts_with('/') {
+                        return bad("`path` must start with /");
+                    }
+                    if e.method.as_deref().is_some_and(|m| {
+                        m.is_empty() || !m.chars().all(|c| c.is_ascii_alphabetic())
+                    }) {
+                        return bad("`method` must be an HTTP method such as GET");
+                    }
+                }
                 Action::PushPolicy {
                     node,
                     kind: doc.kind.to_string(),
                     name: doc.name.clone(),
                     document,
                     source,
+                    expect_authz,
                 }
             }
             "skew" => {
@@ -1661,6 +1738,7 @@ impl RawStep {
         add(self.every.is_some(), "every");
         add(self.flood.is_some(), "flood");
         add(self.join.is_some(), "join");
+        add(self.expect_authz.is_some(), "expect_authz");
         v
     }
 }

@@ -90,7 +90,45 @@ fn model_refuses_beyond_the_ceiling_and_runs_below_it() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("seed 3") && text.contains("baseline"),
+        text.contains("seed 3") && text.contains("endpoint 99%"),
         "{text}"
     );
+
+    // Zones, churn and a partition through the flags; the row and the
+    // partition line come out.
+    let out = simulate()
+        .args([
+            "model",
+            "--nodes",
+            "12",
+            "--zones",
+            "2",
+            "--churn",
+            "1",
+            "--partition-zone",
+            "1",
+            "--seed",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 zone(s)"), "{text}");
+    assert!(text.contains("partition of zone 1"), "{text}");
+
+    let out = simulate()
+        .args([
+            "model",
+            "--nodes",
+            "12",
+            "--zones",
+            "2",
+            "--partition-zone",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--partition-zone"));
 }

@@ -1,0 +1,242 @@
+//! The one source of truth for how Shoal configures chitchat: the
+//! [`ChitchatConfig`] a node runs with, the construction of its chitchat
+//! node id, and the key names it publishes (the node schema of
+//! [`crate::schema`], re-exported here, and the zone / backbone keys).
+//!
+//! [`crate::Gossip::start`] builds its chitchat instance with
+//! [`chitchat_config`]; `simulate model` builds every model node with the
+//! same function, so the model runs the settings that ship.
+//!
+//! ## Failure detector
+//!
+//! chitchat keeps one sampling window of heartbeat intervals (8 bytes a
+//! sample) per peer, so every node pays `peers × window × 8` bytes and a
+//! pool pays N² × window × 8. Shoal uses [`SAMPLING_WINDOW`] samples instead
+//! of chitchat's default 1,000: the phi estimate is a smoothed mean of the
+//! intervals (chitchat adds a prior of 5 samples at `initial_interval`), and
+//! with a steady gossip interval 100 recent samples estimate it as well as
+//! 1,000 do, while a node in a 1,000-member pool keeps 0.8 MB of windows
+//! instead of 8 MB (the whole 1,000-node model: 0.8 GB instead of 8 GB).
+//!
+//! `max_interval` drops heartbeat gaps longer than 20 rounds (2 s at
+//! least) from the estimate, so a node that was partitioned away does not
+//! teach its peers that long silences are normal.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig};
+
+pub use crate::schema::{SCHEMA_VERSION, keys};
+
+/// Cluster id of a single-pool mesh (and the base of zone pool ids).
+pub const CLUSTER_ID: &str = "shoal";
+
+/// Default gossip interval.
+pub const INTERVAL: Duration = Duration::from_millis(500);
+
+/// Default phi-accrual threshold.
+pub const PHI_THRESHOLD: f64 = 8.0;
+
+/// Heartbeat intervals each node keeps per peer (chitchat's default: 1,000).
+pub const SAMPLING_WINDOW: usize = 100;
+
+/// How long dead and left members stay listed before they are forgotten.
+pub const DEAD_GRACE: Duration = Duration::from_secs(3600);
+
+/// Gossip settings that shape chitchat's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuning {
+    /// Interval between gossip rounds.
+    pub interval: Duration,
+    /// Phi-accrual threshold.
+    pub phi_threshold: f64,
+    /// Heartbeat intervals kept per peer.
+    pub sampling_window: usize,
+    /// How long dead members stay listed.
+    pub dead_grace: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            interval: INTERVAL,
+            phi_threshold: PHI_THRESHOLD,
+            sampling_window: SAMPLING_WINDOW,
+            dead_grace: DEAD_GRACE,
+        }
+    }
+}
+
+impl Tuning {
+    /// Longest heartbeat gap counted in the phi estimate.
+    pub fn max_interval(&self) -> Duration {
+        (self.interval * 20).max(Duration::from_secs(2))
+    }
+
+    /// The failure detector's settings.
+    pub fn failure_detector(&self) -> FailureDetectorConfig {
+        FailureDetectorConfig {
+            phi_threshold: self.phi_threshold,
+            sampling_window_size: self.sampling_window.max(1),
+            max_interval: self.max_interval(),
+            initial_interval: self.interval,
+            dead_node_grace_period: self.dead_grace,
+        }
+    }
+}
+
+/// The chitchat node id of a node called `name`, incarnation `generation`,
+/// gossiping at `addr`.
+pub fn node_id(name: &str, generation: u64, addr: SocketAddr) -> ChitchatId {
+    ChitchatId::new(name.to_string(), generation, addr)
+}
+
+/// The chitchat configuration a Shoal node runs with. `seeds` must not name
+/// `id`'s own address (see [`seeds_without_self`]).
+pub fn chitchat_config(
+    id: ChitchatId,
+    cluster_id: &str,
+    seeds: Vec<String>,
+    tuning: &Tuning,
+) -> ChitchatConfig {
+    ChitchatConfig {
+        listen_addr: id.gossip_advertise_addr,
+        chitchat_id: id,
+        cluster_id: cluster_id.to_string(),
+        gossip_interval: tuning.interval,
+        seed_nodes: seeds,
+        failure_detector_config: tuning.failure_detector(),
+        marked_for_deletion_grace_period: tuning.dead_grace.max(Duration::from_secs(3600)),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V1,
+    }
+}
+
+/// `seeds` without the literal address `own` (chitchat must not gossip
+/// with itself).
+pub fn seeds_without_self(seeds: &[String], own: SocketAddr) -> Vec<String> {
+    seeds
+        .iter()
+        .filter(|s| s.parse::<SocketAddr>().ok() != Some(own))
+        .cloned()
+        .collect()
+}
+
+/// Zone pools and the backbone: each zone is its own chitchat cluster; a
+/// few representatives per zone also join the backbone cluster and carry
+/// per-zone summaries between zones.
+pub mod zones {
+    /// Representatives per zone in the backbone.
+    pub const REPRESENTATIVES: usize = 3;
+
+    /// Cluster id of zone `zone`'s pool.
+    pub fn zone_cluster(base: &str, zone: &str) -> String {
+        format!("{base}/zone/{zone}")
+    }
+
+    /// Cluster id of the backbone pool.
+    pub fn backbone_cluster(base: &str) -> String {
+        format!("{base}/backbone")
+    }
+
+    /// Prefix of every summary key (in the backbone, and republished into
+    /// each zone pool): `zone:<zone>:...`.
+    pub const SUMMARY_PREFIX: &str = "zone:";
+
+    /// Key of zone `zone`'s summary of service `service`: a JSON array of
+    /// the healthy endpoints' names (bounded by [`MAX_ENDPOINTS`]).
+    pub fn service_key(zone: &str, service: &str) -> String {
+        format!("{SUMMARY_PREFIX}{zone}:svc.{service}")
+    }
+
+    /// Key of zone `zone`'s summary of policy `kind/name`: the highest
+    /// version in force in that zone, as the policy advert (`version hash`).
+    pub fn policy_key(zone: &str, policy: &str) -> String {
+        format!("{SUMMARY_PREFIX}{zone}:policy:{policy}")
+    }
+
+    /// Key of zone `zone`'s load summary: alive members and in-flight sum.
+    pub fn load_key(zone: &str) -> String {
+        format!("{SUMMARY_PREFIX}{zone}:load")
+    }
+
+    /// Endpoints listed per service per zone summary.
+    pub const MAX_ENDPOINTS: usize = 16;
+
+    /// Splits a summary key into (zone, rest).
+    pub fn parse_key(key: &str) -> Option<(&str, &str)> {
+        key.strip_prefix(SUMMARY_PREFIX)?.split_once(':')
+    }
+
+    /// The representatives of a zone: the first [`REPRESENTATIVES`] of its
+    /// alive members by name (deterministic, so every member agrees once
+    /// their views agree; re-chosen as members die or leave).
+    pub fn representatives<'a>(alive: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut names: Vec<&str> = alive.into_iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        names.truncate(REPRESENTATIVES);
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_carries_the_tuning() {
+        let addr: SocketAddr = "10.0.0.1:7000".parse().unwrap();
+        let t = Tuning {
+            interval: Duration::from_millis(300),
+            phi_threshold: 6.0,
+            sampling_window: 50,
+            dead_grace: Duration::from_secs(60),
+        };
+        let c = chitchat_config(
+            node_id("n1", 7, addr),
+            "c",
+            vec!["10.0.0.2:7000".into()],
+            &t,
+        );
+        assert_eq!(c.listen_addr, addr);
+        assert_eq!(c.gossip_interval, Duration::from_millis(300));
+        assert_eq!(c.failure_detector_config.sampling_window_size, 50);
+        assert_eq!(c.failure_detector_config.phi_threshold, 6.0);
+        assert_eq!(
+            c.failure_detector_config.max_interval,
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            c.marked_for_deletion_grace_period,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(c.chitchat_id.generation_id, 7);
+    }
+
+    #[test]
+    fn own_address_is_not_a_seed() {
+        let own: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let seeds = vec![
+            "127.0.0.1:7000".into(),
+            "127.0.0.1:7001".into(),
+            "db:7000".into(),
+        ];
+        assert_eq!(
+            seeds_without_self(&seeds, own),
+            vec!["127.0.0.1:7001".to_string(), "db:7000".to_string()]
+        );
+    }
+
+    #[test]
+    fn representatives_are_the_first_three_names() {
+        let r = zones::representatives(["n5", "n1", "n9", "n1", "n3"]);
+        assert_eq!(r, vec!["n1", "n3", "n5"]);
+        assert_eq!(zones::representatives(["a"]), vec!["a"]);
+        let k = zones::service_key("eu-1", "web");
+        assert_eq!(zones::parse_key(&k), Some(("eu-1", "svc.web")));
+        assert_eq!(zones::parse_key("svc.web"), None);
+    }
+}
