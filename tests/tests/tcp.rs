@@ -174,6 +174,28 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     .ok()
 }
 
+/// `promtool check metrics` finds nothing wrong with `text`.
+async fn promtool_clean(text: &str) {
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    let mut stdin = p.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = p.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The value of the first metric line starting with `prefix` and holding
 /// every one of `labels`.
 fn metric(text: &str, prefix: &str, labels: &[&str]) -> f64 {
@@ -253,6 +275,7 @@ async fn redis_cli_ping_a_1mib_value_and_a_10000_command_pipeline() {
         &["direction=\"outbound\"", "flow=\"to_service\""],
     );
     assert!(to_service > (1 << 20) as f64, "{to_service}");
+    promtool_clean(&m).await;
     let (_, stats) = tests::admin_get(server.admin_addr(), "/v1/stats/tcp").await;
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     let edge = &stats[0];

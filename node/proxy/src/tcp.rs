@@ -70,14 +70,15 @@ pub(crate) fn is_tcp(shared: &Shared, service: &str) -> Option<bool> {
     Some(info.endpoints.iter().any(|e| e.record.protocol == "tcp"))
 }
 
-/// Waits up to `wait` for gossip to publish `service`; then [`is_tcp`].
+/// [`is_tcp`], waiting up to `wait` while the routing table is not built
+/// yet (a node just started has not heard who serves what).
 pub(crate) async fn wait_protocol(shared: &Shared, service: &str, wait: Duration) -> Option<bool> {
     let end = Instant::now() + wait;
     loop {
         if let Some(p) = is_tcp(shared, service) {
             return Some(p);
         }
-        if Instant::now() >= end {
+        if shared.routes_ready() || Instant::now() >= end {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
