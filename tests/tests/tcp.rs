@@ -584,3 +584,47 @@ async fn authorization_by_identity_admits_or_closes_tcp_connections() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_caller_keeps_open_tcp_connections_until_they_close() {
+    let echo = banner_server("ready\n").await;
+    let mut mesh = Mesh::new();
+    let _server = mesh.start(tcp_server(&mesh, "s1", &[("echo", echo)])).await;
+    let services = ["echo".to_string()];
+    let client = mesh
+        .client("c1", move |c| {
+            c.proxy.drain_timeout = Duration::from_secs(20);
+            for s in services {
+                c.proxy.upstreams.push(UpstreamListener {
+                    service: s,
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                });
+            }
+        })
+        .await;
+    tcp_routable(&client, "echo", 1).await;
+    let mut s = TcpStream::connect(client.upstream_addr("echo").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(greeting(&mut s).await, "ready\n");
+    assert_eq!(
+        client.proxy().in_flight(),
+        1,
+        "the open connection is in flight"
+    );
+    let t0 = Instant::now();
+    let drain = tokio::spawn(client.drain());
+    // While the node drains, the open connection keeps working.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!drain.is_finished(), "the drain waits for the connection");
+    s.write_all(b"still here\n").await.unwrap();
+    assert_eq!(greeting(&mut s).await, "still here\n");
+    // Closing it lets the drain finish with nothing cut off.
+    drop(s);
+    let left = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain ends once the connection closed")
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+}
