@@ -628,3 +628,38 @@ async fn a_draining_caller_keeps_open_tcp_connections_until_they_close() {
     assert_eq!(left, 0);
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_its_own_tcp_service_directly_and_idle_connections_close() {
+    let greet = banner_server("hello from here\n").await;
+    let mut mesh = Mesh::new();
+    let mut cfg = tcp_server(&mesh, "s1", &[("greet", greet)]);
+    cfg.proxy.tcp_idle_timeout = Duration::from_millis(700);
+    cfg.proxy.upstreams.push(UpstreamListener {
+        service: "greet".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+    });
+    let node = mesh.start(cfg).await;
+    tcp_routable(&node, "greet", 1).await;
+    let mut s = TcpStream::connect(node.upstream_addr("greet").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(greeting(&mut s).await, "hello from here\n");
+    s.write_all(b"echo\n").await.unwrap();
+    assert_eq!(greeting(&mut s).await, "echo\n");
+    // Silent for the idle timeout: the node closes it.
+    let took = closed_within(&mut s, PROMPT)
+        .await
+        .expect("an idle connection is closed");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    let (_, m) = tests::admin_get(node.admin_addr(), "/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "shoal_tcp_connections_closed_total",
+            &["direction=\"outbound\"", "outcome=\"idle\""]
+        ),
+        1.0,
+        "{m}"
+    );
+}
