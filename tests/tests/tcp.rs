@@ -174,6 +174,28 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     .ok()
 }
 
+/// `promtool check metrics` finds nothing wrong with `text`.
+async fn promtool_clean(text: &str) {
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    let mut stdin = p.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = p.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The value of the first metric line starting with `prefix` and holding
 /// every one of `labels`.
 fn metric(text: &str, prefix: &str, labels: &[&str]) -> f64 {
@@ -253,6 +275,7 @@ async fn redis_cli_ping_a_1mib_value_and_a_10000_command_pipeline() {
         &["direction=\"outbound\"", "flow=\"to_service\""],
     );
     assert!(to_service > (1 << 20) as f64, "{to_service}");
+    promtool_clean(&m).await;
     let (_, stats) = tests::admin_get(server.admin_addr(), "/v1/stats/tcp").await;
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     let edge = &stats[0];
@@ -558,6 +581,85 @@ async fn authorization_by_identity_admits_or_closes_tcp_connections() {
             "shoal_policy_denied_total",
             &["service=\"db\"", "authorization"]
         ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_caller_keeps_open_tcp_connections_until_they_close() {
+    let echo = banner_server("ready\n").await;
+    let mut mesh = Mesh::new();
+    let _server = mesh.start(tcp_server(&mesh, "s1", &[("echo", echo)])).await;
+    let services = ["echo".to_string()];
+    let client = mesh
+        .client("c1", move |c| {
+            c.proxy.drain_timeout = Duration::from_secs(20);
+            for s in services {
+                c.proxy.upstreams.push(UpstreamListener {
+                    service: s,
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                });
+            }
+        })
+        .await;
+    tcp_routable(&client, "echo", 1).await;
+    let mut s = TcpStream::connect(client.upstream_addr("echo").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(greeting(&mut s).await, "ready\n");
+    assert_eq!(
+        client.proxy().in_flight(),
+        1,
+        "the open connection is in flight"
+    );
+    let t0 = Instant::now();
+    let drain = tokio::spawn(client.drain());
+    // While the node drains, the open connection keeps working.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!drain.is_finished(), "the drain waits for the connection");
+    s.write_all(b"still here\n").await.unwrap();
+    assert_eq!(greeting(&mut s).await, "still here\n");
+    // Closing it lets the drain finish with nothing cut off.
+    drop(s);
+    let left = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain ends once the connection closed")
+        .unwrap();
+    assert_eq!(left, 0);
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_its_own_tcp_service_directly_and_idle_connections_close() {
+    let greet = banner_server("hello from here\n").await;
+    let mut mesh = Mesh::new();
+    let mut cfg = tcp_server(&mesh, "s1", &[("greet", greet)]);
+    cfg.proxy.tcp_idle_timeout = Duration::from_millis(700);
+    cfg.proxy.upstreams.push(UpstreamListener {
+        service: "greet".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+    });
+    let node = mesh.start(cfg).await;
+    tcp_routable(&node, "greet", 1).await;
+    let mut s = TcpStream::connect(node.upstream_addr("greet").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(greeting(&mut s).await, "hello from here\n");
+    s.write_all(b"echo\n").await.unwrap();
+    assert_eq!(greeting(&mut s).await, "echo\n");
+    // Silent for the idle timeout: the node closes it.
+    let took = closed_within(&mut s, PROMPT)
+        .await
+        .expect("an idle connection is closed");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    let (_, m) = tests::admin_get(node.admin_addr(), "/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "shoal_tcp_connections_closed_total",
+            &["direction=\"outbound\"", "outcome=\"idle\""]
+        ),
+        1.0,
         "{m}"
     );
 }

@@ -489,6 +489,12 @@ fn from_file(i: usize, s: ServiceFile) -> Result<ServiceSpec, ConfigError> {
     let addr = resolve(&s.address).map_err(|m| ConfigError::new(field("address"), m))?;
     let mut spec = ServiceSpec::new(s.name, addr, s.protocol);
     if let Some(p) = s.health_path {
+        if spec.protocol == Protocol::Tcp {
+            return Err(ConfigError::new(
+                field("health_path"),
+                "a tcp service is checked by a TCP connect; remove health_path",
+            ));
+        }
         if !p.starts_with('/') {
             return Err(ConfigError::new(
                 field("health_path"),

@@ -22,7 +22,10 @@
 //! totals per edge at `/v1/stats/tcp` ([`TcpStats::edges`]).
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -34,7 +37,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use transport::Identity;
 
@@ -44,7 +47,7 @@ use crate::frame::{
     TCP_NOT_TCP, TCP_OK, TCP_REFUSED, TCP_UNAUTHORIZED, TCP_UNKNOWN_SERVICE, TcpHead,
 };
 use crate::local::LocalService;
-use crate::splice::{Outcome, Splice, Spliced, abort_tcp};
+use crate::splice::{Outcome, Side, Splice, Spliced, abort_tcp};
 use crate::state::{Shared, peer_serves};
 use crate::stats::Direction;
 
@@ -70,14 +73,15 @@ pub(crate) fn is_tcp(shared: &Shared, service: &str) -> Option<bool> {
     Some(info.endpoints.iter().any(|e| e.record.protocol == "tcp"))
 }
 
-/// Waits up to `wait` for gossip to publish `service`; then [`is_tcp`].
+/// [`is_tcp`], waiting up to `wait` while the routing table is not built
+/// yet (a node just started has not heard who serves what).
 pub(crate) async fn wait_protocol(shared: &Shared, service: &str, wait: Duration) -> Option<bool> {
     let end = Instant::now() + wait;
     loop {
         if let Some(p) = is_tcp(shared, service) {
             return Some(p);
         }
-        if Instant::now() >= end {
+        if shared.routes_ready() || Instant::now() >= end {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -277,34 +281,52 @@ impl Opened {
         let open = shared
             .tcp
             .opened(Direction::Outbound, &source, &self.service);
-        let splice = Splice::new(shared.config.tcp_idle_timeout);
+        let idle = shared.config.tcp_idle_timeout;
         let done = match self.way {
-            Way::Mesh(send, recv) => splice.run_io(io, send, recv).await,
-            Way::Local(local) => splice_local(splice, io, local).await,
+            Way::Mesh(send, recv) => Splice::new(idle).run_io(io, send, recv).await,
+            Way::Local(local) => splice_local(idle, io, local).await,
         };
         shared.tcp.closed(open, &done);
         done
     }
 }
 
-/// A tunnel to an instance behind this node: TCP to TCP, no QUIC.
-async fn splice_local<T>(splice: Splice, io: T, local: TcpStream) -> Spliced
+/// A tunnel to an instance behind this node: TCP to TCP, no QUIC, with the
+/// same idle timeout.
+async fn splice_local<T>(idle: Duration, io: T, local: TcpStream) -> Spliced
 where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let _ = splice;
     let start = Instant::now();
-    let mut io = io;
-    let mut local = local;
-    let r = tokio::io::copy_bidirectional(&mut io, &mut local).await;
-    let (outcome, up, down, detail) = match r {
-        Ok((up, down)) => (Outcome::Clean, up, down, None),
-        Err(e) => (
-            Outcome::Reset(crate::splice::Side::Local),
-            0,
-            0,
-            Some(e.to_string()),
-        ),
+    let last = Arc::new(AtomicU64::new(0));
+    let mut app = Touching {
+        inner: io,
+        start,
+        last: last.clone(),
+    };
+    let mut local = Touching {
+        inner: local,
+        start,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut app, &mut local);
+    let watch = async {
+        loop {
+            let since = Duration::from_nanos(last.load(Ordering::Relaxed));
+            let due = since + idle;
+            let now = start.elapsed();
+            if now >= due {
+                return;
+            }
+            tokio::time::sleep(due - now).await;
+        }
+    };
+    let (outcome, (up, down), detail) = tokio::select! {
+        r = copy => match r {
+            Ok(n) => (Outcome::Clean, n, None),
+            Err(e) => (Outcome::Reset(Side::Local), (0, 0), Some(e.to_string())),
+        },
+        _ = watch => (Outcome::Idle, (0, 0), None),
     };
     Spliced {
         local_to_mesh: up,
@@ -312,6 +334,57 @@ where
         outcome,
         detail,
         duration: start.elapsed(),
+    }
+}
+
+/// A stream that notes when bytes last moved through it.
+struct Touching<T> {
+    inner: T,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Touching<T> {
+    fn touch(&self) {
+        let now = self.start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Touching<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Touching<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
