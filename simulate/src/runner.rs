@@ -827,6 +827,9 @@ impl SimCluster {
             .map(|n| (n.name.as_str(), n.config.zone.as_str()))
             .collect();
         let pools = self.nodes.iter().any(|n| n.config.zone_pools);
+        // A `shoal node` process's view comes from its admin API, which
+        // does not list relayed representatives: only membership is waited for.
+        let reps_known = !self.nodes.iter().any(|n| n.command.is_some());
         let zones: BTreeSet<&str> = zone_of.values().copied().collect();
         let formed = |v: &View| {
             if !pools {
@@ -839,9 +842,10 @@ impl SimCluster {
                 .cloned()
                 .collect();
             v.alive == want
-                && zones
-                    .iter()
-                    .all(|z| *z == own || v.reps.get(*z).is_some_and(|r| !r.is_empty()))
+                && (!reps_known
+                    || zones
+                        .iter()
+                        .all(|z| *z == own || v.reps.get(*z).is_some_and(|r| !r.is_empty())))
         };
         loop {
             let sample = sample(&self.live, None, 0.0).await;
@@ -1433,6 +1437,13 @@ fn process_command(
     ];
     if let Some(seed) = config.proxy.rng_seed {
         args.push(format!("--rng-seed={seed}"));
+    }
+    if config.zone_pools {
+        args.push("--zone-pools".into());
+        args.push(format!(
+            "--zone-representatives={}",
+            config.zone_representatives
+        ));
     }
     if let Some(d) = &config.data_dir {
         args.push(format!("--data-dir={}", d.display()));
