@@ -288,8 +288,9 @@ pub fn estimated_peak_bytes(config: &ModelConfig) -> u64 {
 }
 
 /// Bytes a member's state costs each other member of its pool, besides the
-/// sampling window (fitted: see docs/SIMULATE.md).
-const PER_PAIR_STATE_BYTES: u64 = 1_500;
+/// sampling window. Fitted: 200 nodes in one pool peak at 176 MB with a
+/// 10-sample window, 204 MB with 100, 478 MB with 1,000 (docs/SIMULATE.md).
+const PER_PAIR_STATE_BYTES: u64 = 4_000;
 
 /// 80% of the memory the kernel says is available now.
 pub fn default_memory_limit() -> u64 {
@@ -390,6 +391,8 @@ struct Model<'a> {
     /// Nodes the phases rely on (never churned away).
     protected: HashSet<usize>,
     tick: u64,
+    /// Nodes holding a backbone seat now.
+    seats: usize,
 }
 
 fn zone_name(z: usize) -> String {
@@ -445,6 +448,7 @@ async fn simulate(config: &ModelConfig, wall_start: Instant) -> Result<ModelRepo
         leaves: 0,
         protected: HashSet::new(),
         tick: 0,
+        seats: 0,
     };
     for i in 0..n {
         model.spawn(i, zone_of(i)).await?;
@@ -714,11 +718,10 @@ impl Model<'_> {
             .expect("a zone has more members than representatives")
     }
 
-    /// Whether the backbone, as this model's representatives see it, holds
-    /// `want` members everywhere.
+    /// Whether the backbone holds `want` members (every zone's
+    /// representatives and nobody else).
     fn backbone_complete(&self, want: usize) -> bool {
-        let seats = self.nodes.iter().filter(|m| m.backbone.is_some()).count();
-        seats == want
+        self.seats == want
     }
 
     /// Whether node `i` (its pool state locked as `c`) can route to the
@@ -976,6 +979,7 @@ impl Model<'_> {
         if let Ok(h) = chitchat::spawn_chitchat(config, kvs, &self.transport).await {
             let z = self.nodes[i].zone;
             self.nodes[i].backbone = Some(h);
+            self.seats += 1;
             self.nodes[i].in_backbone.clear();
             if !self.ever_reps[z].contains(&i) {
                 self.ever_reps[z].push(i);
@@ -985,6 +989,7 @@ impl Model<'_> {
 
     async fn leave_backbone(&mut self, i: usize) {
         if let Some(h) = self.nodes[i].backbone.take() {
+            self.seats -= 1;
             let _ = h.shutdown().await;
         }
         // Withdraw what it republished into its pool (empty = deleted).
