@@ -3,7 +3,8 @@
 //!
 //! This crate owns the chitchat instance, the bridge that moves its bytes over
 //! QUIC ([`relay`]), the typed schema of what a node publishes ([`schema`]),
-//! and the membership view with its change events ([`membership`]). It must
+//! the membership view with its change events ([`membership`]), and zone
+//! pools with their representatives and backbone ([`zone`]). It must
 //! not touch HTTP, policy or the proxy: those live in `node` and publish
 //! through [`Gossip::set_key`].
 #![forbid(unsafe_code)]
