@@ -126,10 +126,18 @@ pub fn seeds_without_self(seeds: &[String], own: SocketAddr) -> Vec<String> {
 
 /// Zone pools and the backbone: each zone is its own chitchat cluster; a
 /// few representatives per zone also join the backbone cluster and carry
-/// per-zone summaries between zones.
+/// per-zone summaries between zones. The names and the representative rule
+/// are [`crate::zone`]'s, which the nodes run; this module only gives them
+/// the shape `simulate model` calls.
 pub mod zones {
-    /// Representatives per zone in the backbone.
-    pub const REPRESENTATIVES: usize = 3;
+    pub use crate::zone::{
+        MAX_ENDPOINTS_PER_SERVICE as MAX_ENDPOINTS, RELAYED_PREFIX, SUMMARY_PREFIX, fnv1a,
+        rank_representatives,
+    };
+
+    /// Representatives per zone in the backbone (the nodes' default
+    /// `--zone-representatives`).
+    pub const REPRESENTATIVES: usize = crate::zone::DEFAULT_REPRESENTATIVES;
 
     /// Cluster id of zone `zone`'s pool.
     pub fn zone_cluster(base: &str, zone: &str) -> String {
@@ -141,42 +149,39 @@ pub mod zones {
         format!("{base}/backbone")
     }
 
-    /// Prefix of every summary key (in the backbone, and republished into
-    /// each zone pool): `zone:<zone>:...`.
-    pub const SUMMARY_PREFIX: &str = "zone:";
-
-    /// Key of zone `zone`'s summary of service `service`: a JSON array of
-    /// the healthy endpoints' names (bounded by [`MAX_ENDPOINTS`]).
+    /// Key of zone `zone`'s summary of service `service` (the nodes publish
+    /// its healthy endpoints there, bounded by [`MAX_ENDPOINTS`]).
     pub fn service_key(zone: &str, service: &str) -> String {
-        format!("{SUMMARY_PREFIX}{zone}:svc.{service}")
+        format!("{SUMMARY_PREFIX}{zone}.svc.{service}")
     }
 
-    /// Key of zone `zone`'s summary of policy `kind/name`: the highest
-    /// version in force in that zone, as the policy advert (`version hash`).
+    /// Key of zone `zone`'s summary of policy `kind/name` in the model: the
+    /// highest version in force there. The nodes instead carry a policy's
+    /// advert itself over the backbone (`policy:<Kind>/<name>` published by
+    /// each representative) beside the `zsum.<zone>.policy` digest; both
+    /// cross zones in one backbone round.
     pub fn policy_key(zone: &str, policy: &str) -> String {
-        format!("{SUMMARY_PREFIX}{zone}:policy:{policy}")
+        format!("{SUMMARY_PREFIX}{zone}.policy.{policy}")
     }
 
-    /// Key of zone `zone`'s load summary: alive members and in-flight sum.
+    /// Key of zone `zone`'s load summary.
     pub fn load_key(zone: &str) -> String {
-        format!("{SUMMARY_PREFIX}{zone}:load")
+        format!("{SUMMARY_PREFIX}{zone}.load")
     }
-
-    /// Endpoints listed per service per zone summary.
-    pub const MAX_ENDPOINTS: usize = 16;
 
     /// Splits a summary key into (zone, rest).
     pub fn parse_key(key: &str) -> Option<(&str, &str)> {
-        key.strip_prefix(SUMMARY_PREFIX)?.split_once(':')
+        key.strip_prefix(SUMMARY_PREFIX)?.split_once('.')
     }
 
-    /// The representatives of a zone: the first [`REPRESENTATIVES`] of its
-    /// alive members by name (deterministic, so every member agrees once
-    /// their views agree; re-chosen as members die or leave).
+    /// The representatives of a zone among its alive members' names:
+    /// [`REPRESENTATIVES`] of them by the nodes' rule
+    /// ([`rank_representatives`]: lowest FNV-1a hash of the name first).
     pub fn representatives<'a>(alive: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
         let mut names: Vec<&str> = alive.into_iter().collect();
         names.sort_unstable();
         names.dedup();
+        rank_representatives(&mut names);
         names.truncate(REPRESENTATIVES);
         names
     }
@@ -231,9 +236,19 @@ mod tests {
     }
 
     #[test]
-    fn representatives_are_the_first_three_names() {
-        let r = zones::representatives(["n5", "n1", "n9", "n1", "n3"]);
-        assert_eq!(r, vec!["n1", "n3", "n5"]);
+    fn representatives_follow_the_nodes_rule() {
+        let names = ["n5", "n1", "n9", "n1", "n3", "n7"];
+        let r = zones::representatives(names);
+        // Oracle: FNV-1a 64 written out here, lowest three hashes.
+        let fnv = |s: &str| {
+            s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            })
+        };
+        let mut want: Vec<&str> = vec!["n5", "n1", "n9", "n3", "n7"];
+        want.sort_by_key(|n| fnv(n));
+        want.truncate(3);
+        assert_eq!(r, want);
         assert_eq!(zones::representatives(["a"]), vec!["a"]);
         let k = zones::service_key("eu-1", "web");
         assert_eq!(zones::parse_key(&k), Some(("eu-1", "svc.web")));

@@ -46,8 +46,8 @@ use crate::membership::{Gossip, GossipConfig, Member, MemberState, Pool, Trust};
 use crate::schema::{Health, NodeRecord, ServiceRecord, ServingState, keys};
 use crate::{BACKBONE_CHANNEL, ZONE_HINT_CHANNEL};
 
-/// The backbone pool's cluster id.
-pub const BACKBONE_CLUSTER: &str = "shoal/backbone";
+/// Representatives per zone unless configured (`--zone-representatives`).
+pub const DEFAULT_REPRESENTATIVES: usize = 3;
 /// Prefix of summary keys on the backbone: `zsum.<zone>.…`.
 pub const SUMMARY_PREFIX: &str = "zsum.";
 /// Prefix of other zones' summaries relayed into a zone's pool: `xz.<zone>.…`.
@@ -67,7 +67,7 @@ pub const MAX_HINT_BYTES: usize = 1024;
 
 /// The cluster id of `zone`'s pool.
 pub fn zone_cluster(zone: &str) -> String {
-    format!("shoal/zone/{zone}")
+    crate::settings::zones::zone_cluster(crate::settings::CLUSTER_ID, zone)
 }
 
 /// Whether `zone` may name a zone pool: 1-64 characters of `A-Z a-z 0-9 _ -`
@@ -90,6 +90,12 @@ pub fn fnv1a(s: &str) -> u64 {
     h
 }
 
+/// Orders names by the representative rule: lowest 64-bit FNV-1a hash of
+/// the name first, ties by name.
+pub fn rank_representatives(names: &mut [&str]) {
+    names.sort_by(|a, b| (fnv1a(a), *a).cmp(&(fnv1a(b), *b)));
+}
+
 /// The representatives of `zone` among `members`: the `n` alive, serving
 /// members of the zone with the lowest FNV-1a hash of their name.
 pub fn representatives<'a>(members: &'a [Member], zone: &str, n: usize) -> Vec<&'a Member> {
@@ -99,7 +105,8 @@ pub fn representatives<'a>(members: &'a [Member], zone: &str, n: usize) -> Vec<&
             m.zone == zone && m.state == MemberState::Alive && m.serving == ServingState::Serving
         })
         .collect();
-    eligible.sort_by(|a, b| (fnv1a(&a.name), &a.name).cmp(&(fnv1a(&b.name), &b.name)));
+    eligible
+        .sort_by(|a, b| (fnv1a(&a.name), a.name.as_str()).cmp(&(fnv1a(&b.name), b.name.as_str())));
     eligible.truncate(n);
     eligible
 }
@@ -419,7 +426,7 @@ impl Inner {
     async fn join_backbone(&self) -> Result<Gossip, crate::GossipError> {
         let zc = self.zone_gossip.config();
         let mut config = GossipConfig::new(zc.name.clone());
-        config.cluster_id = BACKBONE_CLUSTER.into();
+        config.cluster_id = crate::settings::zones::backbone_cluster(crate::settings::CLUSTER_ID);
         config.channel = BACKBONE_CHANNEL;
         config.pool = Pool::Backbone;
         config.interval = zc.interval;
@@ -477,7 +484,7 @@ impl Inner {
             in_flight += eps.iter().map(|e| e.in_flight).sum::<u64>();
             eps.sort_by(|a, b| (a.in_flight, &a.node).cmp(&(b.in_flight, &b.node)));
             eps.truncate(MAX_ENDPOINTS_PER_SERVICE);
-            let key = format!("{SUMMARY_PREFIX}{}.svc.{service}", self.zone);
+            let key = crate::settings::zones::service_key(&self.zone, &service);
             if let Ok(v) = serde_json::to_string(&ServiceSummary { endpoints: eps }) {
                 want.insert(key, v);
             }
