@@ -15,8 +15,9 @@
 //! Beside the path: shared state and the routing table read from gossip
 //! ([`state`]), local instances ([`local`]) and their health checks and
 //! protocol detection ([`health`]), the listeners' accept loop ([`listen`]),
-//! golden signals ([`stats`]), and the byte pump between a local
-//! connection and a QUIC stream for opaque TCP and upgrades ([`splice`]).
+//! golden signals ([`stats`]). Opaque TCP services ([`tcp`], stream kind
+//! 0x02) and `CONNECT` tunnels (`connect.rs`) move bytes with the pump
+//! between a local connection and a QUIC stream ([`splice`]).
 //! The proxy publishes through gossip keys `svc.<name>` and the node's
 //! serving state, and must not touch membership itself.
 
