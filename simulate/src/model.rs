@@ -10,8 +10,9 @@
 //!
 //! What is modelled: the network ([`crate::model_net`]: seeded loss, a
 //! zone cut off from the others, no latency beyond chitchat's own rounds);
-//! the zone-pool design (each zone its own chitchat cluster, the first
-//! [`zones::REPRESENTATIVES`] alive names of a zone also in a backbone
+//! the zone-pool design (each zone its own chitchat cluster, the
+//! [`zones::REPRESENTATIVES`] alive members of a zone that rank first by the
+//! nodes' rule (`gossip::zone::rank_representatives`) also in a backbone
 //! cluster, republishing summaries both ways under the keys of
 //! [`node::gossip::settings::zones`]); values are published unsigned (a real node
 //! prefixes each value with an 88-byte signature and publishes its
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 use chitchat::{ChitchatHandle, ChitchatId};
 use node::gossip::schema::{Health, NodeRecord, ServiceRecord, keys};
 use node::gossip::settings::{self, Tuning, zones};
+use node::gossip::zone::{ServiceSummary, SummaryEndpoint, ZoneLoad};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -740,7 +742,7 @@ impl Model<'_> {
                     .is_some_and(|v| !v.is_empty());
         }
         let key = zones::service_key(&zone_name(xn.zone), NEW_SERVICE);
-        let quoted = format!("\"{}\"", xn.name);
+        let quoted = format!("\"node\":\"{}\"", xn.name);
         self.summary_values(i, c, &key)
             .any(|v| v.contains(quoted.as_str()))
     }
@@ -935,7 +937,8 @@ impl Model<'_> {
     }
 
     /// Each node decides from its own pool view whether it is one of its
-    /// zone's representatives (fewer than three alive names below its own)
+    /// zone's representatives by the nodes' rule (fewer than three alive
+    /// members rank below it: lowest FNV-1a hash of the name first)
     /// and joins or leaves the backbone. A node decides only after ten
     /// rounds in its pool, so a half-formed view elects nobody.
     async fn elect(&mut self) {
@@ -949,9 +952,10 @@ impl Model<'_> {
             let is_rep = {
                 let cc = h.chitchat();
                 let c = cc.lock().await;
+                let own = (zones::fnv1a(&m.name), m.name.as_str());
                 let below = c
                     .live_nodes()
-                    .filter(|id| *id.node_id < *m.name.as_str())
+                    .filter(|id| (zones::fnv1a(&id.node_id), &*id.node_id) < own)
                     .take(zones::REPRESENTATIVES)
                     .count();
                 below < zones::REPRESENTATIVES
@@ -1130,7 +1134,7 @@ fn service_value(zone: usize) -> String {
 /// A zone's summary from its pool: each service's healthy endpoints on
 /// serving nodes (bounded), the highest advert of each policy, the load.
 fn zone_summary(c: &chitchat::Chitchat, zone: &str) -> BTreeMap<String, String> {
-    let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut services: BTreeMap<String, Vec<(String, std::net::SocketAddr)>> = BTreeMap::new();
     let mut policies: BTreeMap<String, (node::policy::Version, String)> = BTreeMap::new();
     let mut alive = 0usize;
     let live: HashSet<&ChitchatId> = c.live_nodes().collect();
@@ -1150,7 +1154,7 @@ fn zone_summary(c: &chitchat::Chitchat, zone: &str) -> BTreeMap<String, String> 
                 services
                     .entry(k[keys::SERVICE_PREFIX.len()..].to_string())
                     .or_default()
-                    .push(id.node_id.to_string());
+                    .push((id.node_id.to_string(), id.gossip_advertise_addr));
             }
         }
         for (k, v) in st.iter_prefix(node::policy::sync::KEY_PREFIX) {
@@ -1172,18 +1176,39 @@ fn zone_summary(c: &chitchat::Chitchat, zone: &str) -> BTreeMap<String, String> 
         }
     }
     let mut out = BTreeMap::new();
+    // The nodes' summary value (`gossip::zone::ServiceSummary`), so its
+    // bytes are what a representative sends; load figures stay at zero.
     for (svc, mut names) in services {
         names.sort_unstable();
         names.truncate(zones::MAX_ENDPOINTS);
+        let summary = ServiceSummary {
+            endpoints: names
+                .into_iter()
+                .map(|(node, addr)| SummaryEndpoint {
+                    node,
+                    addr,
+                    weight: 1,
+                    ewma_ms: 0.0,
+                    in_flight: 0,
+                })
+                .collect(),
+        };
         out.insert(
             zones::service_key(zone, &svc),
-            serde_json::to_string(&names).unwrap_or_default(),
+            serde_json::to_string(&summary).unwrap_or_default(),
         );
     }
     for (name, (_, advert)) in policies {
         out.insert(zones::policy_key(zone, &name), advert);
     }
-    out.insert(zones::load_key(zone), alive.to_string());
+    let load = ZoneLoad {
+        nodes: alive,
+        in_flight: 0,
+    };
+    out.insert(
+        zones::load_key(zone),
+        serde_json::to_string(&load).unwrap_or_default(),
+    );
     out
 }
 
