@@ -450,6 +450,7 @@ pub fn main() -> i32 {
             config.churn = churn;
             config.partition_zone = partition_zone;
             config.wall_limit = wall_limit;
+            config.progress = !json;
             config.seed = seed;
             model_cmd(&nodes, &config, json, report.as_deref())
         }

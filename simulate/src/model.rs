@@ -82,6 +82,8 @@ pub struct ModelConfig {
     pub memory_limit_bytes: u64,
     /// Stop the run (reporting what was measured) after this much wall time.
     pub wall_limit: Duration,
+    /// Print a line on stderr as each phase ends.
+    pub progress: bool,
 }
 
 impl ModelConfig {
@@ -100,6 +102,7 @@ impl ModelConfig {
             traffic_window: Duration::from_secs(10),
             memory_limit_bytes: default_memory_limit(),
             wall_limit: Duration::from_secs(3000),
+            progress: false,
         }
     }
 
@@ -633,6 +636,7 @@ impl Model<'_> {
         let (e99, e100) = self
             .until_per_zone(&measured, "new endpoint", |m, i, c| m.routes(i, c, x))
             .await?;
+        self.note("new endpoint", (e99, e100));
         report.endpoint_99_ms = e99;
         report.endpoint_100_ms = e100;
 
@@ -837,6 +841,27 @@ impl Model<'_> {
     /// times in ms from the call (`None` past the phase limit). A node that
     /// is gone meanwhile no longer counts.
     async fn until(
+        &mut self,
+        who: &[usize],
+        phase: &str,
+        pred: impl Fn(&Model<'_>, usize, &chitchat::Chitchat, usize) -> bool,
+    ) -> Result<(Option<u64>, Option<u64>), Stop> {
+        let out = self.until_inner(who, phase, pred).await?;
+        self.note(phase, out);
+        Ok(out)
+    }
+
+    fn note(&self, phase: &str, (t99, t100): (Option<u64>, Option<u64>)) {
+        if self.config.progress {
+            eprintln!(
+                "simulate model: {phase}: 99% {t99:?} ms, 100% {t100:?} ms; at {:.1}s virtual, {:.0}s wall",
+                self.started.elapsed().as_secs_f64(),
+                self.wall_start.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    async fn until_inner(
         &mut self,
         who: &[usize],
         phase: &str,
