@@ -466,7 +466,15 @@ impl Balancer {
         let (a, b) = (nth(a), nth(b));
         let (ca, cb) = (cost(&targets[a], now), cost(&targets[b], now));
         Ok(if ca <= cb * TOLERANCE && cb <= ca * TOLERANCE {
-            if rng.gen_bool(cb / (ca + cb)) { a } else { b }
+            // Two zero-cost (0/0) or infinite estimates give no ratio: a
+            // fair coin then.
+            let total = ca + cb;
+            let p = if total.is_finite() && total > 0.0 {
+                (cb / total).clamp(0.0, 1.0)
+            } else {
+                0.5
+            };
+            if rng.gen_bool(p) { a } else { b }
         } else if ca < cb {
             a
         } else {
@@ -720,6 +728,27 @@ mod tests {
         let decayed = ts[1].state.ewma_at(t).unwrap();
         assert!(decayed <= 2.0e6, "{decayed}");
         assert_eq!(ts[1].state.ewma_ns(), Some(100e6));
+    }
+
+    #[test]
+    fn long_idle_endpoints_whose_estimates_reach_zero_still_share() {
+        // An estimate idle for a minute has decayed to exactly 0 (exp
+        // underflows), so two idle endpoints both cost 0; the ratio 0/0 once
+        // panicked inside `gen_bool`.
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(1));
+        let ts = [target(&b, "a", "z"), target(&b, "b", "z")];
+        let t0 = Instant::now();
+        for t in &ts {
+            let _ = t.state.start();
+            b.success_at(&t.state, Duration::from_millis(2), t0);
+        }
+        let later = t0 + Duration::from_secs(60);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut hits = [0u32; 2];
+        for _ in 0..200 {
+            hits[b.choose(&ts, &[], later, &mut rng).unwrap()] += 1;
+        }
+        assert!(hits[0] > 50 && hits[1] > 50, "split {hits:?}");
     }
 
     #[test]
