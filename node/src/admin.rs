@@ -131,7 +131,11 @@ fn shutdown(req: &Request<Incoming>, peer: SocketAddr, state: &NodeState) -> Res
         return *refused;
     }
     tracing::info!(%peer, "shutdown requested");
-    let _ = state.stop.send(true);
+    // `send_replace`, not `send`: `send` drops the value while nobody has
+    // subscribed yet, and a request that came right after the ready line
+    // (before the main loop first waits) was then lost and the node never
+    // stopped.
+    state.stop.send_replace(true);
     text(StatusCode::ACCEPTED, "draining, then exiting\n")
 }
 

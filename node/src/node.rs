@@ -388,7 +388,7 @@ impl Node {
     }
 
     async fn stop(self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
         self.proxy.stop();
         for t in &self.tasks {
             t.abort();

@@ -132,3 +132,22 @@ async fn two_cas_in_ca_pem_are_both_trusted_during_a_ca_rotation() {
         e.close();
     }
 }
+
+/// `POST /shutdown` answered before anything waits on the stop request (the
+/// process's main loop starts waiting only after it prints its ready line)
+/// must still stop the node: the request once vanished and the process ran
+/// on (the CI lifecycle test saw it about one run in five under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_request_made_before_anyone_waits_is_kept() {
+    let pki = Pki::new("test.shoal");
+    let mut c = node::NodeConfig::local("early", pki.issue("early", &[]));
+    c.gossip_interval = TEST_GOSSIP;
+    let n = node::Node::start(c).await.unwrap();
+    let (status, body) = tests::admin_request(n.admin_addr(), "POST", "/shutdown", &[], "").await;
+    assert_eq!(status, 202, "{body}");
+    // Only now does anyone ask.
+    tokio::time::timeout(Duration::from_secs(5), n.stop_requested())
+        .await
+        .expect("the stop request made before anyone waited was lost");
+    n.shutdown().await;
+}

@@ -314,7 +314,7 @@ impl Proxy {
 
     /// Stops every proxy task.
     pub fn stop(&self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
         for t in self.tasks.lock().unwrap().drain(..) {
             t.abort();
         }
