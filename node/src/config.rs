@@ -70,10 +70,10 @@ pub struct NodeArgs {
     /// Folder for durable state (created if missing).
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Gossip round interval, e.g. 500ms or 1s [default: 500ms].
+    /// Gossip round interval, e.g. 300ms or 1s [default: 300ms].
     #[arg(long, env = "SHOAL_GOSSIP_INTERVAL")]
     pub gossip_interval: Option<String>,
-    /// Failure detector phi threshold [default: 8]; a member is dead after
+    /// Failure detector phi threshold [default: 7]; a member is dead after
     /// about threshold × gossip interval of silence.
     #[arg(long, env = "SHOAL_PHI_THRESHOLD")]
     pub phi_threshold: Option<f64>,
@@ -191,8 +191,8 @@ impl NodeConfig {
             zone_pools: false,
             zone_representatives: DEFAULT_ZONE_REPRESENTATIVES,
             data_dir: None,
-            gossip_interval: Duration::from_millis(500),
-            phi_threshold: 8.0,
+            gossip_interval: gossip::settings::INTERVAL,
+            phi_threshold: gossip::settings::PHI_THRESHOLD,
             admin_token_file: None,
             log_format: LogFormat::Text,
             worker_threads: None,
@@ -246,7 +246,7 @@ impl NodeConfig {
         }
         let gossip_interval = match args.gossip_interval.or(file.gossip_interval) {
             Some(s) => parse_duration(&s).map_err(|m| ConfigError::new("--gossip-interval", m))?,
-            None => Duration::from_millis(500),
+            None => gossip::settings::INTERVAL,
         };
         if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(60)
         {
@@ -301,7 +301,10 @@ impl NodeConfig {
                 ),
             ));
         }
-        let phi_threshold = args.phi_threshold.or(file.phi_threshold).unwrap_or(8.0);
+        let phi_threshold = args
+            .phi_threshold
+            .or(file.phi_threshold)
+            .unwrap_or(gossip::settings::PHI_THRESHOLD);
         if !(1.0..=100.0).contains(&phi_threshold) {
             return Err(ConfigError::new(
                 "--phi-threshold",
