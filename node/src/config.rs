@@ -73,7 +73,7 @@ pub struct NodeArgs {
     /// Gossip round interval, e.g. 300ms or 1s [default: 300ms].
     #[arg(long, env = "SHOAL_GOSSIP_INTERVAL")]
     pub gossip_interval: Option<String>,
-    /// Failure detector phi threshold [default: 7]; a member is dead after
+    /// Failure detector phi threshold [default: 8]; a member is dead after
     /// about threshold × gossip interval of silence.
     #[arg(long, env = "SHOAL_PHI_THRESHOLD")]
     pub phi_threshold: Option<f64>,

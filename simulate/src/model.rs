@@ -294,8 +294,10 @@ pub fn estimated_peak_bytes(config: &ModelConfig) -> u64 {
 
 /// Bytes a member's state costs each other member of its pool, besides the
 /// sampling window. Fitted: 200 nodes in one pool peak at 176 MB with a
-/// 10-sample window, 204 MB with 100, 478 MB with 1,000 (docs/SIMULATE.md).
-const PER_PAIR_STATE_BYTES: u64 = 4_000;
+/// 10-sample window, 204 MB with 100, 478 MB with 1,000; 1,000 nodes in one
+/// pool at 4,717 MB with 100 (4,879 bytes a pair, window included;
+/// docs/SIMULATE.md).
+const PER_PAIR_STATE_BYTES: u64 = 4_100;
 
 /// 80% of the memory the kernel says is available now.
 pub fn default_memory_limit() -> u64 {
