@@ -566,6 +566,10 @@ impl Body for StreamedBody {
 /// Header fields that belong to one connection only (RFC 9110 §7.6.1), plus
 /// the fields named in `Connection`. `te: trailers` is kept (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most heads have none of them: one pass over the names, no lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -596,6 +600,53 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether `n` is one of the fields [`strip_hop_by_hop`] handles (a
+/// `Connection` field names the others it removes).
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    use http::header::{
+        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    };
+    n == CONNECTION
+        || n == TRANSFER_ENCODING
+        || n == UPGRADE
+        || n == TE
+        || n == PROXY_AUTHENTICATE
+        || n == PROXY_AUTHORIZATION
+        || matches!(
+            n.as_str(),
+            "proxy-connection" | "keep-alive" | "http2-settings"
+        )
+}
+
+/// A header map serialized in the wire form of [`WireHeaders`] (the same
+/// bytes), without building one.
+pub struct WireRef<'a>(pub &'a HeaderMap);
+
+impl Serialize for WireRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            seq.serialize_element(&(k.as_str(), v.as_bytes()))?;
+        }
+        seq.end()
+    }
+}
+
+/// A [`ResponseHead`] borrowing its fields, for encoding: the same bytes,
+/// with no copy of the header fields.
+#[derive(Serialize)]
+pub struct ResponseHeadRef<'a> {
+    /// Status code.
+    pub status: u16,
+    /// End-to-end header fields.
+    pub headers: WireRef<'a>,
+    /// Whether a body follows.
+    pub has_body: bool,
+    /// See [`ResponseHead::upgrade`].
+    pub upgrade: Option<&'a str>,
 }
 
 /// Header map to wire form.
@@ -632,6 +683,52 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_borrowed_response_head_encodes_to_the_same_bytes() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.insert(
+            "x-bin",
+            HeaderValue::from_bytes(&[0x80, 0xff, b'z']).unwrap(),
+        );
+        for upgrade in [None, Some("websocket")] {
+            let owned = ResponseHead {
+                status: 201,
+                headers: to_wire(&h),
+                has_body: true,
+                upgrade: upgrade.map(str::to_string),
+            };
+            let borrowed = ResponseHeadRef {
+                status: 201,
+                headers: WireRef(&h),
+                has_body: true,
+                upgrade,
+            };
+            let bytes = encode(&borrowed).unwrap();
+            assert_eq!(bytes, encode(&owned).unwrap());
+            assert_eq!(decode::<ResponseHead>(&bytes).unwrap(), owned);
+        }
+    }
+
+    #[test]
+    fn heads_without_hop_by_hop_fields_are_left_as_they_are() {
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("connection", HeaderValue::from_static("x-keep"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "te"]);
+        assert_eq!(h["te"], "trailers");
+    }
 
     #[test]
     fn heads_round_trip() {
