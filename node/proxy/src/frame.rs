@@ -649,6 +649,50 @@ pub struct ResponseHeadRef<'a> {
     pub upgrade: Option<&'a str>,
 }
 
+/// A [`ResponseHead`] decoded with its header fields straight into a map
+/// (invalid fields are dropped, as by [`from_wire`]): the calling side's
+/// form, with no intermediate copy of the fields.
+#[derive(Deserialize)]
+pub struct ResponseHeadMap {
+    /// Status code.
+    pub status: u16,
+    /// End-to-end header fields.
+    #[serde(deserialize_with = "wire_map")]
+    pub headers: HeaderMap,
+    /// Whether a body follows.
+    pub has_body: bool,
+    /// See [`ResponseHead::upgrade`].
+    pub upgrade: Option<String>,
+}
+
+/// Deserializes [`WireHeaders`] into a header map: names borrowed from the
+/// frame, each value's bytes moved into its `HeaderValue`.
+fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Error> {
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = HeaderMap;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("header fields")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<HeaderMap, A::Error> {
+            let mut h = HeaderMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some((k, v)) = seq.next_element::<(std::borrow::Cow<'de, str>, Vec<u8>)>()? {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_maybe_shared(Bytes::from(v)),
+                ) {
+                    h.append(k, v);
+                }
+            }
+            Ok(h)
+        }
+    }
+    d.deserialize_seq(Fields)
+}
+
 /// Header map to wire form.
 pub fn to_wire(h: &HeaderMap) -> WireHeaders {
     h.iter()
@@ -683,6 +727,28 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_head_decodes_straight_into_a_header_map() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("1024"));
+        h.append("x-custom", HeaderValue::from_static("a"));
+        h.append("x-custom", HeaderValue::from_static("b"));
+        let mut wire = to_wire(&h);
+        wire.push(("bad name".into(), b"dropped".to_vec()));
+        let owned = ResponseHead {
+            status: 200,
+            headers: wire,
+            has_body: false,
+            upgrade: Some("websocket".into()),
+        };
+        let m: ResponseHeadMap = decode(&encode(&owned).unwrap()).unwrap();
+        assert_eq!(m.status, 200);
+        assert_eq!(m.headers, h);
+        assert_eq!(m.headers, from_wire(&owned.headers));
+        assert!(!m.has_body);
+        assert_eq!(m.upgrade.as_deref(), Some("websocket"));
+    }
 
     #[test]
     fn a_borrowed_response_head_encodes_to_the_same_bytes() {
