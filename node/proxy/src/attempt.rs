@@ -19,7 +19,7 @@ use crate::balance::Target;
 use crate::body::{empty, guarded, replay};
 use crate::frame::{
     self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
-    ResponseHead, STREAM_KIND_HTTP,
+    ResponseHead, ResponseHeadMap, STREAM_KIND_HTTP,
 };
 use crate::inbound;
 use crate::state::{Shared, peer_serves};
@@ -164,12 +164,12 @@ pub(crate) async fn attempt(
         _ => writer.end().await.map_err(|e| connect(e.to_string()))?,
     }
     let mut reader = FrameReader::new(recv);
-    let rh: ResponseHead = reader
+    let rh: ResponseHeadMap = reader
         .head()
         .await
         .map_err(|e| Failed::Reset(e.to_string()))?;
     let rtt = started.elapsed();
-    let headers = frame::from_wire(&rh.headers);
+    let headers = rh.headers;
     let body = if rh.has_body {
         reader.into_body(frame::content_length(&headers))
     } else {

@@ -566,6 +566,10 @@ impl Body for StreamedBody {
 /// Header fields that belong to one connection only (RFC 9110 §7.6.1), plus
 /// the fields named in `Connection`. `te: trailers` is kept (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most heads have none of them: one pass over the names, no lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -596,6 +600,97 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether `n` is one of the fields [`strip_hop_by_hop`] handles (a
+/// `Connection` field names the others it removes).
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    use http::header::{
+        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    };
+    n == CONNECTION
+        || n == TRANSFER_ENCODING
+        || n == UPGRADE
+        || n == TE
+        || n == PROXY_AUTHENTICATE
+        || n == PROXY_AUTHORIZATION
+        || matches!(
+            n.as_str(),
+            "proxy-connection" | "keep-alive" | "http2-settings"
+        )
+}
+
+/// A header map serialized in the wire form of [`WireHeaders`] (the same
+/// bytes), without building one.
+pub struct WireRef<'a>(pub &'a HeaderMap);
+
+impl Serialize for WireRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            seq.serialize_element(&(k.as_str(), v.as_bytes()))?;
+        }
+        seq.end()
+    }
+}
+
+/// A [`ResponseHead`] borrowing its fields, for encoding: the same bytes,
+/// with no copy of the header fields.
+#[derive(Serialize)]
+pub struct ResponseHeadRef<'a> {
+    /// Status code.
+    pub status: u16,
+    /// End-to-end header fields.
+    pub headers: WireRef<'a>,
+    /// Whether a body follows.
+    pub has_body: bool,
+    /// See [`ResponseHead::upgrade`].
+    pub upgrade: Option<&'a str>,
+}
+
+/// A [`ResponseHead`] decoded with its header fields straight into a map
+/// (invalid fields are dropped, as by [`from_wire`]): the calling side's
+/// form, with no intermediate copy of the fields.
+#[derive(Deserialize)]
+pub struct ResponseHeadMap {
+    /// Status code.
+    pub status: u16,
+    /// End-to-end header fields.
+    #[serde(deserialize_with = "wire_map")]
+    pub headers: HeaderMap,
+    /// Whether a body follows.
+    pub has_body: bool,
+    /// See [`ResponseHead::upgrade`].
+    pub upgrade: Option<String>,
+}
+
+/// Deserializes [`WireHeaders`] into a header map: names borrowed from the
+/// frame, each value's bytes moved into its `HeaderValue`.
+fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Error> {
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = HeaderMap;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("header fields")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<HeaderMap, A::Error> {
+            let mut h = HeaderMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some((k, v)) = seq.next_element::<(std::borrow::Cow<'de, str>, Vec<u8>)>()? {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_maybe_shared(Bytes::from(v)),
+                ) {
+                    h.append(k, v);
+                }
+            }
+            Ok(h)
+        }
+    }
+    d.deserialize_seq(Fields)
 }
 
 /// Header map to wire form.
@@ -632,6 +727,74 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_head_decodes_straight_into_a_header_map() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("1024"));
+        h.append("x-custom", HeaderValue::from_static("a"));
+        h.append("x-custom", HeaderValue::from_static("b"));
+        let mut wire = to_wire(&h);
+        wire.push(("bad name".into(), b"dropped".to_vec()));
+        let owned = ResponseHead {
+            status: 200,
+            headers: wire,
+            has_body: false,
+            upgrade: Some("websocket".into()),
+        };
+        let m: ResponseHeadMap = decode(&encode(&owned).unwrap()).unwrap();
+        assert_eq!(m.status, 200);
+        assert_eq!(m.headers, h);
+        assert_eq!(m.headers, from_wire(&owned.headers));
+        assert!(!m.has_body);
+        assert_eq!(m.upgrade.as_deref(), Some("websocket"));
+    }
+
+    #[test]
+    fn a_borrowed_response_head_encodes_to_the_same_bytes() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.insert(
+            "x-bin",
+            HeaderValue::from_bytes(&[0x80, 0xff, b'z']).unwrap(),
+        );
+        for upgrade in [None, Some("websocket")] {
+            let owned = ResponseHead {
+                status: 201,
+                headers: to_wire(&h),
+                has_body: true,
+                upgrade: upgrade.map(str::to_string),
+            };
+            let borrowed = ResponseHeadRef {
+                status: 201,
+                headers: WireRef(&h),
+                has_body: true,
+                upgrade,
+            };
+            let bytes = encode(&borrowed).unwrap();
+            assert_eq!(bytes, encode(&owned).unwrap());
+            assert_eq!(decode::<ResponseHead>(&bytes).unwrap(), owned);
+        }
+    }
+
+    #[test]
+    fn heads_without_hop_by_hop_fields_are_left_as_they_are() {
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("connection", HeaderValue::from_static("x-keep"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "te"]);
+        assert_eq!(h["te"], "trailers");
+    }
 
     #[test]
     fn heads_round_trip() {

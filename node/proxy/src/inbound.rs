@@ -31,8 +31,8 @@ use transport::{BiStream, Identity};
 use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{
-    self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead, ResponseHead,
-    STREAM_KIND_HTTP, STREAM_KIND_TCP,
+    self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
+    ResponseHeadRef, STREAM_KIND_HTTP, STREAM_KIND_TCP, WireRef,
 };
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
@@ -115,11 +115,11 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         && let Some(reader) = reader
         && let Some((source, service)) = &names
     {
-        let rh = ResponseHead {
+        let rh = ResponseHeadRef {
             status: parts.status.as_u16(),
-            headers: frame::to_wire(&headers),
+            headers: WireRef(&headers),
             has_body: false,
-            upgrade: Some(token.clone()),
+            upgrade: Some(&token),
         };
         let Ok(encoded) = frame::encode(&rh) else {
             writer.reset(frame::RESET_ERROR);
@@ -135,9 +135,9 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         upgrade::serve(&shared, app, streams, &token, (source, service)).await;
         return;
     }
-    let rh = ResponseHead {
+    let rh = ResponseHeadRef {
         status: parts.status.as_u16(),
-        headers: frame::to_wire(&headers),
+        headers: WireRef(&headers),
         has_body: !body.is_end_stream(),
         upgrade: None,
     };

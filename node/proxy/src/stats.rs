@@ -11,7 +11,9 @@
 //! names come from operator-signed policy and are capped at
 //! [`MAX_ROUTE_LABELS`] distinct values (the rest count as `overflow`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -155,6 +157,22 @@ pub struct Exchange {
     pub access_log: AccessLog,
 }
 
+/// An edge's in-flight gauge: direction, source, destination, gauge.
+type EdgeGauge = (Direction, String, String, Gauge);
+
+/// The metric handles of one kind of request (see [`Stats::handles`]).
+struct Handles {
+    /// The edge and route (also the window key).
+    key: Key,
+    status: u16,
+    grpc: Option<u32>,
+    requests: Counter,
+    duration: Histogram,
+    responses: Counter,
+    request_bytes: Counter,
+    response_bytes: Counter,
+}
+
 /// The window key: an edge and a route.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
@@ -259,6 +277,11 @@ pub struct Stats {
     peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     peer_not_serving: Family<ServiceLabels, Counter>,
     windows: Mutex<HashMap<Key, Vec<Second>>>,
+    /// Metric handles per (edge, route, status, gRPC status), by a hash of
+    /// those: a request after the first of its kind builds no label set.
+    handles: Mutex<HashMap<u64, Vec<Arc<Handles>>>>,
+    /// In-flight gauges per edge, likewise.
+    gauges: Mutex<HashMap<u64, Vec<EdgeGauge>>>,
     /// Route label values seen (at most [`MAX_ROUTE_LABELS`]).
     routes: Mutex<HashSet<String>>,
     tap: broadcast::Sender<Arc<Event>>,
@@ -333,6 +356,8 @@ impl Stats {
             peer_rtt: Family::default(),
             peer_not_serving: Family::default(),
             windows: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            gauges: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashSet::new()),
             tap: broadcast::channel(access::TAP_CAPACITY).0,
             listeners: Arc::default(),
@@ -409,9 +434,9 @@ impl Stats {
 
     /// The `route` label value for `route`: cut to [`MAX_ROUTE_LEN`], and
     /// `overflow` once [`MAX_ROUTE_LABELS`] others were seen.
-    fn route_label(&self, route: &str) -> String {
+    fn route_label<'r>(&self, route: &'r str) -> Cow<'r, str> {
         if route.is_empty() {
-            return String::new();
+            return Cow::Borrowed("");
         }
         let mut end = route.len().min(MAX_ROUTE_LEN);
         while !route.is_char_boundary(end) {
@@ -420,13 +445,82 @@ impl Stats {
         let route = &route[..end];
         let mut seen = self.routes.lock().unwrap();
         if seen.contains(route) {
-            return route.to_string();
+            return Cow::Borrowed(route);
         }
         if seen.len() >= MAX_ROUTE_LABELS {
-            return "overflow".into();
+            return Cow::Borrowed("overflow");
         }
         seen.insert(route.to_string());
-        route.to_string()
+        Cow::Borrowed(route)
+    }
+
+    /// The metric handles (and window key) of `edge`, `route` (a label
+    /// value), `status` and `grpc`: made on the first request of the kind,
+    /// then found by a hash of the borrowed fields (no allocation).
+    fn handles(&self, edge: &Edge, route: &str, status: u16, grpc: Option<u32>) -> Arc<Handles> {
+        let mut h = DefaultHasher::new();
+        (
+            edge.direction,
+            &edge.source,
+            &edge.destination,
+            route,
+            status,
+            grpc,
+        )
+            .hash(&mut h);
+        let hash = h.finish();
+        let mut all = self.handles.lock().unwrap();
+        let bucket = all.entry(hash).or_default();
+        if let Some(found) = bucket.iter().find(|x| {
+            x.key.direction == edge.direction
+                && x.key.source == edge.source
+                && x.key.destination == edge.destination
+                && x.key.route == route
+                && x.status == status
+                && x.grpc == grpc
+        }) {
+            return found.clone();
+        }
+        let l = ClassLabels {
+            direction: edge.direction.as_str().into(),
+            source: edge.source.clone(),
+            destination: edge.destination.clone(),
+            class: format!("{}xx", status / 100),
+        };
+        let r = RouteLabels {
+            direction: l.direction.clone(),
+            source: l.source.clone(),
+            destination: l.destination.clone(),
+            route: route.to_string(),
+        };
+        let made = Arc::new(Handles {
+            key: Key {
+                direction: edge.direction,
+                source: edge.source.clone(),
+                destination: edge.destination.clone(),
+                route: route.to_string(),
+            },
+            status,
+            grpc,
+            requests: self.requests.get_or_create(&l).clone(),
+            duration: self.duration.get_or_create(&l).clone(),
+            responses: self
+                .responses
+                .get_or_create(&ResponseLabels {
+                    direction: l.direction.clone(),
+                    source: l.source.clone(),
+                    destination: l.destination.clone(),
+                    route: route.to_string(),
+                    status_code: status.to_string(),
+                    grpc_status: grpc.map(|g| g.to_string()).unwrap_or_default(),
+                    classification: Classification::of(status, grpc).as_str(),
+                })
+                .clone(),
+            request_bytes: self.request_bytes.get_or_create(&r).clone(),
+            response_bytes: self.response_bytes.get_or_create(&r).clone(),
+        });
+        bucket.push(made.clone());
+        made
     }
 
     /// Records a finished request in the metrics and the window: `status`
@@ -440,40 +534,23 @@ impl Stats {
         grpc: Option<u32>,
         latency: Duration,
     ) -> Classification {
-        let class = format!("{}xx", status / 100);
-        let classification = Classification::of(status, grpc);
-        let l = ClassLabels {
-            direction: edge.direction.as_str().into(),
-            source: edge.source.clone(),
-            destination: edge.destination.clone(),
-            class,
-        };
-        self.requests.get_or_create(&l).inc();
-        self.duration
-            .get_or_create(&l)
-            .observe(latency.as_secs_f64());
-        self.responses
-            .get_or_create(&ResponseLabels {
-                direction: l.direction,
-                source: l.source,
-                destination: l.destination,
-                route: route.to_string(),
-                status_code: status.to_string(),
-                grpc_status: grpc.map(|g| g.to_string()).unwrap_or_default(),
-                classification: classification.as_str(),
-            })
-            .inc();
-        let key = Key {
-            direction: edge.direction,
-            source: edge.source.clone(),
-            destination: edge.destination.clone(),
-            route: route.to_string(),
-        };
+        self.record_with(&self.handles(edge, route, status, grpc), latency)
+    }
+
+    /// [`Stats::record`] with the request's handles at hand.
+    fn record_with(&self, h: &Handles, latency: Duration) -> Classification {
+        let classification = Classification::of(h.status, h.grpc);
+        h.requests.inc();
+        h.duration.observe(latency.as_secs_f64());
+        h.responses.inc();
         let mut w = self.windows.lock().unwrap();
         // Read the clock under the lock: a reading taken before it could be
         // older than the second another thread has just pushed.
         let now = self.start.elapsed().as_secs();
-        let secs = w.entry(key).or_default();
+        if !w.contains_key(&h.key) {
+            w.insert(h.key.clone(), Vec::new());
+        }
+        let secs = w.get_mut(&h.key).expect("inserted above");
         secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
         if secs.last().is_none_or(|s| s.at != now) {
             secs.push(Second::new(now));
@@ -531,7 +608,26 @@ impl Stats {
 
     /// Counts a request in flight until the guard drops.
     pub fn in_flight(self: &Arc<Self>, edge: &Edge) -> InFlightGuard {
-        let g = self.in_flight.get_or_create(&edge.labels()).clone();
+        let mut h = DefaultHasher::new();
+        (edge.direction, &edge.source, &edge.destination).hash(&mut h);
+        let mut all = self.gauges.lock().unwrap();
+        let bucket = all.entry(h.finish()).or_default();
+        let g = match bucket.iter().find(|(d, s, t, _)| {
+            *d == edge.direction && *s == edge.source && *t == edge.destination
+        }) {
+            Some((.., g)) => g.clone(),
+            None => {
+                let g = self.in_flight.get_or_create(&edge.labels()).clone();
+                bucket.push((
+                    edge.direction,
+                    edge.source.clone(),
+                    edge.destination.clone(),
+                    g.clone(),
+                ));
+                g
+            }
+        };
+        drop(all);
         g.inc();
         InFlightGuard(g)
     }
@@ -677,24 +773,17 @@ impl Pending {
         let x = &self.x;
         let route = s.route_label(&x.route);
         let grpc = if x.grpc_call { self.grpc } else { None };
-        let classification = s.record(&x.edge, &route, self.status, grpc, self.latency);
+        let h = s.handles(&x.edge, &route, self.status, grpc);
+        let classification = s.record_with(&h, self.latency);
         let (endpoint, attempts, retries, request_bytes) = x.edge.trace.read();
-        let labels = RouteLabels {
-            direction: x.edge.direction.as_str().into(),
-            source: x.edge.source.clone(),
-            destination: x.edge.destination.clone(),
-            route,
-        };
-        s.request_bytes.get_or_create(&labels).inc_by(request_bytes);
-        s.response_bytes
-            .get_or_create(&labels)
-            .inc_by(self.response_bytes);
+        h.request_bytes.inc_by(request_bytes);
+        h.response_bytes.inc_by(self.response_bytes);
         if retries > 0 {
             s.retries
                 .get_or_create(&RetryLabels {
-                    direction: labels.direction.clone(),
-                    source: labels.source.clone(),
-                    destination: labels.destination.clone(),
+                    direction: x.edge.direction.as_str().into(),
+                    source: x.edge.source.clone(),
+                    destination: x.edge.destination.clone(),
                     outcome: classification.as_str(),
                 })
                 .inc_by(u64::from(retries));
