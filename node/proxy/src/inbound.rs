@@ -254,6 +254,10 @@ fn enforce(shared: &Shared, caller: &Identity, head: &RequestHead) -> Option<Res
         shared.policy.metrics.denied(&head.service, "authorization");
         return Some(MeshError::Forbidden.response());
     }
+    // The caller's key is only built when the service has a RateLimit.
+    if set.rate_limits(&head.service).is_empty() {
+        return None;
+    }
     let key = if head.source.is_empty() {
         caller.node_id()
     } else {
