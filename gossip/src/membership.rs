@@ -64,11 +64,12 @@ pub struct GossipConfig {
     pub cluster_id: String,
     /// Seeds, `host:port` (a name resolving to several addresses gives several seeds).
     pub seeds: Vec<String>,
-    /// Interval between gossip rounds. Default 500 ms.
+    /// Interval between gossip rounds. Default [`crate::settings::INTERVAL`] (300 ms).
     pub interval: Duration,
     /// Phi-accrual threshold: a member is dead once the silence since its last
     /// heartbeat exceeds `phi_threshold` × its mean heartbeat interval.
-    /// Default 8 (about 4 s of silence at the default interval).
+    /// Default 8 (about 2.4 s of silence at the default interval, plus the
+    /// time heartbeat news takes to cross the pool).
     pub phi_threshold: f64,
     /// Heartbeat intervals the failure detector keeps per peer (memory per
     /// node grows as members × window). Default
