@@ -13,6 +13,7 @@
 //! process was busy or blocked (a node's bug) is recorded but never
 //! excuses anything.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,35 +52,69 @@ impl Stall {
     }
 }
 
-/// Seconds all of this process's threads have waited on a run queue.
-pub fn run_queue_wait() -> Option<f64> {
-    let mut total_ns: u128 = 0;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let path = task.ok()?.path().join("schedstat");
-        // A thread may end between listing and reading: skip it.
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        let waited: u128 = text.split_whitespace().nth(1)?.parse().ok()?;
-        total_ns += waited;
+/// How long each of this process's threads has waited on a run queue so
+/// far: nanoseconds by thread id (`/proc/self/task/<tid>/schedstat`, second
+/// field).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunQueueWaits(HashMap<u64, u128>);
+
+impl RunQueueWaits {
+    /// Reads every thread's figure now (`None`: the OS does not say).
+    pub fn read() -> Option<Self> {
+        let mut waits = HashMap::new();
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let task = task.ok()?;
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            // A thread may end between listing and reading: skip it.
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
+            };
+            let waited: u128 = text.split_whitespace().nth(1)?.parse().ok()?;
+            waits.insert(tid, waited);
+        }
+        Some(RunQueueWaits(waits))
     }
-    Some(total_ns as f64 / 1e9)
+
+    /// Seconds the threads waited on a run queue between `earlier` and
+    /// `self`, summed over threads. A thread that ended meanwhile is left
+    /// out (a plain total over threads would shrink by everything it ever
+    /// waited, so a thread exit could hide a stall or make the figure go
+    /// negative); one that started meanwhile counts whole.
+    pub fn since(&self, earlier: &RunQueueWaits) -> f64 {
+        let ns: u128 = self
+            .0
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum();
+        ns as f64 / 1e9
+    }
+
+    /// Threads read.
+    pub fn threads(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Ticks every [`TICK`] from `start` until aborted, recording late ticks.
 pub async fn watch(start: Instant, out: Arc<Mutex<Vec<Stall>>>) {
     let mut next = start + TICK;
-    let mut waited = run_queue_wait();
+    let mut waited = RunQueueWaits::read();
     loop {
         tokio::time::sleep_until(next).await;
         let now = Instant::now();
         let late = now.saturating_duration_since(next);
-        let waited_now = run_queue_wait();
+        let waited_now = RunQueueWaits::read();
         if late >= MIN_STALL {
+            let run_queue_wait = match (&waited, &waited_now) {
+                (Some(a), Some(b)) => Some(b.since(a)),
+                _ => None,
+            };
             out.lock().unwrap().push(Stall {
                 t: (now - start).as_secs_f64(),
                 late: late.as_secs_f64(),
-                run_queue_wait: waited.zip(waited_now).map(|(a, b)| (b - a).max(0.0)),
+                run_queue_wait,
             });
         }
         waited = waited_now;
@@ -106,9 +141,21 @@ mod tests {
     }
 
     #[test]
-    fn this_process_run_queue_wait_is_readable_and_grows_monotonically() {
-        let a = run_queue_wait().expect("/proc/self/task/*/schedstat on Linux");
-        let b = run_queue_wait().expect("again");
-        assert!(a >= 0.0 && b >= a - 1e-6, "{a} then {b}");
+    fn this_process_run_queue_wait_is_readable_and_never_negative() {
+        let a = RunQueueWaits::read().expect("/proc/self/task/*/schedstat on Linux");
+        assert!(a.threads() >= 1);
+        let b = RunQueueWaits::read().expect("again");
+        assert!(b.since(&a) >= 0.0);
+    }
+
+    #[test]
+    fn a_thread_that_ends_between_readings_does_not_shrink_the_wait() {
+        let waits = |pairs: &[(u64, u128)]| RunQueueWaits(pairs.iter().copied().collect());
+        let before = waits(&[(1, 1_000_000_000), (2, 5_000_000_000)]);
+        // Thread 2 ended; thread 1 waited 0.25 s more; thread 3 started and waited 0.1 s.
+        let after = waits(&[(1, 1_250_000_000), (3, 100_000_000)]);
+        let w = after.since(&before);
+        assert!((w - 0.35).abs() < 1e-9, "{w}");
+        // A plain total over threads would have said 1.35 - 6.0 < 0.
     }
 }
