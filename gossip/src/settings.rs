@@ -18,6 +18,18 @@
 //! 1,000 do, while a node in a 1,000-member pool keeps 0.8 MB of windows
 //! instead of 8 MB (the whole 1,000-node model: 0.8 GB instead of 8 GB).
 //!
+//! ## Live-node watcher
+//!
+//! Whenever the set of live members or any live member's `max_version`
+//! changes, chitchat clones the `NodeState` of every live member into its
+//! live-node watch channel, which keeps the last copy for good. Shoal never
+//! reads that channel (membership reads `live_nodes()` and the cluster
+//! state), so the copy was a second full replica of the pool's state in
+//! every node and an O(pool) clone on most rounds. chitchat's
+//! `extra_liveness_predicate` filters only what goes into that channel
+//! (liveness itself is the failure detector's), so a predicate that admits
+//! no member keeps the channel empty.
+//!
 //! `max_interval` drops heartbeat gaps longer than 20 rounds (2 s at
 //! least) from the estimate, so a node that was partitioned away does not
 //! teach its peers that long silences are normal.
@@ -117,7 +129,7 @@ pub fn chitchat_config(
         failure_detector_config: tuning.failure_detector(),
         marked_for_deletion_grace_period: tuning.dead_grace.max(Duration::from_secs(3600)),
         catchup_callback: None,
-        extra_liveness_predicate: None,
+        extra_liveness_predicate: Some(Box::new(|_| false)),
         protocol_version: chitchat::ProtocolVersion::V1,
     }
 }
@@ -227,6 +239,56 @@ mod tests {
             Duration::from_secs(3600)
         );
         assert_eq!(c.chitchat_id.generation_id, 7);
+    }
+
+    #[tokio::test]
+    async fn live_members_are_seen_but_never_copied_into_the_watch_channel() {
+        use chitchat::transport::ChannelTransport;
+        let transport = ChannelTransport::with_mtu(65_507);
+        let tuning = Tuning {
+            interval: Duration::from_millis(50),
+            ..Tuning::default()
+        };
+        let addrs: Vec<SocketAddr> = (0..3)
+            .map(|i| format!("127.0.0.1:{}", 17_000 + i).parse().unwrap())
+            .collect();
+        let mut handles = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let seeds = seeds_without_self(&[addrs[0].to_string()], *addr);
+            let config = chitchat_config(node_id(&format!("n{i}"), 1, *addr), "c", seeds, &tuning);
+            let kvs = vec![(keys::ZONE.to_string(), "z".to_string())];
+            handles.push(
+                chitchat::spawn_chitchat(config, kvs, &transport)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut seen = Vec::new();
+            for h in &handles {
+                seen.push(h.chitchat().lock().await.live_nodes().count());
+            }
+            if seen.iter().all(|&n| n == 3) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "live counts {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for h in &handles {
+            let c = h.chitchat();
+            let c = c.lock().await;
+            // Every peer is live and its state is held once, in the cluster state...
+            assert_eq!(c.state_snapshot().node_states.len(), 3);
+            // ...and not a second time in chitchat's live-node watch channel.
+            assert!(c.live_nodes_watcher().borrow().is_empty());
+        }
+        for h in handles {
+            h.shutdown().await.unwrap();
+        }
     }
 
     #[test]

@@ -85,7 +85,7 @@ enum Command {
         /// backbone pool carry summaries between them.
         #[arg(long, default_value_t = 1)]
         zones: usize,
-        /// Gossip interval [default: the shipped 500ms].
+        /// Gossip interval [default: the shipped 300ms].
         #[arg(long, alias = "gossip-interval", value_parser = parse_duration)]
         interval: Option<Duration>,
         /// Fraction of messages lost, 0 to <1.

@@ -856,9 +856,11 @@ impl Model<'_> {
     fn note(&self, phase: &str, (t99, t100): (Option<u64>, Option<u64>)) {
         if self.config.progress {
             eprintln!(
-                "simulate model: {phase}: 99% {t99:?} ms, 100% {t100:?} ms; at {:.1}s virtual, {:.0}s wall",
+                "simulate model: {phase}: 99% {t99:?} ms, 100% {t100:?} ms; at {:.1}s virtual, {:.0}s wall, {} MB resident (peak {} MB)",
                 self.started.elapsed().as_secs_f64(),
-                self.wall_start.elapsed().as_secs_f64()
+                self.wall_start.elapsed().as_secs_f64(),
+                rss_bytes() >> 20,
+                peak_rss_bytes() >> 20
             );
         }
     }
