@@ -293,11 +293,11 @@ pub fn estimated_peak_bytes(config: &ModelConfig) -> u64 {
 }
 
 /// Bytes a member's state costs each other member of its pool, besides the
-/// sampling window. Fitted: 200 nodes in one pool peak at 176 MB with a
-/// 10-sample window, 204 MB with 100, 478 MB with 1,000; 1,000 nodes in one
-/// pool at 4,717 MB with 100 (4,879 bytes a pair, window included;
-/// docs/SIMULATE.md).
-const PER_PAIR_STATE_BYTES: u64 = 4_100;
+/// sampling window. Fitted to 1,000 nodes in one pool: peak 3,339 MiB with
+/// the 100-sample window and 2,739 MiB with a 20-sample one, both about
+/// 2,640 bytes a pair besides the window (docs/SIMULATE.md). Before chitchat's
+/// live-node watch channel was kept empty it was about 4,100.
+const PER_PAIR_STATE_BYTES: u64 = 2_650;
 
 /// 80% of the memory the kernel says is available now.
 pub fn default_memory_limit() -> u64 {
