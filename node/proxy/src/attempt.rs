@@ -18,7 +18,7 @@ use crate::access::Trace;
 use crate::balance::Target;
 use crate::body::{empty, guarded, replay};
 use crate::frame::{
-    self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
+    self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap,
     ResponseHead, ResponseHeadMap, STREAM_KIND_HTTP,
 };
 use crate::inbound;
@@ -96,7 +96,7 @@ pub(crate) enum Failed {
 pub(crate) async fn attempt(
     shared: &Shared,
     target: &Target,
-    head: &RequestHead,
+    head: &RequestHeadMap,
     source: &mut Source,
     guard: Box<dyn Any + Send>,
 ) -> Result<(Response<ProxyBody>, Duration), Failed> {
@@ -132,8 +132,9 @@ pub(crate) async fn attempt(
     }
     let mut writer = FrameWriter::new(send);
     writer.kind(STREAM_KIND_HTTP);
-    let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
-    writer.queue(FRAME_HEAD, encoded);
+    writer
+        .queue_encoded(FRAME_HEAD, head)
+        .map_err(|e| connect(e.to_string()))?;
     let mut guards: Vec<Box<dyn Any + Send>> = vec![guard];
     if head.upgrade.is_some() {
         // An upgrade has no body and keeps the stream open after END.

@@ -122,6 +122,38 @@ pub struct RequestHead {
     pub upgrade: Option<String>,
 }
 
+/// A [`RequestHead`] as both nodes hold it: the same fields and the same
+/// bytes on the wire, with the header fields in a map. The calling node
+/// encodes the map straight into the frame and the serving node decodes the
+/// frame straight into one (invalid fields are dropped, as by
+/// [`from_wire`]): no intermediate copy of the fields on either side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestHeadMap {
+    /// Target service name.
+    pub service: String,
+    /// Service identity the caller speaks for (must be named by its certificate).
+    pub source: String,
+    /// Milliseconds left before the caller gives up (0 = no deadline).
+    pub deadline_ms: u64,
+    /// Attempt number, 1 for the first try.
+    pub attempt: u32,
+    /// HTTP version the app used: 1 = HTTP/1.x, 2 = HTTP/2.
+    pub version: u8,
+    /// Method.
+    pub method: String,
+    /// Path and query (origin form).
+    pub uri: String,
+    /// Authority the app addressed (`web`, `web:80`), for the Host header.
+    pub authority: String,
+    /// End-to-end header fields.
+    #[serde(serialize_with = "wire_ser", deserialize_with = "wire_map")]
+    pub headers: HeaderMap,
+    /// Whether a body follows (false: the message ends after the head).
+    pub has_body: bool,
+    /// See [`RequestHead::upgrade`].
+    pub upgrade: Option<String>,
+}
+
 /// The head of a response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResponseHead {
@@ -174,6 +206,35 @@ const FLUSH_AT: usize = 64 * 1024;
 /// frames leave in one write; larger ones are queued by reference.
 const COPY_AT: usize = 4 * 1024;
 
+/// Room reserved for a head frame before encoding it (most heads fit).
+const HEAD_RESERVE: usize = 512;
+
+/// bincode's writer over the frame queue's buffer.
+struct BufWriter<'a>(&'a mut BytesMut);
+
+impl bincode::enc::write::Writer for BufWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Appends one frame to `buf`: type, length, and `v` encoded with bincode
+/// (the bytes of [`encode`]) written in place. Answers the frame's size; on
+/// an error `buf` is as it was.
+fn encode_frame<T: Serialize>(buf: &mut BytesMut, ty: u8, v: &T) -> Result<usize, FrameError> {
+    let start = buf.len();
+    buf.reserve(HEAD_RESERVE);
+    buf.extend_from_slice(&[ty, 0, 0, 0, 0]);
+    if let Err(e) = bincode::serde::encode_into_writer(v, BufWriter(buf), bincode_config()) {
+        buf.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
+    let len = buf.len() - start - 5;
+    buf[start + 1..start + 5].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(5 + len)
+}
+
 /// Writes frames onto a QUIC send stream.
 ///
 /// Frames are queued and leave together on [`FrameWriter::flush`] (or
@@ -219,6 +280,13 @@ impl FrameWriter {
             self.chunks.push(self.buf.split().freeze());
             self.chunks.push(payload);
         }
+    }
+
+    /// Queues one frame whose payload is `v` encoded with bincode (as by
+    /// [`encode`]), written straight into the queue's buffer.
+    pub fn queue_encoded<T: Serialize>(&mut self, ty: u8, v: &T) -> Result<(), FrameError> {
+        self.queued += encode_frame(&mut self.buf, ty, v)?;
+        Ok(())
     }
 
     /// Writes everything queued.
@@ -325,7 +393,7 @@ impl FrameWriter {
                     Ok(data) => self.data(data),
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
-                            self.queue(FRAME_TRAILERS, encode(&to_wire(&trailers))?);
+                            self.queue_encoded(FRAME_TRAILERS, &WireRef(&trailers))?;
                         }
                     }
                 },
@@ -570,33 +638,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // Only the named fields that are there (`close`, `keep-alive`: usually
+    // none) are parsed into names.
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| headers.contains_key(*n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "http2-settings",
-    ] {
         headers.remove(n);
     }
     let te_trailers = headers
         .get_all(http::header::TE)
         .iter()
         .any(|v| v.to_str().is_ok_and(|s| s.contains("trailers")));
-    headers.remove(http::header::TE);
+    // Only the fields present are removed (usually just `connection`), by
+    // the names the map already holds: no name is parsed or looked up twice.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for n in present {
+        headers.remove(n);
+    }
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
@@ -629,10 +698,26 @@ impl Serialize for WireRef<'_> {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for (k, v) in self.0 {
-            seq.serialize_element(&(k.as_str(), v.as_bytes()))?;
+            seq.serialize_element(&(k.as_str(), Raw(v.as_bytes())))?;
         }
         seq.end()
     }
+}
+
+/// Bytes serialized as one byte string: in bincode the same bytes as a
+/// `Vec<u8>` (a length, then the bytes), written at once instead of one
+/// element at a time.
+struct Raw<'a>(&'a [u8]);
+
+impl Serialize for Raw<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// Serializes a header map in the wire form of [`WireHeaders`].
+fn wire_ser<S: serde::Serializer>(h: &HeaderMap, s: S) -> Result<S::Ok, S::Error> {
+    WireRef(h).serialize(s)
 }
 
 /// A [`ResponseHead`] borrowing its fields, for encoding: the same bytes,
@@ -665,8 +750,9 @@ pub struct ResponseHeadMap {
     pub upgrade: Option<String>,
 }
 
-/// Deserializes [`WireHeaders`] into a header map: names borrowed from the
-/// frame, each value's bytes moved into its `HeaderValue`.
+/// Deserializes [`WireHeaders`] into a header map: names and values
+/// borrowed from the frame (bincode decodes from a slice), each value copied
+/// once into its `HeaderValue`.
 fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Error> {
     struct Fields;
     impl<'de> serde::de::Visitor<'de> for Fields {
@@ -679,10 +765,10 @@ fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Erro
             mut seq: A,
         ) -> Result<HeaderMap, A::Error> {
             let mut h = HeaderMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-            while let Some((k, v)) = seq.next_element::<(std::borrow::Cow<'de, str>, Vec<u8>)>()? {
+            while let Some((k, v)) = seq.next_element::<(&'de str, &'de [u8])>()? {
                 if let (Ok(k), Ok(v)) = (
                     HeaderName::from_bytes(k.as_bytes()),
-                    HeaderValue::from_maybe_shared(Bytes::from(v)),
+                    HeaderValue::from_bytes(v),
                 ) {
                     h.append(k, v);
                 }
@@ -777,6 +863,122 @@ mod tests {
             assert_eq!(bytes, encode(&owned).unwrap());
             assert_eq!(decode::<ResponseHead>(&bytes).unwrap(), owned);
         }
+    }
+
+    #[test]
+    fn a_request_head_map_has_the_bytes_of_the_owned_head() {
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.append("x-multi", HeaderValue::from_static("1"));
+        h.append("x-multi", HeaderValue::from_static("2"));
+        h.insert(
+            "x-bin",
+            HeaderValue::from_bytes(&[0x80, 0xff, b'z']).unwrap(),
+        );
+        for upgrade in [None, Some("websocket".to_string())] {
+            let owned = RequestHead {
+                service: "web".into(),
+                source: "client".into(),
+                deadline_ms: 1500,
+                attempt: 2,
+                version: 1,
+                method: "GET".into(),
+                uri: "/a?b=c".into(),
+                authority: "web:80".into(),
+                headers: to_wire(&h),
+                has_body: false,
+                upgrade: upgrade.clone(),
+            };
+            let map = RequestHeadMap {
+                service: "web".into(),
+                source: "client".into(),
+                deadline_ms: 1500,
+                attempt: 2,
+                version: 1,
+                method: "GET".into(),
+                uri: "/a?b=c".into(),
+                authority: "web:80".into(),
+                headers: h.clone(),
+                has_body: false,
+                upgrade,
+            };
+            let bytes = encode(&map).unwrap();
+            assert_eq!(bytes, encode(&owned).unwrap());
+            assert_eq!(decode::<RequestHead>(&bytes).unwrap(), owned);
+            let back: RequestHeadMap = decode(&bytes).unwrap();
+            assert_eq!(back.headers, h);
+            assert_eq!(
+                (
+                    back.service.as_str(),
+                    back.uri.as_str(),
+                    back.authority.as_str()
+                ),
+                ("web", "/a?b=c", "web:80")
+            );
+            assert_eq!(back.upgrade, owned.upgrade);
+        }
+        // A field that is no valid header is dropped on the way in.
+        let mut bad = RequestHead {
+            service: "web".into(),
+            source: String::new(),
+            deadline_ms: 0,
+            attempt: 1,
+            version: 2,
+            method: "POST".into(),
+            uri: "/".into(),
+            authority: "web".into(),
+            headers: to_wire(&h),
+            has_body: true,
+            upgrade: None,
+        };
+        bad.headers.push(("bad name".into(), b"dropped".to_vec()));
+        let back: RequestHeadMap = decode(&encode(&bad).unwrap()).unwrap();
+        assert_eq!(back.headers, h);
+        assert!(back.has_body);
+    }
+
+    #[test]
+    fn a_queued_encoded_frame_is_the_encoded_bytes_framed() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("5"));
+        let rh = ResponseHeadRef {
+            status: 200,
+            headers: WireRef(&h),
+            has_body: true,
+            upgrade: None,
+        };
+        let payload = encode(&rh).unwrap();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[STREAM_KIND_HTTP]);
+        let n = encode_frame(&mut buf, FRAME_HEAD, &rh).unwrap();
+        assert_eq!(n, 5 + payload.len());
+        let mut want = vec![STREAM_KIND_HTTP, FRAME_HEAD];
+        want.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        want.extend_from_slice(&payload);
+        assert_eq!(&buf[..], &want[..]);
+    }
+
+    #[test]
+    fn a_keep_alive_connection_field_is_removed_and_nothing_else() {
+        // nginx answers with `connection: keep-alive`.
+        let mut h = HeaderMap::new();
+        h.insert("server", HeaderValue::from_static("nginx"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("content-length", HeaderValue::from_static("1024"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["server", "content-length"]);
+        // A field named by `Connection` goes, whatever the case of the token.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Close, X-Hop"));
+        h.insert("close", HeaderValue::from_static("a field so named"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end", HeaderValue::from_static("2"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use transport::{BiStream, Identity};
 use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{
-    self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
+    self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap,
     ResponseHeadRef, STREAM_KIND_HTTP, STREAM_KIND_TCP, WireRef,
 };
 use crate::state::Shared;
@@ -65,7 +65,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         Err(_) => return,
     }
     let mut writer = FrameWriter::new(send);
-    let mut head: RequestHead = match reader.head().await {
+    let mut head: RequestHeadMap = match reader.head().await {
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e, peer = %caller, "bad request head");
@@ -88,7 +88,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         (source, head.service.clone())
     });
     let (body, reader) = if head.has_body {
-        let len = frame::content_length(&frame::from_wire(&head.headers));
+        let len = frame::content_length(&head.headers);
         (reader.into_body(len), None)
     } else {
         // END (and FIN) share the head's packet: read them so the stream
@@ -121,12 +121,11 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
             has_body: false,
             upgrade: Some(&token),
         };
-        let Ok(encoded) = frame::encode(&rh) else {
+        if writer.queue_encoded(FRAME_HEAD, &rh).is_err() {
             writer.reset(frame::RESET_ERROR);
             return;
-        };
+        }
         drop(body);
-        writer.queue(FRAME_HEAD, encoded);
         if writer.end_open().await.is_err() {
             return;
         }
@@ -141,12 +140,11 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         has_body: !body.is_end_stream(),
         upgrade: None,
     };
-    let Ok(encoded) = frame::encode(&rh) else {
+    // The head leaves with the body's first frames (all of a small body).
+    if writer.queue_encoded(FRAME_HEAD, &rh).is_err() {
         writer.reset(frame::RESET_ERROR);
         return;
-    };
-    // The head leaves with the body's first frames (all of a small body).
-    writer.queue(FRAME_HEAD, encoded);
+    }
     if let Err(e) = writer.body(body).await {
         tracing::debug!(error = %e, "response body cut short");
         writer.reset(RESET_CANCEL);
@@ -157,7 +155,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
 pub(crate) async fn handle(
     shared: &Shared,
     caller: &Identity,
-    head: RequestHead,
+    head: RequestHeadMap,
     body: ProxyBody,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -178,8 +176,9 @@ pub(crate) async fn handle(
     let _gauge = shared.stats.in_flight(&edge);
     let grpc_call = head
         .headers
+        .get_all(http::header::CONTENT_TYPE)
         .iter()
-        .any(|(k, v)| k == "content-type" && stats::is_grpc_type(v));
+        .any(|v| stats::is_grpc_type(v.as_bytes()));
     edge.trace.attempt(&shared.node, head.attempt);
     let body = edge.trace.count_request(body);
     let exchange = stats::Exchange {
@@ -211,7 +210,7 @@ fn finish(
 async fn admit(
     shared: &Shared,
     caller: &Identity,
-    head: RequestHead,
+    head: RequestHeadMap,
     body: ProxyBody,
 ) -> Response<ProxyBody> {
     let Some(svc) = shared.local.get(&head.service) else {
@@ -239,7 +238,11 @@ async fn admit(
 /// service. The caller is judged by its certificate: its node SPIFFE ID and,
 /// when the request names a source service (already checked against the
 /// certificate), that service; otherwise every service the certificate names.
-fn enforce(shared: &Shared, caller: &Identity, head: &RequestHead) -> Option<Response<ProxyBody>> {
+fn enforce(
+    shared: &Shared,
+    caller: &Identity,
+    head: &RequestHeadMap,
+) -> Option<Response<ProxyBody>> {
     let set = shared.policy.store.snapshot();
     let who = if head.source.is_empty() {
         caller.clone()

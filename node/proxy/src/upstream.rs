@@ -15,7 +15,7 @@ use transport::Identity;
 
 use crate::config::Protocol;
 use crate::error::MeshError;
-use crate::frame::{self, ProxyBody, RequestHead};
+use crate::frame::{self, ProxyBody, RequestHeadMap};
 use crate::health;
 use crate::local::{Clients, LocalService};
 use crate::upgrade;
@@ -30,7 +30,7 @@ pub(crate) async fn forward(
     clients: &Clients,
     node: &str,
     caller: &Identity,
-    head: RequestHead,
+    mut head: RequestHeadMap,
     body: ProxyBody,
 ) -> Response<ProxyBody> {
     // `auto`: the caller's version if the instance speaks it, else the one
@@ -54,7 +54,7 @@ pub(crate) async fn forward(
         },
     };
     let uri = format!("http://{}{}", svc.spec.addr, head.uri);
-    let mut headers = frame::from_wire(&head.headers);
+    let mut headers = std::mem::take(&mut head.headers);
     frame::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     if !h2 && let Ok(v) = HeaderValue::from_str(&head.authority) {
