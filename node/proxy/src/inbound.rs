@@ -31,8 +31,8 @@ use transport::{BiStream, Identity};
 use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{
-    self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap,
-    ResponseHeadRef, STREAM_KIND_HTTP, STREAM_KIND_TCP, WireRef,
+    self, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap, STREAM_KIND_HTTP,
+    STREAM_KIND_TCP,
 };
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
@@ -65,7 +65,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         Err(_) => return,
     }
     let mut writer = FrameWriter::new(send);
-    let mut head: RequestHeadMap = match reader.head().await {
+    let mut head: RequestHeadMap = match reader.request_head().await {
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e, peer = %caller, "bad request head");
@@ -115,16 +115,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         && let Some(reader) = reader
         && let Some((source, service)) = &names
     {
-        let rh = ResponseHeadRef {
-            status: parts.status.as_u16(),
-            headers: WireRef(&headers),
-            has_body: false,
-            upgrade: Some(&token),
-        };
-        if writer.queue_encoded(FRAME_HEAD, &rh).is_err() {
-            writer.reset(frame::RESET_ERROR);
-            return;
-        }
+        writer.queue_response_head(parts.status.as_u16(), &headers, false, Some(&token));
         drop(body);
         if writer.end_open().await.is_err() {
             return;
@@ -134,17 +125,8 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         upgrade::serve(&shared, app, streams, &token, (source, service)).await;
         return;
     }
-    let rh = ResponseHeadRef {
-        status: parts.status.as_u16(),
-        headers: WireRef(&headers),
-        has_body: !body.is_end_stream(),
-        upgrade: None,
-    };
     // The head leaves with the body's first frames (all of a small body).
-    if writer.queue_encoded(FRAME_HEAD, &rh).is_err() {
-        writer.reset(frame::RESET_ERROR);
-        return;
-    }
+    writer.queue_response_head(parts.status.as_u16(), &headers, !body.is_end_stream(), None);
     if let Err(e) = writer.body(body).await {
         tracing::debug!(error = %e, "response body cut short");
         writer.reset(RESET_CANCEL);

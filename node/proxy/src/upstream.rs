@@ -49,7 +49,7 @@ pub(crate) async fn forward(
         // An upgrade is an HTTP/1.1 affair.
         _ if head.upgrade.is_some() => false,
         Some(h2) => h2,
-        None => match health::detect(svc.spec.addr, Duration::from_secs(1)).await {
+        None => match Box::pin(health::detect(svc.spec.addr, Duration::from_secs(1))).await {
             Some(found) => {
                 svc.set_detected(Some(found));
                 svc.h2_for(caller_h2).unwrap_or(caller_h2)
@@ -190,12 +190,23 @@ async fn send_http1(
             },
         }
     }
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(svc.spec.addr)).await {
+    // Boxed: the dial's state would otherwise sit in every request's future.
+    let mut tx = Box::pin(dial(svc.spec.addr)).await?;
+    match tx.send_request(req).await {
+        Ok(resp) => Ok(returning(resp, tx, svc)),
+        Err(e) => Err(CallError::Exchange(e.to_string())),
+    }
+}
+
+/// A new HTTP/1.1 connection to the instance at `addr`, driven by its own
+/// task.
+async fn dial(addr: std::net::SocketAddr) -> Result<SendRequest<ProxyBody>, CallError> {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,
         _ => return Err(CallError::Connect),
     };
     let _ = tcp.set_nodelay(true);
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|_| CallError::Connect)?;
     tokio::spawn(async move {
@@ -203,10 +214,7 @@ async fn send_http1(
             tracing::debug!(error = %e, "connection to the local instance ended");
         }
     });
-    match tx.send_request(req).await {
-        Ok(resp) => Ok(returning(resp, tx, svc)),
-        Err(e) => Err(CallError::Exchange(e.to_string())),
-    }
+    Ok(tx)
 }
 
 /// The response, its body handing `tx` back to the pool at its end (not
