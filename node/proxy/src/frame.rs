@@ -980,10 +980,12 @@ pub mod head {
         }
 
         /// The header fields, each value a slice of the frame; invalid
-        /// fields are dropped (as by [`super::from_wire`]).
+        /// fields are dropped (as by [`super::from_wire`]). The map has room
+        /// for two more (the serving node adds Host and `shoal-forwarded`)
+        /// so that adding them does not grow it.
         fn fields(&mut self) -> Result<HeaderMap, FrameError> {
             let n = self.varint(u64::MAX)?;
-            let mut h = HeaderMap::with_capacity(n.min(64) as usize);
+            let mut h = HeaderMap::with_capacity(n.min(64) as usize + 2);
             for _ in 0..n {
                 let k = self.str()?;
                 let v = self.bytes()?;

@@ -229,9 +229,11 @@ fn enforce(
     let who = if head.source.is_empty() {
         caller.clone()
     } else {
+        // Not `..caller.clone()`: that would copy the services only to drop them.
         Identity {
+            trust_domain: caller.trust_domain.clone(),
+            node: caller.node.clone(),
             services: vec![head.source.clone()],
-            ..caller.clone()
         }
     };
     let path = head.uri.split('?').next().unwrap_or("/");

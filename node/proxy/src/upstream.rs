@@ -26,6 +26,8 @@ use crate::upgrade;
 
 /// Provenance header the serving node adds: `by=<node>;from=<caller node>;svc=<caller service>`.
 pub const FORWARDED_HEADER: &str = "shoal-forwarded";
+/// [`FORWARDED_HEADER`] as a name (not parsed per request).
+const FORWARDED: http::HeaderName = http::HeaderName::from_static(FORWARDED_HEADER);
 
 /// Forwards one admitted request to `svc` on behalf of `caller`; `node` is
 /// this node's name (provenance).
@@ -86,7 +88,7 @@ pub(crate) async fn forward(
     };
     let provenance = format!("by={};from={};svc={}", node, caller.node, caller_svc);
     if let Ok(v) = HeaderValue::from_str(&provenance) {
-        headers.append(FORWARDED_HEADER, v);
+        headers.append(FORWARDED, v);
     }
     let mut req = match Request::builder()
         .method(head.method.as_str())
