@@ -1,5 +1,6 @@
 //! The local instance: a request admitted by the inbound side goes to the
-//! instance over a pooled keep-alive client, in the caller's HTTP version
+//! instance over keep-alive connections (HTTP/1.1: the instance's own
+//! `local::Http1Pool`; h2c: the pooled client), in the caller's HTTP version
 //! if the instance speaks it (protocol `auto`), else the one it speaks,
 //! with `shoal-forwarded` added and the caller's deadline applied. Failures
 //! reaching it are `upstream-connect`, `upstream-reset` and
