@@ -152,15 +152,18 @@ pub(crate) struct Http1Pool {
 }
 
 impl Http1Pool {
-    /// The most recently used idle connection that is still open (those
-    /// idle past [`POOL_IDLE_TIMEOUT`] or closed are dropped on the way).
+    /// The most recently used idle connection that is ready for a request
+    /// now (those idle past [`POOL_IDLE_TIMEOUT`] or closed are dropped on
+    /// the way). One still finishing its last response stays for later: a
+    /// request never waits for it (as with the pooled client, it dials).
     pub fn take(&self) -> Option<SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().unwrap();
         let now = Instant::now();
         idle.retain(|(tx, since)| {
             !tx.is_closed() && now.duration_since(*since) < POOL_IDLE_TIMEOUT
         });
-        idle.pop().map(|(tx, _)| tx)
+        let i = idle.iter().rposition(|(tx, _)| tx.is_ready())?;
+        Some(idle.remove(i).0)
     }
 
     /// Keeps `tx` for the next request (dropped when the pool is full or
