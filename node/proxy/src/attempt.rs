@@ -18,7 +18,7 @@ use crate::access::Trace;
 use crate::balance::Target;
 use crate::body::{empty, guarded, replay};
 use crate::frame::{
-    self, BoxError, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
+    self, BoxError, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap,
     ResponseHead, ResponseHeadMap, STREAM_KIND_HTTP,
 };
 use crate::inbound;
@@ -96,7 +96,7 @@ pub(crate) enum Failed {
 pub(crate) async fn attempt(
     shared: &Shared,
     target: &Target,
-    head: &RequestHead,
+    head: &RequestHeadMap,
     source: &mut Source,
     guard: Box<dyn Any + Send>,
 ) -> Result<(Response<ProxyBody>, Duration), Failed> {
@@ -104,7 +104,8 @@ pub(crate) async fn attempt(
     if target.is_self {
         let body = source.take().unwrap_or_else(empty);
         let identity = shared.endpoint.identity();
-        let resp = inbound::handle(shared, &identity, head.clone(), body).await;
+        // Boxed: the local path's state stays out of every remote attempt.
+        let resp = Box::pin(inbound::handle(shared, &identity, head.clone(), body)).await;
         let rtt = started.elapsed();
         return Ok((resp.map(|b| guarded(b, vec![guard])), rtt));
     }
@@ -132,8 +133,7 @@ pub(crate) async fn attempt(
     }
     let mut writer = FrameWriter::new(send);
     writer.kind(STREAM_KIND_HTTP);
-    let encoded = frame::encode(head).map_err(|e| connect(e.to_string()))?;
-    writer.queue(FRAME_HEAD, encoded);
+    writer.queue_request_head(head);
     let mut guards: Vec<Box<dyn Any + Send>> = vec![guard];
     if head.upgrade.is_some() {
         // An upgrade has no body and keeps the stream open after END.
@@ -165,7 +165,7 @@ pub(crate) async fn attempt(
     }
     let mut reader = FrameReader::new(recv);
     let rh: ResponseHeadMap = reader
-        .head()
+        .response_head()
         .await
         .map_err(|e| Failed::Reset(e.to_string()))?;
     let rtt = started.elapsed();

@@ -15,7 +15,10 @@
 //! identical endpoints take turns instead of one keeping all the traffic:
 //! costs within [`TOLERANCE`] of each other count as equal, and an
 //! endpoint's first sample (which paid for connection setup) enters the
-//! estimate one time constant old.
+//! estimate one time constant old. An endpoint this node has no figure for
+//! (never measured, nothing gossiped) counts as good as the one it is drawn
+//! against, so it is measured soon: a fixed default would lose to every
+//! endpoint faster than half of it, for good.
 //!
 //! One slow sample among fast ones (a scheduling hiccup on a busy host)
 //! raises the estimate at most [`PEAK_STEP`]-fold; a second slow sample in
@@ -34,8 +37,8 @@ use serde::Serialize;
 
 use crate::config::{ProxyConfig, RetryConfig};
 
-/// Latency assumed for an endpoint nobody has measured (and its node has not
-/// gossiped a figure for).
+/// Latency assumed when neither endpoint drawn has a figure (measured or
+/// gossiped).
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Peak-EWMA time constant: how fast a lower sample pulls the estimate down,
 /// and how fast an idle endpoint's estimate decays toward zero.
@@ -464,7 +467,24 @@ impl Balancer {
             b += 1;
         }
         let (a, b) = (nth(a), nth(b));
-        let (ca, cb) = (cost(&targets[a], now), cost(&targets[b], now));
+        let (ra, rb) = (
+            rtt_estimate(&targets[a], now),
+            rtt_estimate(&targets[b], now),
+        );
+        // An endpoint this node has no figure for (not measured, nothing
+        // gossiped) counts as good as the one it is drawn against, so it is
+        // tried: a fixed default would lose to every endpoint faster than
+        // half of it, and the cold one would never be measured.
+        let (ra, rb) = match (ra, rb) {
+            (Some(x), Some(y)) => (x, y),
+            (Some(x), None) => (x, x),
+            (None, Some(y)) => (y, y),
+            (None, None) => {
+                let d = DEFAULT_RTT.as_nanos() as f64;
+                (d, d)
+            }
+        };
+        let (ca, cb) = (load_cost(&targets[a], ra), load_cost(&targets[b], rb));
         Ok(if ca <= cb * TOLERANCE && cb <= ca * TOLERANCE {
             // Two zero-cost (0/0) or infinite estimates give no ratio: a
             // fair coin then.
@@ -568,16 +588,17 @@ impl Balancer {
     }
 }
 
-fn cost(t: &Target, now: Instant) -> f64 {
-    let s = &t.state;
-    let rtt = s.ewma_at(now).unwrap_or_else(|| {
-        if t.gossip_ewma_ms > 0.0 {
-            t.gossip_ewma_ms * 1e6
-        } else {
-            DEFAULT_RTT.as_nanos() as f64
-        }
-    });
-    rtt * (s.in_flight() as f64 + 1.0) / f64::from(t.weight.max(1))
+/// The latency estimate of `t` in nanoseconds: measured from this node
+/// (decayed to `now`), else what its node gossiped; `None` when neither.
+fn rtt_estimate(t: &Target, now: Instant) -> Option<f64> {
+    t.state
+        .ewma_at(now)
+        .or_else(|| (t.gossip_ewma_ms > 0.0).then_some(t.gossip_ewma_ms * 1e6))
+}
+
+/// `rtt` × (in flight + 1) / weight.
+fn load_cost(t: &Target, rtt: f64) -> f64 {
+    rtt * (t.state.in_flight() as f64 + 1.0) / f64::from(t.weight.max(1))
 }
 
 /// Retries may add at most `ratio` of requests plus `min_per_sec` per second,
@@ -704,6 +725,10 @@ mod tests {
             .observe_at(t0 - Duration::from_millis(10), Duration::from_millis(100));
         ts[1].state.observe_at(t0, Duration::from_millis(100));
         assert_eq!(ts[1].state.ewma_at(t0), Some(100e6));
+        ts[0]
+            .state
+            .observe_at(t0 - Duration::from_millis(20), Duration::from_millis(1));
+        ts[0].state.observe_at(t0, Duration::from_millis(1));
         let mut t = t0;
         let mut back_after = None;
         for i in 1..=1000u32 {
@@ -728,6 +753,38 @@ mod tests {
         let decayed = ts[1].state.ewma_at(t).unwrap();
         assert!(decayed <= 2.0e6, "{decayed}");
         assert_eq!(ts[1].state.ewma_ns(), Some(100e6));
+    }
+
+    #[test]
+    fn an_endpoint_nobody_measured_is_tried_against_a_fast_one() {
+        // `warm` answers in 200 µs (far under the 1 ms default); `cold` has
+        // no figure at all. Sequential requests must reach `cold` at once,
+        // and then both share.
+        let b = balancer("z", &ProxyConfig::default(), Duration::from_secs(1));
+        let ts = [target(&b, "warm", "z"), target(&b, "cold", "z")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(7);
+        ts[0]
+            .state
+            .observe_at(t0 - Duration::from_millis(20), Duration::from_micros(200));
+        ts[0].state.observe_at(t0, Duration::from_micros(200));
+        let mut picks = [0u32; 2];
+        let mut first_cold = None;
+        for i in 1..=200u32 {
+            let t = t0 + Duration::from_millis(1) * i;
+            let k = b.choose(&ts, &[], t, &mut rng).unwrap();
+            picks[k] += 1;
+            if k == 1 && first_cold.is_none() {
+                first_cold = Some(i);
+            }
+            b.success_at(&ts[k].state, Duration::from_micros(200), t);
+        }
+        let first = first_cold.expect("the cold endpoint is tried");
+        assert!(first <= 10, "first tried at request {first}");
+        assert!(
+            (60..=140).contains(&picks[1]),
+            "identical endpoints share: {picks:?}"
+        );
     }
 
     #[test]

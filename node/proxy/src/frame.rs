@@ -122,6 +122,38 @@ pub struct RequestHead {
     pub upgrade: Option<String>,
 }
 
+/// A [`RequestHead`] as both nodes hold it: the same fields and the same
+/// bytes on the wire, with the header fields in a map. The calling node
+/// encodes the map straight into the frame and the serving node decodes the
+/// frame straight into one (invalid fields are dropped, as by
+/// [`from_wire`]): no intermediate copy of the fields on either side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestHeadMap {
+    /// Target service name.
+    pub service: String,
+    /// Service identity the caller speaks for (must be named by its certificate).
+    pub source: String,
+    /// Milliseconds left before the caller gives up (0 = no deadline).
+    pub deadline_ms: u64,
+    /// Attempt number, 1 for the first try.
+    pub attempt: u32,
+    /// HTTP version the app used: 1 = HTTP/1.x, 2 = HTTP/2.
+    pub version: u8,
+    /// Method.
+    pub method: String,
+    /// Path and query (origin form).
+    pub uri: String,
+    /// Authority the app addressed (`web`, `web:80`), for the Host header.
+    pub authority: String,
+    /// End-to-end header fields.
+    #[serde(serialize_with = "wire_ser", deserialize_with = "wire_map")]
+    pub headers: HeaderMap,
+    /// Whether a body follows (false: the message ends after the head).
+    pub has_body: bool,
+    /// See [`RequestHead::upgrade`].
+    pub upgrade: Option<String>,
+}
+
 /// The head of a response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResponseHead {
@@ -174,6 +206,47 @@ const FLUSH_AT: usize = 64 * 1024;
 /// frames leave in one write; larger ones are queued by reference.
 const COPY_AT: usize = 4 * 1024;
 
+/// Room reserved for a head frame before encoding it (most heads fit).
+const HEAD_RESERVE: usize = 512;
+
+/// bincode's writer over the frame queue's buffer.
+struct BufWriter<'a>(&'a mut BytesMut);
+
+impl bincode::enc::write::Writer for BufWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Appends one frame to `buf`: type, length, and `v` encoded with bincode
+/// (the bytes of [`encode`]) written in place. Answers the frame's size; on
+/// an error `buf` is as it was.
+fn encode_frame<T: Serialize>(buf: &mut BytesMut, ty: u8, v: &T) -> Result<usize, FrameError> {
+    let start = buf.len();
+    buf.reserve(HEAD_RESERVE);
+    buf.extend_from_slice(&[ty, 0, 0, 0, 0]);
+    if let Err(e) = bincode::serde::encode_into_writer(v, BufWriter(buf), bincode_config()) {
+        buf.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
+    let len = buf.len() - start - 5;
+    buf[start + 1..start + 5].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(5 + len)
+}
+
+/// Appends one frame to `buf`: type, length, and the payload `write`
+/// appends. Answers the frame's size.
+fn frame_with(buf: &mut BytesMut, ty: u8, write: impl FnOnce(&mut BytesMut)) -> usize {
+    let start = buf.len();
+    buf.reserve(HEAD_RESERVE);
+    buf.extend_from_slice(&[ty, 0, 0, 0, 0]);
+    write(buf);
+    let len = buf.len() - start - 5;
+    buf[start + 1..start + 5].copy_from_slice(&(len as u32).to_be_bytes());
+    5 + len
+}
+
 /// Writes frames onto a QUIC send stream.
 ///
 /// Frames are queued and leave together on [`FrameWriter::flush`] (or
@@ -219,6 +292,31 @@ impl FrameWriter {
             self.chunks.push(self.buf.split().freeze());
             self.chunks.push(payload);
         }
+    }
+
+    /// Queues one frame whose payload is `v` encoded with bincode (as by
+    /// [`encode`]), written straight into the queue's buffer.
+    pub fn queue_encoded<T: Serialize>(&mut self, ty: u8, v: &T) -> Result<(), FrameError> {
+        self.queued += encode_frame(&mut self.buf, ty, v)?;
+        Ok(())
+    }
+
+    /// Queues a request head frame (see [`head`]).
+    pub fn queue_request_head(&mut self, h: &RequestHeadMap) {
+        self.queued += frame_with(&mut self.buf, FRAME_HEAD, |b| head::encode_request(b, h));
+    }
+
+    /// Queues a response head frame (see [`head`]).
+    pub fn queue_response_head(
+        &mut self,
+        status: u16,
+        headers: &HeaderMap,
+        has_body: bool,
+        upgrade: Option<&str>,
+    ) {
+        self.queued += frame_with(&mut self.buf, FRAME_HEAD, |b| {
+            head::encode_response(b, status, headers, has_body, upgrade)
+        });
     }
 
     /// Writes everything queued.
@@ -325,7 +423,7 @@ impl FrameWriter {
                     Ok(data) => self.data(data),
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
-                            self.queue(FRAME_TRAILERS, encode(&to_wire(&trailers))?);
+                            self.queue_encoded(FRAME_TRAILERS, &WireRef(&trailers))?;
                         }
                     }
                 },
@@ -470,6 +568,26 @@ impl FrameReader {
         }
     }
 
+    /// Reads a request head frame (see [`head`]).
+    pub async fn request_head(&mut self) -> Result<RequestHeadMap, FrameError> {
+        match self.next().await? {
+            InFrame::Head(b) => head::decode_request(&b),
+            other => Err(FrameError::Malformed(format!(
+                "expected a head, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Reads a response head frame (see [`head`]).
+    pub async fn response_head(&mut self) -> Result<ResponseHeadMap, FrameError> {
+        match self.next().await? {
+            InFrame::Head(b) => head::decode_response(&b),
+            other => Err(FrameError::Malformed(format!(
+                "expected a head, got {other:?}"
+            ))),
+        }
+    }
+
     /// Reads the END frame of a message that has no body.
     pub async fn end(&mut self) -> Result<(), FrameError> {
         match self.next().await? {
@@ -570,33 +688,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // Only the named fields that are there (`close`, `keep-alive`: usually
+    // none) are parsed into names.
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| headers.contains_key(*n))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "http2-settings",
-    ] {
         headers.remove(n);
     }
     let te_trailers = headers
         .get_all(http::header::TE)
         .iter()
         .any(|v| v.to_str().is_ok_and(|s| s.contains("trailers")));
-    headers.remove(http::header::TE);
+    // Only the fields present are removed (usually just `connection`), by
+    // the names the map already holds: no name is parsed or looked up twice.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for n in present {
+        headers.remove(n);
+    }
     if te_trailers {
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
@@ -629,10 +748,26 @@ impl Serialize for WireRef<'_> {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for (k, v) in self.0 {
-            seq.serialize_element(&(k.as_str(), v.as_bytes()))?;
+            seq.serialize_element(&(k.as_str(), Raw(v.as_bytes())))?;
         }
         seq.end()
     }
+}
+
+/// Bytes serialized as one byte string: in bincode the same bytes as a
+/// `Vec<u8>` (a length, then the bytes), written at once instead of one
+/// element at a time.
+struct Raw<'a>(&'a [u8]);
+
+impl Serialize for Raw<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// Serializes a header map in the wire form of [`WireHeaders`].
+fn wire_ser<S: serde::Serializer>(h: &HeaderMap, s: S) -> Result<S::Ok, S::Error> {
+    WireRef(h).serialize(s)
 }
 
 /// A [`ResponseHead`] borrowing its fields, for encoding: the same bytes,
@@ -665,8 +800,9 @@ pub struct ResponseHeadMap {
     pub upgrade: Option<String>,
 }
 
-/// Deserializes [`WireHeaders`] into a header map: names borrowed from the
-/// frame, each value's bytes moved into its `HeaderValue`.
+/// Deserializes [`WireHeaders`] into a header map: names and values
+/// borrowed from the frame (bincode decodes from a slice), each value copied
+/// once into its `HeaderValue`.
 fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Error> {
     struct Fields;
     impl<'de> serde::de::Visitor<'de> for Fields {
@@ -679,10 +815,10 @@ fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Erro
             mut seq: A,
         ) -> Result<HeaderMap, A::Error> {
             let mut h = HeaderMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-            while let Some((k, v)) = seq.next_element::<(std::borrow::Cow<'de, str>, Vec<u8>)>()? {
+            while let Some((k, v)) = seq.next_element::<(&'de str, &'de [u8])>()? {
                 if let (Ok(k), Ok(v)) = (
                     HeaderName::from_bytes(k.as_bytes()),
-                    HeaderValue::from_maybe_shared(Bytes::from(v)),
+                    HeaderValue::from_bytes(v),
                 ) {
                     h.append(k, v);
                 }
@@ -691,6 +827,207 @@ fn wire_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Erro
         }
     }
     d.deserialize_seq(Fields)
+}
+
+/// The two heads every proxied request carries ([`RequestHeadMap`] and the
+/// response head), coded by hand in exactly bincode's bytes (standard
+/// configuration: integers above `u8` as varints, strings and byte strings
+/// as a varint length and the bytes, `bool` and `Option` tags as one byte,
+/// fields in order). Decoding borrows from the frame: each header value is
+/// a slice of it, not a copy. bincode's serde path stays the reference (the
+/// tests compare the two) and codes everything else.
+pub mod head {
+    use bytes::{BufMut, Bytes, BytesMut};
+    use http::{HeaderMap, HeaderName, HeaderValue};
+
+    use super::{FrameError, RequestHeadMap, ResponseHeadMap};
+
+    fn varint(buf: &mut BytesMut, v: u64) {
+        if v < 251 {
+            buf.put_u8(v as u8);
+        } else if v <= u64::from(u16::MAX) {
+            buf.put_u8(251);
+            buf.put_u16_le(v as u16);
+        } else if v <= u64::from(u32::MAX) {
+            buf.put_u8(252);
+            buf.put_u32_le(v as u32);
+        } else {
+            buf.put_u8(253);
+            buf.put_u64_le(v);
+        }
+    }
+
+    fn bytes(buf: &mut BytesMut, b: &[u8]) {
+        varint(buf, b.len() as u64);
+        buf.extend_from_slice(b);
+    }
+
+    fn fields(buf: &mut BytesMut, h: &HeaderMap) {
+        varint(buf, h.len() as u64);
+        for (k, v) in h {
+            bytes(buf, k.as_str().as_bytes());
+            bytes(buf, v.as_bytes());
+        }
+    }
+
+    fn option_str(buf: &mut BytesMut, s: Option<&str>) {
+        match s {
+            None => buf.put_u8(0),
+            Some(s) => {
+                buf.put_u8(1);
+                bytes(buf, s.as_bytes());
+            }
+        }
+    }
+
+    /// Appends the encoding of a request head to `buf`.
+    pub fn encode_request(buf: &mut BytesMut, h: &RequestHeadMap) {
+        bytes(buf, h.service.as_bytes());
+        bytes(buf, h.source.as_bytes());
+        varint(buf, h.deadline_ms);
+        varint(buf, u64::from(h.attempt));
+        buf.put_u8(h.version);
+        bytes(buf, h.method.as_bytes());
+        bytes(buf, h.uri.as_bytes());
+        bytes(buf, h.authority.as_bytes());
+        fields(buf, &h.headers);
+        buf.put_u8(u8::from(h.has_body));
+        option_str(buf, h.upgrade.as_deref());
+    }
+
+    /// Appends the encoding of a response head to `buf`.
+    pub fn encode_response(
+        buf: &mut BytesMut,
+        status: u16,
+        headers: &HeaderMap,
+        has_body: bool,
+        upgrade: Option<&str>,
+    ) {
+        varint(buf, u64::from(status));
+        fields(buf, headers);
+        buf.put_u8(u8::from(has_body));
+        option_str(buf, upgrade);
+    }
+
+    /// Reads a head out of a frame payload.
+    struct Reader<'a> {
+        frame: &'a Bytes,
+        at: usize,
+    }
+
+    fn bad(what: &str) -> FrameError {
+        FrameError::Malformed(format!("head: {what}"))
+    }
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+            let frame: &'a [u8] = self.frame;
+            let end = self
+                .at
+                .checked_add(n)
+                .filter(|e| *e <= frame.len())
+                .ok_or_else(|| bad("cut short"))?;
+            let b = &frame[self.at..end];
+            self.at = end;
+            Ok(b)
+        }
+
+        fn u8(&mut self) -> Result<u8, FrameError> {
+            Ok(self.take(1)?[0])
+        }
+
+        fn varint(&mut self, max: u64) -> Result<u64, FrameError> {
+            let v = match self.u8()? {
+                b @ 0..=250 => u64::from(b),
+                251 => u64::from(u16::from_le_bytes(
+                    self.take(2)?.try_into().expect("2 bytes"),
+                )),
+                252 => u64::from(u32::from_le_bytes(
+                    self.take(4)?.try_into().expect("4 bytes"),
+                )),
+                253 => u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")),
+                _ => return Err(bad("integer")),
+            };
+            if v > max {
+                return Err(bad("integer out of range"));
+            }
+            Ok(v)
+        }
+
+        fn bytes(&mut self) -> Result<&'a [u8], FrameError> {
+            let n = self.varint(u64::MAX)?;
+            self.take(usize::try_from(n).map_err(|_| bad("length"))?)
+        }
+
+        fn str(&mut self) -> Result<&'a str, FrameError> {
+            std::str::from_utf8(self.bytes()?).map_err(|_| bad("string not UTF-8"))
+        }
+
+        fn bool(&mut self) -> Result<bool, FrameError> {
+            match self.u8()? {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(bad("bool")),
+            }
+        }
+
+        fn option_string(&mut self) -> Result<Option<String>, FrameError> {
+            match self.u8()? {
+                0 => Ok(None),
+                1 => Ok(Some(self.str()?.to_string())),
+                _ => Err(bad("option")),
+            }
+        }
+
+        /// The header fields, each value a slice of the frame; invalid
+        /// fields are dropped (as by [`super::from_wire`]). The map has room
+        /// for two more (the serving node adds Host and `shoal-forwarded`)
+        /// so that adding them does not grow it.
+        fn fields(&mut self) -> Result<HeaderMap, FrameError> {
+            let n = self.varint(u64::MAX)?;
+            let mut h = HeaderMap::with_capacity(n.min(64) as usize + 2);
+            for _ in 0..n {
+                let k = self.str()?;
+                let v = self.bytes()?;
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_maybe_shared(self.frame.slice_ref(v)),
+                ) {
+                    h.append(k, v);
+                }
+            }
+            Ok(h)
+        }
+    }
+
+    /// Decodes a request head frame.
+    pub fn decode_request(frame: &Bytes) -> Result<RequestHeadMap, FrameError> {
+        let mut r = Reader { frame, at: 0 };
+        Ok(RequestHeadMap {
+            service: r.str()?.to_string(),
+            source: r.str()?.to_string(),
+            deadline_ms: r.varint(u64::MAX)?,
+            attempt: r.varint(u64::from(u32::MAX))? as u32,
+            version: r.u8()?,
+            method: r.str()?.to_string(),
+            uri: r.str()?.to_string(),
+            authority: r.str()?.to_string(),
+            headers: r.fields()?,
+            has_body: r.bool()?,
+            upgrade: r.option_string()?,
+        })
+    }
+
+    /// Decodes a response head frame.
+    pub fn decode_response(frame: &Bytes) -> Result<ResponseHeadMap, FrameError> {
+        let mut r = Reader { frame, at: 0 };
+        Ok(ResponseHeadMap {
+            status: r.varint(u64::from(u16::MAX))? as u16,
+            headers: r.fields()?,
+            has_body: r.bool()?,
+            upgrade: r.option_string()?,
+        })
+    }
 }
 
 /// Header map to wire form.
@@ -777,6 +1114,258 @@ mod tests {
             assert_eq!(bytes, encode(&owned).unwrap());
             assert_eq!(decode::<ResponseHead>(&bytes).unwrap(), owned);
         }
+    }
+
+    #[test]
+    fn a_request_head_map_has_the_bytes_of_the_owned_head() {
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.append("x-multi", HeaderValue::from_static("1"));
+        h.append("x-multi", HeaderValue::from_static("2"));
+        h.insert(
+            "x-bin",
+            HeaderValue::from_bytes(&[0x80, 0xff, b'z']).unwrap(),
+        );
+        for upgrade in [None, Some("websocket".to_string())] {
+            let owned = RequestHead {
+                service: "web".into(),
+                source: "client".into(),
+                deadline_ms: 1500,
+                attempt: 2,
+                version: 1,
+                method: "GET".into(),
+                uri: "/a?b=c".into(),
+                authority: "web:80".into(),
+                headers: to_wire(&h),
+                has_body: false,
+                upgrade: upgrade.clone(),
+            };
+            let map = RequestHeadMap {
+                service: "web".into(),
+                source: "client".into(),
+                deadline_ms: 1500,
+                attempt: 2,
+                version: 1,
+                method: "GET".into(),
+                uri: "/a?b=c".into(),
+                authority: "web:80".into(),
+                headers: h.clone(),
+                has_body: false,
+                upgrade,
+            };
+            let bytes = encode(&map).unwrap();
+            assert_eq!(bytes, encode(&owned).unwrap());
+            assert_eq!(decode::<RequestHead>(&bytes).unwrap(), owned);
+            let back: RequestHeadMap = decode(&bytes).unwrap();
+            assert_eq!(back.headers, h);
+            assert_eq!(
+                (
+                    back.service.as_str(),
+                    back.uri.as_str(),
+                    back.authority.as_str()
+                ),
+                ("web", "/a?b=c", "web:80")
+            );
+            assert_eq!(back.upgrade, owned.upgrade);
+        }
+        // A field that is no valid header is dropped on the way in.
+        let mut bad = RequestHead {
+            service: "web".into(),
+            source: String::new(),
+            deadline_ms: 0,
+            attempt: 1,
+            version: 2,
+            method: "POST".into(),
+            uri: "/".into(),
+            authority: "web".into(),
+            headers: to_wire(&h),
+            has_body: true,
+            upgrade: None,
+        };
+        bad.headers.push(("bad name".into(), b"dropped".to_vec()));
+        let back: RequestHeadMap = decode(&encode(&bad).unwrap()).unwrap();
+        assert_eq!(back.headers, h);
+        assert!(back.has_body);
+    }
+
+    fn sample_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.insert(
+            "x-bin",
+            HeaderValue::from_bytes(&[0x80, 0xff, b'z']).unwrap(),
+        );
+        // Lengths past one varint byte (250).
+        h.insert("x-long", HeaderValue::from_str(&"v".repeat(300)).unwrap());
+        h.insert(
+            "x-longer",
+            HeaderValue::from_str(&"w".repeat(70_000)).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn the_hand_coded_request_head_is_bincodes() {
+        let h = sample_headers();
+        for (deadline_ms, attempt, upgrade) in [
+            (0, 1, None),
+            (250, 2, Some("websocket")),
+            (251, 300, None),
+            (70_000, 70_000, Some("h2c, websocket")),
+            (u64::from(u32::MAX) + 1, u32::MAX, None),
+        ] {
+            let map = RequestHeadMap {
+                service: "web".into(),
+                source: "client".into(),
+                deadline_ms,
+                attempt,
+                version: 2,
+                method: "PATCH".into(),
+                uri: format!("/{}", "p".repeat(260)),
+                authority: "web:8080".into(),
+                headers: h.clone(),
+                has_body: upgrade.is_none(),
+                upgrade: upgrade.map(str::to_string),
+            };
+            let mut buf = BytesMut::new();
+            head::encode_request(&mut buf, &map);
+            let reference = encode(&map).unwrap();
+            assert_eq!(&buf[..], &reference[..]);
+            let owned: RequestHead = decode(&reference).unwrap();
+            let back = head::decode_request(&reference).unwrap();
+            assert_eq!(back.headers, from_wire(&owned.headers));
+            assert_eq!(
+                (
+                    back.service.as_str(),
+                    back.source.as_str(),
+                    back.deadline_ms,
+                    back.attempt,
+                    back.version,
+                    back.method.as_str(),
+                    back.uri.as_str(),
+                    back.authority.as_str(),
+                    back.has_body,
+                    back.upgrade.as_deref(),
+                ),
+                (
+                    owned.service.as_str(),
+                    owned.source.as_str(),
+                    owned.deadline_ms,
+                    owned.attempt,
+                    owned.version,
+                    owned.method.as_str(),
+                    owned.uri.as_str(),
+                    owned.authority.as_str(),
+                    owned.has_body,
+                    owned.upgrade.as_deref(),
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn the_hand_coded_response_head_is_bincodes() {
+        let h = sample_headers();
+        for (status, has_body, upgrade) in [
+            (200, true, None),
+            (101, false, Some("websocket")),
+            (404, false, None),
+            (599, true, None),
+        ] {
+            let mut buf = BytesMut::new();
+            head::encode_response(&mut buf, status, &h, has_body, upgrade);
+            let owned = ResponseHead {
+                status,
+                headers: to_wire(&h),
+                has_body,
+                upgrade: upgrade.map(str::to_string),
+            };
+            let reference = encode(&owned).unwrap();
+            assert_eq!(&buf[..], &reference[..]);
+            let back = head::decode_response(&reference).unwrap();
+            assert_eq!(back.status, status);
+            assert_eq!(back.headers, h);
+            assert_eq!(back.has_body, has_body);
+            assert_eq!(back.upgrade.as_deref(), upgrade);
+        }
+    }
+
+    #[test]
+    fn the_hand_decoder_drops_bad_fields_and_refuses_bad_heads() {
+        let mut wire = to_wire(&sample_headers());
+        wire.push(("bad name".into(), b"dropped".to_vec()));
+        wire.push(("x-bad-value".into(), b"a\nb".to_vec()));
+        let owned = ResponseHead {
+            status: 200,
+            headers: wire,
+            has_body: true,
+            upgrade: None,
+        };
+        let bytes = encode(&owned).unwrap();
+        let back = head::decode_response(&bytes).unwrap();
+        assert_eq!(back.headers, sample_headers());
+        // Cut anywhere, the head is refused (as bincode refuses it).
+        for cut in [0, 1, 5, bytes.len() / 2, bytes.len() - 1] {
+            let short = bytes.slice(..cut);
+            assert!(head::decode_response(&short).is_err(), "cut at {cut}");
+            assert!(decode::<ResponseHead>(&short).is_err(), "cut at {cut}");
+        }
+        // A bool that is neither 0 nor 1, and a name that is not UTF-8.
+        let mut b = BytesMut::new();
+        head::encode_response(&mut b, 200, &HeaderMap::new(), true, None);
+        b[2] = 7;
+        assert!(head::decode_response(&b.freeze()).is_err());
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[200, 1, 2, 0xff, 0xfe, 1, b'v', 0, 0]);
+        let b = b.freeze();
+        assert!(head::decode_response(&b).is_err());
+        assert!(decode::<ResponseHead>(&b).is_err());
+    }
+
+    #[test]
+    fn a_queued_encoded_frame_is_the_encoded_bytes_framed() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("5"));
+        let rh = ResponseHeadRef {
+            status: 200,
+            headers: WireRef(&h),
+            has_body: true,
+            upgrade: None,
+        };
+        let payload = encode(&rh).unwrap();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[STREAM_KIND_HTTP]);
+        let n = encode_frame(&mut buf, FRAME_HEAD, &rh).unwrap();
+        assert_eq!(n, 5 + payload.len());
+        let mut want = vec![STREAM_KIND_HTTP, FRAME_HEAD];
+        want.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        want.extend_from_slice(&payload);
+        assert_eq!(&buf[..], &want[..]);
+    }
+
+    #[test]
+    fn a_keep_alive_connection_field_is_removed_and_nothing_else() {
+        // nginx answers with `connection: keep-alive`.
+        let mut h = HeaderMap::new();
+        h.insert("server", HeaderValue::from_static("nginx"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("content-length", HeaderValue::from_static("1024"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["server", "content-length"]);
+        // A field named by `Connection` goes, whatever the case of the token.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Close, X-Hop"));
+        h.insert("close", HeaderValue::from_static("a field so named"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end", HeaderValue::from_static("2"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
     }
 
     #[test]

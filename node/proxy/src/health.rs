@@ -35,6 +35,7 @@ pub(crate) async fn run(shared: Arc<Shared>, svc: Arc<LocalService>) {
             svc.set_detected(Some(found));
         }
         let healthy = check(&shared, &svc, timeout).await;
+        svc.http1.sweep();
         if !healthy && svc.spec.protocol == Protocol::Auto {
             // Down, or checked in the wrong version: find out again once it
             // answers.

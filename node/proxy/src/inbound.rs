@@ -31,8 +31,8 @@ use transport::{BiStream, Identity};
 use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{
-    self, FRAME_HEAD, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHead,
-    ResponseHeadRef, STREAM_KIND_HTTP, STREAM_KIND_TCP, WireRef,
+    self, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap, STREAM_KIND_HTTP,
+    STREAM_KIND_TCP,
 };
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
@@ -65,7 +65,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         Err(_) => return,
     }
     let mut writer = FrameWriter::new(send);
-    let mut head: RequestHead = match reader.head().await {
+    let mut head: RequestHeadMap = match reader.request_head().await {
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e, peer = %caller, "bad request head");
@@ -88,7 +88,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         (source, head.service.clone())
     });
     let (body, reader) = if head.has_body {
-        let len = frame::content_length(&frame::from_wire(&head.headers));
+        let len = frame::content_length(&head.headers);
         (reader.into_body(len), None)
     } else {
         // END (and FIN) share the head's packet: read them so the stream
@@ -115,18 +115,8 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         && let Some(reader) = reader
         && let Some((source, service)) = &names
     {
-        let rh = ResponseHeadRef {
-            status: parts.status.as_u16(),
-            headers: WireRef(&headers),
-            has_body: false,
-            upgrade: Some(&token),
-        };
-        let Ok(encoded) = frame::encode(&rh) else {
-            writer.reset(frame::RESET_ERROR);
-            return;
-        };
+        writer.queue_response_head(parts.status.as_u16(), &headers, false, Some(&token));
         drop(body);
-        writer.queue(FRAME_HEAD, encoded);
         if writer.end_open().await.is_err() {
             return;
         }
@@ -135,18 +125,8 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         upgrade::serve(&shared, app, streams, &token, (source, service)).await;
         return;
     }
-    let rh = ResponseHeadRef {
-        status: parts.status.as_u16(),
-        headers: WireRef(&headers),
-        has_body: !body.is_end_stream(),
-        upgrade: None,
-    };
-    let Ok(encoded) = frame::encode(&rh) else {
-        writer.reset(frame::RESET_ERROR);
-        return;
-    };
     // The head leaves with the body's first frames (all of a small body).
-    writer.queue(FRAME_HEAD, encoded);
+    writer.queue_response_head(parts.status.as_u16(), &headers, !body.is_end_stream(), None);
     if let Err(e) = writer.body(body).await {
         tracing::debug!(error = %e, "response body cut short");
         writer.reset(RESET_CANCEL);
@@ -157,7 +137,7 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
 pub(crate) async fn handle(
     shared: &Shared,
     caller: &Identity,
-    head: RequestHead,
+    head: RequestHeadMap,
     body: ProxyBody,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
@@ -178,8 +158,9 @@ pub(crate) async fn handle(
     let _gauge = shared.stats.in_flight(&edge);
     let grpc_call = head
         .headers
+        .get_all(http::header::CONTENT_TYPE)
         .iter()
-        .any(|(k, v)| k == "content-type" && stats::is_grpc_type(v));
+        .any(|v| stats::is_grpc_type(v.as_bytes()));
     edge.trace.attempt(&shared.node, head.attempt);
     let body = edge.trace.count_request(body);
     let exchange = stats::Exchange {
@@ -211,7 +192,7 @@ fn finish(
 async fn admit(
     shared: &Shared,
     caller: &Identity,
-    head: RequestHead,
+    head: RequestHeadMap,
     body: ProxyBody,
 ) -> Response<ProxyBody> {
     let Some(svc) = shared.local.get(&head.service) else {
@@ -239,14 +220,20 @@ async fn admit(
 /// service. The caller is judged by its certificate: its node SPIFFE ID and,
 /// when the request names a source service (already checked against the
 /// certificate), that service; otherwise every service the certificate names.
-fn enforce(shared: &Shared, caller: &Identity, head: &RequestHead) -> Option<Response<ProxyBody>> {
+fn enforce(
+    shared: &Shared,
+    caller: &Identity,
+    head: &RequestHeadMap,
+) -> Option<Response<ProxyBody>> {
     let set = shared.policy.store.snapshot();
     let who = if head.source.is_empty() {
         caller.clone()
     } else {
+        // Not `..caller.clone()`: that would copy the services only to drop them.
         Identity {
+            trust_domain: caller.trust_domain.clone(),
+            node: caller.node.clone(),
             services: vec![head.source.clone()],
-            ..caller.clone()
         }
     };
     let path = head.uri.split('?').next().unwrap_or("/");

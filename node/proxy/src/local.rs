@@ -3,9 +3,15 @@
 //! figures, and the pooled clients that reach the instances. No I/O here:
 //! `health.rs` checks and detects, `upstream.rs` forwards.
 
-use std::sync::Mutex;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 
 use gossip::Health;
 use hyper_util::client::legacy::Client;
@@ -29,6 +35,8 @@ pub(crate) struct LocalService {
     pub latency: EndpointState,
     /// The record last published in gossip (JSON).
     pub published: Mutex<String>,
+    /// Idle HTTP/1.1 connections to the instance (see [`Http1Pool`]).
+    pub http1: Http1Pool,
 }
 
 impl LocalService {
@@ -42,6 +50,7 @@ impl LocalService {
             in_flight: AtomicU64::new(0),
             latency: EndpointState::detached(),
             published: Mutex::new(String::new()),
+            http1: Http1Pool::default(),
         }
     }
 
@@ -123,5 +132,122 @@ impl Clients {
     /// The client for h2c (`true`) or HTTP/1.1.
     pub fn speaking(&self, h2: bool) -> &Client<HttpConnector, ProxyBody> {
         if h2 { &self.h2 } else { &self.http1 }
+    }
+}
+
+/// Idle HTTP/1.1 connections kept per local instance (as the pooled
+/// client's `pool_max_idle_per_host`).
+pub const POOL_MAX_IDLE: usize = 256;
+/// An idle HTTP/1.1 connection to a local instance is closed after this
+/// long unused (as the pooled client's `pool_idle_timeout`).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The idle keep-alive HTTP/1.1 connections to one local instance, most
+/// recently used last. Forwarding a request takes one (or dials), and the
+/// response body hands it back when it ends ([`Returning`]): no lookup by
+/// host, no task per request. hyper's own connection task drives each.
+#[derive(Default)]
+pub(crate) struct Http1Pool {
+    idle: Mutex<Vec<(SendRequest<ProxyBody>, Instant)>>,
+}
+
+impl Http1Pool {
+    /// The most recently used idle connection that is ready for a request
+    /// now (those idle past [`POOL_IDLE_TIMEOUT`] or closed are dropped on
+    /// the way). One still finishing its last response stays for later: a
+    /// request never waits for it (as with the pooled client, it dials).
+    pub fn take(&self) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap();
+        let now = Instant::now();
+        idle.retain(|(tx, since)| {
+            !tx.is_closed() && now.duration_since(*since) < POOL_IDLE_TIMEOUT
+        });
+        let i = idle.iter().rposition(|(tx, _)| tx.is_ready())?;
+        Some(idle.remove(i).0)
+    }
+
+    /// Keeps `tx` for the next request (dropped when the pool is full or
+    /// the connection closed).
+    pub fn put(&self, tx: SendRequest<ProxyBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push((tx, Instant::now()));
+        }
+    }
+
+    /// Closes the connections idle past [`POOL_IDLE_TIMEOUT`] (and those
+    /// the instance closed).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.idle.lock().unwrap().retain(|(tx, since)| {
+            !tx.is_closed() && now.duration_since(*since) < POOL_IDLE_TIMEOUT
+        });
+    }
+
+    /// Idle connections held now.
+    #[cfg(test)]
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+}
+
+/// A response body from a pooled HTTP/1.1 connection: when it ends, the
+/// connection goes back to its pool; dropped before its end, the connection
+/// goes with it (hyper closes a connection whose response was not read).
+pub(crate) struct Returning {
+    body: Incoming,
+    slot: Option<(SendRequest<ProxyBody>, Arc<LocalService>)>,
+}
+
+impl Returning {
+    /// `body`, handing `tx` back to `svc`'s pool at its end.
+    pub fn new(body: Incoming, tx: SendRequest<ProxyBody>, svc: Arc<LocalService>) -> Self {
+        let mut r = Returning {
+            body,
+            slot: Some((tx, svc)),
+        };
+        r.give_back_at_end();
+        r
+    }
+
+    fn give_back_at_end(&mut self) {
+        if self.body.is_end_stream()
+            && let Some((tx, svc)) = self.slot.take()
+        {
+            svc.http1.put(tx);
+        }
+    }
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &r {
+            Some(Ok(_)) => self.give_back_at_end(),
+            None => {
+                if let Some((tx, svc)) = self.slot.take() {
+                    svc.http1.put(tx);
+                }
+            }
+            Some(Err(_)) => self.slot = None,
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

@@ -42,7 +42,7 @@ use crate::connect;
 use crate::egress;
 use crate::error::{Marked, MeshError, grpc_failure};
 use crate::filters;
-use crate::frame::{self, ProxyBody, RequestHead};
+use crate::frame::{self, ProxyBody, RequestHeadMap};
 use crate::listen;
 use crate::plan::{self, Action, Plan, TIMEOUT_HEADER};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
@@ -341,7 +341,7 @@ pub const MAX_MIRRORS: usize = 256;
 /// copies are in flight or the service has no endpoint.
 fn mirror(
     shared: &Arc<Shared>,
-    wire: RequestHead,
+    wire: RequestHeadMap,
     body: Bytes,
     trailers: Option<HeaderMap>,
     timeout: Duration,
@@ -625,7 +625,7 @@ fn choose<'t>(
 async fn try_endpoint(
     shared: &Shared,
     target: &Target,
-    wire: &RequestHead,
+    wire: &RequestHeadMap,
     source: &mut Source,
     attempt_deadline: tokio::time::Instant,
     deadline: tokio::time::Instant,
@@ -671,7 +671,7 @@ async fn try_endpoint(
 /// The head that goes on the wire to `backend`: the app's headers (the
 /// route's changes already applied) without hop-by-hop ones, Host (sent as
 /// the authority) and `shoal-timeout`.
-fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) -> RequestHead {
+fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) -> RequestHeadMap {
     let authority = parts
         .uri
         .authority()
@@ -692,7 +692,7 @@ fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) ->
     frame::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
     headers.remove(TIMEOUT_HEADER);
-    RequestHead {
+    RequestHeadMap {
         upgrade,
         service: backend.to_string(),
         source: shared.source_service(),
@@ -710,7 +710,7 @@ fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) ->
             .map(|p| p.to_string())
             .unwrap_or_else(|| "/".into()),
         authority,
-        headers: frame::to_wire(&headers),
+        headers,
         has_body,
     }
 }

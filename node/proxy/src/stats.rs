@@ -279,14 +279,39 @@ pub struct Stats {
     windows: Mutex<HashMap<Key, Vec<Second>>>,
     /// Metric handles per (edge, route, status, gRPC status), by a hash of
     /// those: a request after the first of its kind builds no label set.
-    handles: Mutex<HashMap<u64, Vec<Arc<Handles>>>>,
+    handles: Mutex<HashMap<u64, Vec<Arc<Handles>>, Prehashed>>,
     /// In-flight gauges per edge, likewise.
-    gauges: Mutex<HashMap<u64, Vec<EdgeGauge>>>,
+    gauges: Mutex<HashMap<u64, Vec<EdgeGauge>, Prehashed>>,
     /// Route label values seen (at most [`MAX_ROUTE_LABELS`]).
     routes: Mutex<HashSet<String>>,
     tap: broadcast::Sender<Arc<Event>>,
     /// Live [`access::TapReceiver`]s.
     listeners: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A map keyed by a hash already computed (the metric handle caches): the
+/// key is used as it is instead of being hashed again.
+type Prehashed = std::hash::BuildHasherDefault<KeyIsHash>;
+
+/// The [`Hasher`] of [`Prehashed`]: takes the `u64` key as the hash.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys come here; anything else is folded in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Figures over the last minute (an edge's, or one route's on it).
@@ -356,8 +381,8 @@ impl Stats {
             peer_rtt: Family::default(),
             peer_not_serving: Family::default(),
             windows: Mutex::new(HashMap::new()),
-            handles: Mutex::new(HashMap::new()),
-            gauges: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::default()),
+            gauges: Mutex::new(HashMap::default()),
             routes: Mutex::new(HashSet::new()),
             tap: broadcast::channel(access::TAP_CAPACITY).0,
             listeners: Arc::default(),
@@ -547,23 +572,30 @@ impl Stats {
         // Read the clock under the lock: a reading taken before it could be
         // older than the second another thread has just pushed.
         let now = self.start.elapsed().as_secs();
-        if !w.contains_key(&h.key) {
-            w.insert(h.key.clone(), Vec::new());
+        let count = |secs: &mut Vec<Second>| {
+            secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
+            if secs.last().is_none_or(|s| s.at != now) {
+                secs.push(Second::new(now));
+            }
+            let s = secs.last_mut().expect("pushed above");
+            s.requests += 1;
+            match classification {
+                Classification::Success => s.ok += 1,
+                Classification::Failure => s.failed += 1,
+                Classification::Denied => s.denied += 1,
+                Classification::RateLimited => s.rate_limited += 1,
+            }
+            s.latency[bucket(latency)] += 1;
+        };
+        // One lookup when the key is there (every request but the first).
+        match w.get_mut(&h.key) {
+            Some(secs) => count(secs),
+            None => {
+                let mut secs = Vec::new();
+                count(&mut secs);
+                w.insert(h.key.clone(), secs);
+            }
         }
-        let secs = w.get_mut(&h.key).expect("inserted above");
-        secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
-        if secs.last().is_none_or(|s| s.at != now) {
-            secs.push(Second::new(now));
-        }
-        let s = secs.last_mut().expect("pushed above");
-        s.requests += 1;
-        match classification {
-            Classification::Success => s.ok += 1,
-            Classification::Failure => s.failed += 1,
-            Classification::Denied => s.denied += 1,
-            Classification::RateLimited => s.rate_limited += 1,
-        }
-        s.latency[bucket(latency)] += 1;
         classification
     }
 
