@@ -43,7 +43,9 @@ use crate::upstream;
 /// Serves peer-opened streams until the receiver closes.
 pub(crate) async fn serve(shared: Arc<Shared>, mut streams: mpsc::Receiver<BiStream>) {
     while let Some(bi) = streams.recv().await {
-        tokio::spawn(serve_stream(shared.clone(), bi));
+        // Boxed: the request's state (several KiB) is moved once into the
+        // box instead of through each of the task's moves and stage changes.
+        tokio::spawn(Box::pin(serve_stream(shared.clone(), bi)));
     }
 }
 
@@ -55,7 +57,8 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
     match reader.kind().await {
         Ok(STREAM_KIND_HTTP) => {}
         Ok(STREAM_KIND_TCP) => {
-            return tcp::serve_stream(shared.clone(), caller, reader, send).await;
+            // Boxed: the tunnel's state is not part of every request's task.
+            return Box::pin(tcp::serve_stream(shared.clone(), caller, reader, send)).await;
         }
         Ok(kind) => {
             tracing::debug!(kind, peer = %caller, "unknown stream kind");
@@ -122,7 +125,14 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         }
         let (recv, ahead) = reader.into_parts();
         let streams = (writer.into_send(), recv, ahead);
-        upgrade::serve(&shared, app, streams, &token, (source, service)).await;
+        Box::pin(upgrade::serve(
+            &shared,
+            app,
+            streams,
+            &token,
+            (source, service),
+        ))
+        .await;
         return;
     }
     // The head leaves with the body's first frames (all of a small body).
