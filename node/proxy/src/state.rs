@@ -97,6 +97,10 @@ pub(crate) struct Shared {
     /// Endpoints refused because the peer's certificate does not name the
     /// service, by (service, node).
     refused: Mutex<HashMap<(String, String), Refusal>>,
+    /// [`Shared::source_service`]'s answer for the certificate it was worked
+    /// out from (a rotated certificate is a new `Arc`, so it is worked out
+    /// again).
+    source: Mutex<Option<(Arc<Identity>, String)>>,
 }
 
 /// An endpoint dropped from a service's table: gossip offered it, but the
@@ -154,6 +158,7 @@ impl Shared {
             table: RwLock::new(Arc::new(Table::default())),
             budgets: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
+            source: Mutex::new(None),
             config,
             endpoint,
             gossip,
@@ -334,6 +339,18 @@ impl Shared {
     /// its certificate names, else the certificate's first service, else none.
     pub fn source_service(&self) -> String {
         let id = self.endpoint.identity();
+        let mut cached = self.source.lock().unwrap();
+        if let Some((seen, name)) = cached.as_ref()
+            && Arc::ptr_eq(seen, &id)
+        {
+            return name.clone();
+        }
+        let name = self.work_out_source(&id);
+        *cached = Some((id, name.clone()));
+        name
+    }
+
+    fn work_out_source(&self, id: &Identity) -> String {
         let mut local: Vec<&String> = self.local.keys().collect();
         local.sort();
         local
