@@ -32,7 +32,9 @@ use transport::signing::{CertChecker, CheckedCert, Signer};
 
 use crate::membership::Pool;
 use crate::schema::keys;
-use crate::wire::{Body, DigestEntry, KvStatus, Message, NodeDelta, NodeId, WireError};
+use crate::wire::{
+    Body, DigestEntry, KvStatus, MAX_MESSAGE_BYTES, Message, NodeDelta, NodeId, WireError,
+};
 use crate::zone::{MAX_SUMMARY_KEYS, SUMMARY_PREFIX};
 
 /// The key under which each node publishes its certificate (base64 DER).
@@ -375,9 +377,36 @@ impl Guard {
             cut |= lowered || digest.len() != before;
         }
         if cut {
-            Some(msg.encode())
+            self.reencode(msg)
         } else {
             Some(bytes.to_vec())
+        }
+    }
+
+    /// A message the guard cut, written again for chitchat's socket, which
+    /// takes one datagram of at most [`MAX_MESSAGE_BYTES`]. Compressed as
+    /// the peer's chitchat wrote it; should that still not fit (compression
+    /// of what is left need not be as good), node deltas are left off from
+    /// the end until it does: a partial delta is what chitchat itself sends
+    /// when the state outgrows a message, and the rest follows in later
+    /// rounds. Only a digest alone too large to fit is dropped (counted
+    /// `Oversize`).
+    fn reencode(&self, mut msg: Message) -> Option<Vec<u8>> {
+        loop {
+            let bytes = msg.encode_compressed();
+            if bytes.len() <= MAX_MESSAGE_BYTES {
+                return Some(bytes);
+            }
+            match &mut msg.body {
+                Body::SynAck { delta, .. } | Body::Ack { delta } if !delta.is_empty() => {
+                    let keep = delta.len() - delta.len().div_ceil(8);
+                    delta.truncate(keep);
+                }
+                _ => {
+                    self.stats.add(Refusal::Oversize);
+                    return None;
+                }
+            }
         }
     }
 
@@ -723,6 +752,152 @@ mod tests {
         assert_eq!(kept(&guard, &ack(g)), 0);
         assert_eq!(guard.stats.count(Refusal::Unverified), 1);
         assert_eq!(guard.stats.count(Refusal::BadSignature), 3);
+    }
+
+    /// Node `i`'s digest entry, at heartbeat 5.
+    fn entry(id: &NodeId) -> DigestEntry {
+        DigestEntry {
+            id: id.clone(),
+            heartbeat: 5,
+            last_gc_version: 0,
+            max_version: 3,
+        }
+    }
+
+    /// What a joiner gets from its seed in a pool of a few dozen nodes: a
+    /// SynAck whose digest lists every member but whose delta, cut by the
+    /// seed's chitchat to one datagram, holds only some of them. The guard
+    /// drops the digest entries of members it has not verified yet, so it
+    /// must write the message again, and the stored form of what chitchat
+    /// compressed does not fit a datagram: before this was compressed, the
+    /// hand-off to chitchat failed (EMSGSIZE) every round, and nodes past
+    /// about the 42nd never joined.
+    #[test]
+    fn a_cut_message_that_fit_compressed_still_fits_whole() {
+        transport::install_crypto_provider();
+        let ca = Ca::generate("t.shoal", 1).unwrap();
+        let checker = CertChecker::new(ca.cert_pem().as_bytes(), "t.shoal").unwrap();
+        let guard = Guard::new(id("joiner", 1), checker);
+        let record = format!(
+            "{{\"health\":\"healthy\",\"weight\":100,\"zone\":\"{}\"}}",
+            "z".repeat(3000)
+        );
+        let mut digest = Vec::new();
+        let mut delta_nodes = Vec::new();
+        for i in 0..41u16 {
+            let nid = id(&format!("n{i}"), 100 + i);
+            digest.push(entry(&nid));
+            if i < 20 {
+                let s = signer(&ca, &nid.name);
+                delta_nodes.push(delta(
+                    &nid,
+                    vec![
+                        cert_kv(&s, &nid),
+                        kv(&s, &nid, "svc.web", 2, &record),
+                        kv(&s, &nid, "svc.api", 3, &record),
+                    ],
+                ));
+            }
+        }
+        let msg = Message {
+            version: 1,
+            body: Body::SynAck {
+                digest,
+                delta: delta_nodes.clone(),
+            },
+        };
+        let sent = msg.encode_compressed();
+        assert!(
+            sent.len() <= MAX_MESSAGE_BYTES,
+            "the input fits: {}",
+            sent.len()
+        );
+        assert!(
+            msg.encode().len() > MAX_MESSAGE_BYTES,
+            "stored, it would not"
+        );
+
+        let out = guard.filter("n0", &sent).expect("forwarded");
+        assert!(
+            out.len() <= MAX_MESSAGE_BYTES,
+            "forwarded {} bytes",
+            out.len()
+        );
+        let Body::SynAck { digest, delta } = Message::decode(&out).unwrap().body else {
+            panic!("not a SynAck");
+        };
+        assert_eq!(delta, delta_nodes, "every verified node's delta is kept");
+        let listed: Vec<&str> = digest.iter().map(|e| e.id.name.as_str()).collect();
+        let expected: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+        assert_eq!(listed, expected, "only the verified members stay listed");
+        assert_eq!(guard.stats.count(Refusal::UnknownMember), 21);
+        assert_eq!(guard.stats.count(Refusal::Oversize), 0);
+    }
+
+    /// Bytes that zstd cannot shrink much (an LCG's high bits as letters).
+    fn noise(seed: u64, len: usize) -> String {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (b'A' + ((x >> 33) % 58) as u8) as char
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_message_too_large_even_compressed_keeps_a_prefix_of_its_delta() {
+        let ca = Ca::generate("t.shoal", 1).unwrap();
+        let checker = CertChecker::new(ca.cert_pem().as_bytes(), "t.shoal").unwrap();
+        let guard = Guard::new(id("me", 1), checker);
+        let nodes: Vec<NodeDelta> = (0..30u16)
+            .map(|i| {
+                let nid = id(&format!("n{i}"), 100 + i);
+                let kvs = (0..4)
+                    .map(|k| KeyValue {
+                        key: format!("svc.s{k}"),
+                        value: noise(u64::from(i) * 10 + k, 1000),
+                        version: k + 1,
+                        status: KvStatus::Set,
+                    })
+                    .collect();
+                delta(&nid, kvs)
+            })
+            .collect();
+        let msg = Message {
+            version: 1,
+            body: Body::Ack {
+                delta: nodes.clone(),
+            },
+        };
+        assert!(msg.encode_compressed().len() > MAX_MESSAGE_BYTES);
+        let out = guard.reencode(msg).expect("a prefix fits");
+        assert!(out.len() <= MAX_MESSAGE_BYTES);
+        let Body::Ack { delta } = Message::decode(&out).unwrap().body else {
+            panic!("not an Ack");
+        };
+        assert!(!delta.is_empty() && delta.len() < nodes.len());
+        assert_eq!(
+            delta[..],
+            nodes[..delta.len()],
+            "whole node deltas, from the start"
+        );
+
+        // A digest alone too large to fit is dropped and counted.
+        let digest = (0..2500u16)
+            .map(|i| entry(&id(&noise(u64::from(i), 60), i)))
+            .collect();
+        let syn = Message {
+            version: 1,
+            body: Body::Syn {
+                cluster_id: "shoal".into(),
+                digest,
+            },
+        };
+        assert!(guard.reencode(syn).is_none());
+        assert_eq!(guard.stats.count(Refusal::Oversize), 1);
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Relays {
                     continue;
                 };
                 if let Err(e) = socket.send_to(&bytes, chitchat).await {
-                    tracing::debug!(error = %e, "gossip hand-off to chitchat failed");
+                    tracing::warn!(error = %e, bytes = bytes.len(), "gossip hand-off to chitchat failed");
                 }
             }
             if let Some(relays) = weak.upgrade() {

@@ -15,7 +15,10 @@
 //!
 //! [`Message::encode`] writes stored (uncompressed) blocks only; chitchat
 //! reads both kinds. Tests and the adversarial suite also use it to craft
-//! what a modified binary would send.
+//! what a modified binary would send. [`Message::encode_compressed`] writes
+//! blocks as chitchat does (zstd where that is shorter): the form the guard
+//! forwards a message it had to cut in, since the stored form of what a peer's
+//! chitchat compressed into one datagram may not fit one.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -358,23 +361,35 @@ impl Message {
 
     /// Writes the message in chitchat's format (stored blocks).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(false)
+    }
+
+    /// Writes the message in chitchat's format with each block of the digest
+    /// and delta zstd-compressed where that is shorter, as chitchat writes
+    /// them (a compressed block decompresses to at most `u16::MAX` bytes,
+    /// what chitchat's reader allows).
+    pub fn encode_compressed(&self) -> Vec<u8> {
+        self.encode_with(true)
+    }
+
+    fn encode_with(&self, compress: bool) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.push(self.version);
         match &self.body {
             Body::Syn { cluster_id, digest } => {
                 out.push(0);
-                write_digest(&mut out, self.version, digest);
+                write_digest(&mut out, self.version, digest, compress);
                 write_str(&mut out, cluster_id);
             }
             Body::SynAck { digest, delta } => {
                 out.push(1);
-                write_digest(&mut out, self.version, digest);
-                write_delta(&mut out, delta);
+                write_digest(&mut out, self.version, digest, compress);
+                write_delta(&mut out, delta, compress);
             }
             Body::Ack { delta } => {
                 out.push(2);
-                write_delta(&mut out, delta);
+                write_delta(&mut out, delta, compress);
             }
             Body::BadCluster => out.push(3),
         }
@@ -419,7 +434,7 @@ fn write_entry(out: &mut Vec<u8>, e: &DigestEntry) {
     out.extend_from_slice(&e.max_version.to_le_bytes());
 }
 
-fn write_digest(out: &mut Vec<u8>, version: u8, digest: &[DigestEntry]) {
+fn write_digest(out: &mut Vec<u8>, version: u8, digest: &[DigestEntry], compress: bool) {
     if version == 0 {
         out.extend_from_slice(&(digest.len().min(u16::MAX as usize) as u16).to_le_bytes());
         for e in digest.iter().take(u16::MAX as usize) {
@@ -430,11 +445,11 @@ fn write_digest(out: &mut Vec<u8>, version: u8, digest: &[DigestEntry]) {
         for e in digest {
             write_entry(&mut plain, e);
         }
-        write_stored_stream(out, &plain);
+        write_stream(out, &plain, compress);
     }
 }
 
-fn write_delta(out: &mut Vec<u8>, delta: &[NodeDelta]) {
+fn write_delta(out: &mut Vec<u8>, delta: &[NodeDelta], compress: bool) {
     let mut plain = Vec::new();
     for nd in delta {
         plain.push(0);
@@ -457,14 +472,30 @@ fn write_delta(out: &mut Vec<u8>, delta: &[NodeDelta]) {
             plain.extend_from_slice(&v.to_le_bytes());
         }
     }
-    write_stored_stream(out, &plain);
+    write_stream(out, &plain, compress);
 }
 
-fn write_stored_stream(out: &mut Vec<u8>, plain: &[u8]) {
+/// A block stream of `plain`: blocks of at most `u16::MAX` bytes, each
+/// zstd-compressed (type 1) when `compress` and that is shorter, else
+/// stored (type 2), then the end tag.
+fn write_stream(out: &mut Vec<u8>, plain: &[u8], compress: bool) {
     for block in plain.chunks(u16::MAX as usize) {
-        out.push(2);
-        out.extend_from_slice(&(block.len() as u16).to_le_bytes());
-        out.extend_from_slice(block);
+        let packed = compress
+            .then(|| zstd::bulk::compress(block, 0).ok())
+            .flatten()
+            .filter(|c| c.len() < block.len());
+        match packed {
+            Some(c) => {
+                out.push(1);
+                out.extend_from_slice(&(c.len() as u16).to_le_bytes());
+                out.extend_from_slice(&c);
+            }
+            None => {
+                out.push(2);
+                out.extend_from_slice(&(block.len() as u16).to_le_bytes());
+                out.extend_from_slice(block);
+            }
+        }
     }
     out.push(0);
 }
