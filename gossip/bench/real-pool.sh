@@ -23,7 +23,9 @@ for k in $(seq 300); do
 done
 [ $ok = 1 ] && echo "formed: all $N see $N members (poll $k)" || { echo "not formed after $k polls:"; for a in "${ADM[@]}"; do curl -s -m 5 http://$a/v1/members | python3 -c 'import sys,json;d=json.load(sys.stdin);print(len(d if isinstance(d,list) else d.get("members",[])), end=" ")'; done; echo; }
 rd() { for a in "${ADM[@]}"; do curl -s -m 5 http://$a/metrics | awk '/^shoal_gossip_bytes_total\{direction="out"\}/{o=$2} /^shoal_gossip_bytes_total\{direction="in"\}/{i=$2} END{print o+0, i+0}'; done; }
-rd > $D/m0; sleep $T; rd > $D/m1
+cpu() { for p in $(cat $D/pids); do awk '{print $14+$15}' /proc/$p/stat; done | awk '{s+=$1} END{print s}'; }
+c0=$(cpu); rd > $D/m0; sleep $T; rd > $D/m1; c1=$(cpu)
+echo "CPU: $(python3 -c "print(round(($c1-$c0)/100/$T/$N*100,2))") % of a core per node (all $N nodes: $(python3 -c "print(round(($c1-$c0)/100/$T*100,1))") %)"
 paste $D/m0 $D/m1 | python3 -c "
 import sys,statistics
 T=$T
