@@ -433,3 +433,90 @@ async fn a_service_whose_every_endpoint_went_down_routes_again_once_they_answer(
     n2.shutdown().await;
     n3.shutdown().await;
 }
+
+// === 5. a request addressed to the node itself ===
+
+/// An app (or anyone who can reach the outbound listener) names the
+/// listener's own address as the destination. Pass-through sends requests
+/// for IP addresses straight there, so without a check the node forwards
+/// the request to itself, which forwards it to itself again: a connection
+/// and a task per turn until the node runs out of descriptors (seen with
+/// h2load: 670 MB resident and EMFILE on every listener, every caller
+/// waiting out the 30 s timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_addressed_to_the_node_itself_is_refused_not_looped() {
+    let elsewhere = Upstream::start(ok("elsewhere")).await;
+    let mut mesh = Mesh::new();
+    let n1 = mesh.client("n1", |_| {}).await;
+    let out = n1.outbound_addr().unwrap();
+    let client = http1();
+    let port = out.port();
+    for host in [
+        out.to_string(),
+        format!("0.0.0.0:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+    ] {
+        let started = Instant::now();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(get(out, &host, "/loop")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("Host {host}: no answer in 10 s"))
+        .unwrap();
+        assert_eq!(resp.status(), 508, "Host {host}");
+        assert_eq!(
+            resp.headers()["shoal-error"],
+            "forwarding-loop",
+            "Host {host}"
+        );
+        let body = body_of(resp).await;
+        assert!(
+            String::from_utf8_lossy(&body).contains("own listener"),
+            "{body:?}"
+        );
+        eprintln!("Host {host}: 508 in {:?}", started.elapsed());
+    }
+    // One refusal each, not a chain of them: the node made no request to
+    // itself, so its outbound side saw exactly the three requests above.
+    let m = metrics(&n1).await;
+    let refused: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("shoal_proxy_responses_total{")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("status_code=\"508\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 3.0, "508 responses counted:\n{m}");
+    // Pass-through to an address that is not the node still goes there.
+    let resp = client
+        .request(get(out, &elsewhere.addr.to_string(), "/fine"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_of(resp).await, "elsewhere");
+    assert_eq!(elsewhere.hits(), 1);
+}
+
+/// A local service whose address is the node's own outbound listener can
+/// never be served (every request would loop): start-up says so and the
+/// node does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_at_the_nodes_own_listener_is_refused_at_start() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let mesh = Mesh::new();
+    let mut c = mesh.config("n1", &["web"], &[("web", addr)]);
+    c.proxy.outbound = Some(addr);
+    let err = match node::Node::start(c).await {
+        Ok(_) => panic!("a node whose service is its own outbound listener started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("web") && err.contains("forwarding loop"),
+        "{err}"
+    );
+}

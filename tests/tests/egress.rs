@@ -267,3 +267,52 @@ async fn an_egress_suffix_list_admits_only_matching_hosts() {
     caller.shutdown().await;
     serving.shutdown().await;
 }
+
+/// Under `allow`, `localhost:<the outbound listener's port>` names the node
+/// itself: forwarded, the request (or the CONNECT tunnel) would come back
+/// in and be sent out again, turn after turn. It is refused with 508
+/// `forwarding-loop`, once, and egress elsewhere still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_to_the_nodes_own_listener_is_a_loop_and_refused() {
+    let outside = Upstream::start(echo()).await;
+    let (_mesh, serving, caller, _web) = rig(Egress::Allow).await;
+    let out = caller.outbound_addr().unwrap();
+    let itself = format!("localhost:{}", out.port());
+    let (status, headers, body) = curl(
+        &["-H", &format!("Host: {itself}")],
+        &format!("http://{out}/loop"),
+    )
+    .await;
+    assert_eq!(status, 508, "{body}");
+    assert_eq!(header(&headers, "shoal-error"), Some("forwarding-loop"));
+    let (connect, tunnel) = curl_connect(out, &format!("http://{itself}/loop")).await;
+    assert_eq!((connect, tunnel), (508, None), "CONNECT to itself refused");
+    let m = metrics(&caller).await;
+    let loops: Vec<&str> = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("shoal_proxy_responses_total{") && l.contains("status_code=\"508\"")
+        })
+        .collect();
+    assert_eq!(loops.len(), 1, "{m}");
+    assert!(
+        loops[0].ends_with(" 2"),
+        "one HTTP request and one CONNECT: {loops:?}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("shoal_tcp_connections_closed_total{")
+                && l.contains("outcome=\"loop\"")
+                && l.ends_with(" 1")),
+        "{m}"
+    );
+    let (status, _, _) = curl(
+        &["-H", &format!("Host: localhost:{}", outside.addr.port())],
+        &format!("http://{out}/fine"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(outside.hits(), 1);
+    caller.shutdown().await;
+    serving.shutdown().await;
+}

@@ -260,6 +260,18 @@ pub(crate) async fn connect(
             return shared.stats.finish(exchange, resp);
         }
     };
+    if let Ok(peer) = stream.peer_addr()
+        && shared.is_own_listener(peer)
+    {
+        shared
+            .tcp
+            .refused(Direction::Outbound, &source, &label, "loop");
+        let resp = MeshError::ForwardingLoop.response_with(&format!(
+            "{}:{} is this node's own listener; the tunnel would come back to it",
+            to.host, to.port
+        ));
+        return shared.stats.finish(exchange, resp);
+    }
     let _ = stream.set_nodelay(true);
     let mut req = req;
     let client = hyper::upgrade::on(&mut req);

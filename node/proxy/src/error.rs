@@ -71,6 +71,10 @@ pub enum MeshError {
     /// 429 `rate-limited`: a RateLimit on the service is exhausted.
     #[error("the service's rate limit is exhausted")]
     RateLimited,
+    /// 508 `forwarding-loop`: the destination is this node's own listener,
+    /// so the request would come back to it.
+    #[error("the destination is this node's own listener (a forwarding loop)")]
+    ForwardingLoop,
     /// `fault-injected` with the FaultInjection policy's abort status.
     #[error("aborted by a FaultInjection policy")]
     FaultInjected(StatusCode),
@@ -89,7 +93,7 @@ pub enum RetrySafety {
 
 impl MeshError {
     /// Every kind, with the fault status a test would pick (tests, docs).
-    pub const ALL: [MeshError; 17] = [
+    pub const ALL: [MeshError; 18] = [
         MeshError::NoHost,
         MeshError::BadRequest,
         MeshError::UnknownService,
@@ -106,6 +110,7 @@ impl MeshError {
         MeshError::Unauthorized,
         MeshError::Forbidden,
         MeshError::RateLimited,
+        MeshError::ForwardingLoop,
         MeshError::FaultInjected(StatusCode::IM_A_TEAPOT),
     ];
 
@@ -126,6 +131,7 @@ impl MeshError {
                 StatusCode::FORBIDDEN
             }
             MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            MeshError::ForwardingLoop => StatusCode::LOOP_DETECTED,
             MeshError::FaultInjected(status) => status,
         }
     }
@@ -148,6 +154,7 @@ impl MeshError {
             MeshError::Unauthorized => "unauthorized",
             MeshError::Forbidden => "forbidden",
             MeshError::RateLimited => "rate-limited",
+            MeshError::ForwardingLoop => "forwarding-loop",
             MeshError::FaultInjected(_) => "fault-injected",
         }
     }
@@ -174,6 +181,7 @@ impl MeshError {
             "unauthorized" => MeshError::Unauthorized,
             "forbidden" => MeshError::Forbidden,
             "rate-limited" => MeshError::RateLimited,
+            "forwarding-loop" => MeshError::ForwardingLoop,
             "fault-injected" => MeshError::FaultInjected(status),
             _ => return None,
         })
@@ -185,7 +193,7 @@ impl MeshError {
             MeshError::Timeout | MeshError::DeadlineExceeded => 4, // DEADLINE_EXCEEDED
             MeshError::RateLimited => 8,                           // RESOURCE_EXHAUSTED
             MeshError::NotServed | MeshError::Unauthorized | MeshError::Forbidden => 7, // PERMISSION_DENIED
-            MeshError::NoHost | MeshError::BadRequest => 13,                            // INTERNAL
+            MeshError::NoHost | MeshError::BadRequest | MeshError::ForwardingLoop => 13, // INTERNAL
             MeshError::NoLocalInstance => 12, // UNIMPLEMENTED
             MeshError::UnknownService
             | MeshError::NoHealthyEndpoint
@@ -381,6 +389,7 @@ mod tests {
         (MeshError::Unauthorized, 403, "unauthorized", 7, false),
         (MeshError::Forbidden, 403, "forbidden", 7, false),
         (MeshError::RateLimited, 429, "rate-limited", 8, false),
+        (MeshError::ForwardingLoop, 508, "forwarding-loop", 13, false),
     ];
 
     #[test]

@@ -36,6 +36,7 @@ mod inbound;
 pub mod listen;
 mod local;
 mod outbound;
+mod own;
 pub mod plan;
 pub mod retry;
 mod rng;
@@ -85,6 +86,10 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "service {service}: its address {addr} is one of this node's own listeners, so every request to it would come back to the node (a forwarding loop)"
+    )]
+    ServiceIsOwnListener { service: String, addr: SocketAddr },
 }
 
 /// Who the proxy runs for: the node's name and zone, and its proxy settings.
@@ -154,6 +159,20 @@ impl Proxy {
             .iter()
             .map(|(s, a, _)| (s.clone(), *a))
             .collect();
+        let own: Vec<SocketAddr> = outbound_addr
+            .into_iter()
+            .chain(upstream_addrs.iter().map(|(_, a)| *a))
+            .collect();
+        if let Some(spec) = config
+            .services
+            .iter()
+            .find(|spec| own::is_own(&own, spec.addr, own::host_has_ip))
+        {
+            return Err(ProxyError::ServiceIsOwnListener {
+                service: spec.name.clone(),
+                addr: spec.addr,
+            });
+        }
         let listener_metrics = listen::ListenerMetrics::new(registry);
         let limits = |max_connections| listen::Limits {
             header_read_timeout: config.header_read_timeout,
@@ -186,6 +205,7 @@ impl Proxy {
             tcp::TcpStats::new(registry),
             policy,
             down_base,
+            own,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();

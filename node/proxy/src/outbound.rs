@@ -296,6 +296,12 @@ async fn dispatch(
                         .response_with("this node has too many requests in flight"),
                 );
             }
+            if shared.names_own_listener(&to.host, to.port).await {
+                return Finished::early(MeshError::ForwardingLoop.response_with(&format!(
+                    "{}:{} is this node's own listener; the request would come back to it",
+                    to.host, to.port
+                )));
+            }
             let resp = egress::forward(&shared.clients, &to, head, body, plan.timeout).await;
             return Finished {
                 resp,
@@ -387,7 +393,9 @@ fn mirror(
 
 /// A request to an IP address (not a service): forwarded there directly as
 /// the caller sent it (hop-by-hop headers removed), within the request's
-/// timeout. Nothing of the mesh applies.
+/// timeout. Nothing of the mesh applies. An address that is this node's own
+/// listener is refused (`508 forwarding-loop`): the request would come back
+/// in and be sent to itself again, a connection and a task per turn.
 async fn passthrough(
     shared: &Shared,
     plan: &Plan<'_>,
@@ -395,6 +403,12 @@ async fn passthrough(
     head: Parts,
     body: Incoming,
 ) -> Finished {
+    if shared.is_own_listener(to) {
+        tracing::debug!(%to, "pass-through to this node's own listener refused");
+        return Finished::early(MeshError::ForwardingLoop.response_with(&format!(
+            "{to} is this node's own listener; the request would come back to it"
+        )));
+    }
     let h2 = head.version == Version::HTTP_2;
     let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut headers = head.headers;

@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     /// out from (a rotated certificate is a new `Arc`, so it is worked out
     /// again).
     source: Mutex<Option<(Arc<Identity>, String)>>,
+    /// This node's own HTTP listeners (outbound and per-upstream): a
+    /// destination among them is a forwarding loop (`own.rs`).
+    own: Vec<SocketAddr>,
 }
 
 /// An endpoint dropped from a service's table: gossip offered it, but the
@@ -137,6 +140,7 @@ impl Shared {
         tcp: Arc<crate::tcp::TcpStats>,
         policy: PolicyPlane,
         down_base: Duration,
+        own: Vec<SocketAddr>,
     ) -> Self {
         let local = config
             .services
@@ -159,10 +163,30 @@ impl Shared {
             budgets: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
             source: Mutex::new(None),
+            own,
             config,
             endpoint,
             gossip,
             policy,
+        }
+    }
+
+    /// Whether a connection to `to` would come back into this node's own
+    /// listeners (a forwarding loop).
+    pub fn is_own_listener(&self, to: SocketAddr) -> bool {
+        crate::own::is_own(&self.own, to, crate::own::host_has_ip)
+    }
+
+    /// Whether `host:port` names this node's own listener: the port is one
+    /// it listens on and the name resolves to an address among them (the
+    /// name is looked up only then).
+    pub async fn names_own_listener(&self, host: &str, port: u16) -> bool {
+        if !self.own.iter().any(|l| l.port() == port) {
+            return false;
+        }
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(mut addrs) => addrs.any(|a| self.is_own_listener(a)),
+            Err(_) => false,
         }
     }
 
