@@ -520,3 +520,47 @@ async fn a_service_at_the_nodes_own_listener_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// An operator points a service at another node's outbound listener (a
+/// typo, or an address copied from the wrong node): the serving node hands
+/// every request to that listener, which routes it to the same service
+/// again, round and round. Each turn adds a `shoal-forwarded` entry; at
+/// `MAX_MESH_HOPS` the calling node answers 508 `forwarding-loop`, and the
+/// original caller gets it at once instead of a chain that runs until a
+/// header limit or a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_pointed_at_a_callers_outbound_listener_stops_at_the_hop_limit() {
+    let mut mesh = Mesh::new();
+    let n1 = mesh.client("n1", |_| {}).await;
+    let out = n1.outbound_addr().unwrap();
+    let n2 = mesh
+        .start(mesh.config("n2", &["web"], &[("web", out)]))
+        .await;
+    routable(&n1, "web", 1).await;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        http1().request(get(out, "web", "/round")),
+    )
+    .await
+    .expect("an answer within 10 s")
+    .unwrap();
+    assert_eq!(resp.status(), 508);
+    assert_eq!(resp.headers()["shoal-error"], "forwarding-loop");
+    // n1's outbound listener took the caller's request and one per turn:
+    // MAX_MESH_HOPS turns, then the refusal.
+    let m = metrics(&n1).await;
+    let outbound: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("shoal_proxy_responses_total{") && l.contains("direction=\"outbound\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        outbound,
+        (node::proxy::plan::MAX_MESH_HOPS + 1) as f64,
+        "{m}"
+    );
+    n2.shutdown().await;
+    n1.shutdown().await;
+}

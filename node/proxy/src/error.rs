@@ -72,8 +72,9 @@ pub enum MeshError {
     #[error("the service's rate limit is exhausted")]
     RateLimited,
     /// 508 `forwarding-loop`: the destination is this node's own listener,
-    /// so the request would come back to it.
-    #[error("the destination is this node's own listener (a forwarding loop)")]
+    /// or the request already crossed `plan::MAX_MESH_HOPS` serving nodes:
+    /// it would come back round the same nodes.
+    #[error("the request would come back round the nodes it crossed (a forwarding loop)")]
     ForwardingLoop,
     /// `fault-injected` with the FaultInjection policy's abort status.
     #[error("aborted by a FaultInjection policy")]

@@ -165,6 +165,10 @@ async fn handle(
                 MeshError::NoHost => {
                     e.response_with("the request names no service (Host header or absolute URI)")
                 }
+                MeshError::ForwardingLoop => e.response_with(&format!(
+                    "the request already crossed {} serving nodes (shoal-forwarded): a forwarding loop",
+                    plan::MAX_MESH_HOPS
+                )),
                 e => e.response(),
             };
             finish(

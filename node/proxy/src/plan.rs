@@ -29,6 +29,14 @@ pub const TIMEOUT_HEADER: &str = "shoal-timeout";
 /// The port a service address without one means (HTTP).
 pub const DEFAULT_PORT: u16 = 80;
 
+/// Serving nodes a request may already have crossed (`shoal-forwarded`
+/// entries it carries) before the mesh calls it a loop: a local instance
+/// whose address is another node's outbound listener sends every request
+/// round the same nodes again, one entry more each turn. Apps that copy
+/// every incoming header into their own calls add one entry per app in the
+/// chain, far fewer than this.
+pub const MAX_MESH_HOPS: usize = 16;
+
 /// Where a request goes and under which rules.
 #[derive(Debug)]
 pub struct Plan<'p> {
@@ -113,6 +121,9 @@ pub fn plan<'p, R: Rng + ?Sized>(
     config: &ProxyConfig,
     rng: &mut R,
 ) -> Result<Plan<'p>, MeshError> {
+    if mesh_hops(head) >= MAX_MESH_HOPS {
+        return Err(MeshError::ForwardingLoop);
+    }
     let namespace = config.namespace.as_str();
     let authority = authority(head);
     let addr = match fixed {
@@ -275,6 +286,17 @@ fn passthrough<'p>(
     p
 }
 
+/// The serving nodes the request crossed: `by=` entries in its
+/// `shoal-forwarded` fields (one field per node, or joined with commas by
+/// an app that merged them).
+fn mesh_hops(head: &Parts) -> usize {
+    head.headers
+        .get_all(crate::upstream::FORWARDED_HEADER)
+        .iter()
+        .map(|v| v.as_bytes().split(|b| *b == b',').count())
+        .sum()
+}
+
 fn header_timeout(head: &Parts) -> Option<Duration> {
     head.headers
         .get(TIMEOUT_HEADER)
@@ -403,6 +425,37 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: x-route, value: api}]}
 ";
+
+    #[test]
+    fn a_request_that_crossed_too_many_serving_nodes_is_a_loop() {
+        let config = ProxyConfig::default();
+        let none = PolicySet::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        let entry = "by=n2;from=n1;svc=client";
+        let with = |fields: &[&str]| {
+            let mut h: Vec<(&str, &str)> = vec![("host", "web")];
+            h.extend(fields.iter().map(|f| ("shoal-forwarded", *f)));
+            head("GET", "/", &h)
+        };
+        let below = vec![entry; MAX_MESH_HOPS - 1];
+        assert!(plan(&with(&below), None, &none, &config, &mut rng).is_ok());
+        let at = vec![entry; MAX_MESH_HOPS];
+        assert_eq!(
+            plan(&with(&at), None, &none, &config, &mut rng).err(),
+            Some(MeshError::ForwardingLoop)
+        );
+        // Merged into one field by an app, the entries still count.
+        let joined = vec![entry; MAX_MESH_HOPS].join(", ");
+        assert_eq!(
+            plan(&with(&[joined.as_str()]), None, &none, &config, &mut rng).err(),
+            Some(MeshError::ForwardingLoop)
+        );
+        // A per-upstream listener's fixed service is planned the same way.
+        assert_eq!(
+            plan(&with(&at), Some("web"), &none, &config, &mut rng).err(),
+            Some(MeshError::ForwardingLoop)
+        );
+    }
 
     #[test]
     fn a_plain_request_goes_to_the_service_it_names_with_the_node_defaults() {
