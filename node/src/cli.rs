@@ -432,6 +432,7 @@ async fn run_node(config: NodeConfig) -> i32 {
         node.quic_addr(),
         node.admin_addr()
     );
+    crate::resident::spawn_code_release();
     tokio::select! {
         _ = wait_for_signal() => {}
         _ = node.stop_requested() => tracing::info!("shutdown requested through the admin API"),

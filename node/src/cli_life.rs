@@ -76,6 +76,7 @@ pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
         node.quic_addr(),
         node.admin_addr()
     );
+    crate::resident::spawn_code_release();
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)

@@ -2,7 +2,8 @@
 //!
 //! `main.rs` only calls [`cli::main`]; everything else is a library so tests
 //! and `simulate` run real nodes in process with [`Node::start`].
-#![forbid(unsafe_code)]
+// One `unsafe` block, allowed where it is: `resident.rs`'s `madvise`.
+#![deny(unsafe_code)]
 
 mod admin;
 mod admin_policy;
@@ -16,6 +17,7 @@ mod demo;
 pub mod lifecycle;
 pub mod metrics;
 mod node;
+mod resident;
 mod tap;
 pub mod up;
 

@@ -68,6 +68,9 @@ pub const TARGET_RSS_LOAD_MIB: f64 = 15.0;
 pub const TARGET_RSS_IDLE_MIB: f64 = 10.0;
 /// Shoal's throughput over the nginx chain's, at least.
 pub const TARGET_RPS_RATIO: f64 = 0.8;
+/// How long every path sits idle after start before its settled RSS is
+/// read: longer than a node's code-release period (10 s).
+pub const SETTLE: Duration = Duration::from_secs(15);
 /// Shoal's p99 over the nginx chain's, at most.
 pub const TARGET_P99_RATIO: f64 = 1.5;
 /// Shoal's throughput over `quic-floor`'s, aim.
@@ -237,6 +240,9 @@ pub struct ProcessUsage {
     pub cpu_s_per_1k: f64,
     /// Resident set after start, before any load, MiB (None for threads).
     pub rss_idle_mib: Option<f64>,
+    /// Resident set after at least [`SETTLE`] idle since start, before any
+    /// load, MiB: what a node holds once its start-up has passed.
+    pub rss_settled_mib: Option<f64>,
     /// Largest resident set sampled under load, MiB.
     pub rss_load_mib: Option<f64>,
     /// Largest anonymous part of it (heap, stacks: not the binary's pages), MiB.
@@ -315,6 +321,7 @@ struct Running {
     meters: Vec<(String, Meter)>,
     report: PathReport,
     rss_idle: Vec<Option<f64>>,
+    rss_settled: Vec<Option<f64>>,
     rss_load: Vec<Option<f64>>,
     anon_load: Vec<Option<f64>>,
     cpu: Vec<Vec<f64>>,
@@ -471,6 +478,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 rows.push(Running {
                     name: name.into(),
                     rss_idle: meters.iter().map(|(_, m)| m.rss_mib()).collect(),
+                    rss_settled: vec![None; meters.len()],
                     target,
                     meters,
                     report,
@@ -480,6 +488,17 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                     switches: vec![Vec::new(); n],
                 });
             }
+        }
+    }
+
+    // Idle until the last path started has been up for SETTLE, then read
+    // every process again: the start-up's transients (and, for a node, the
+    // code only start-up ran) have passed.
+    if rows.iter().any(|r| !r.meters.is_empty()) {
+        eprintln!("bench: idle {}s to read settled RSS", SETTLE.as_secs());
+        tokio::time::sleep(SETTLE).await;
+        for row in rows.iter_mut() {
+            row.rss_settled = row.meters.iter().map(|(_, m)| m.rss_mib()).collect();
         }
     }
 
@@ -558,6 +577,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 cpu_s_per_1k: round4(median(&row.cpu[i])),
                 cpu_s_per_1k_runs: row.cpu[i].clone(),
                 rss_idle_mib: row.rss_idle[i],
+                rss_settled_mib: row.rss_settled[i],
                 rss_load_mib: row.rss_load[i],
                 rss_anon_load_mib: row.anon_load[i],
                 switches_per_req: round2(median(&row.switches[i])),
@@ -657,16 +677,17 @@ pub fn print_table(r: &BenchReport) {
     );
     println!();
     println!(
-        "per node at {} rps for {:.0}s (open loop), median of {} runs; switch/rq = context switches per request; RSS idle = after start, load = peak sampled under load (anon: without the binary's own pages), after = 2 s after the last load",
+        "per node at {} rps for {:.0}s (open loop), median of {} runs; switch/rq = context switches per request; RSS idle = after start, settled = after 15 s idle, load = peak sampled under load (anon: without the binary's own pages), after = 2 s after the last load",
         r.rps, r.duration_s, r.runs
     );
     println!(
-        "{:<13} {:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}",
+        "{:<13} {:<8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "path",
         "process",
         "cpu-s/1k",
         "switch/rq",
         "RSS idle",
+        "settled",
         "RSS load",
         "anon load",
         "RSS after"
@@ -675,12 +696,13 @@ pub fn print_table(r: &BenchReport) {
     for p in &r.paths {
         for u in &p.processes {
             println!(
-                "{:<13} {:<8} {:>9.4} {:>9.2} {:>10} {:>10} {:>10} {:>10}",
+                "{:<13} {:<8} {:>9.4} {:>9.2} {:>10} {:>10} {:>10} {:>10} {:>10}",
                 p.name,
                 u.name,
                 u.cpu_s_per_1k,
                 u.switches_per_req,
                 mib(u.rss_idle_mib),
+                mib(u.rss_settled_mib),
                 mib(u.rss_load_mib),
                 mib(u.rss_anon_load_mib),
                 mib(u.rss_after_mib)
