@@ -16,8 +16,8 @@
 //! data, a debugger's breakpoint) are left alone, since dropping a copied
 //! page would lose what was written to it.
 //!
-//! `shoal node` and `shoal run` do this once ready and then every
-//! [`RELEASE_EVERY`]; `SHOAL_NO_CODE_RELEASE=1` turns it off.
+//! `shoal node` and `shoal run` do this once ready, a few times in the
+//! first seconds, and then every [`RELEASE_EVERY`]; `SHOAL_NO_CODE_RELEASE=1` turns it off.
 
 use std::fs;
 
@@ -115,7 +115,21 @@ pub fn release_clean_code() -> Option<usize> {
 /// counting as resident. A release costs well under a millisecond.
 pub const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Releases the binary's clean pages now and then every [`RELEASE_EVERY`],
+/// The pause after the `n`th release. The first few are short: what runs
+/// once runs in a node's first seconds (its first peer handshakes, the first
+/// gossip rounds, a first policy compile), so a node is down to what it
+/// keeps running a few seconds after start instead of after the first
+/// [`RELEASE_EVERY`].
+fn release_pause(n: usize) -> std::time::Duration {
+    const EARLY: [u64; 3] = [1, 2, 4];
+    EARLY
+        .get(n)
+        .map(|s| std::time::Duration::from_secs(*s))
+        .unwrap_or(RELEASE_EVERY)
+}
+
+/// Releases the binary's clean pages now, again after 1, 3 and 7 s, and
+/// then every [`RELEASE_EVERY`],
 /// unless `SHOAL_NO_CODE_RELEASE` is set. For the long-running commands
 /// (`shoal node`, `shoal run`); a library user's process is left alone.
 pub fn spawn_code_release() {
@@ -123,10 +137,12 @@ pub fn spawn_code_release() {
         return;
     }
     tokio::spawn(async {
+        let mut pause = 0;
         loop {
             let released = release_clean_code();
             tracing::trace!(?released, "released clean code pages");
-            tokio::time::sleep(RELEASE_EVERY).await;
+            tokio::time::sleep(release_pause(pause)).await;
+            pause += 1;
         }
     });
 }
@@ -179,6 +195,12 @@ Private_Dirty:         4 kB
 7ff000200000-7ff000300000 rw-p 00000000 00:00 0 
 Anonymous:          1024 kB
 ";
+
+    #[test]
+    fn releases_come_early_then_settle_to_the_period() {
+        let pauses: Vec<u64> = (0..6).map(|n| release_pause(n).as_secs()).collect();
+        assert_eq!(pauses, vec![1, 2, 4, 10, 10, 10]);
+    }
 
     #[test]
     fn only_the_binarys_clean_read_only_mappings_are_released() {
