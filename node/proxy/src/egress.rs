@@ -30,7 +30,7 @@ use crate::body::empty;
 use crate::error::MeshError;
 use crate::frame::{self, BoxError, ProxyBody};
 use crate::local::Clients;
-use crate::plan::{DEFAULT_PORT, TIMEOUT_HEADER};
+use crate::plan::DEFAULT_PORT;
 use crate::state::Shared;
 use crate::stats::{Direction, Edge, Exchange};
 use crate::upgrade;
@@ -317,7 +317,7 @@ pub(crate) async fn forward(
     };
     let mut headers = head.headers;
     frame::strip_hop_by_hop(&mut headers);
-    headers.remove(TIMEOUT_HEADER);
+    headers.remove(crate::plan::TIMEOUT_NAME);
     headers.remove(http::header::HOST);
     let Ok(host_value) = http::HeaderValue::from_str(&host_header) else {
         return MeshError::BadRequest.response_with("bad host");

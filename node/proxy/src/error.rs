@@ -15,6 +15,8 @@ use crate::frame::ProxyBody;
 
 /// Response header naming why the mesh itself answered with an error.
 pub const ERROR_HEADER: &str = "shoal-error";
+/// [`ERROR_HEADER`] as a name: a lookup by `&str` parses the name first.
+pub(crate) const ERROR_NAME: http::HeaderName = http::HeaderName::from_static(ERROR_HEADER);
 
 /// A failure the mesh answers itself (never the app's own answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -266,7 +268,7 @@ pub enum Marked {
 impl Marked {
     /// Reads `resp`'s `shoal-error`.
     pub fn of<B>(resp: &Response<B>) -> Self {
-        match resp.headers().get(ERROR_HEADER) {
+        match resp.headers().get(ERROR_NAME) {
             None => Marked::App,
             Some(v) => v
                 .to_str()

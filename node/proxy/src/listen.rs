@@ -31,7 +31,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 
 /// The one-shot answer a connection past the cap gets before it is closed.
 pub(crate) const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nshoal-error: too-many-connections\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
@@ -184,7 +184,8 @@ impl Guard {
 
 /// What one connection has been doing, for its watchdog.
 pub struct Activity {
-    start: Instant,
+    /// tokio's clock, so that tests with paused time drive the deadlines.
+    start: tokio::time::Instant,
     /// Milliseconds since `start` of the last byte read or written.
     last_io: AtomicU64,
     /// Milliseconds since `start` a request head began arriving; `u64::MAX`
@@ -192,7 +193,6 @@ pub struct Activity {
     head_since: AtomicU64,
     in_flight: AtomicU32,
     h2: AtomicBool,
-    notify: Notify,
 }
 
 const NONE: u64 = u64::MAX;
@@ -200,13 +200,12 @@ const NONE: u64 = u64::MAX;
 impl Activity {
     fn new() -> Arc<Self> {
         Arc::new(Activity {
-            start: Instant::now(),
+            start: tokio::time::Instant::now(),
             last_io: AtomicU64::new(0),
             // The first request head is due from accept on.
             head_since: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             h2: AtomicBool::new(false),
-            notify: Notify::new(),
         })
     }
 
@@ -221,14 +220,10 @@ impl Activity {
         let now = self.now_ms();
         self.last_io.store(now, Ordering::Relaxed);
         // Bytes on an idle HTTP/1 connection start the next request head.
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && !self.h2.load(Ordering::Relaxed)
-            && self
-                .head_since
-                .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.notify.notify_one();
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
+            let _ =
+                self.head_since
+                    .compare_exchange(NONE, now, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
@@ -246,7 +241,6 @@ impl Activity {
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(NONE, Ordering::Relaxed);
-        self.notify.notify_one();
         RequestGuard(self.clone())
     }
 
@@ -269,23 +263,35 @@ impl Activity {
     }
 
     /// Resolves with the reason once a deadline passes.
+    ///
+    /// Nothing wakes this on a change of state: it looks again when the
+    /// deadline it saw is due, and at least every [`Activity::check_every`]
+    /// (the shorter of the two timeouts). A deadline only appears or moves
+    /// when a request ends or a head starts arriving, and either becomes
+    /// visible at the next look, which is no later than the deadline it
+    /// sets, so connections still close on time. Waking on every change
+    /// made each request wake its connection task three more times and set
+    /// two timers.
     async fn expired(&self, limits: &Limits) -> &'static str {
+        let every = Self::check_every(limits);
         loop {
-            let changed = self.notify.notified();
-            match self.deadline(limits) {
-                None => changed.await,
-                Some((at, why)) => {
-                    let elapsed = self.start.elapsed();
-                    if elapsed >= at {
-                        return why;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(at - elapsed) => {}
-                        _ = changed => {}
-                    }
-                }
-            }
+            let elapsed = self.start.elapsed();
+            let pause = match self.deadline(limits) {
+                Some((at, why)) if elapsed >= at => return why,
+                Some((at, _)) => (at - elapsed).min(every),
+                None => every,
+            };
+            tokio::time::sleep(pause).await;
         }
+    }
+
+    /// How often [`Activity::expired`] looks at least: a deadline is never
+    /// nearer than this when it appears.
+    fn check_every(limits: &Limits) -> Duration {
+        limits
+            .header_read_timeout
+            .min(limits.idle_timeout)
+            .max(Duration::from_millis(1))
     }
 }
 
@@ -296,9 +302,7 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let a = &self.0;
         a.last_io.store(a.now_ms(), Ordering::Relaxed);
-        if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            a.notify.notify_one();
-        }
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -495,5 +499,75 @@ mod tests {
             "idle_timeout",
             "an HTTP/2 connection's frames between requests are not a head"
         );
+    }
+
+    /// Runs `expired` on its own task; the answer is the reason and the
+    /// time since the start at which it resolved.
+    fn watch(
+        a: &Arc<Activity>,
+        limits: &Limits,
+    ) -> tokio::task::JoinHandle<(&'static str, Duration)> {
+        let (a, limits) = (a.clone(), limits.clone());
+        let t0 = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            let why = a.expired(&limits).await;
+            (why, t0.elapsed())
+        })
+    }
+
+    fn around(at: Duration, secs: f64) -> bool {
+        let want = Duration::from_secs_f64(secs);
+        at >= want && at <= want + Duration::from_millis(5)
+    }
+
+    const LIMITS: Limits = Limits {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 1,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_idle_timeout_after_its_last_request_ends() {
+        let a = Activity::new();
+        let closed = watch(&a, &LIMITS);
+        tokio::time::sleep(Duration::from_millis(2_300)).await;
+        a.read(100);
+        let request = a.begin(false);
+        // In flight for 25 s: longer than the header timeout, never closed.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert!(!closed.is_finished(), "closed with a request in flight");
+        drop(request);
+        let (why, at) = closed.await.unwrap();
+        assert_eq!(why, "idle_timeout");
+        assert!(
+            around(at, 87.3),
+            "closed after {at:?}, not 60 s after the request ended"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_starts_on_an_idle_connection_has_its_own_deadline() {
+        let a = Activity::new();
+        let closed = watch(&a, &LIMITS);
+        tokio::time::sleep(Duration::from_millis(1_700)).await;
+        a.read(100);
+        drop(a.begin(false));
+        // Idle until the first bytes of the next head, which never completes.
+        tokio::time::sleep(Duration::from_millis(31_400)).await;
+        a.read(10);
+        let (why, at) = closed.await.unwrap();
+        assert_eq!(why, "header_read_timeout");
+        assert!(
+            around(at, 43.1),
+            "closed after {at:?}, not 10 s after the head began"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_sends_a_head_closes_at_the_header_timeout() {
+        let a = Activity::new();
+        let (why, at) = watch(&a, &LIMITS).await.unwrap();
+        assert_eq!(why, "header_read_timeout");
+        assert!(around(at, 10.0), "closed after {at:?}");
     }
 }

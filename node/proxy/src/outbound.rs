@@ -44,7 +44,7 @@ use crate::error::{Marked, MeshError, grpc_failure};
 use crate::filters;
 use crate::frame::{self, ProxyBody, RequestHeadMap};
 use crate::listen;
-use crate::plan::{self, Action, Plan, TIMEOUT_HEADER};
+use crate::plan::{self, Action, Plan};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
 use crate::state::Shared;
 use crate::stats::{self, Direction, Edge};
@@ -709,7 +709,7 @@ fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) ->
     let mut headers = parts.headers;
     frame::strip_hop_by_hop(&mut headers);
     headers.remove(http::header::HOST);
-    headers.remove(TIMEOUT_HEADER);
+    headers.remove(plan::TIMEOUT_NAME);
     RequestHeadMap {
         upgrade,
         service: backend.to_string(),

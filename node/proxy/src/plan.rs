@@ -25,6 +25,8 @@ use crate::stats;
 
 /// Request header an app may set to override the default timeout (`250ms`, `2s`).
 pub const TIMEOUT_HEADER: &str = "shoal-timeout";
+/// [`TIMEOUT_HEADER`] as a name: a lookup by `&str` parses the name first.
+pub(crate) const TIMEOUT_NAME: http::HeaderName = http::HeaderName::from_static(TIMEOUT_HEADER);
 
 /// The port a service address without one means (HTTP).
 pub const DEFAULT_PORT: u16 = 80;
@@ -291,7 +293,7 @@ fn passthrough<'p>(
 /// an app that merged them).
 fn mesh_hops(head: &Parts) -> usize {
     head.headers
-        .get_all(crate::upstream::FORWARDED_HEADER)
+        .get_all(crate::upstream::FORWARDED)
         .iter()
         .map(|v| v.as_bytes().split(|b| *b == b',').count())
         .sum()
@@ -299,7 +301,7 @@ fn mesh_hops(head: &Parts) -> usize {
 
 fn header_timeout(head: &Parts) -> Option<Duration> {
     head.headers
-        .get(TIMEOUT_HEADER)
+        .get(TIMEOUT_NAME)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_duration(v).ok())
 }

@@ -610,7 +610,7 @@ impl Stats {
         let head_grpc = stats_grpc(x.grpc_call, resp.headers());
         let shoal_error = resp
             .headers()
-            .get(crate::ERROR_HEADER)
+            .get(crate::error::ERROR_NAME)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
@@ -778,10 +778,13 @@ pub fn is_grpc_type(v: &[u8]) -> bool {
         && matches!(v.get(16), None | Some(b'+' | b';'))
 }
 
+/// `grpc-status` as a name: a lookup by `&str` parses the name first.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` in `headers`, if any and numeric.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
 }

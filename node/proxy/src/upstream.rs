@@ -28,7 +28,7 @@ use crate::upgrade;
 /// Provenance header the serving node adds: `by=<node>;from=<caller node>;svc=<caller service>`.
 pub const FORWARDED_HEADER: &str = "shoal-forwarded";
 /// [`FORWARDED_HEADER`] as a name (not parsed per request).
-const FORWARDED: http::HeaderName = http::HeaderName::from_static(FORWARDED_HEADER);
+pub(crate) const FORWARDED: http::HeaderName = http::HeaderName::from_static(FORWARDED_HEADER);
 
 /// Forwards one admitted request to `svc` on behalf of `caller`; `node` is
 /// this node's name (provenance).
