@@ -987,13 +987,21 @@ pub mod head {
             let n = self.varint(u64::MAX)?;
             let mut h = HeaderMap::with_capacity(n.min(64) as usize + 2);
             for _ in 0..n {
-                let k = self.str()?;
+                let k = self.bytes()?;
                 let v = self.bytes()?;
-                if let (Ok(k), Ok(v)) = (
-                    HeaderName::from_bytes(k.as_bytes()),
-                    HeaderValue::from_maybe_shared(self.frame.slice_ref(v)),
-                ) {
-                    h.append(k, v);
+                // A valid name is ASCII, so only a refused one needs the
+                // UTF-8 check (a name that is not UTF-8 is a bad frame, as
+                // in the serde form; a valid string that is no header name
+                // is dropped).
+                let name = match HeaderName::from_bytes(k) {
+                    Ok(name) => name,
+                    Err(_) if std::str::from_utf8(k).is_err() => {
+                        return Err(bad("string not UTF-8"));
+                    }
+                    Err(_) => continue,
+                };
+                if let Ok(v) = HeaderValue::from_maybe_shared(self.frame.slice_ref(v)) {
+                    h.append(name, v);
                 }
             }
             Ok(h)
