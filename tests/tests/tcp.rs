@@ -663,3 +663,65 @@ async fn a_node_reaches_its_own_tcp_service_directly_and_idle_connections_close(
         "{m}"
     );
 }
+
+/// A `tcp://` service whose address is another node's `--upstream`
+/// listener for the same service (the sidecar's port given where the app's
+/// belongs): each connection went from the listener's node to the serving
+/// node, which dialled the listener again, and so on, with nothing logged,
+/// until both ran out of descriptors (the health checks alone started a new
+/// chain every interval; two real nodes gained about 50 descriptors a second
+/// each). The serving node sees that the app connection came from its own
+/// dial, refuses it (`forwarding-loop`) and says so; the chain stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_pointed_at_another_nodes_listener_for_it_is_a_refused_loop() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut mesh = Mesh::new();
+    let server = mesh
+        .start(tcp_server(&mesh, "s1", &[("bulk", listen)]))
+        .await;
+    let client = mesh
+        .client("c1", move |c| {
+            c.proxy.upstreams.push(UpstreamListener {
+                service: "bulk".into(),
+                listen,
+            })
+        })
+        .await;
+    tcp_routable(&client, "bulk", 1).await;
+
+    let mut s = TcpStream::connect(listen).await.unwrap();
+    let _ = s.write_all(b"ping\n").await;
+    closed_within(&mut s, PROMPT)
+        .await
+        .expect("the looping connection is closed");
+    eventually("s1 counts a refused loop", WAIT, || async {
+        let (_, m) = tests::admin_get(server.admin_addr(), "/metrics").await;
+        let loops = metric(
+            &m,
+            "shoal_tcp_connections_closed_total",
+            &["direction=\"inbound\"", "outcome=\"forwarding_loop\""],
+        );
+        (loops >= 1.0).then_some(())
+    })
+    .await;
+    // Every 100 ms a health check starts a chain; none may grow. Looping,
+    // the open connections climbed into the hundreds within a second.
+    let open = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("shoal_tcp_connections_open{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let mut most = 0.0f64;
+    for _ in 0..20 {
+        for n in [&server, &client] {
+            let (_, m) = tests::admin_get(n.admin_addr(), "/metrics").await;
+            most = most.max(open(&m));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        most <= 8.0,
+        "{most} TCP connections open at once on one node"
+    );
+}

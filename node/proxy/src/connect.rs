@@ -49,7 +49,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         s if s.is_empty() => "unknown".to_string(),
         s => s,
     };
-    let opened = match tcp::open(&shared, &service, &authority).await {
+    let opened = match tcp::open(&shared, &service, &authority, None).await {
         Ok(o) => o,
         Err(e) => {
             shared

@@ -38,6 +38,10 @@ pub const TCP_NOT_SERVED: u8 = 0x05;
 pub const TCP_NOT_TCP: u8 = 0x06;
 /// TCP status: the head is malformed.
 pub const TCP_BAD_HEAD: u8 = 0x07;
+/// TCP status: the app connection came from this node's own connection to
+/// its local instance: the instance's address is another node's listener for
+/// the service (a loop through two nodes).
+pub const TCP_FORWARDING_LOOP: u8 = 0x08;
 
 /// The name of a TCP status byte (for logs and metrics).
 pub fn tcp_status_name(status: u8) -> &'static str {
@@ -50,6 +54,7 @@ pub fn tcp_status_name(status: u8) -> &'static str {
         TCP_NOT_SERVED => "not-served",
         TCP_NOT_TCP => "not-tcp",
         TCP_BAD_HEAD => "bad-head",
+        TCP_FORWARDING_LOOP => "forwarding-loop",
         _ => "unknown-status",
     }
 }
@@ -65,6 +70,41 @@ pub struct TcpHead {
     pub attempt: u32,
     /// `host:port` the app asked for (CONNECT), or empty.
     pub authority: String,
+    /// The app connection's peer address as the calling node saw it
+    /// (`ip:port`), or empty. Sent after the four fields above, only when
+    /// set; see [`TcpHead::encode`].
+    #[serde(skip)]
+    pub client: String,
+}
+
+impl TcpHead {
+    /// The head frame's payload: the four serde fields in bincode, then
+    /// `client` as one more bincode string when it is set. A node that
+    /// predates `client` decodes the four fields and ignores what follows,
+    /// and a head from such a node decodes with `client` empty.
+    pub fn encode(&self) -> Result<Bytes, FrameError> {
+        let mut b = bincode::serde::encode_to_vec(self, bincode_config())
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        if !self.client.is_empty() {
+            let client = bincode::serde::encode_to_vec(&self.client, bincode_config())
+                .map_err(|e| FrameError::Malformed(e.to_string()))?;
+            b.extend_from_slice(&client);
+        }
+        Ok(Bytes::from(b))
+    }
+
+    /// Decodes [`TcpHead::encode`]'s payload (with or without `client`).
+    pub fn decode(b: &[u8]) -> Result<TcpHead, FrameError> {
+        let bad = |e: bincode::error::DecodeError| FrameError::Malformed(e.to_string());
+        let (mut head, used): (TcpHead, usize) =
+            bincode::serde::decode_from_slice(b, bincode_config()).map_err(bad)?;
+        if used < b.len() {
+            head.client = bincode::serde::decode_from_slice(&b[used..], bincode_config())
+                .map_err(bad)?
+                .0;
+        }
+        Ok(head)
+    }
 }
 
 /// Frame type: the message head (bincode).
@@ -562,6 +602,16 @@ impl FrameReader {
     pub async fn head<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, FrameError> {
         match self.next().await? {
             InFrame::Head(b) => decode(&b),
+            other => Err(FrameError::Malformed(format!(
+                "expected a head, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Reads an opaque TCP connection's head frame ([`TcpHead::decode`]).
+    pub async fn tcp_head(&mut self) -> Result<TcpHead, FrameError> {
+        match self.next().await? {
+            InFrame::Head(b) => TcpHead::decode(&b),
             other => Err(FrameError::Malformed(format!(
                 "expected a head, got {other:?}"
             ))),
@@ -1298,6 +1348,38 @@ mod tests {
             assert_eq!(back.has_body, has_body);
             assert_eq!(back.upgrade.as_deref(), upgrade);
         }
+    }
+
+    #[test]
+    fn a_tcp_head_carries_its_client_after_the_four_fields_both_ways_compatible() {
+        let head = TcpHead {
+            service: "bulk".into(),
+            source: "client".into(),
+            attempt: 2,
+            authority: String::new(),
+            client: "127.0.0.1:50123".into(),
+        };
+        let bytes = head.encode().unwrap();
+        assert_eq!(TcpHead::decode(&bytes).unwrap(), head);
+        // The four fields are bincode's encoding of the struct as before.
+        let four = encode(&head).unwrap();
+        assert!(bytes.starts_with(&four) && bytes.len() > four.len());
+        // A node that predates `client` reads the four fields and ignores
+        // the rest; a head from it decodes with no client.
+        let old: TcpHead = decode(&bytes).unwrap();
+        assert_eq!((old.service.as_str(), old.attempt), ("bulk", 2));
+        assert_eq!(old.client, "");
+        let from_old = TcpHead::decode(&four).unwrap();
+        assert_eq!(from_old.client, "");
+        assert_eq!(from_old.source, "client");
+        // No client: the bytes are exactly the old ones.
+        let none = TcpHead {
+            client: String::new(),
+            ..head.clone()
+        };
+        assert_eq!(none.encode().unwrap(), four);
+        // A cut client string is a bad head, not a missing client.
+        assert!(TcpHead::decode(&bytes[..bytes.len() - 1]).is_err());
     }
 
     #[test]

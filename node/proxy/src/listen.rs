@@ -100,7 +100,7 @@ impl ListenerMetrics {
 }
 
 /// A log line at most once a second; the lines held back are counted.
-struct Throttle {
+pub(crate) struct Throttle {
     start: Instant,
     /// Milliseconds since `start` of the last line, plus one (0: never).
     last: AtomicU64,
@@ -108,7 +108,7 @@ struct Throttle {
 }
 
 impl Throttle {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Throttle {
             start: Instant::now(),
             last: AtomicU64::new(0),
@@ -117,7 +117,7 @@ impl Throttle {
     }
 
     /// `Some(lines held back since the last one)` if a line may go out now.
-    fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let now = self.start.elapsed().as_millis() as u64 + 1;
         let last = self.last.load(Ordering::Relaxed);
         if last != 0 && now < last + 1000 {

@@ -63,7 +63,7 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    listen::accept_loop(guard, listener, shutdown, move |io, _peer, activity| {
+    listen::accept_loop(guard, listener, shutdown, move |io, peer, activity| {
         let shared = shared.clone();
         let builder = builder.clone();
         let fixed = fixed.clone();
@@ -76,7 +76,7 @@ pub(crate) async fn serve(
                 && tcp::wait_protocol(&shared, service, tcp::HANDSHAKE_TIMEOUT).await == Some(true)
             {
                 let _tunnel = activity.begin(false);
-                tcp::serve_connection(&shared, service, io).await;
+                tcp::serve_connection(&shared, service, io, peer).await;
                 return;
             }
             let svc = service_fn(move |mut req: Request<Incoming>| {

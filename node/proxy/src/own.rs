@@ -43,9 +43,65 @@ pub fn host_has_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok()
 }
 
+/// The local addresses of the TCP connections this node has open to its
+/// own local instances. A peer's opaque TCP stream whose app connection came
+/// from one of them was opened for a connection this node made: the local
+/// service's address is another node's listener for the same service, and
+/// the two nodes would hand the connection to each other until both run
+/// out of descriptors. The serving side refuses such a stream
+/// (`forwarding-loop`), which ends the loop at its second turn.
+#[derive(Debug, Default)]
+pub struct Dials {
+    open: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+}
+
+impl Dials {
+    /// Counts `local` (a connection's own address) until the guard drops.
+    pub fn hold(self: &std::sync::Arc<Self>, local: SocketAddr) -> Dialled {
+        self.open.lock().unwrap().insert(local);
+        Dialled {
+            dials: self.clone(),
+            local,
+        }
+    }
+
+    /// Whether a connection from `from` is one this node made.
+    pub fn made(&self, from: SocketAddr) -> bool {
+        self.open.lock().unwrap().contains(&from)
+    }
+}
+
+/// One of [`Dials`], forgotten on drop.
+#[derive(Debug)]
+pub struct Dialled {
+    dials: std::sync::Arc<Dials>,
+    local: SocketAddr,
+}
+
+impl Drop for Dialled {
+    fn drop(&mut self) {
+        self.dials.open.lock().unwrap().remove(&self.local);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dial_counts_while_its_guard_lives() {
+        let d = std::sync::Arc::new(Dials::default());
+        let one = d.hold(a("127.0.0.1:50001"));
+        let two = d.hold(a("10.1.2.3:50002"));
+        assert!(d.made(a("127.0.0.1:50001")));
+        assert!(d.made(a("10.1.2.3:50002")));
+        assert!(!d.made(a("127.0.0.1:50002")), "another port");
+        drop(one);
+        assert!(!d.made(a("127.0.0.1:50001")));
+        assert!(d.made(a("10.1.2.3:50002")));
+        drop(two);
+        assert!(!d.made(a("10.1.2.3:50002")));
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -104,6 +104,12 @@ pub(crate) struct Shared {
     /// This node's own HTTP listeners (outbound and per-upstream): a
     /// destination among them is a forwarding loop (`own.rs`).
     own: Vec<SocketAddr>,
+    /// The TCP connections this node has open to its local instances, by
+    /// their own address (`own::Dials`): a peer's TCP stream for a
+    /// connection from one of them is a loop through another node.
+    pub(crate) dials: Arc<crate::own::Dials>,
+    /// At most one WARN a second for refused TCP forwarding loops.
+    pub(crate) loop_log: crate::listen::Throttle,
 }
 
 /// An endpoint dropped from a service's table: gossip offered it, but the
@@ -164,6 +170,8 @@ impl Shared {
             refused: Mutex::new(HashMap::new()),
             source: Mutex::new(None),
             own,
+            dials: Arc::default(),
+            loop_log: crate::listen::Throttle::new(),
             config,
             endpoint,
             gossip,

@@ -43,8 +43,9 @@ use transport::Identity;
 
 use crate::balance::Target;
 use crate::frame::{
-    self, FRAME_HEAD, FrameReader, STREAM_KIND_TCP, TCP_BAD_HEAD, TCP_DENIED, TCP_NOT_SERVED,
-    TCP_NOT_TCP, TCP_OK, TCP_REFUSED, TCP_UNAUTHORIZED, TCP_UNKNOWN_SERVICE, TcpHead,
+    self, FRAME_HEAD, FrameReader, STREAM_KIND_TCP, TCP_BAD_HEAD, TCP_DENIED, TCP_FORWARDING_LOOP,
+    TCP_NOT_SERVED, TCP_NOT_TCP, TCP_OK, TCP_REFUSED, TCP_UNAUTHORIZED, TCP_UNKNOWN_SERVICE,
+    TcpHead,
 };
 use crate::local::LocalService;
 use crate::splice::{Outcome, Side, Splice, Spliced, abort_tcp};
@@ -123,8 +124,9 @@ pub(crate) struct Opened {
 
 enum Way {
     Mesh(SendStream, RecvStream),
-    /// The instance is behind this node: a direct TCP connection.
-    Local(TcpStream),
+    /// The instance is behind this node: a direct TCP connection (counted
+    /// among the node's own dials while it lives).
+    Local(TcpStream, crate::own::Dialled),
 }
 
 /// Opens a tunnel to `service` for an app connection: chooses endpoints
@@ -134,6 +136,7 @@ pub(crate) async fn open(
     shared: &Shared,
     service: &str,
     authority: &str,
+    client: Option<std::net::SocketAddr>,
 ) -> Result<Opened, OpenError> {
     let Some(_) = shared.targets(service) else {
         return Err(OpenError::UnknownService);
@@ -155,6 +158,7 @@ pub(crate) async fn open(
             source: source.clone(),
             attempt,
             authority: authority.to_string(),
+            client: client.map(|c| c.to_string()).unwrap_or_default(),
         };
         let guard = target.state.start();
         let started = Instant::now();
@@ -209,7 +213,7 @@ async fn try_endpoint(shared: &Shared, target: &Target, head: &TcpHead) -> Resul
     if target.is_self {
         let identity = shared.endpoint.identity();
         return match admit(shared, &identity, head).await {
-            Ok(local) => Ok(Way::Local(local)),
+            Ok((local, dialled)) => Ok(Way::Local(local, dialled)),
             Err(s @ (TCP_DENIED | TCP_UNAUTHORIZED)) => Err(Tried::Final(s)),
             Err(s) => Err(Tried::Refused(frame::tcp_status_name(s).into())),
         };
@@ -232,7 +236,7 @@ async fn try_endpoint(shared: &Shared, target: &Target, head: &TcpHead) -> Resul
         let _ = send.reset(frame::RESET_CANCEL.into());
         return Err(Tried::NotServing(conn.peer));
     }
-    let payload = frame::encode(head).map_err(|e| down(e.to_string()))?;
+    let payload = head.encode().map_err(|e| down(e.to_string()))?;
     let mut buf = BytesMut::with_capacity(6 + payload.len());
     buf.put_u8(STREAM_KIND_TCP);
     buf.put_u8(FRAME_HEAD);
@@ -284,7 +288,7 @@ impl Opened {
         let idle = shared.config.tcp_idle_timeout;
         let done = match self.way {
             Way::Mesh(send, recv) => Splice::new(idle).run_io(io, send, recv).await,
-            Way::Local(local) => splice_local(idle, io, local).await,
+            Way::Local(local, _dialled) => splice_local(idle, io, local).await,
         };
         shared.tcp.closed(open, &done);
         done
@@ -389,8 +393,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touching<T> {
 }
 
 /// Serves one app connection on a `--upstream` listener of TCP `service`.
-pub(crate) async fn serve_connection<T>(shared: &Shared, service: &str, io: T)
-where
+pub(crate) async fn serve_connection<T>(
+    shared: &Shared,
+    service: &str,
+    io: T,
+    client: std::net::SocketAddr,
+) where
     T: AsyncRead + AsyncWrite + Send + Unpin,
 {
     let (_count, _) = shared.outbound_request();
@@ -398,7 +406,7 @@ where
         s if s.is_empty() => "unknown".to_string(),
         s => s,
     };
-    match open(shared, service, "").await {
+    match open(shared, service, "", Some(client)).await {
         Ok(opened) => {
             let node = opened.node().to_string();
             let done = opened.splice(shared, io).await;
@@ -424,7 +432,7 @@ pub(crate) async fn serve_stream(
     mut reader: FrameReader,
     mut send: SendStream,
 ) {
-    let head: TcpHead = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.head()).await {
+    let head: TcpHead = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.tcp_head()).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, peer = %caller, "tcp: bad head");
@@ -449,7 +457,7 @@ pub(crate) async fn serve_stream(
     } else {
         "unknown".to_string()
     };
-    let local = match admit(&shared, &caller, &head).await {
+    let (local, _dialled) = match admit(&shared, &caller, &head).await {
         Ok(l) => l,
         Err(status) => {
             tracing::debug!(service = %head.service, peer = %caller, status = frame::tcp_status_name(status), "tcp: connection refused");
@@ -485,11 +493,31 @@ pub(crate) async fn serve_stream(
 /// Admits a TCP connection for a local service — the instance exists and is
 /// a TCP service, this node may serve it, the caller is who it says, policy
 /// admits its identity, the instance is not failing its health checks — and
-/// connects to it. Otherwise the status byte to answer.
-async fn admit(shared: &Shared, caller: &Identity, head: &TcpHead) -> Result<TcpStream, u8> {
+/// connects to it. Otherwise the status byte to answer. A connection that
+/// came from one of this node's own connections to its instances is a loop
+/// through another node (`own::Dials`) and is refused.
+async fn admit(
+    shared: &Shared,
+    caller: &Identity,
+    head: &TcpHead,
+) -> Result<(TcpStream, crate::own::Dialled), u8> {
     let Some(svc) = shared.local.get(&head.service) else {
         return Err(TCP_UNKNOWN_SERVICE);
     };
+    if let Ok(client) = head.client.parse::<std::net::SocketAddr>()
+        && shared.dials.made(client)
+    {
+        if let Some(held) = shared.loop_log.allow() {
+            tracing::warn!(
+                service = %head.service,
+                addr = %svc.spec.addr,
+                peer = %caller,
+                not_logged = held,
+                "tcp: the service's address leads back into the mesh (another node's listener for it): forwarding loop refused; point the service at the app's own address"
+            );
+        }
+        return Err(TCP_FORWARDING_LOOP);
+    }
     if svc.spec.protocol != crate::config::Protocol::Tcp {
         return Err(TCP_NOT_TCP);
     }
@@ -506,7 +534,9 @@ async fn admit(shared: &Shared, caller: &Identity, head: &TcpHead) -> Result<Tcp
     if svc.health() == gossip::Health::Unhealthy {
         return Err(TCP_REFUSED);
     }
-    connect_local(svc).await.ok_or(TCP_REFUSED)
+    let local = connect_local(svc).await.ok_or(TCP_REFUSED)?;
+    let at = local.local_addr().map_err(|_| TCP_REFUSED)?;
+    Ok((local, shared.dials.hold(at)))
 }
 
 /// AuthorizationPolicy for a connection: judged like an HTTP request (by
