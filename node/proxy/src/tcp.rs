@@ -504,6 +504,21 @@ async fn admit(
     let Some(svc) = shared.local.get(&head.service) else {
         return Err(TCP_UNKNOWN_SERVICE);
     };
+    if svc.spec.protocol != crate::config::Protocol::Tcp {
+        return Err(TCP_NOT_TCP);
+    }
+    if !shared.endpoint.identity().may_serve(&head.service) {
+        return Err(TCP_NOT_SERVED);
+    }
+    if !head.source.is_empty() && !caller.may_serve(&head.source) {
+        return Err(TCP_UNAUTHORIZED);
+    }
+    if !authorized(shared, caller, head) {
+        shared.policy.metrics.denied(&head.service, "authorization");
+        return Err(TCP_DENIED);
+    }
+    // After the policy checks: a caller policy refuses learns nothing
+    // about this node's own connections.
     if let Ok(client) = head.client.parse::<std::net::SocketAddr>()
         && shared.dials.made(client)
     {
@@ -517,19 +532,6 @@ async fn admit(
             );
         }
         return Err(TCP_FORWARDING_LOOP);
-    }
-    if svc.spec.protocol != crate::config::Protocol::Tcp {
-        return Err(TCP_NOT_TCP);
-    }
-    if !shared.endpoint.identity().may_serve(&head.service) {
-        return Err(TCP_NOT_SERVED);
-    }
-    if !head.source.is_empty() && !caller.may_serve(&head.source) {
-        return Err(TCP_UNAUTHORIZED);
-    }
-    if !authorized(shared, caller, head) {
-        shared.policy.metrics.denied(&head.service, "authorization");
-        return Err(TCP_DENIED);
     }
     if svc.health() == gossip::Health::Unhealthy {
         return Err(TCP_REFUSED);
