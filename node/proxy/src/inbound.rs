@@ -58,7 +58,15 @@ async fn serve_stream(shared: Arc<Shared>, bi: BiStream) {
         Ok(STREAM_KIND_HTTP) => {}
         Ok(STREAM_KIND_TCP) => {
             // Boxed: the tunnel's state is not part of every request's task.
-            return Box::pin(tcp::serve_stream(shared.clone(), caller, reader, send)).await;
+            let peer_addr = bi.from.addr();
+            return Box::pin(tcp::serve_stream(
+                shared.clone(),
+                caller,
+                peer_addr,
+                reader,
+                send,
+            ))
+            .await;
         }
         Ok(kind) => {
             tracing::debug!(kind, peer = %caller, "unknown stream kind");

@@ -69,6 +69,18 @@ impl Dials {
     pub fn made(&self, from: SocketAddr) -> bool {
         self.open.lock().unwrap().contains(&from)
     }
+
+    /// Whether a peer's TCP head whose app connection came from `client`
+    /// (`ip:port`, as the head carries it) is a loop. A loopback `client`
+    /// counts only when the caller itself is on loopback
+    /// (`caller_on_loopback`): sidecars in separate network namespaces each
+    /// have their own 127.0.0.1, where an app's port may equal one of this
+    /// node's dials without being it.
+    pub fn loops(&self, client: &str, caller_on_loopback: bool) -> bool {
+        client
+            .parse::<SocketAddr>()
+            .is_ok_and(|c| (caller_on_loopback || !c.ip().is_loopback()) && self.made(c))
+    }
 }
 
 /// One of [`Dials`], forgotten on drop.
@@ -87,6 +99,24 @@ impl Drop for Dialled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loopback_client_is_a_loop_only_for_a_caller_on_loopback() {
+        let d = std::sync::Arc::new(Dials::default());
+        let _lo = d.hold(a("127.0.0.1:50001"));
+        let _ext = d.hold(a("10.1.2.3:50002"));
+        // On one host (every node on loopback): the loop.
+        assert!(d.loops("127.0.0.1:50001", true));
+        // A caller in another network namespace: its app's 127.0.0.1:50001
+        // is not this node's.
+        assert!(!d.loops("127.0.0.1:50001", false));
+        // A routable address is the same socket from anywhere.
+        assert!(d.loops("10.1.2.3:50002", false));
+        assert!(d.loops("10.1.2.3:50002", true));
+        assert!(!d.loops("10.1.2.3:50003", false));
+        assert!(!d.loops("", true));
+        assert!(!d.loops("not an address", true));
+    }
 
     #[test]
     fn a_dial_counts_while_its_guard_lives() {

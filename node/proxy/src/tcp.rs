@@ -212,7 +212,7 @@ enum Tried {
 async fn try_endpoint(shared: &Shared, target: &Target, head: &TcpHead) -> Result<Way, Tried> {
     if target.is_self {
         let identity = shared.endpoint.identity();
-        return match admit(shared, &identity, head).await {
+        return match admit(shared, &identity, true, head).await {
             Ok((local, dialled)) => Ok(Way::Local(local, dialled)),
             Err(s @ (TCP_DENIED | TCP_UNAUTHORIZED)) => Err(Tried::Final(s)),
             Err(s) => Err(Tried::Refused(frame::tcp_status_name(s).into())),
@@ -429,6 +429,7 @@ pub(crate) async fn serve_connection<T>(
 pub(crate) async fn serve_stream(
     shared: Arc<Shared>,
     caller: Arc<Identity>,
+    peer_addr: std::net::SocketAddr,
     mut reader: FrameReader,
     mut send: SendStream,
 ) {
@@ -457,7 +458,8 @@ pub(crate) async fn serve_stream(
     } else {
         "unknown".to_string()
     };
-    let (local, _dialled) = match admit(&shared, &caller, &head).await {
+    let caller_on_loopback = peer_addr.ip().is_loopback();
+    let (local, _dialled) = match admit(&shared, &caller, caller_on_loopback, &head).await {
         Ok(l) => l,
         Err(status) => {
             tracing::debug!(service = %head.service, peer = %caller, status = frame::tcp_status_name(status), "tcp: connection refused");
@@ -495,10 +497,15 @@ pub(crate) async fn serve_stream(
 /// admits its identity, the instance is not failing its health checks — and
 /// connects to it. Otherwise the status byte to answer. A connection that
 /// came from one of this node's own connections to its instances is a loop
-/// through another node (`own::Dials`) and is refused.
+/// through another node (`own::Dials`) and is refused. A loopback `client`
+/// counts only when the caller is on this host's loopback too
+/// (`caller_on_loopback`, true for this node itself): sidecars in separate
+/// network namespaces each have their own 127.0.0.1, where an app's port
+/// may equal one of this node's dials without being it.
 async fn admit(
     shared: &Shared,
     caller: &Identity,
+    caller_on_loopback: bool,
     head: &TcpHead,
 ) -> Result<(TcpStream, crate::own::Dialled), u8> {
     let Some(svc) = shared.local.get(&head.service) else {
@@ -519,9 +526,7 @@ async fn admit(
     }
     // After the policy checks: a caller policy refuses learns nothing
     // about this node's own connections.
-    if let Ok(client) = head.client.parse::<std::net::SocketAddr>()
-        && shared.dials.made(client)
-    {
+    if shared.dials.loops(&head.client, caller_on_loopback) {
         if let Some(held) = shared.loop_log.allow() {
             tracing::warn!(
                 service = %head.service,
