@@ -36,6 +36,7 @@ pub(crate) async fn run(shared: Arc<Shared>, svc: Arc<LocalService>) {
         }
         let healthy = check(&shared, &svc, timeout).await;
         svc.http1.sweep();
+        svc.conns.sweep();
         if !healthy && svc.spec.protocol == Protocol::Auto {
             // Down, or checked in the wrong version: find out again once it
             // answers.

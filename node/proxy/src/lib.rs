@@ -31,6 +31,7 @@ pub mod egress;
 pub mod error;
 pub mod filters;
 pub mod frame;
+mod h1;
 mod health;
 mod inbound;
 pub mod listen;

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::balance::EndpointState;
 use crate::config::{Protocol, ServiceSpec};
 use crate::frame::ProxyBody;
+use crate::h1;
 
 /// A local instance and what the node measures of it.
 pub(crate) struct LocalService {
@@ -35,8 +36,12 @@ pub(crate) struct LocalService {
     pub latency: EndpointState,
     /// The record last published in gossip (JSON).
     pub published: Mutex<String>,
-    /// Idle HTTP/1.1 connections to the instance (see [`Http1Pool`]).
+    /// Idle HTTP/1.1 connections to the instance for hyper's client
+    /// (upgrades, streamed bodies; see [`Http1Pool`]).
     pub http1: Http1Pool,
+    /// Idle HTTP/1.1 connections for the node's own client (every other
+    /// request; see `h1.rs`).
+    pub conns: Arc<h1::Pool>,
 }
 
 impl LocalService {
@@ -51,6 +56,7 @@ impl LocalService {
             latency: EndpointState::detached(),
             published: Mutex::new(String::new()),
             http1: Http1Pool::default(),
+            conns: Arc::default(),
         }
     }
 

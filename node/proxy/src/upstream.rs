@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, Version};
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, Version};
 use http_body_util::BodyExt;
+use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -21,6 +23,7 @@ use transport::Identity;
 use crate::config::Protocol;
 use crate::error::MeshError;
 use crate::frame::{self, ProxyBody, RequestHeadMap};
+use crate::h1;
 use crate::health;
 use crate::local::{Clients, LocalService, Returning};
 use crate::upgrade;
@@ -91,33 +94,61 @@ pub(crate) async fn forward(
     if let Ok(v) = HeaderValue::from_str(&provenance) {
         headers.append(FORWARDED, v);
     }
-    let mut req = match Request::builder()
-        .method(head.method.as_str())
-        .uri(uri)
-        .version(if h2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        })
-        .body(body)
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return MeshError::BadRequest.response_with(&format!("bad request head: {e}"));
+    // Plain HTTP/1.1 with a whole, small body goes through the node's own
+    // client; h2c, upgrades and streamed bodies through hyper's.
+    let own = !h2
+        && head.upgrade.is_none()
+        && h1::valid_target(&uri)
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= h1::MAX_SENT_BODY);
+    let outgoing = if own {
+        match Method::from_bytes(head.method.as_bytes()) {
+            Ok(method) => Outgoing::Own {
+                method,
+                target: uri,
+                headers,
+                body,
+            },
+            Err(e) => return MeshError::BadRequest.response_with(&format!("bad method: {e}")),
+        }
+    } else {
+        match Request::builder()
+            .method(head.method.as_str())
+            .uri(uri)
+            .version(if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            })
+            .body(body)
+        {
+            Ok(mut req) => {
+                *req.headers_mut() = headers;
+                Outgoing::Hyper(req)
+            }
+            Err(e) => {
+                return MeshError::BadRequest.response_with(&format!("bad request head: {e}"));
+            }
         }
     };
-    *req.headers_mut() = headers;
     svc.in_flight.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let call = async {
-        if h2 {
-            match clients.h2.request(req).await {
+        match outgoing {
+            Outgoing::Own {
+                method,
+                target,
+                headers,
+                body,
+            } => send_own(svc, method, &target, &headers, body).await,
+            Outgoing::Hyper(req) if h2 => match clients.h2.request(req).await {
                 Ok(resp) => Ok(resp.map(|b| b.map_err(frame::BoxError::from).boxed_unsync())),
                 Err(e) if e.is_connect() => Err(CallError::Connect),
                 Err(e) => Err(CallError::Exchange(e.to_string())),
-            }
-        } else {
-            send_http1(svc, req).await
+            },
+            Outgoing::Hyper(req) => send_http1(svc, req).await,
         }
     };
     let result = if head.deadline_ms > 0 {
@@ -144,6 +175,9 @@ pub(crate) async fn forward(
             }
             MeshError::UpstreamConnect.response_with("could not connect to the local instance")
         }
+        Err(CallError::Request(e)) => {
+            MeshError::BadRequest.response_with(&format!("the request body was cut short: {e}"))
+        }
         Err(CallError::Exchange(e)) => {
             tracing::info!(error = %e, service = %head.service, h2, "local instance failed mid-request");
             if svc.spec.protocol == Protocol::Auto && !svc.reprobing.swap(true, Ordering::Relaxed) {
@@ -165,12 +199,73 @@ pub(crate) async fn forward(
 /// Dialing the local instance.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A request as it goes to the instance.
+enum Outgoing {
+    /// Through the node's own HTTP/1.1 client (`h1.rs`).
+    Own {
+        method: Method,
+        target: String,
+        headers: http::HeaderMap,
+        body: ProxyBody,
+    },
+    /// Through hyper's client (h2c, upgrades, streamed or large bodies).
+    Hyper(Request<ProxyBody>),
+}
+
 /// Why a call to the local instance failed.
 enum CallError {
+    /// The caller's request body failed before it was whole: nothing was
+    /// sent.
+    Request(String),
     /// No connection could be made: nothing was sent.
     Connect,
     /// The exchange failed after the request was (maybe) sent.
     Exchange(String),
+}
+
+/// Sends a request with a whole body (read now: it is at most
+/// [`h1::MAX_SENT_BODY`]) through the node's own client, over an idle
+/// connection of `svc`'s pool, else a new one. A reused connection the
+/// instance closed as the request went out (no byte of an answer) is
+/// replaced by a new one, once, when the method is idempotent.
+async fn send_own(
+    svc: &Arc<LocalService>,
+    method: Method,
+    target: &str,
+    headers: &http::HeaderMap,
+    body: ProxyBody,
+) -> Result<Response<ProxyBody>, CallError> {
+    let data = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match body.collect().await {
+            Ok(whole) => whole.to_bytes(),
+            Err(e) => return Err(CallError::Request(e.to_string())),
+        }
+    };
+    let mut wire = Vec::new();
+    h1::encode_request(&mut wire, &method, target, headers, &data);
+    let mut pooled = svc.conns.take();
+    loop {
+        let reused = pooled.is_some();
+        let mut conn = match pooled.take() {
+            Some(conn) => conn,
+            None => Box::pin(h1::Conn::dial(svc.spec.addr, CONNECT_TIMEOUT))
+                .await
+                .map_err(|_| CallError::Connect)?,
+        };
+        match conn.exchange(&wire, method == Method::HEAD).await {
+            Ok((parts, framing)) => {
+                let body = h1::ResponseBody::new(conn, framing, svc.conns.clone());
+                return Ok(Response::from_parts(
+                    parts,
+                    body.map_err(frame::BoxError::from).boxed_unsync(),
+                ));
+            }
+            Err(h1::H1Error::ClosedEarly) if reused && h1::idempotent(&method) => {}
+            Err(e) => return Err(CallError::Exchange(e.to_string())),
+        }
+    }
 }
 
 /// Sends `req` over an idle keep-alive connection of `svc`'s pool, else a
