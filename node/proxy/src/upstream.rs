@@ -438,6 +438,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_own_client_keeps_one_connection_for_sequential_requests_with_bodies() {
+        let (addr, accepted) = app(false).await;
+        let svc = Arc::new(LocalService::new(ServiceSpec::new(
+            "web",
+            addr,
+            crate::config::Protocol::Http1,
+        )));
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, HeaderValue::from_static("web"));
+        for i in 0..5 {
+            let body = crate::body::full(Bytes::from(vec![b'x'; i * 1000]));
+            let resp = send_own(&svc, Method::POST, "/x", &headers, body)
+                .await
+                .ok()
+                .expect("answered");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(body_of(resp).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+        assert_eq!(svc.conns.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_own_client_does_not_reuse_a_connection_the_instance_closes() {
+        let (addr, accepted) = app(true).await;
+        let svc = Arc::new(LocalService::new(ServiceSpec::new(
+            "web",
+            addr,
+            crate::config::Protocol::Http1,
+        )));
+        for _ in 0..3 {
+            let resp = send_own(
+                &svc,
+                Method::GET,
+                "/x",
+                &http::HeaderMap::new(),
+                crate::body::empty(),
+            )
+            .await
+            .ok()
+            .expect("answered");
+            assert_eq!(body_of(resp).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::Relaxed), 3);
+        assert_eq!(svc.conns.idle(), 0);
+    }
+
+    #[tokio::test]
     async fn an_instance_that_is_not_listening_is_a_connect_failure() {
         let addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
