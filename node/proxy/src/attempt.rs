@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use tokio::sync::oneshot;
 
 use crate::access::Trace;
 use crate::balance::Target;
-use crate::body::{empty, guarded, replay};
+use crate::body::{ReqBody, empty, guarded, replay};
 use crate::frame::{
     self, BoxError, FrameReader, FrameWriter, ProxyBody, RESET_CANCEL, RequestHeadMap,
     ResponseHead, ResponseHeadMap, STREAM_KIND_HTTP,
@@ -39,7 +39,7 @@ impl Source {
     /// always can). Fails when such a body cannot be read.
     /// Request body bytes read are counted into `trace`.
     pub async fn read(
-        body: Incoming,
+        body: ReqBody,
         idempotent: bool,
         limit: usize,
         trace: &Arc<Trace>,

@@ -72,3 +72,47 @@ impl Body for Guarded {
         self.inner.size_hint()
     }
 }
+
+/// A request body as the outbound listener hands it on: streamed by hyper,
+/// or read whole by the node's own HTTP/1.1 server (`h1_server.rs`).
+pub(crate) enum ReqBody {
+    /// hyper's body (h2c, upgrades, chunked or larger bodies).
+    Hyper(hyper::body::Incoming),
+    /// The whole body, already read (`None` once it has been polled).
+    Whole(Option<Bytes>),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Whole(data) => Poll::Ready(
+                data.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::Whole(data) => data.as_ref().is_none_or(|d| d.is_empty()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
+use crate::body::ReqBody;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use policy::set::ServiceAddr;
 
@@ -30,7 +30,7 @@ use crate::tcp::{self, OpenError};
 const DEFAULT_CONNECT_PORT: u16 = 443;
 
 /// Answers one CONNECT request.
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request<ReqBody>) -> Response<ProxyBody> {
     let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
         return MeshError::BadRequest.response_with("CONNECT needs a host:port target");
     };
@@ -85,7 +85,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
 /// unless `--egress` admits the host (then `egress::connect` dials it).
 pub(crate) async fn not_a_service(
     shared: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     authority: &str,
 ) -> Response<ProxyBody> {
     if let Some((to, label)) = egress::connect_target(&shared.config.egress, authority) {

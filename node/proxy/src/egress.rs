@@ -19,10 +19,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ReqBody;
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -217,7 +217,7 @@ pub(crate) fn connect_target(egress: &Egress, authority: &str) -> Option<(Destin
 /// tunnel in the TCP metrics on the same label.
 pub(crate) async fn connect(
     shared: &Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     to: Destination,
     label: String,
 ) -> Response<ProxyBody> {
@@ -306,7 +306,7 @@ pub(crate) async fn forward(
     clients: &Clients,
     to: &Destination,
     head: Parts,
-    body: Incoming,
+    body: ReqBody,
     timeout: Duration,
 ) -> Response<ProxyBody> {
     let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");

@@ -32,6 +32,7 @@ pub mod error;
 pub mod filters;
 pub mod frame;
 mod h1;
+mod h1_server;
 mod health;
 mod inbound;
 pub mod listen;

@@ -37,12 +37,13 @@ use tokio::sync::watch;
 
 use crate::attempt::{Failed, Source, attempt};
 use crate::balance::{NoEndpoint, Target};
-use crate::body::full;
+use crate::body::{ReqBody, full};
 use crate::connect;
 use crate::egress;
 use crate::error::{Marked, MeshError, grpc_failure};
 use crate::filters;
 use crate::frame::{self, ProxyBody, RequestHeadMap};
+use crate::h1_server;
 use crate::listen;
 use crate::plan::{self, Action, Plan};
 use crate::retry::{self, Decision, Failure, Outcome, Report, Tried};
@@ -63,13 +64,10 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    listen::accept_loop(guard, listener, shutdown, move |io, peer, activity| {
+    listen::accept_loop(guard, listener, shutdown, move |mut io, peer, activity| {
         let shared = shared.clone();
         let builder = builder.clone();
         let fixed = fixed.clone();
-        // Upgraded connections (tunnels) hold a sender: the connection
-        // counts against the cap until the last one ends.
-        let (tunnels, mut tunnels_done) = tokio::sync::mpsc::channel::<()>(1);
         async move {
             // A per-upstream listener of a TCP service carries bytes.
             if let Some(service) = &fixed
@@ -79,36 +77,64 @@ pub(crate) async fn serve(
                 tcp::serve_connection(&shared, service, io, peer).await;
                 return;
             }
-            let svc = service_fn(move |mut req: Request<Incoming>| {
-                let shared = shared.clone();
-                let fixed = fixed.clone();
-                let tunnels = tunnels.clone();
-                // In flight until the response body is done (or the tunnel).
-                let request = activity.begin(req.version() == Version::HTTP_2);
-                let upgrade = upgrade::requested(&req).map(|token| {
-                    req.extensions_mut().insert(upgrade::Requested(token));
-                    hyper::upgrade::on(&mut req)
-                });
-                async move {
-                    let resp = handle(shared.clone(), fixed, req).await;
-                    let resp = match upgrade {
-                        Some(client) => {
-                            let guards: Vec<Box<dyn std::any::Any + Send>> =
-                                vec![Box::new(request), Box::new(tunnels)];
-                            upgrade::answer(&shared, resp, client, guards)
-                        }
-                        None => upgrade::plain_answer(resp, vec![Box::new(request)]),
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), svc)
-                .await;
-            let _ = tunnels_done.recv().await;
+            // The node's own HTTP/1.1 server takes the common request; the
+            // first one it does not (h2c, an upgrade, a streamed body) hands
+            // the connection, with the bytes read, to hyper.
+            let handler = |req| {
+                let (shared, fixed) = (shared.clone(), fixed.clone());
+                async move { upgrade::unasked_switch(handle(shared, fixed, req).await) }
+            };
+            let read = match h1_server::serve(&mut io, &activity, handler).await {
+                h1_server::Served::Closed => return,
+                h1_server::Served::Handoff(read) => read,
+            };
+            let io = listen::Rewound::new(read, io);
+            serve_hyper(shared, fixed, builder, io, activity).await;
         }
     })
     .await;
+}
+
+/// Serves the rest of a connection with hyper (HTTP/1.1 with upgrades, or
+/// h2c with prior knowledge).
+async fn serve_hyper(
+    shared: Arc<Shared>,
+    fixed: Option<Arc<str>>,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    io: listen::Rewound,
+    activity: Arc<listen::Activity>,
+) {
+    // Upgraded connections (tunnels) hold a sender: the connection counts
+    // against the cap until the last one ends.
+    let (tunnels, mut tunnels_done) = tokio::sync::mpsc::channel::<()>(1);
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        let fixed = fixed.clone();
+        let tunnels = tunnels.clone();
+        // In flight until the response body is done (or the tunnel).
+        let request = activity.begin(req.version() == Version::HTTP_2);
+        let mut req = req.map(ReqBody::Hyper);
+        let upgrade = upgrade::requested(&req).map(|token| {
+            req.extensions_mut().insert(upgrade::Requested(token));
+            hyper::upgrade::on(&mut req)
+        });
+        async move {
+            let resp = handle(shared.clone(), fixed, req).await;
+            let resp = match upgrade {
+                Some(client) => {
+                    let guards: Vec<Box<dyn std::any::Any + Send>> =
+                        vec![Box::new(request), Box::new(tunnels)];
+                    upgrade::answer(&shared, resp, client, guards)
+                }
+                None => upgrade::plain_answer(resp, vec![Box::new(request)]),
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let _ = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
+    let _ = tunnels_done.recv().await;
 }
 
 /// How a request ended: what the caller gets, how many attempts it took,
@@ -133,7 +159,7 @@ impl Finished {
 async fn handle(
     shared: Arc<Shared>,
     fixed: Option<Arc<str>>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
 ) -> Response<ProxyBody> {
     if req.method() == http::Method::CONNECT && fixed.is_none() {
         return connect::handle(shared, req).await;
@@ -256,7 +282,7 @@ async fn dispatch(
     edge: &mut Edge,
     plan: &Plan<'_>,
     head: Parts,
-    body: Incoming,
+    body: ReqBody,
     (in_flight, may_egress): (u64, bool),
     rng: &mut SmallRng,
 ) -> Finished {
@@ -405,7 +431,7 @@ async fn passthrough(
     plan: &Plan<'_>,
     to: SocketAddr,
     head: Parts,
-    body: Incoming,
+    body: ReqBody,
 ) -> Finished {
     if shared.is_own_listener(to) {
         tracing::debug!(%to, "pass-through to this node's own listener refused");
@@ -467,7 +493,7 @@ async fn run(
     edge: &Edge,
     plan: &Plan<'_>,
     head: Parts,
-    body: Incoming,
+    body: ReqBody,
     rng: &mut SmallRng,
 ) -> Finished {
     let deadline = tokio::time::Instant::now() + plan.timeout;

@@ -127,14 +127,19 @@ pub(crate) fn plain_answer(
     resp: Response<ProxyBody>,
     guards: Vec<Box<dyn Any + Send>>,
 ) -> Response<ProxyBody> {
-    let resp = if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    unasked_switch(resp).map(|b| guarded(b, guards))
+}
+
+/// `resp`, unless it switches protocols for a request that asked no
+/// upgrade: then a 502.
+pub(crate) fn unasked_switch(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         tracing::debug!("a 101 answer to a request that asked for no upgrade; answering 502");
         crate::error::MeshError::UpstreamReset
             .response_with("the service switched protocols without being asked")
     } else {
         resp
-    };
-    resp.map(|b| guarded(b, guards))
+    }
 }
 
 /// Calling node: the answer to an upgrade request the app made. A 101
