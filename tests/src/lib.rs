@@ -183,6 +183,23 @@ pub async fn admin_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    // A node that stops answering fails the test with its name instead of
+    // holding the run until CI's own limit.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        admin_request_now(addr, method, path, headers, body),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{method} {path} at {addr}: no answer within 60 s"))
+}
+
+async fn admin_request_now(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(addr)
         .await

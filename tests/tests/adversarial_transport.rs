@@ -353,12 +353,17 @@ async fn gossip_keeps_flowing_while_a_rogue_floods_a_node() {
     ));
     let a = rogue_a.connect(target).await.unwrap();
     let b = rogue_b.connect(target).await.unwrap();
+    // On the gossip connection: its streams need no large-message slot, so
+    // this one reaches the cap instead of waiting for a slot. It is opened
+    // before the flood: the flood holds every stream credit the victim
+    // gives, so an `open_uni` after it could wait for ever.
+    let mut big = tokio::time::timeout(DEADLINE, a.conn.open_uni())
+        .await
+        .expect("the oversize stream opens within the deadline")
+        .unwrap();
     let (gossip_attack, t1) =
         unfinished_streams(a.clone(), GOSSIP, Bytes::from(vec![0; 60_000]), 1000);
     let (policy_attack, t2) = unfinished_streams(b, POLICY, Bytes::from(vec![0; 1_000_000]), 1000);
-    // On the gossip connection: its streams need no large-message slot, so
-    // this one reaches the cap instead of waiting for a slot.
-    let mut big = a.conn.open_uni().await.unwrap();
     let oversize = tokio::spawn(async move {
         let mut body = vec![POLICY];
         body.resize(10 << 20, 0);
