@@ -5,11 +5,16 @@
 //! layer that drops, delays, duplicates or cuts packets per link; production
 //! runs with no layer.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
-use quinn::{AsyncUdpSocket, Runtime, TokioRuntime};
+use quinn::udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// A socket as quinn sees it.
 pub type SharedSocket = Arc<dyn AsyncUdpSocket>;
@@ -22,12 +27,233 @@ pub trait SocketLayer: Send + Sync + 'static {
 
 /// Binds a UDP socket on `addr` for use under quinn on the tokio runtime.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<SharedSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    TokioRuntime.wrap_udp_socket(socket)
+    Ok(Arc::new(UdpSocket::new(std::net::UdpSocket::bind(addr)?)?))
+}
+
+/// The endpoint's UDP socket, registered with the reactor for reading only.
+///
+/// quinn's own tokio socket registers for reading and writing, so every
+/// datagram sent woke the reactor once more when the send buffer drained (an
+/// `epoll_wait` a send, measured in `docs/PROXY.md`), and it read until the
+/// socket said it was empty (a `recvmmsg` a wake-up that found nothing).
+/// Here a send is tried straight away and only a send that would block
+/// waits for writability, on a registration of its own made for that wait;
+/// and a read that returns fewer datagrams than it asked for has drained the
+/// socket, so the readiness it was woken for is forgotten without another
+/// read.
+#[derive(Debug)]
+struct UdpSocket {
+    io: AsyncFd<std::net::UdpSocket>,
+    state: UdpSocketState,
+}
+
+impl UdpSocket {
+    fn new(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
+        let state = UdpSocketState::new((&socket).into())?;
+        socket.set_nonblocking(true)?;
+        Ok(UdpSocket {
+            io: register(socket, Interest::READABLE)?,
+            state,
+        })
+    }
+}
+
+impl AsyncUdpSocket for UdpSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(WritablePoller {
+            socket: self,
+            waiting: None,
+        })
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.state.send(self.io.get_ref().into(), transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let asked = bufs.len().min(BATCH_SIZE);
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            match guard.try_io(|io| self.state.recv(io.get_ref().into(), bufs, meta)) {
+                Ok(Ok(n)) => {
+                    if n < asked {
+                        // Drained: clears only the readiness this read was
+                        // woken for, so a datagram that came after it still
+                        // wakes the endpoint.
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // `WouldBlock`: readiness cleared; wait for the next.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.get_ref().local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+}
+
+/// Registers `socket` with the reactor for `interest` alone.
+///
+/// tokio deprecates the safe constructor because an `AsRawFd` type could
+/// hand it a descriptor that is closed or replaced while registered. A
+/// `std::net::UdpSocket` owned by the `AsyncFd` cannot be: its descriptor is
+/// fixed and closes only when the `AsyncFd` drops it, after deregistering.
+#[allow(deprecated)]
+fn register(
+    socket: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    AsyncFd::with_interest(socket, interest)
+}
+
+/// Waits, for one task, until the socket can take a send again: a second
+/// descriptor of the socket registered for writing while a send is blocked,
+/// and dropped (deregistered) once it may go on.
+#[derive(Debug)]
+struct WritablePoller {
+    socket: Arc<UdpSocket>,
+    waiting: Option<AsyncFd<std::net::UdpSocket>>,
+}
+
+impl UdpPoller for WritablePoller {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.waiting.is_none() {
+            let dup = this.socket.io.get_ref().try_clone()?;
+            this.waiting = Some(register(dup, Interest::WRITABLE)?);
+        }
+        let ready = match this
+            .waiting
+            .as_ref()
+            .expect("set above")
+            .poll_write_ready(cx)
+        {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r.map(drop),
+        };
+        this.waiting = None;
+        Poll::Ready(ready)
+    }
 }
 
 impl std::fmt::Debug for dyn SocketLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SocketLayer")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(5);
+
+    fn socket() -> Arc<UdpSocket> {
+        Arc::new(UdpSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap())
+    }
+
+    /// Receives one batch from `socket` (waiting at most [`DEADLINE`]): the
+    /// datagrams' contents, in order.
+    async fn recv_batch(socket: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut storage = vec![[0u8; 1500]; BATCH_SIZE];
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let mut meta = vec![RecvMeta::default(); BATCH_SIZE];
+        let n = tokio::time::timeout(
+            DEADLINE,
+            poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta)),
+        )
+        .await
+        .expect("no datagram within the deadline")
+        .unwrap();
+        (0..n).map(|i| bufs[i][..meta[i].len].to_vec()).collect()
+    }
+
+    fn readable_now(socket: &UdpSocket) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        socket.io.poll_read_ready(&mut cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn each_datagram_after_a_drained_read_still_wakes_the_reader() {
+        let rx = socket();
+        let to = rx.local_addr().unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..200u32 {
+            tx.send_to(&i.to_be_bytes(), to).unwrap();
+            let got = recv_batch(&rx).await;
+            assert_eq!(got, vec![i.to_be_bytes().to_vec()]);
+            // One datagram of a batch of many: the socket is empty, and its
+            // readiness went with the read that emptied it.
+            assert!(!readable_now(&rx), "datagram {i}: still marked readable");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_over_one_batch_is_read_whole_and_in_order() {
+        let rx = socket();
+        let to = rx.local_addr().unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let count = 3 * BATCH_SIZE as u32 + 5;
+        for i in 0..count {
+            tx.send_to(&i.to_be_bytes(), to).unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < count as usize {
+            got.extend(recv_batch(&rx).await);
+        }
+        let want: Vec<Vec<u8>> = (0..count).map(|i| i.to_be_bytes().to_vec()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn sends_go_out_and_the_writable_poller_can_be_reused() {
+        let tx = socket();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(DEADLINE)).unwrap();
+        let transmit = Transmit {
+            destination: rx.local_addr().unwrap(),
+            ecn: None,
+            contents: b"over",
+            segment_size: None,
+            src_ip: None,
+        };
+        tx.try_send(&transmit).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"over"[..], tx.local_addr().unwrap()));
+        // A send that would block waits on the poller; an idle socket is
+        // writable, so each wait ends at once and the poller goes on.
+        let mut poller = tx.clone().create_io_poller();
+        for _ in 0..3 {
+            tokio::time::timeout(DEADLINE, poll_fn(|cx| poller.as_mut().poll_writable(cx)))
+                .await
+                .expect("an idle socket never became writable")
+                .unwrap();
+        }
     }
 }

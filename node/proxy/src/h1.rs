@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 /// Largest request body this client sends (whole, in the head's write):
@@ -101,10 +101,21 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < READ_ROOM / 2 {
             self.buf.reserve(READ_ROOM);
         }
+        let room = self.buf.capacity() - self.buf.len();
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
             match self.tcp.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) if 0 < n && n < room => {
+                    // A read that left room drained the socket: forget its
+                    // readiness now, so `is_stale` finds nothing to probe
+                    // (an empty read a request fewer). tokio keeps a seen
+                    // end of stream or error whatever is cleared.
+                    let _ = self.tcp.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                    });
+                    return Poll::Ready(Ok(n));
+                }
                 r => return Poll::Ready(r),
             }
         }
@@ -789,6 +800,63 @@ mod tests {
         let (_, body, _) = get(addr, &pool, Method::GET).await.unwrap();
         assert_eq!(body, "hello");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_drained_connection_goes_back_without_a_probe_read() {
+        // A fourth answer keeps the instance's side open while it waits.
+        let (addr, conns, _seen) = instance(vec![OK; 4], 4, false).await;
+        let pool = Arc::new(Pool::default());
+        for _ in 0..3 {
+            get(addr, &pool, Method::GET).await.unwrap();
+            // The answer was shorter than the read buffer, so the read that
+            // took it drained the socket and its readiness is gone: taking
+            // the connection again costs no read.
+            let idle = pool.idle.lock().unwrap();
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(
+                idle[0].0.tcp.poll_read_ready(&mut cx).is_pending(),
+                "a drained connection still looks readable"
+            );
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_and_its_close_read_together_leave_the_connection_stale() {
+        // The instance answers and closes before the node reads a byte, so
+        // the answer and the end of the stream are in the socket together:
+        // clearing readiness after the short read must not hide the end.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let (mut tcp, _) = l.accept().unwrap();
+            tcp.write_all(OK).unwrap();
+            tcp.shutdown(std::net::Shutdown::Write).unwrap();
+            tcp
+        });
+        let std_tcp = std::net::TcpStream::connect(addr).unwrap();
+        let _server_side = server.join().unwrap();
+        let mut first = [0u8; 1];
+        std_tcp.peek(&mut first).unwrap();
+        std_tcp.set_nonblocking(true).unwrap();
+        let mut conn = Conn {
+            tcp: TcpStream::from_std(std_tcp).unwrap(),
+            buf: BytesMut::new(),
+        };
+        let mut wire = Vec::new();
+        encode_request(&mut wire, &Method::GET, "/", &HeaderMap::new(), b"");
+        let (parts, framing) = conn.exchange(&wire, false).await.unwrap();
+        assert_eq!(parts.status, 200);
+        let pool = Arc::new(Pool::default());
+        let body = ResponseBody::new(conn, framing, pool.clone());
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        // The body ended cleanly, so the connection went back; the close
+        // read with it makes it stale at once, with no wait.
+        assert_eq!(pool.idle(), 1);
+        assert!(pool.idle.lock().unwrap()[0].0.is_stale());
+        assert!(pool.take().is_none());
     }
 
     #[tokio::test]
