@@ -261,6 +261,12 @@ impl prometheus_client::collector::Collector for NodeCollector {
         )?;
         counter(
             &mut enc,
+            "quic_udp_sends_blocked",
+            "UDP sends that found the socket's send buffer full and waited for it",
+            ld(&s.udp_sends_blocked),
+        )?;
+        counter(
+            &mut enc,
             "quic_handshake_failures",
             "QUIC handshakes that failed for any reason",
             ld(&s.handshake_failures),

@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tests::{Pki, admin_get, eventually};
@@ -107,8 +108,11 @@ impl Net {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        let id = format!("{:x}", (std::process::id() ^ nanos) & 0xfffff);
-        let subnet = (std::process::id() % 200 + 20) as u8;
+        // Tests of one binary run at once: each gets its own subnet.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:x}", (std::process::id() ^ nanos ^ n) & 0xfffff);
+        let subnet = ((std::process::id() + n * 97) % 200 + 20) as u8;
         Net {
             bridge: format!("shbr{id}"),
             id,
@@ -220,20 +224,176 @@ impl Drop for Net {
 
 /// GET `path` with `Host: host` from `addr`; status and body.
 async fn get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
-    tokio::time::timeout(Duration::from_secs(5), async {
+    let (status, body) = get_bytes(addr, host, path, Duration::from_secs(5)).await?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// GET `path` with `Host: host` from `addr`, all within `limit`; status and
+/// body bytes.
+async fn get_bytes(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    limit: Duration,
+) -> Option<(u16, Vec<u8>)> {
+    tokio::time::timeout(limit, async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-        Some((status, body))
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, buf.split_off(end + 4)))
     })
     .await
     .ok()
     .flatten()
+}
+
+/// One counter's value in a node's `/metrics`, if the node answers.
+async fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
+    let (code, text) = get(admin, &admin.to_string(), "/metrics").await?;
+    if code != 200 {
+        return None;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A send that finds the UDP socket's buffer full must wait for it to drain
+/// and then go out: not spin on `EAGAIN`, not stall. A loopback send never
+/// fills the buffer (the packet leaves the sender's account at once), so
+/// this test shapes a namespace's loopback with a token bucket whose queue
+/// holds far more than the socket's buffer: the packets queued there stay
+/// charged to the sender, and a fast QUIC sender fills its buffer for real.
+/// Two nodes in that namespace carry 4 MiB from the app to the caller.
+#[tokio::test]
+async fn sends_that_find_the_udp_buffer_full_wait_for_it_and_lose_nothing() {
+    if let Some(why) = unsupported() {
+        println!("SKIPPED multihost: {why}");
+        return;
+    }
+    let shoal = shoal_binary();
+    let pki = Pki::new("backpressure.shoal");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let mut net = Net::new();
+    net.bridge_up();
+    let ns = net.add_host(1);
+    let ip = net.ip(2);
+    // UDP (QUIC) on the loopback is held to 20 Mbit/s with a queue of up
+    // to 10,000 packets, far more than the socket's buffer, so nothing is
+    // dropped and every packet queued counts against the sending socket.
+    // TCP (the app's answer into b) is not held back, so b always has more
+    // to send than the link takes.
+    let tc = |args: &str| {
+        let mut argv = vec!["ip", "netns", "exec", &ns, "tc"];
+        argv.extend(args.split(' '));
+        run(&argv);
+    };
+    tc("qdisc add dev lo root handle 1: htb default 20 r2q 1000");
+    tc("class add dev lo parent 1: classid 1:10 htb rate 20mbit ceil 20mbit burst 64k");
+    tc("class add dev lo parent 1: classid 1:20 htb rate 10gbit ceil 10gbit");
+    tc("qdisc add dev lo parent 1:10 handle 10: pfifo limit 10000");
+    tc("filter add dev lo parent 1: protocol ip u32 match ip protocol 17 0xff flowid 1:10");
+
+    const SIZE: usize = 4 << 20;
+    let app_root = logs.path().join("app");
+    std::fs::create_dir_all(&app_root).unwrap();
+    let body: Vec<u8> = (0..SIZE)
+        .map(|i| b"0123456789abcdefghijklmnopqrstuvwxyz"[(i * 7 + i / 4093) % 36])
+        .collect();
+    std::fs::write(app_root.join("big"), &body).unwrap();
+    net.spawn(
+        "app",
+        &ns,
+        &[
+            "python3".into(),
+            "-m".into(),
+            "http.server".into(),
+            APP_PORT.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--directory".into(),
+            app_root.display().to_string(),
+        ],
+        &logs.path().join("app.log"),
+    );
+    // b serves the app; a is where the caller comes in. They reach each
+    // other on the namespace's loopback, through the token bucket.
+    let node = |name: &str, n: u16, services: &[&str]| -> Vec<String> {
+        vec![
+            shoal.display().to_string(),
+            "node".into(),
+            format!("--name={name}"),
+            format!("--certs={}", pki.issue(name, services).display()),
+            format!("--listen=127.0.0.1:{}", QUIC_PORT + n),
+            format!("--admin={ip}:{}", ADMIN_PORT + n),
+            format!("--outbound={ip}:{OUTBOUND_PORT}"),
+            format!("--seed=127.0.0.1:{}", QUIC_PORT + 3 - n),
+            "--gossip-interval=200ms".into(),
+        ]
+    };
+    let mut b = node("b", 2, &["web"]);
+    b.push(format!("--service=web=127.0.0.1:{APP_PORT}"));
+    // Only a has the outbound port (one listener per address and port).
+    b.retain(|a| !a.starts_with("--outbound"));
+    net.spawn("b", &ns, &b, &logs.path().join("b.log"));
+    net.spawn("a", &ns, &node("a", 1, &[]), &logs.path().join("a.log"));
+    let admin_b: SocketAddr = format!("{ip}:{}", ADMIN_PORT + 2).parse().unwrap();
+    let outbound: SocketAddr = format!("{ip}:{OUTBOUND_PORT}").parse().unwrap();
+
+    eventually("a routes to web", Duration::from_secs(60), || async move {
+        let (code, _) = get(outbound, "web", "/missing").await?;
+        (code == 404).then_some(())
+    })
+    .await;
+    let before = metric(admin_b, "shoal_quic_udp_sends_blocked_total")
+        .await
+        .expect("b's metrics list blocked UDP sends");
+
+    let started = Instant::now();
+    let tail = |name: &str| {
+        let text = std::fs::read_to_string(logs.path().join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    let (code, got) = get_bytes(outbound, "web", "/big", Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the 4 MiB answer did not arrive within 90 s\n--- a ---\n{}\n--- b ---\n{}",
+                tail("a.log"),
+                tail("b.log")
+            )
+        });
+    println!("4 MiB through the shaped mesh in {:?}", started.elapsed());
+    assert_eq!(code, 200);
+    assert_eq!(got.len(), SIZE, "bytes lost or added");
+    assert!(got == body, "the answer's bytes differ from the file's");
+
+    let blocked = metric(admin_b, "shoal_quic_udp_sends_blocked_total")
+        .await
+        .expect("b answers /metrics")
+        - before;
+    println!("b's UDP sends that found the buffer full: {blocked}");
+    assert!(
+        blocked > 0,
+        "the shaped loopback never filled b's send buffer"
+    );
+    // Each blocked send waits for the buffer to drain before it is tried
+    // again, so there are at most as many as datagrams (about 1.2 KB each);
+    // a sender that spun on EAGAIN would count millions.
+    assert!(
+        blocked < (SIZE / 1000) as u64,
+        "{blocked} blocked sends for {SIZE} bytes: spinning on a full buffer"
+    );
+    // The connection is still good for the next request.
+    let (code, small) = get(outbound, "web", "/missing")
+        .await
+        .expect("next request");
+    assert_eq!(code, 404, "{small}");
 }
 
 /// Name → state, as the node at `admin` lists its members, if it answers.

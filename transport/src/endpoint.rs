@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::Identity;
-use crate::socket::{SocketLayer, bind_udp};
+use crate::socket::{SocketLayer, bind_udp_counted};
 use crate::tls::{Refusals, TlsError, TlsFiles};
 
 /// Largest message payload accepted on any channel, in bytes: a policy
@@ -263,6 +263,10 @@ pub struct EndpointStats {
     /// Connections closed because their peer identity opened more than
     /// [`MAX_CONNECTIONS_PER_PEER`].
     pub connections_superseded: AtomicU64,
+    /// UDP sends that found the socket's send buffer full (`EAGAIN`); the
+    /// datagram waited for writability and went out after. Many of these
+    /// mean the buffer is too small for the traffic (`net.core.wmem_*`).
+    pub udp_sends_blocked: AtomicU64,
     /// Gauge: bytes of partly read uni-stream messages, all connections.
     pub message_bytes_reading: AtomicI64,
     /// Gauge: payload bytes of received messages waiting in subscriber queues.
@@ -338,7 +342,8 @@ impl Endpoint {
             addr: config.listen,
             msg: e.to_string(),
         };
-        let mut socket = bind_udp(config.listen).map_err(bind_err)?;
+        let stats = Arc::new(EndpointStats::default());
+        let mut socket = bind_udp_counted(config.listen, stats.clone()).map_err(bind_err)?;
         if let Some(layer) = &config.socket_layer {
             socket = layer.wrap(socket);
         }
@@ -364,7 +369,7 @@ impl Endpoint {
             bi_tx,
             bi_rx: Mutex::new(Some(bi_rx)),
             refusals,
-            stats: Arc::new(EndpointStats::default()),
+            stats,
             tasks: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(Arc::downgrade(&inner)));

@@ -14,6 +14,8 @@ use std::task::{Context, Poll, ready};
 
 use quinn::udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
+
+use crate::endpoint::EndpointStats;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -28,7 +30,19 @@ pub trait SocketLayer: Send + Sync + 'static {
 
 /// Binds a UDP socket on `addr` for use under quinn on the tokio runtime.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<SharedSocket> {
-    Ok(Arc::new(UdpSocket::new(std::net::UdpSocket::bind(addr)?)?))
+    bind_udp_counted(addr, Arc::default())
+}
+
+/// [`bind_udp`], counting blocked sends in `stats`
+/// ([`EndpointStats::udp_sends_blocked`]).
+pub(crate) fn bind_udp_counted(
+    addr: SocketAddr,
+    stats: Arc<EndpointStats>,
+) -> io::Result<SharedSocket> {
+    Ok(Arc::new(UdpSocket::new(
+        std::net::UdpSocket::bind(addr)?,
+        stats,
+    )?))
 }
 
 /// The endpoint's UDP socket, registered with the reactor for reading only.
@@ -50,16 +64,18 @@ struct UdpSocket {
     /// since. quinn asks its poller before every send; until this is set the
     /// answer is "yes" with no system call.
     blocked: AtomicBool,
+    stats: Arc<EndpointStats>,
 }
 
 impl UdpSocket {
-    fn new(socket: std::net::UdpSocket) -> io::Result<UdpSocket> {
+    fn new(socket: std::net::UdpSocket, stats: Arc<EndpointStats>) -> io::Result<UdpSocket> {
         let state = UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
         Ok(UdpSocket {
             io: register(socket, Interest::READABLE)?,
             state,
             blocked: AtomicBool::new(false),
+            stats,
         })
     }
 }
@@ -80,6 +96,7 @@ impl AsyncUdpSocket for UdpSocket {
             // quinn keeps the datagram and asks the poller again, which now
             // waits for writability.
             self.blocked.store(true, Ordering::Release);
+            self.stats.udp_sends_blocked.fetch_add(1, Ordering::Relaxed);
         }
         sent
     }
@@ -197,7 +214,13 @@ mod tests {
     const DEADLINE: Duration = Duration::from_secs(5);
 
     fn socket() -> Arc<UdpSocket> {
-        Arc::new(UdpSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap())
+        Arc::new(
+            UdpSocket::new(
+                std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+                Arc::default(),
+            )
+            .unwrap(),
+        )
     }
 
     /// Receives one batch from `socket` (waiting at most [`DEADLINE`]): the

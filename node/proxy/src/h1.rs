@@ -104,19 +104,31 @@ impl Conn {
         let room = self.buf.capacity() - self.buf.len();
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
-            match self.tcp.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Ok(n) if 0 < n && n < room => {
+            let (tcp, buf) = (&self.tcp, &mut self.buf);
+            let mut drained = None;
+            // The read runs inside `try_io`, so the readiness it forgets is
+            // the one seen before the read: bytes that arrive after the
+            // read (on a multi-threaded runtime the reactor may record them
+            // at any moment) keep the socket readable. Forgetting readiness
+            // after the read, with a second `try_io`, could forget theirs
+            // too, and the edge-triggered socket never woke this reader
+            // again (seen: a 4 MiB answer stopped with 95 KB unread).
+            let read = tcp.try_io(Interest::READABLE, || {
+                let n = tcp.try_read_buf(buf)?;
+                if 0 < n && n < room {
                     // A read that left room drained the socket: forget its
                     // readiness now, so `is_stale` finds nothing to probe
                     // (an empty read a request fewer). tokio keeps a seen
                     // end of stream or error whatever is cleared.
-                    let _ = self.tcp.try_io(Interest::READABLE, || {
-                        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-                    });
-                    return Poll::Ready(Ok(n));
+                    drained = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
-                r => return Poll::Ready(r),
+                Ok(n)
+            });
+            match (read, drained) {
+                (_, Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (r, None) => return Poll::Ready(r),
             }
         }
     }
@@ -800,6 +812,33 @@ mod tests {
         let (_, body, _) = get(addr, &pool, Method::GET).await.unwrap();
         assert_eq!(body, "hello");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_answer_read_while_it_arrives_on_two_threads_is_read_to_its_end() {
+        // Many short reads while the instance writes on another thread: the
+        // reactor records new bytes while a read runs. Forgetting readiness
+        // after a short read must not forget theirs (the reader would wait
+        // for ever on an edge-triggered socket holding bytes).
+        const LEN: usize = 8 << 20;
+        let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n").into_bytes();
+        answer.extend((0..LEN).map(|i| (i % 251) as u8));
+        let answer: &'static [u8] = Box::leak(answer.into_boxed_slice());
+        let (addr, _conns, _seen) = instance(vec![answer; 16], 16, false).await;
+        let pool = Arc::new(Pool::default());
+        for round in 0..16 {
+            let (parts, body, _) =
+                tokio::time::timeout(Duration::from_secs(30), get(addr, &pool, Method::GET))
+                    .await
+                    .unwrap_or_else(|_| panic!("round {round}: the answer stopped arriving"))
+                    .unwrap();
+            assert_eq!(parts.status, 200);
+            assert_eq!(body.len(), LEN, "round {round}");
+            assert!(
+                body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+                "round {round}: bytes differ"
+            );
+        }
     }
 
     #[tokio::test]
