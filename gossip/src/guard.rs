@@ -308,6 +308,23 @@ pub struct Guard {
     pub stats: GuardStats,
 }
 
+/// Where [`Guard::screen`] left a message.
+#[derive(Debug)]
+pub enum Screen {
+    /// Read and judged: the bytes chitchat may see, or `None` to drop it.
+    Done(Option<Vec<u8>>),
+    /// Read, with node deltas to verify: finish with [`Guard::admit`] off
+    /// the node's thread.
+    Verify(Message),
+    /// Too large to read on the node's thread: [`Guard::filter`] it there.
+    Full,
+}
+
+/// The largest message [`Guard::screen`] reads on the node's thread.
+pub const INLINE_MESSAGE_BYTES: usize = 8 * 1024;
+/// The most a screened message's digest or delta may decompress to.
+pub const INLINE_DECOMPRESSED_BYTES: usize = 16 * 1024;
+
 impl Guard {
     /// A guard for the node `self_id`.
     pub fn new(self_id: NodeId, checker: CertChecker) -> Self {
@@ -339,17 +356,53 @@ impl Guard {
     /// Reads a message from the peer whose certificate names node `sender`
     /// and returns the bytes chitchat may see, or `None` to drop it.
     pub fn filter(&self, sender: &str, bytes: &[u8]) -> Option<Vec<u8>> {
-        let mut msg = match Message::decode(bytes) {
-            Ok(m) => m,
-            Err(WireError::Oversize(_)) => {
-                self.stats.add(Refusal::Oversize);
-                return None;
+        match Message::decode(bytes) {
+            Ok(msg) => self.admit(sender, bytes, msg),
+            Err(e) => self.refuse_undecodable(&e),
+        }
+    }
+
+    /// The part of [`Guard::filter`] cheap enough for the node's own thread.
+    /// A message of at most [`INLINE_MESSAGE_BYTES`] whose digest and delta
+    /// each decompress to at most [`INLINE_DECOMPRESSED_BYTES`] is read
+    /// here; if it carries no node deltas (most rounds of a settled pool:
+    /// heartbeats travel in digests) it is admitted here too, since a digest
+    /// costs a lookup an entry and no signature. Anything else is left for
+    /// the blocking pool, decoded ([`Screen::Verify`]) or not
+    /// ([`Screen::Full`]), so that no message can hold the node's thread for
+    /// long: a small message that decompresses to a lot, or one full of
+    /// signed values, is still read there.
+    pub fn screen(&self, sender: &str, bytes: &[u8]) -> Screen {
+        if bytes.len() > INLINE_MESSAGE_BYTES {
+            return Screen::Full;
+        }
+        match Message::decode_within(bytes, INLINE_DECOMPRESSED_BYTES) {
+            Err(WireError::TooLarge) => Screen::Full,
+            Err(e) => Screen::Done(self.refuse_undecodable(&e)),
+            Ok(msg) => {
+                let deltas = match &msg.body {
+                    Body::SynAck { delta, .. } | Body::Ack { delta } => !delta.is_empty(),
+                    Body::Syn { .. } | Body::BadCluster => false,
+                };
+                if deltas {
+                    Screen::Verify(msg)
+                } else {
+                    Screen::Done(self.admit(sender, bytes, msg))
+                }
             }
-            Err(_) => {
-                self.stats.add(Refusal::Malformed);
-                return None;
-            }
-        };
+        }
+    }
+
+    fn refuse_undecodable(&self, e: &WireError) -> Option<Vec<u8>> {
+        self.stats.add(match e {
+            WireError::Oversize(_) => Refusal::Oversize,
+            _ => Refusal::Malformed,
+        });
+        None
+    }
+
+    /// [`Guard::filter`] after decoding: `msg` is `bytes` read.
+    pub fn admit(&self, sender: &str, bytes: &[u8], mut msg: Message) -> Option<Vec<u8>> {
         if let (Body::Syn { cluster_id, .. }, Some(ours)) = (&msg.body, &self.cluster)
             && cluster_id != ours
         {
@@ -952,5 +1005,83 @@ mod tests {
         assert!(guard.filter("peer", &[1, 2, 3]).is_none());
         assert!(guard.filter("peer", &vec![0u8; 70_000]).is_none());
         assert_eq!(guard.stats.count(Refusal::Oversize), 1);
+    }
+
+    /// Which messages are judged on the node's own thread: small ones
+    /// without node deltas, and nothing that decompresses to much.
+    #[test]
+    fn small_digest_only_messages_are_judged_in_place_and_the_rest_on_the_pool() {
+        transport::install_crypto_provider();
+        let ca = Ca::generate("t.shoal", 1).unwrap();
+        let checker = CertChecker::new(ca.cert_pem().as_bytes(), "t.shoal").unwrap();
+        let me = id("me", 1);
+        let guard = Guard::new(me.clone(), checker);
+        let n2 = signer(&ca, "n2");
+        let n2_id = id("n2", 2);
+
+        // A node delta has signatures to check: read here, verified there.
+        let good = ack(delta(&n2_id, vec![cert_kv(&n2, &n2_id)]));
+        let Screen::Verify(read) = guard.screen("n2", &good) else {
+            panic!("a delta is verified off the node's thread");
+        };
+        assert_eq!(guard.admit("n2", &good, read), Some(good.clone()));
+        assert!(guard.is_verified(&n2_id));
+
+        // A digest of verified members passes here, bytes unchanged.
+        let syn = |digest: Vec<DigestEntry>| {
+            Message {
+                version: 1,
+                body: Body::Syn {
+                    cluster_id: "shoal".into(),
+                    digest,
+                },
+            }
+            .encode_compressed()
+        };
+        let settled = syn(vec![entry(&me), entry(&n2_id)]);
+        match guard.screen("n2", &settled) {
+            Screen::Done(Some(out)) => assert_eq!(out, settled),
+            other => panic!("judged in place and kept: {other:?}"),
+        }
+        // One naming an unverified member is cut here too.
+        let with_ghost = syn(vec![entry(&n2_id), entry(&id("ghost", 9))]);
+        let Screen::Done(Some(out)) = guard.screen("n2", &with_ghost) else {
+            panic!("judged in place");
+        };
+        let listed: Vec<String> = Message::decode(&out)
+            .unwrap()
+            .digest()
+            .unwrap()
+            .iter()
+            .map(|e| e.id.name.clone())
+            .collect();
+        assert_eq!(listed, ["n2"]);
+        assert_eq!(guard.stats.count(Refusal::UnknownMember), 1);
+
+        // Garbage is refused here, counted once.
+        assert!(matches!(guard.screen("n2", &[1, 2, 3]), Screen::Done(None)));
+        assert_eq!(guard.stats.count(Refusal::Malformed), 1);
+
+        // A small message that decompresses to more than the in-place
+        // limit goes to the pool whole, where it is judged as before.
+        let many: Vec<DigestEntry> = (0..2000u16).map(|i| entry(&id("ghost", i))).collect();
+        let bomb = syn(many);
+        assert!(
+            bomb.len() <= INLINE_MESSAGE_BYTES,
+            "small on the wire: {}",
+            bomb.len()
+        );
+        assert!(matches!(guard.screen("n2", &bomb), Screen::Full));
+        let out = guard.filter("n2", &bomb).expect("forwarded, cut");
+        assert!(Message::decode(&out).unwrap().digest().unwrap().is_empty());
+        assert_eq!(guard.stats.count(Refusal::UnknownMember), 2001);
+
+        // And so does any message larger than the in-place limit.
+        let wide: Vec<DigestEntry> = (0..400u16)
+            .map(|i| entry(&id(&noise(u64::from(i), 40), i)))
+            .collect();
+        let wide = syn(wide);
+        assert!(wide.len() > INLINE_MESSAGE_BYTES);
+        assert!(matches!(guard.screen("n2", &wide), Screen::Full));
     }
 }

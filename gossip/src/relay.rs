@@ -28,7 +28,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use transport::Endpoint;
 
-use crate::guard::Guard;
+use crate::guard::{Guard, Screen};
 
 /// Gossip traffic counters (bytes are chitchat payload bytes).
 #[derive(Debug, Default)]
@@ -86,14 +86,17 @@ impl Relays {
     }
 
     /// Starts moving gossip that arrives over QUIC into chitchat, through
-    /// the [`Guard`]: only what verifies reaches chitchat. Reading and
-    /// verifying runs on the blocking pool, one message at a time, so a flood
-    /// of expensive messages never occupies the node's async workers.
+    /// the [`Guard`]: only what verifies reaches chitchat, one message at a
+    /// time. Verifying signatures, and reading anything large, runs on the
+    /// blocking pool, so a flood of expensive messages never occupies the
+    /// node's async workers; a small message without node deltas (most of
+    /// a settled pool's rounds) is judged in place ([`Guard::screen`]).
     pub(crate) fn spawn_inbound(self: &Arc<Self>) -> JoinHandle<()> {
         let mut rx = self.endpoint.subscribe(self.channel, 1024);
         let weak = Arc::downgrade(self);
         let guard = self.guard.clone();
         tokio::spawn(async move {
+            let mut in_place = InPlace::default();
             while let Some(msg) = rx.recv().await {
                 let Some(relays) = weak.upgrade() else { return };
                 let Some(chitchat) = *relays.chitchat_addr.lock().unwrap() else {
@@ -104,12 +107,35 @@ impl Relays {
                     .stats
                     .bytes_in
                     .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-                let guard = guard.clone();
                 let payload = msg.payload;
-                let sender = msg.from.peer.node.clone();
-                let Ok(Some(bytes)) =
-                    tokio::task::spawn_blocking(move || guard.filter(&sender, &payload)).await
-                else {
+                let sender = &msg.from.peer.node;
+                // A small message without node deltas is judged here; the
+                // rest (signatures to check, or much to decompress) on the
+                // blocking pool, so that a hand-off to another thread and
+                // back is paid only where it protects this one.
+                let screened = if in_place.take(Instant::now()) {
+                    guard.screen(sender, &payload)
+                } else {
+                    Screen::Full
+                };
+                let judged = match screened {
+                    Screen::Done(out) => out,
+                    Screen::Verify(read) => {
+                        let (guard, sender) = (guard.clone(), sender.clone());
+                        tokio::task::spawn_blocking(move || guard.admit(&sender, &payload, read))
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                    Screen::Full => {
+                        let (guard, sender) = (guard.clone(), sender.clone());
+                        tokio::task::spawn_blocking(move || guard.filter(&sender, &payload))
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                };
+                let Some(bytes) = judged else {
                     continue;
                 };
                 let Ok(socket) = relays.relay_for(msg.from.addr()) else {
@@ -183,6 +209,40 @@ impl Relays {
             r.task.abort();
         }
         self.by_relay.lock().unwrap().clear();
+    }
+}
+
+/// How many messages a second may be judged on the node's own thread. A
+/// settled pool brings a node a few dozen a second (about 20 with one peer at
+/// the 300 ms interval, a few more per extra peer chitchat picks); past this,
+/// in a flood or a burst of joins, the rest go to the blocking pool as they
+/// all did before, so gossip can take at most this many small judgements a
+/// second from the data plane's thread.
+pub(crate) const IN_PLACE_PER_SECOND: u32 = 200;
+
+/// The in-place allowance, counted per wall-clock second.
+#[derive(Debug, Default)]
+struct InPlace {
+    window: Option<Instant>,
+    used: u32,
+}
+
+impl InPlace {
+    /// Whether one more message may be judged in place at `now`.
+    fn take(&mut self, now: Instant) -> bool {
+        match self.window {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {}
+            _ => {
+                self.window = Some(now);
+                self.used = 0;
+            }
+        }
+        if self.used < IN_PLACE_PER_SECOND {
+            self.used += 1;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -270,5 +330,25 @@ impl Socket for RelaySocket {
             }
             tracing::debug!(from = %out.from_addr, "dropped gossip from a non-relay local socket");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_the_allowance_is_judged_in_place_each_second() {
+        let mut a = InPlace::default();
+        let t0 = Instant::now();
+        let granted = (0..1000).filter(|_| a.take(t0)).count();
+        assert_eq!(granted, 200);
+        assert!(!a.take(t0 + Duration::from_millis(999)));
+        // A new second brings a new allowance.
+        assert!(a.take(t0 + Duration::from_millis(1000)));
+        let more = (0..1000)
+            .filter(|_| a.take(t0 + Duration::from_millis(1500)))
+            .count();
+        assert_eq!(more, 199);
     }
 }

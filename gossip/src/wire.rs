@@ -147,6 +147,8 @@ type Result<T> = std::result::Result<T, WireError>;
 
 struct Reader<'a> {
     buf: &'a [u8],
+    /// The most one block stream may decompress to.
+    limit: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -218,19 +220,26 @@ impl<'a> Reader<'a> {
                 1 => {
                     let n = self.u16()? as usize;
                     let block = self.take(n)?;
-                    let room = MAX_DECOMPRESSED_BYTES.saturating_sub(out.len());
+                    let room = self.limit.saturating_sub(out.len());
                     let limit = room.min(u16::MAX as usize);
                     if limit == 0 {
                         return Err(WireError::TooLarge);
                     }
-                    let plain = zstd::bulk::decompress(block, limit)
-                        .map_err(|_| WireError::Malformed("bad compressed block"))?;
+                    // Short of room, a block that does not decompress may
+                    // only be too long for what is left.
+                    let plain = zstd::bulk::decompress(block, limit).map_err(|_| {
+                        if limit < u16::MAX as usize {
+                            WireError::TooLarge
+                        } else {
+                            WireError::Malformed("bad compressed block")
+                        }
+                    })?;
                     out.extend_from_slice(&plain);
                 }
                 2 => {
                     let n = self.u16()? as usize;
                     let block = self.take(n)?;
-                    if out.len() + n > MAX_DECOMPRESSED_BYTES {
+                    if out.len() + n > self.limit {
                         return Err(WireError::TooLarge);
                     }
                     out.extend_from_slice(block);
@@ -252,7 +261,10 @@ fn digest_v0(r: &mut Reader<'_>) -> Result<Vec<DigestEntry>> {
 
 fn digest_v1(r: &mut Reader<'_>) -> Result<Vec<DigestEntry>> {
     let plain = r.block_stream()?;
-    let mut inner = Reader { buf: &plain };
+    let mut inner = Reader {
+        buf: &plain,
+        limit: r.limit,
+    };
     let mut out = Vec::new();
     while !inner.buf.is_empty() {
         if out.len() >= MAX_ITEMS {
@@ -265,7 +277,10 @@ fn digest_v1(r: &mut Reader<'_>) -> Result<Vec<DigestEntry>> {
 
 fn delta(r: &mut Reader<'_>) -> Result<Vec<NodeDelta>> {
     let plain = r.block_stream()?;
-    let mut inner = Reader { buf: &plain };
+    let mut inner = Reader {
+        buf: &plain,
+        limit: r.limit,
+    };
     let mut out: Vec<NodeDelta> = Vec::new();
     let mut items = 0usize;
     while !inner.buf.is_empty() {
@@ -314,10 +329,20 @@ fn delta(r: &mut Reader<'_>) -> Result<Vec<NodeDelta>> {
 impl Message {
     /// Reads a message, bounded by the limits above.
     pub fn decode(bytes: &[u8]) -> Result<Message> {
+        Message::decode_within(bytes, MAX_DECOMPRESSED_BYTES)
+    }
+
+    /// Reads a message whose digest and delta each decompress to at most
+    /// `decompressed` bytes (capped at [`MAX_DECOMPRESSED_BYTES`]);
+    /// [`WireError::TooLarge`] if either would take more.
+    pub fn decode_within(bytes: &[u8], decompressed: usize) -> Result<Message> {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(WireError::Oversize(bytes.len()));
         }
-        let mut r = Reader { buf: bytes };
+        let mut r = Reader {
+            buf: bytes,
+            limit: decompressed.min(MAX_DECOMPRESSED_BYTES),
+        };
         if r.u16()? != MAGIC {
             return Err(WireError::Malformed("bad magic number"));
         }
@@ -590,5 +615,44 @@ mod tests {
         bytes.extend_from_slice(&bomb);
         bytes.push(0);
         assert!(Message::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_decode_within_a_smaller_limit_says_too_large_not_malformed() {
+        let digest: Vec<DigestEntry> = (0..1200u16)
+            .map(|i| DigestEntry {
+                id: NodeId {
+                    name: "n".into(),
+                    generation: 1,
+                    addr: format!("127.0.0.1:{i}").parse().unwrap(),
+                },
+                heartbeat: 7,
+                last_gc_version: 0,
+                max_version: 2,
+            })
+            .collect();
+        let msg = Message {
+            version: 1,
+            body: Body::Syn {
+                cluster_id: "c".into(),
+                digest,
+            },
+        };
+        for bytes in [msg.encode(), msg.encode_compressed()] {
+            assert!(Message::decode(&bytes).as_ref() == Ok(&msg));
+            assert_eq!(
+                Message::decode_within(&bytes, 4096),
+                Err(WireError::TooLarge)
+            );
+        }
+        // A broken compressed block with room to spare is still malformed.
+        let mut broken = MAGIC.to_le_bytes().to_vec();
+        broken.extend_from_slice(&[1, 0, 1, 4, 0, 0xde, 0xad, 0xbe, 0xef, 0]);
+        for limit in [MAX_DECOMPRESSED_BYTES, u16::MAX as usize] {
+            assert!(matches!(
+                Message::decode_within(&broken, limit),
+                Err(WireError::Malformed(_))
+            ));
+        }
     }
 }
