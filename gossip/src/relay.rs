@@ -216,8 +216,9 @@ impl Relays {
 /// settled pool brings a node a few dozen a second (about 20 with one peer at
 /// the 300 ms interval, a few more per extra peer chitchat picks); past this,
 /// in a flood or a burst of joins, the rest go to the blocking pool as they
-/// all did before, so gossip can take at most this many small judgements a
-/// second from the data plane's thread.
+/// all did before, so each pool's gossip (a zone representative has two
+/// pools) can take at most this many small judgements a second from the
+/// data plane's thread.
 pub(crate) const IN_PLACE_PER_SECOND: u32 = 200;
 
 /// The in-place allowance, counted per wall-clock second.
