@@ -111,10 +111,12 @@ pub async fn try_get(addr: SocketAddr, host: &str, path: &str) -> Option<String>
 }
 
 /// A local HTTP/1.1 + h2c instance answering `text`, counting requests;
-/// dropping it closes its port and every connection it accepted.
+/// dropping it closes its port and every connection it accepted (once the
+/// runtime gets to the aborted task: [`Instance::stop`] waits for that).
 pub struct Instance {
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -125,10 +127,18 @@ impl Instance {
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicU64::new(0));
         let h = hits.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let mut conns = tokio::task::JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => break,
+                    },
+                };
                 let (hits, builder) = (h.clone(), builder.clone());
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
@@ -140,8 +150,26 @@ impl Instance {
                     let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
+            drop(listener);
+            // Every accepted connection ends (and its socket closes)
+            // before `stop` returns.
+            conns.shutdown().await;
         });
-        Instance { addr, hits, task }
+        Instance {
+            addr,
+            hits,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Closes the port and every accepted connection, and returns once
+    /// they are closed: a request sent after this cannot reach it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
     }
 
     /// Requests served (health checks aside).
