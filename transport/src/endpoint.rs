@@ -286,7 +286,9 @@ struct Inner {
     config: EndpointConfig,
     client: RwLock<quinn::ClientConfig>,
     identity: RwLock<Arc<Identity>>,
-    slots: Mutex<HashMap<SocketAddr, Slot>>,
+    /// Looked up on every request (a keyed fast hash: the addresses come
+    /// from gossip).
+    slots: Mutex<foldhash::HashMap<SocketAddr, Slot>>,
     next_dial: AtomicU64,
     subscribers: Mutex<HashMap<u8, Subscriber>>,
     limits: Mutex<HashMap<u8, usize>>,
@@ -361,7 +363,7 @@ impl Endpoint {
             client: RwLock::new(client),
             identity: RwLock::new(Arc::new(material.identity)),
             config,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::default(),
             next_dial: AtomicU64::new(0),
             subscribers: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),

@@ -170,7 +170,7 @@ async fn handle(
     if let Some(service) = &fixed {
         plan::address_to(&mut head, service);
     }
-    let line = (head.method.to_string(), head.uri.path().to_string());
+    let line = (head.method.as_str().to_owned(), head.uri.path().to_owned());
     // One policy snapshot for the whole request: it sees the old set or the
     // new one, never half.
     let set = shared.policy.store.snapshot();
@@ -719,7 +719,7 @@ fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) ->
     let authority = parts
         .uri
         .authority()
-        .map(|a| a.to_string())
+        .map(|a| a.as_str().to_owned())
         .or_else(|| {
             parts
                 .headers
@@ -747,11 +747,11 @@ fn request_head(shared: &Shared, backend: &str, parts: Parts, has_body: bool) ->
         } else {
             1
         },
-        method: parts.method.to_string(),
+        method: parts.method.as_str().to_owned(),
         uri: parts
             .uri
             .path_and_query()
-            .map(|p| p.to_string())
+            .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into()),
         authority,
         headers,

@@ -345,19 +345,26 @@ fn ip_destination(a: &str) -> Option<SocketAddr> {
 /// Host header / `:authority`, without port, trailing dot or `.shoal`.
 pub fn service_name(head: &Parts) -> Option<String> {
     let host = match head.uri.host() {
-        Some(h) => h.to_string(),
+        Some(h) => h,
         None => {
             let h = head.headers.get(http::header::HOST)?.to_str().ok()?;
             h.rsplit_once(':')
                 .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
                 .map(|(h, _)| h)
                 .unwrap_or(h)
-                .to_string()
         }
     };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let name = host.strip_suffix(".shoal").unwrap_or(&host);
-    (!name.is_empty()).then(|| name.to_string())
+    // One allocation: the name as it is when it is already lower case.
+    let host = host.trim_end_matches('.');
+    let mut name = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase()
+    } else {
+        host.to_owned()
+    };
+    if name.ends_with(".shoal") {
+        name.truncate(name.len() - ".shoal".len());
+    }
+    (!name.is_empty()).then_some(name)
 }
 
 /// Readdresses a request that arrived on `service`'s per-upstream listener:

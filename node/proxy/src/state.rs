@@ -59,7 +59,7 @@ struct Table {
     /// Every published endpoint, routable or not.
     all: BTreeMap<String, Vec<EndpointInfo>>,
     /// Routable targets per service.
-    targets: HashMap<String, Arc<[Target]>>,
+    targets: foldhash::HashMap<String, Arc<[Target]>>,
 }
 
 /// State the outbound, inbound and health tasks share. Public fields are
@@ -81,7 +81,7 @@ pub(crate) struct Shared {
     /// Policy snapshots, rate limiter, refusal metrics.
     pub policy: PolicyPlane,
     /// Local instances by service.
-    pub local: HashMap<String, Arc<LocalService>>,
+    pub local: foldhash::HashMap<String, Arc<LocalService>>,
     /// Pooled clients to the local instances.
     pub clients: Clients,
     /// Per-request randomness.
@@ -93,7 +93,7 @@ pub(crate) struct Shared {
     /// Set once the routing table was built after the node joined gossip.
     routes_ready: AtomicBool,
     table: RwLock<Arc<Table>>,
-    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    budgets: Mutex<foldhash::HashMap<String, Arc<RetryBudget>>>,
     /// Endpoints refused because the peer's certificate does not name the
     /// service, by (service, node).
     refused: Mutex<HashMap<(String, String), Refusal>>,
@@ -166,7 +166,7 @@ impl Shared {
             inbound_in_flight: AtomicU64::new(0),
             routes_ready: AtomicBool::new(false),
             table: RwLock::new(Arc::new(Table::default())),
-            budgets: Mutex::new(HashMap::new()),
+            budgets: Mutex::default(),
             refused: Mutex::new(HashMap::new()),
             source: Mutex::new(None),
             own,

@@ -12,8 +12,8 @@
 //! [`MAX_ROUTE_LABELS`] distinct values (the rest count as `overflow`).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -276,14 +276,16 @@ pub struct Stats {
     in_flight: Family<EdgeLabels, Gauge>,
     peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     peer_not_serving: Family<ServiceLabels, Counter>,
-    windows: Mutex<HashMap<Key, Vec<Second>>>,
+    windows: Mutex<foldhash::HashMap<Key, Vec<Second>>>,
     /// Metric handles per (edge, route, status, gRPC status), by a hash of
     /// those: a request after the first of its kind builds no label set.
     handles: Mutex<HashMap<u64, Vec<Arc<Handles>>, Prehashed>>,
     /// In-flight gauges per edge, likewise.
     gauges: Mutex<HashMap<u64, Vec<EdgeGauge>, Prehashed>>,
     /// Route label values seen (at most [`MAX_ROUTE_LABELS`]).
-    routes: Mutex<HashSet<String>>,
+    routes: Mutex<foldhash::HashSet<String>>,
+    /// Hashes the handle and gauge cache keys (seeded once per process).
+    hasher: foldhash::fast::RandomState,
     tap: broadcast::Sender<Arc<Event>>,
     /// Live [`access::TapReceiver`]s.
     listeners: Arc<std::sync::atomic::AtomicUsize>,
@@ -380,10 +382,11 @@ impl Stats {
             in_flight: Family::default(),
             peer_rtt: Family::default(),
             peer_not_serving: Family::default(),
-            windows: Mutex::new(HashMap::new()),
+            windows: Mutex::default(),
             handles: Mutex::new(HashMap::default()),
             gauges: Mutex::new(HashMap::default()),
-            routes: Mutex::new(HashSet::new()),
+            routes: Mutex::default(),
+            hasher: foldhash::fast::RandomState::default(),
             tap: broadcast::channel(access::TAP_CAPACITY).0,
             listeners: Arc::default(),
         };
@@ -483,17 +486,14 @@ impl Stats {
     /// value), `status` and `grpc`: made on the first request of the kind,
     /// then found by a hash of the borrowed fields (no allocation).
     fn handles(&self, edge: &Edge, route: &str, status: u16, grpc: Option<u32>) -> Arc<Handles> {
-        let mut h = DefaultHasher::new();
-        (
+        let hash = self.hasher.hash_one((
             edge.direction,
             &edge.source,
             &edge.destination,
             route,
             status,
             grpc,
-        )
-            .hash(&mut h);
-        let hash = h.finish();
+        ));
         let mut all = self.handles.lock().unwrap();
         let bucket = all.entry(hash).or_default();
         if let Some(found) = bucket.iter().find(|x| {
@@ -573,7 +573,14 @@ impl Stats {
         // older than the second another thread has just pushed.
         let now = self.start.elapsed().as_secs();
         let count = |secs: &mut Vec<Second>| {
-            secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
+            // Seconds are pushed in order: only when the oldest has left the
+            // window is there anything to drop.
+            if secs
+                .first()
+                .is_some_and(|s| now.saturating_sub(s.at) >= WINDOW_SECS)
+            {
+                secs.retain(|s| now.saturating_sub(s.at) < WINDOW_SECS);
+            }
             if secs.last().is_none_or(|s| s.at != now) {
                 secs.push(Second::new(now));
             }
@@ -640,10 +647,11 @@ impl Stats {
 
     /// Counts a request in flight until the guard drops.
     pub fn in_flight(self: &Arc<Self>, edge: &Edge) -> InFlightGuard {
-        let mut h = DefaultHasher::new();
-        (edge.direction, &edge.source, &edge.destination).hash(&mut h);
+        let hash = self
+            .hasher
+            .hash_one((edge.direction, &edge.source, &edge.destination));
         let mut all = self.gauges.lock().unwrap();
-        let bucket = all.entry(h.finish()).or_default();
+        let bucket = all.entry(hash).or_default();
         let g = match bucket.iter().find(|(d, s, t, _)| {
             *d == edge.direction && *s == edge.source && *t == edge.destination
         }) {
