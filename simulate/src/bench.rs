@@ -341,6 +341,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let mut notes = Vec::new();
     let shoal = shoal_binary(&opts)?;
     notes.push(format!("shoal binary: {}", shoal.display()));
+    notes.push(link_order_note(&shoal));
     notes.push(match opts.node_worker_threads {
         Some(n) => format!("shoal nodes run with --worker-threads {n}; each nginx with one worker"),
         None => "shoal nodes run one worker thread per CPU; each nginx one worker".into(),
@@ -401,6 +402,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 }
                 wanted.push((format!("shoal:{name}"), bin.clone()));
                 notes.push(format!("shoal:{name} binary: {}", bin.display()));
+                notes.push(link_order_note(bin));
             }
         }
     }
@@ -1539,6 +1541,60 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
+// === link order ===
+
+/// The node's link-order list (`node/build.rs` hands it to the linker).
+const HOT_SYMBOLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../node/hot-symbols.txt");
+
+/// How many names of the link-order list `bin` still has. The names are
+/// mangled with a hash of their crate's build (its dependencies and
+/// features), so a change can rename many of them at once; the ones
+/// missing are left where the linker puts them, spread over the binary's
+/// code, and a node's resident code grows (docs/PROXY.md, "Code layout").
+fn link_order_note(bin: &Path) -> String {
+    let list = match std::fs::read_to_string(HOT_SYMBOLS) {
+        Ok(l) => l,
+        Err(e) => return format!("link order of {}: {HOT_SYMBOLS}: {e}", bin.display()),
+    };
+    let out = match Command::new("nm").arg("--defined-only").arg(bin).output() {
+        Ok(o) if o.status.success() => o.stdout,
+        Ok(o) => {
+            return format!(
+                "link order of {}: nm failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Err(e) => return format!("link order of {}: nm: {e} (binutils)", bin.display()),
+    };
+    let (found, listed) = hot_symbols_present(&list, &String::from_utf8_lossy(&out));
+    let stale = if listed > 0 && found * 10 < listed * 9 {
+        "; under 90 %: regenerate it (node/proxy/bench/runtime-symbols.sh)"
+    } else {
+        ""
+    };
+    format!(
+        "link order: {found} of the {listed} names of node/hot-symbols.txt are in {}{stale}",
+        bin.display()
+    )
+}
+
+/// Names of `list` (one a line) that `nm` output defines, and how many
+/// `list` has.
+fn hot_symbols_present(list: &str, nm: &str) -> (usize, usize) {
+    let defined: std::collections::HashSet<&str> = nm
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    let names: std::collections::HashSet<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let found = names.iter().filter(|n| defined.contains(*n)).count();
+    (found, names.len())
+}
+
 // === nginx ===
 
 fn nginx_binary() -> Option<PathBuf> {
@@ -1806,6 +1862,16 @@ fn start_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_the_listed_names_the_binary_defines() {
+        let list = "_ZN5quinn4poll17h1E\nfoo\n\nfoo\n_ZN3bar17h2E\n";
+        let nm = "0000000000001000 T _ZN5quinn4poll17h1E\n                 U malloc\n0000000000002000 t foo\n0000000000003000 T _ZN3bar17h9E\n";
+        // Three distinct names listed; `bar` was renamed (another hash),
+        // `malloc` is undefined and has no third field.
+        assert_eq!(hot_symbols_present(list, nm), (2, 3));
+        assert_eq!(hot_symbols_present("", nm), (0, 0));
+    }
 
     #[test]
     fn reads_wrk_summary() {
