@@ -712,7 +712,7 @@ pub fn print_table(r: &BenchReport) {
         }
     }
     println!(
-        "(targets per Shoal node: ≤ {} cpu-s per 1,000 requests, RSS ≤ {} MiB under load, ≤ {} MiB idle; quic-floor's two endpoints share this process, so no RSS)",
+        "(targets per Shoal node: ≤ {} cpu-s per 1,000 requests, RSS ≤ {} MiB under load, ≤ {} MiB idle (the settled column; the idle column is read as the nodes first answer, before their code release 1 s after ready); quic-floor's two endpoints share this process, so no RSS)",
         r.targets.cpu_s_per_1k_per_node, r.targets.rss_load_mib, r.targets.rss_idle_mib
     );
     if !r.tcp.is_empty() {
