@@ -251,7 +251,7 @@ pub fn main() -> i32 {
                 return 0;
             }
             init_tracing(config.log_format);
-            node_runtime(config.worker_threads).block_on(run_node(config))
+            node_runtime(&config).block_on(run_node(config))
         }
         Command::Members { admin } => runtime().block_on(members(&admin)),
         Command::Policy(args) => runtime().block_on(crate::cli_policy::run(
@@ -280,7 +280,7 @@ pub fn main() -> i32 {
                 }
             };
             init_tracing(config.log_format);
-            node_runtime(config.worker_threads).block_on(crate::cli_life::run_app(config, app))
+            node_runtime(&config).block_on(crate::cli_life::run_app(config, app))
         }
         Command::Await { admin, timeout } => {
             let timeout = match crate::config::parse_duration(&timeout) {
@@ -310,8 +310,16 @@ pub fn main() -> i32 {
 /// is a current-thread runtime: every task runs on the thread that called
 /// `block_on`, with no work-stealing queues or cross-thread wake-ups (in
 /// `bench proxy` this cut a node's CPU per request; see docs/PROXY.md).
-fn node_runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
-    let mut b = match threads {
+/// The threads take `--sched-policy` first, so every one the runtime starts
+/// inherits it.
+fn node_runtime(config: &NodeConfig) -> tokio::runtime::Runtime {
+    if let Err(e) = crate::sched::apply(config.sched_policy) {
+        tracing::warn!(
+            "--sched-policy {:?}: cannot set it ({e}); the node runs under the kernel's default",
+            config.sched_policy
+        );
+    }
+    let mut b = match config.worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();

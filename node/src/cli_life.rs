@@ -26,6 +26,7 @@ pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
         config.proxy.outbound = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     }
     let name = config.name.clone();
+    let sched_policy = config.sched_policy;
     let node = match Node::start(config).await {
         Ok(n) => n,
         Err(e) => {
@@ -87,6 +88,11 @@ pub(crate) async fn run_app(mut config: NodeConfig, app: Vec<String>) -> i32 {
     // unless the caller chose otherwise.
     if std::env::var_os("no_proxy").is_none() && std::env::var_os("NO_PROXY").is_none() {
         command.env("no_proxy", "localhost,127.0.0.1,::1");
+    }
+    // The node's --sched-policy is the node's: the app starts under the
+    // kernel's default.
+    if sched_policy != crate::sched::SchedPolicy::Normal {
+        crate::sched::child_starts_normal(&mut command);
     }
     let child = command.spawn();
     let mut child = match child {

@@ -89,6 +89,12 @@ pub struct NodeArgs {
     /// current-thread runtime: no cross-thread wakeups per request).
     #[arg(long, env = "SHOAL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Linux scheduling policy of the node's threads [default: normal].
+    /// `batch`: a woken node does not preempt the running thread, which
+    /// costs less CPU per request on a host with spare cores and adds
+    /// latency when CPU-bound work fills them (docs/PROXY.md).
+    #[arg(long, env = "SHOAL_SCHED_POLICY", value_enum)]
+    pub sched_policy: Option<crate::sched::SchedPolicy>,
     /// TOML config file; flags and SHOAL_* variables override it.
     #[arg(long, env = "SHOAL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -124,6 +130,7 @@ struct FileConfig {
     admin_token_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
     worker_threads: Option<usize>,
+    sched_policy: Option<crate::sched::SchedPolicy>,
     #[serde(default)]
     service: Vec<proxy::config::ServiceFile>,
     outbound: Option<String>,
@@ -169,6 +176,9 @@ pub struct NodeConfig {
     /// Tokio worker threads of the `shoal node` process (`None`: one per CPU).
     /// Only the binary reads it; an in-process node runs on its caller's runtime.
     pub worker_threads: Option<usize>,
+    /// Scheduling policy of the `shoal node` process's threads. Only the
+    /// binary applies it, as for `worker_threads`.
+    pub sched_policy: crate::sched::SchedPolicy,
     /// Optional wrapper for the QUIC socket (fault injection in `simulate`).
     pub socket_layer: Option<std::sync::Arc<dyn transport::socket::SocketLayer>>,
     /// Proxy settings.
@@ -196,6 +206,7 @@ impl NodeConfig {
             admin_token_file: None,
             log_format: LogFormat::Text,
             worker_threads: None,
+            sched_policy: crate::sched::SchedPolicy::Normal,
             socket_layer: None,
             proxy: proxy::ProxyConfig::default(),
             join_timeout: DEFAULT_JOIN_TIMEOUT,
@@ -326,6 +337,7 @@ impl NodeConfig {
             admin_token_file: args.admin_token_file.or(file.admin_token_file),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             worker_threads,
+            sched_policy: args.sched_policy.or(file.sched_policy).unwrap_or_default(),
             socket_layer: None,
             proxy,
             join_timeout,
@@ -371,6 +383,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         log_format: LogFormat,
         #[serde(skip_serializing_if = "Option::is_none")]
         worker_threads: Option<usize>,
+        sched_policy: crate::sched::SchedPolicy,
         #[serde(skip_serializing_if = "Option::is_none")]
         outbound: Option<String>,
         request_timeout: String,
@@ -397,6 +410,7 @@ pub fn to_toml(c: &NodeConfig) -> String {
         admin_token_file: c.admin_token_file.clone(),
         log_format: c.log_format,
         worker_threads: c.worker_threads,
+        sched_policy: c.sched_policy,
         outbound: p.outbound.map(|a| a.to_string()),
         request_timeout: duration_text(p.request_timeout),
         drain_timeout: duration_text(p.drain_timeout),
@@ -525,6 +539,7 @@ fn note_env_overrides(file: &FileConfig) {
         ("SHOAL_ADMIN_TOKEN_FILE", file.admin_token_file.is_some()),
         ("SHOAL_LOG_FORMAT", file.log_format.is_some()),
         ("SHOAL_WORKER_THREADS", file.worker_threads.is_some()),
+        ("SHOAL_SCHED_POLICY", file.sched_policy.is_some()),
         ("SHOAL_SERVICE", !file.service.is_empty()),
         ("SHOAL_OUTBOUND", file.outbound.is_some()),
         ("SHOAL_UPSTREAM", !file.upstream.is_empty()),

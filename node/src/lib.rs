@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod metrics;
 mod node;
 mod resident;
+pub mod sched;
 mod tap;
 pub mod up;
 

@@ -598,3 +598,95 @@ fn policy_commands_round_trip_through_a_node() {
     );
     drop(n2);
 }
+
+/// The scheduling policy of every thread of `pid`, as /proc shows it
+/// (field 41 of `stat`: 0 SCHED_OTHER, 3 SCHED_BATCH).
+fn thread_policies(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).ok())
+        .map(|stat| {
+            // The command name, in parentheses, may hold spaces: count after it.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn sched_policy_batch_reaches_every_thread_of_the_node_but_not_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path(), &["n1", "n2"]);
+    let spawn = |name: &str, extra: &[&str]| {
+        let mut child = Command::new(SHOAL)
+            .current_dir(dir.path())
+            .args(["node", "--name", name, "--certs", &format!("certs/{name}")])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--worker-threads", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains(" ready "), "{line:?}");
+        child
+    };
+    let mut batch = spawn("n1", &["--sched-policy", "batch"]);
+    let mut normal = spawn("n2", &[]);
+    let (b, n) = (thread_policies(batch.id()), thread_policies(normal.id()));
+    for c in [&mut batch, &mut normal] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // Two runtime workers and the main thread at least.
+    assert!(b.len() >= 3, "{b:?}");
+    assert!(b.iter().all(|p| *p == 3), "--sched-policy batch: {b:?}");
+    assert!(n.iter().all(|p| *p == 0), "default: {n:?}");
+
+    // `shoal run` starts its app under the kernel's default policy.
+    let out = Command::new(SHOAL)
+        .current_dir(dir.path())
+        .args(["run", "--name", "n1", "--certs", "certs/n1"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--sched-policy", "batch", "--", "cat", "/proc/self/stat"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stat = String::from_utf8_lossy(&out.stdout);
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    assert_eq!(rest.split(' ').nth(41 - 3), Some("0"), "{stat}");
+
+    // A bad value is a usage error naming the flag; the file key is read.
+    let out = shoal(
+        &[
+            "node",
+            "--name",
+            "n1",
+            "--certs",
+            "certs/n1",
+            "--sched-policy",
+            "fast",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sched-policy"));
+    std::fs::write(
+        dir.path().join("shoal.toml"),
+        "name = \"n1\"\ncerts = \"certs/n1\"\nsched_policy = \"batch\"\n",
+    )
+    .unwrap();
+    let out = shoal(
+        &["node", "--config", "shoal.toml", "--print-config"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sched_policy = \"batch\""),
+        "{out:?}"
+    );
+}

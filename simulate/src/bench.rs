@@ -111,9 +111,45 @@ pub struct BenchOptions {
     /// The upstream: `nginx` (static 1 KiB file) or `hyper` (in process).
     /// Default: `nginx` when installed.
     pub upstream: Option<String>,
-    /// More `shoal` binaries, each its own row `shoal:<name>` beside `shoal`
-    /// (before/after figures from one run). Default none.
-    pub compare: Vec<(String, PathBuf)>,
+    /// More `shoal` rows, each `shoal:<name>` beside `shoal` (before/after
+    /// figures from one run): the binary (`None`: the same as `shoal`'s)
+    /// and node flags added to both nodes of that row. Default none.
+    pub compare: Vec<Compared>,
+}
+
+/// One more `shoal` row of the bench.
+#[derive(Debug, Clone, Default)]
+pub struct Compared {
+    /// The row is `shoal:<name>`.
+    pub name: String,
+    /// Its binary; `None` runs the `shoal` row's binary.
+    pub bin: Option<PathBuf>,
+    /// Flags given to both of its nodes, after the bench's own.
+    pub node_args: Vec<String>,
+}
+
+impl Compared {
+    /// Reads `NAME=PATH[ FLAG...]`: an empty PATH is the `shoal` row's
+    /// binary, and whitespace separates the node flags that follow it.
+    pub fn parse(s: &str) -> Result<Compared, String> {
+        let expected = || format!("--compare {s:?}: expected NAME=PATH[ NODE-FLAGS...]");
+        let (name, rest) = s.split_once('=').ok_or_else(expected)?;
+        let mut words = rest.split_whitespace();
+        let bin = if rest.starts_with(char::is_whitespace) || rest.is_empty() {
+            None
+        } else {
+            words.next().map(PathBuf::from)
+        };
+        let node_args: Vec<String> = words.map(str::to_string).collect();
+        if name.is_empty() || (bin.is_none() && node_args.is_empty()) {
+            return Err(expected());
+        }
+        Ok(Compared {
+            name: name.to_string(),
+            bin,
+            node_args,
+        })
+    }
 }
 
 impl Default for BenchOptions {
@@ -158,6 +194,10 @@ pub struct BenchReport {
     pub tcp: Vec<TcpReport>,
     /// The issue's targets.
     pub targets: Targets,
+    /// What the two nodes of each Shoal row cost together at the fixed
+    /// rate, beside the least their work could cost here; when nginx-2hop
+    /// and quic-floor ran too.
+    pub pair_floors: Vec<PairFloor>,
     /// Things the reader should know (skipped paths, binary used).
     pub notes: Vec<String>,
 }
@@ -177,6 +217,70 @@ pub struct Targets {
     pub rss_load_mib: f64,
     /// RSS per node idle, MiB, at most.
     pub rss_idle_mib: f64,
+}
+
+/// The two Shoal nodes' CPU beside the least their work costs on this host.
+///
+/// Between them the nodes take a request in over TCP and hand it to the
+/// instance over TCP, parsing HTTP on the way (what one nginx hop does: its
+/// `nginx-a` worker), and they carry it across one QUIC exchange, both ends
+/// (quic-floor's `client` and `server` threads: no HTTP, no TCP, and the
+/// client also generates the load). The sum of those three is the floor of
+/// the pair; what the nodes spend above it is the proxy's own work.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PairFloor {
+    /// The Shoal row: `shoal` or `shoal:NAME`.
+    pub path: String,
+    /// `nginx-a`'s CPU-s per 1,000 requests.
+    pub nginx_hop: f64,
+    /// quic-floor's `client` and `server`, the same unit.
+    pub quic_client: f64,
+    pub quic_server: f64,
+    /// Their sum: the floor for the two nodes together.
+    pub floor: f64,
+    /// `node-a` plus `node-b`.
+    pub shoal_pair: f64,
+    /// The target for the two nodes together (twice the per-node target).
+    pub target: f64,
+}
+
+/// Reads a [`PairFloor`] for each Shoal row (`shoal`, `shoal:NAME`) from
+/// the paths' medians (none unless nginx-2hop and quic-floor ran and were
+/// metered).
+pub fn pair_floors(paths: &[PathReport]) -> Vec<PairFloor> {
+    let cpu = |path: &str, process: &str| {
+        paths
+            .iter()
+            .find(|p| p.name == path)?
+            .processes
+            .iter()
+            .find(|u| u.name == process)
+            .map(|u| u.cpu_s_per_1k)
+    };
+    let (Some(nginx_hop), Some(quic_client), Some(quic_server)) = (
+        cpu("nginx-2hop", "nginx-a"),
+        cpu("quic-floor", "client"),
+        cpu("quic-floor", "server"),
+    ) else {
+        return Vec::new();
+    };
+    let r4 = |v: f64| (v * 10_000.0).round() / 10_000.0;
+    paths
+        .iter()
+        .filter(|p| p.name == "shoal" || p.name.starts_with("shoal:"))
+        .filter_map(|p| {
+            let shoal_pair = cpu(&p.name, "node-a")? + cpu(&p.name, "node-b")?;
+            Some(PairFloor {
+                path: p.name.clone(),
+                nginx_hop,
+                quic_client,
+                quic_server,
+                floor: r4(nginx_hop + quic_client + quic_server),
+                shoal_pair: r4(shoal_pair),
+                target: 2.0 * TARGET_CPU_S_PER_1K,
+            })
+        })
+        .collect()
 }
 
 /// One path's figures.
@@ -392,21 +496,31 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
     let mut rows: Vec<Running> = Vec::new();
     let mut skipped_rows: Vec<PathReport> = Vec::new();
-    let mut wanted: Vec<(String, PathBuf)> = Vec::new();
+    let mut wanted: Vec<(String, PathBuf, Vec<String>)> = Vec::new();
     for path in &opts.paths {
-        wanted.push((path.clone(), shoal.clone()));
+        wanted.push((path.clone(), shoal.clone(), Vec::new()));
         if path == "shoal" {
-            for (name, bin) in &opts.compare {
+            for c in &opts.compare {
+                let bin = c.bin.clone().unwrap_or_else(|| shoal.clone());
                 if !bin.is_file() {
-                    bail!("--compare {name}={}: no such file", bin.display());
+                    bail!("--compare {}={}: no such file", c.name, bin.display());
                 }
-                wanted.push((format!("shoal:{name}"), bin.clone()));
-                notes.push(format!("shoal:{name} binary: {}", bin.display()));
-                notes.push(link_order_note(bin));
+                notes.push(format!(
+                    "shoal:{} binary: {}{}",
+                    c.name,
+                    bin.display(),
+                    if c.node_args.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", nodes also run with {}", c.node_args.join(" "))
+                    }
+                ));
+                notes.push(link_order_note(&bin));
+                wanted.push((format!("shoal:{}", c.name), bin, c.node_args.clone()));
             }
         }
     }
-    for (path, bin) in &wanted {
+    for (path, bin, node_args) in &wanted {
         let name = path.as_str();
         if name == "tcp" {
             continue;
@@ -440,6 +554,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                     &dir.path().join(name.replace(':', "-")),
                     upstream_addr,
                     opts.node_worker_threads,
+                    node_args,
                 )
                 .await?;
                 let meters = vec![
@@ -621,6 +736,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     } else {
         Vec::new()
     };
+    let floors = pair_floors(&paths);
     Ok(BenchReport {
         runs: opts.runs,
         rps: opts.rps,
@@ -639,6 +755,7 @@ pub async fn bench_proxy(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             rss_load_mib: TARGET_RSS_LOAD_MIB,
             rss_idle_mib: TARGET_RSS_IDLE_MIB,
         },
+        pair_floors: floors,
         notes,
     })
 }
@@ -715,6 +832,24 @@ pub fn print_table(r: &BenchReport) {
         "(targets per Shoal node: ≤ {} cpu-s per 1,000 requests, RSS ≤ {} MiB under load, ≤ {} MiB idle (the settled column; the idle column is read as the nodes first answer, before their code release 1 s after ready); quic-floor's two endpoints share this process, so no RSS)",
         r.targets.cpu_s_per_1k_per_node, r.targets.rss_load_mib, r.targets.rss_idle_mib
     );
+    for f in &r.pair_floors {
+        println!(
+            "{}: the two nodes together: {:.4} cpu-s per 1,000 requests; their floor here, one nginx hop (nginx-a {:.4}) + both ends of the bare QUIC exchange (client {:.4} + server {:.4}) = {:.4}, and the nodes spend {:+.4} beyond it (the proxy's own work); the target for the two is {:.4}{}",
+            f.path,
+            f.shoal_pair,
+            f.nginx_hop,
+            f.quic_client,
+            f.quic_server,
+            f.floor,
+            f.shoal_pair - f.floor,
+            f.target,
+            if f.floor > f.target {
+                " (below the floor: not reachable on this host by any proxy that carries QUIC between the nodes)"
+            } else {
+                ""
+            }
+        );
+    }
     if !r.tcp.is_empty() {
         println!();
         println!(
@@ -1759,12 +1894,14 @@ impl ShoalPair {
         dir: &Path,
         upstream: SocketAddr,
         threads: Option<usize>,
+        node_args: &[String],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let common: Vec<String> = match threads {
+        let mut common: Vec<String> = match threads {
             Some(n) => vec!["--worker-threads".into(), n.to_string()],
             None => Vec::new(),
         };
+        common.extend(node_args.iter().cloned());
         issue_certs(bin, dir, &[("a", "client"), ("b", "web")])?;
         let (b, b_quic) = start_node(
             bin,
@@ -1900,6 +2037,24 @@ Transfer/sec:     30.00MB
     }
 
     #[test]
+    fn compare_rows_read_a_binary_and_node_flags() {
+        let c = Compared::parse("old=/tmp/shoal").unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.bin, c.node_args.len()),
+            ("old", Some(PathBuf::from("/tmp/shoal")), 0)
+        );
+        let c = Compared::parse("batch= --sched-policy batch").unwrap();
+        assert_eq!(c.bin, None);
+        assert_eq!(c.node_args, ["--sched-policy", "batch"]);
+        let c = Compared::parse("b=/x/shoal --sched-policy batch").unwrap();
+        assert_eq!(c.bin, Some(PathBuf::from("/x/shoal")));
+        assert_eq!(c.node_args, ["--sched-policy", "batch"]);
+        for bad in ["", "noequals", "=/x", "empty="] {
+            assert!(Compared::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn medians_per_figure() {
         let t = |rps, p99| Throughput {
             rps,
@@ -1909,5 +2064,62 @@ Transfer/sec:     30.00MB
         };
         let m = median_of(&[t(10.0, 3.0), t(30.0, 1.0), t(20.0, 2.0)]).unwrap();
         assert_eq!((m.rps, m.p99_ms), (20.0, 2.0));
+    }
+
+    fn metered(name: &str, processes: &[(&str, f64)]) -> PathReport {
+        PathReport {
+            name: name.to_string(),
+            skipped: None,
+            throughput_skipped: None,
+            runs: Vec::new(),
+            median: None,
+            rps_vs_nginx: None,
+            p99_vs_nginx: None,
+            rps_vs_floor: None,
+            processes: processes
+                .iter()
+                .map(|(n, cpu)| ProcessUsage {
+                    name: n.to_string(),
+                    cpu_s_per_1k_runs: vec![*cpu],
+                    cpu_s_per_1k: *cpu,
+                    rss_idle_mib: None,
+                    rss_settled_mib: None,
+                    rss_load_mib: None,
+                    rss_anon_load_mib: None,
+                    switches_per_req: 0.0,
+                    rss_after_mib: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_pair_floor_is_an_nginx_hop_plus_both_quic_ends() {
+        let paths = vec![
+            metered("nginx-2hop", &[("nginx-a", 0.094), ("nginx-b", 0.086)]),
+            metered("shoal", &[("node-a", 0.162), ("node-b", 0.148)]),
+            metered("quic-floor", &[("client", 0.084), ("server", 0.076)]),
+            metered("shoal:batch", &[("node-a", 0.11), ("node-b", 0.108)]),
+        ];
+        let mut f = pair_floors(&paths);
+        let batch = f.pop().expect("two shoal rows");
+        assert_eq!(
+            (batch.path.as_str(), batch.shoal_pair),
+            ("shoal:batch", 0.218)
+        );
+        assert_eq!(
+            f,
+            vec![PairFloor {
+                path: "shoal".into(),
+                nginx_hop: 0.094,
+                quic_client: 0.084,
+                quic_server: 0.076,
+                floor: 0.254,
+                shoal_pair: 0.31,
+                target: 0.16,
+            }]
+        );
+        // Without the floor's row there is nothing to compare against.
+        assert_eq!(pair_floors(&paths[..2]), vec![]);
     }
 }

@@ -162,9 +162,11 @@ enum BenchCommand {
         /// [default: nginx when installed].
         #[arg(long)]
         upstream: Option<String>,
-        /// Another `shoal` binary as its own row `shoal:NAME` (repeatable):
-        /// before/after figures from one run.
-        #[arg(long, value_name = "NAME=PATH")]
+        /// Another `shoal` row `shoal:NAME` (repeatable): before/after
+        /// figures from one run. PATH is another binary (empty: the same
+        /// one); node flags after it go to both of that row's nodes, e.g.
+        /// `--compare 'batch= --sched-policy batch'`.
+        #[arg(long, value_name = "NAME=PATH[ NODE-FLAGS...]")]
         compare: Vec<String>,
     },
 }
@@ -185,12 +187,10 @@ fn bench_cmd(cmd: BenchCommand) -> i32 {
     } = cmd;
     let mut compared = Vec::new();
     for c in &compare {
-        match c.split_once('=') {
-            Some((name, path)) if !name.is_empty() && !path.is_empty() => {
-                compared.push((name.to_string(), PathBuf::from(path)))
-            }
-            _ => {
-                eprintln!("simulate: --compare {c:?}: expected NAME=PATH");
+        match crate::bench::Compared::parse(c) {
+            Ok(c) => compared.push(c),
+            Err(e) => {
+                eprintln!("simulate: {e}");
                 return EXIT_USAGE;
             }
         }
