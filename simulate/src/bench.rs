@@ -834,7 +834,7 @@ pub fn print_table(r: &BenchReport) {
     );
     for f in &r.pair_floors {
         println!(
-            "{}: the two nodes together: {:.4} cpu-s per 1,000 requests; their floor here, one nginx hop (nginx-a {:.4}) + both ends of the bare QUIC exchange (client {:.4} + server {:.4}) = {:.4}, and the nodes spend {:+.4} beyond it (the proxy's own work); the target for the two is {:.4}{}",
+            "{}: the two nodes together: {:.4} cpu-s per 1,000 requests; their floor here, one nginx hop (nginx-a {:.4}) + both ends of the bare QUIC exchange (client {:.4} + server {:.4}) = {:.4}, the nodes {:+.4} from it (above it: the proxy's own work); the target for the two is {:.4}{}",
             f.path,
             f.shoal_pair,
             f.nginx_hop,
@@ -844,7 +844,7 @@ pub fn print_table(r: &BenchReport) {
             f.shoal_pair - f.floor,
             f.target,
             if f.floor > f.target {
-                " (below the floor: not reachable on this host by any proxy that carries QUIC between the nodes)"
+                " (under the floor: on this host no proxy that carries QUIC between the nodes meets it)"
             } else {
                 ""
             }
